@@ -1,0 +1,38 @@
+# Quick start: `make demo` (set-up + demo cohort + full study) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := data/demo
+DEMO_SUBJECTS ?= 80
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: demo test lint install clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+
+# torch first, pinned: an open-ended torch requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DEMO)/participants.tsv: | $(VENV)/.installed
+	$(BIN)/python -m pipeline.demo $(DEMO) --n-subjects $(DEMO_SUBJECTS) --seed 0 --overwrite
+
+demo: $(VENV)/.installed $(DEMO)/participants.tsv
+	$(BIN)/snakemake --cores all --configfile config/config.yaml
+	@echo "Report: $(abspath results/report.html)"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -v
+
+lint: $(VENV)/.installed
+	$(BIN)/snakemake --lint
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,83 @@
+"""Model registry: 3D networks that map a (B, C, X, Y, Z) image batch to (B, outputs).
+
+``python -m pipeline.models --list`` prints the registered names.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register(name: str):
+    """Class decorator adding a network to the registry under ``name``."""
+    def add(cls):
+        REGISTRY[name] = cls
+        return cls
+    return add
+
+
+def build_model(name: str, in_channels: int, outputs: int, **kwargs) -> nn.Module:
+    """Instantiate the registered network ``name``."""
+    if name not in REGISTRY:
+        raise KeyError(f"Unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](in_channels=in_channels, outputs=outputs, **kwargs)
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout),
+                         nn.MaxPool3d(2), nn.ReLU(inplace=True))
+
+
+@register("simple_cnn")
+class SimpleCNN(nn.Module):
+    """Conv-BN-pool-ReLU blocks, global average pooling and a linear head."""
+
+    def __init__(self, in_channels: int = 1, outputs: int = 1, channels=(8, 16, 32, 64), dropout: float = 0.2):
+        super().__init__()
+        widths = [in_channels, *channels]
+        self.features = nn.Sequential(*[_block(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.head = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(widths[-1], outputs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@register("sfcn")
+class SFCN(nn.Module):
+    """Simple Fully Convolutional Network (Peng et al. 2021, Med Image Anal 68:101871).
+
+    Five conv-BN-maxpool-ReLU blocks, a 1x1x1 conv block, average pooling, dropout and a 1x1x1
+    conv classifier. ``channels`` defaults to the paper's (32, 64, 128, 256, 256, 64); the
+    paper's soft-label age bins are replaced by ``outputs`` plain outputs.
+    """
+
+    def __init__(self, in_channels: int = 1, outputs: int = 1, channels=(32, 64, 128, 256, 256, 64), dropout: float = 0.5):
+        super().__init__()
+        *conv, last = channels
+        widths = [in_channels, *conv]
+        self.features = nn.Sequential(
+            *[_block(a, b) for a, b in zip(widths[:-1], widths[1:])],
+            nn.Conv3d(widths[-1], last, 1, bias=False), nn.BatchNorm3d(last), nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool3d(1), nn.Dropout(dropout), nn.Conv3d(last, outputs, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)).flatten(1)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--list", action="store_true", help="list registered models")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, cls in sorted(REGISTRY.items()):
+            print(f"{name}\t{cls.__doc__.splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    main()

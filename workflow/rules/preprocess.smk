@@ -1,0 +1,60 @@
+rule grid:
+    input:
+        code=source("grid", "template"),
+    output:
+        template=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_T1w.nii.gz",
+        mask=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_desc-brain_mask.nii.gz",
+    params:
+        resolution=config["preprocess"]["resolution"],
+        shape=config["preprocess"]["shape"],
+    log:
+        f"{RESULTS}/logs/grid.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/grid.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.grid --resolution {params.resolution} --shape {params.shape}"
+        " --template {output.template:q} --mask {output.mask:q} > {log:q} 2>&1"
+
+
+rule preprocess:
+    input:
+        image=source_image,
+        template=rules.grid.output.template,
+        mask=rules.grid.output.mask,
+        code=source("preprocess"),
+    output:
+        image=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.nii.gz",
+        sidecar=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.json",
+        array=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.npy",
+        forward=f"{PREPROC}/{{subdir}}/anat/{{image}}_from-T1w_to-{SPACE}_mode-image_xfm.mat",
+        inverse=f"{PREPROC}/{{subdir}}/anat/{{image}}_from-{SPACE}_to-T1w_mode-image_xfm.mat",
+        qc=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-qc_T1w.png",
+    params:
+        out_dir=lambda w, output: output.image[: output.image.index(f"/{w.subdir}/anat/")],
+        transform=config["preprocess"]["transform"],
+        n4="" if config["preprocess"]["n4"] else "--no-n4",
+        n4_shrink=config["preprocess"]["n4_shrink_factor"],
+        seed=config["preprocess"]["seed"],
+    log:
+        f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/preprocess/{{subdir}}/{{image}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=3000,
+        runtime=20,
+    group:
+        "preprocess"
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.preprocess {input.image:q} --template {input.template:q} --mask {input.mask:q}"
+        " --out-dir {params.out_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
+        " --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink} --seed {params.seed}"
+        " --threads {threads} > {log:q} 2>&1"

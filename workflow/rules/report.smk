@@ -1,0 +1,32 @@
+rule report:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        exclusions=f"{RESULTS}/ingest_report.tsv",
+        splits=f"{RESULTS}/splits.tsv",
+        history=rules.train.output.history,
+        metrics=rules.evaluate.output.metrics,
+        maps=rules.explain.output.pngs,
+        qc=preprocessed("qc"),
+        code=source("report"),
+    output:
+        report(
+            f"{RESULTS}/report.html",
+            caption="../report/study.rst",
+            category="Study",
+        ),
+    params:
+        results=lambda w, input: str(Path(input.manifest).parent),
+        qc_shown=lambda wildcards, input: input.qc[:4],
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.report --results {params.results:q} --qc {params.qc_shown:q}"
+        " --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,32 @@
+rule train:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        splits=f"{RESULTS}/splits.tsv",
+        arrays=preprocessed("array"),
+        code=source("train", "models", "augment", "data"),
+    output:
+        model=f"{RESULTS}/train/model.pt",
+        history=f"{RESULTS}/train/history.tsv",
+        hyperparameters=f"{RESULTS}/train/hyperparameters.json",
+    params:
+        preproc_dir=preproc_root,
+        out_dir=parent_of("model"),
+        target=config["target"],
+        task=config["task"],
+        hyperparameters=json.dumps(config["train"]),
+    log:
+        f"{RESULTS}/logs/train.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if config["gpu"] else 0,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q}"
+        " --preproc-dir {params.preproc_dir:q} --target {params.target:q} --task {params.task}"
+        " --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q} --threads {threads}"
+        " > {log:q} 2>&1"
