@@ -63,15 +63,16 @@ def open_layout(bids_dir: Path, database_dir: Path | None):
     The cache is rebuilt whenever any file of the dataset was added, removed or changed.
     """
     from bids import BIDSLayout
+    from bids.layout import BIDSLayoutIndexer
 
+    indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
     if database_dir is None:
-        return BIDSLayout(bids_dir, validate=False, index_metadata=False)
+        return BIDSLayout(bids_dir, validate=False, indexer=indexer)
     database_dir = Path(database_dir)
     stamp = database_dir / "fingerprint.txt"
     fingerprint = dataset_fingerprint(bids_dir)
     fresh = not (stamp.exists() and stamp.read_text() == fingerprint)
-    layout = BIDSLayout(bids_dir, validate=False, index_metadata=False,
-                        database_path=database_dir, reset_database=fresh)
+    layout = BIDSLayout(bids_dir, validate=False, indexer=indexer, database_path=database_dir, reset_database=fresh)
     stamp.write_text(fingerprint)
     return layout
 
@@ -83,6 +84,8 @@ def find_images(bids_dir: Path, filters: dict, database_dir: Path | None = None)
     rows = []
     for f in layout.get(return_type="object", **query):
         entities = f.get_entities()
+        if "subject" not in entities:
+            continue  # dataset-level files such as participants.tsv
         subject, session = entities["subject"], entities.get("session")
         stem = Path(f.path).name.split(".")[0]
         image_id = stem.rsplit("_", 1)[0]  # drop the suffix (e.g. _T1w)
@@ -117,11 +120,6 @@ def unreadable_reason(path: str) -> str | None:
 def build_manifest(images: pd.DataFrame, participants: pd.DataFrame, target: str, task: str,
                    participants_path: Path, check_images: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Join participant columns onto ``images`` by participant id; return (manifest, exclusions)."""
-    if target not in participants.columns:
-        raise InputError(
-            f"{participants_path} has no column {target!r} (the configured `target`). "
-            f"Its columns are: {', '.join(participants.columns)}."
-        )
     excluded = []
     for pid in sorted(set(participants.index) - set(images["participant_id"])):
         excluded.append((pid, "", "", "participant has no image matching the BIDS filters"))
@@ -162,6 +160,9 @@ def ingest(bids_dir: Path, target: str, task: str, filters: dict, include=(), ex
     if not (bids_dir / "dataset_description.json").exists():
         raise InputError(f"{bids_dir} is not a BIDS dataset (no dataset_description.json). Check `bids_dir` in config.")
     participants = read_participants(bids_dir)
+    if target not in participants.columns:
+        raise InputError(f"{bids_dir / 'participants.tsv'} has no column {target!r} (the configured `target`). "
+                         f"Its columns are: {', '.join(participants.columns)}.")
     images = find_images(bids_dir, filters, database_dir)
     include, exclude = {with_sub_prefix(p) for p in include}, {with_sub_prefix(p) for p in exclude}
     if include:

@@ -1,0 +1,42 @@
+"""Small real files for the tests: tiny BIDS datasets written with nibabel into tmp dirs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+
+def write_bids(root: Path, participants: list[dict], images: dict[str, list[str]], shape=(12, 14, 12), seed=0) -> Path:
+    """A BIDS dataset: ``participants`` rows, and per participant id a list of sessions ('' = none)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "test", "BIDSVersion": "1.9.0"}))
+    columns = list(participants[0])
+    lines = ["\t".join(columns)] + ["\t".join(str(p[c]) for c in columns) for p in participants]
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    for pid, sessions in images.items():
+        for ses in sessions:
+            anat = root / pid / ses / "anat" if ses else root / pid / "anat"
+            anat.mkdir(parents=True, exist_ok=True)
+            name = f"{pid}_{ses}_T1w.nii.gz" if ses else f"{pid}_T1w.nii.gz"
+            data = rng.normal(100, 10, shape).astype(np.float32)
+            nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), anat / name)
+    return root
+
+
+@pytest.fixture
+def small_bids(tmp_path):
+    """Four participants (one with two sessions, one without any image); ages out of row order."""
+    participants = [
+        {"participant_id": "sub-03", "age": "70.5", "group": "patient"},
+        {"participant_id": "sub-01", "age": "25.0", "group": "control"},
+        {"participant_id": "sub-02", "age": "n/a", "group": "patient"},
+        {"participant_id": "sub-04", "age": "40", "group": "control"},
+        {"participant_id": "sub-05", "age": "33", "group": "control"},
+    ]
+    images = {"sub-01": [""], "sub-02": [""], "sub-03": ["ses-01", "ses-02"], "sub-04": [""]}
+    return write_bids(tmp_path / "bids", participants, images)
