@@ -77,22 +77,22 @@ def preprocess(source: Path, template: Path, mask: Path, out: dict[str, Path], t
         moving = ants.n4_bias_field_correction(moving, mask=ants.get_mask(moving), shrink_factor=n4_shrink,
                                                convergence={"iters": [50, 50, 30], "tol": 1e-6})
     moving = moving / float(np.percentile(moving.numpy(), 99))  # same intensity range as the template
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform, aff_random_sampling_rate=0.25,
-                            aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
-                            aff_iterations=(100, 50, 25))
-    warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
-    data = normalise(warped.numpy(), mask_img.get_fdata())
-
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:  # ANTs writes its transforms under outprefix
+        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform,
+                                outprefix=f"{tmp}/", aff_random_sampling_rate=0.25,
+                                aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
+                                aff_iterations=(100, 50, 25))
+        warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
+        shutil.copyfile(reg["fwdtransforms"][0], out["forward"])
+        ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(out["inverse"]))
+    data = normalise(warped.numpy(), mask_img.get_fdata())
     # The template grid's own RAS+ affine: the saved map is exactly on the study grid.
     nib.save(nib.Nifti1Image(data, mask_img.affine), out["image"])
     np.save(out["array"], data)
-    shutil.copyfile(reg["fwdtransforms"][0], out["forward"])
-    ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(out["inverse"]))
     brain = mask_img.get_fdata() > 0
-    template_data = ants.image_read(str(template)).numpy()
-    similarity = float(np.corrcoef(data[brain], template_data[brain])[0, 1])
+    similarity = float(np.corrcoef(data[brain], fixed.numpy()[brain])[0, 1])
     sidecar = {
         "Sources": [str(source)],
         "SpatialReference": {"space": SPACE, "grid": str(template)},
