@@ -1,4 +1,5 @@
 import hashlib
+import os
 
 import pandas as pd
 import pytest
@@ -80,3 +81,19 @@ def test_cli_fails_with_message_not_traceback(small_bids, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "ERROR:" in err and "weight" in err and "Traceback" not in err
+
+
+def test_tree_fingerprint_follows_files_not_touches(small_bids):
+    from pipeline.fingerprint import tree_fingerprint
+
+    image = small_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    listing, stamped = tree_fingerprint(small_bids, mtimes=False), tree_fingerprint(small_bids)
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert tree_fingerprint(small_bids, mtimes=False) == listing  # touching keeps the listing
+    assert tree_fingerprint(small_bids) != stamped  # but invalidates the pybids cache stamp
+    (small_bids / "derivatives").mkdir()
+    (small_bids / "derivatives" / "x.txt").write_text("ignored")
+    assert tree_fingerprint(small_bids, mtimes=False) == listing
+    (small_bids / "sub-05" / "anat").mkdir(parents=True)
+    (small_bids / "sub-05" / "anat" / "sub-05_T1w.nii.gz").write_bytes(image.read_bytes())
+    assert tree_fingerprint(small_bids, mtimes=False) != listing

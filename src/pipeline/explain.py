@@ -52,7 +52,7 @@ def saliency(model, x: torch.Tensor, target: int) -> np.ndarray:
 
 def map_paths(out_dir: Path, subdir: str, image_id: str, method: str) -> dict[str, Path]:
     """Template-space and native-space map paths of one image (BIDS-derivative names)."""
-    stem = Path(out_dir) / subdir / "anat" / image_id
+    stem = Path(out_dir) / "maps" / subdir / "anat" / image_id
     return {"template": Path(f"{stem}_space-{SPACE}_desc-{method}_saliency.nii.gz"),
             "native": Path(f"{stem}_space-T1w_desc-{method}_saliency.nii.gz")}
 
@@ -70,6 +70,7 @@ def explain(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir:
             window: int, stride: int, native: bool = True) -> pd.DataFrame:
     """Write every test image's maps and the group maps; return the index of written maps."""
     model, coder, _ = load_model(model_path)
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     affine = nib.load(str(grid_mask)).affine
     test = table[table["split"] == "test"]
     sums = {m: 0.0 for m in METHODS}

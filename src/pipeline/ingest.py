@@ -7,9 +7,7 @@ excluded image or participant, with the reason). The dataset is only ever read.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
+from pipeline.fingerprint import tree_fingerprint
 
 MANIFEST_COLUMNS = ["image_id", "participant_id", "session", "subdir", "path"]
 MISSING = {"", "n/a", "na", "nan", "none"}
@@ -45,18 +44,6 @@ def with_sub_prefix(label: str) -> str:
     return label if label.startswith("sub-") else f"sub-{label}"
 
 
-def dataset_fingerprint(bids_dir: Path) -> str:
-    """Hash of every file's relative path, size and mtime, derivatives and dot-folders excluded."""
-    digest = hashlib.sha1()
-    for root, dirs, files in os.walk(bids_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in {"derivatives", "sourcedata", "code"})
-        for name in sorted(files):
-            stat = os.stat(os.path.join(root, name))
-            rel = os.path.relpath(os.path.join(root, name), bids_dir)
-            digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
 def open_layout(bids_dir: Path, database_dir: Path | None):
     """A pybids layout without validation or metadata indexing, its database cached in ``database_dir``.
 
@@ -70,7 +57,7 @@ def open_layout(bids_dir: Path, database_dir: Path | None):
         return BIDSLayout(bids_dir, validate=False, indexer=indexer)
     database_dir = Path(database_dir)
     stamp = database_dir / "fingerprint.txt"
-    fingerprint = dataset_fingerprint(bids_dir)
+    fingerprint = tree_fingerprint(bids_dir)
     fresh = not (stamp.exists() and stamp.read_text() == fingerprint)
     layout = BIDSLayout(bids_dir, validate=False, indexer=indexer, database_path=database_dir, reset_database=fresh)
     stamp.write_text(fingerprint)

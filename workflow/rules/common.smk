@@ -19,6 +19,8 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # Jobs run `python -m pipeline.<stage>` with the python on PATH (the activated venv or the rule's
 # conda environment); this checkout's package is put first on its import path.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+sys.path.insert(0, str(SRC.parent))
+from pipeline.fingerprint import tree_fingerprint
 
 
 def source(*modules):

@@ -9,6 +9,7 @@ rule explain:
         code=source("explain"),
     output:
         index=f"{RESULTS}/explain/maps.tsv",
+        maps=directory(f"{RESULTS}/explain/maps"),
         occlusion=f"{RESULTS}/explain/group_space-{SPACE}_desc-occlusion_mean.nii.gz",
         gradient=f"{RESULTS}/explain/group_space-{SPACE}_desc-gradient_mean.nii.gz",
         pngs=expand(

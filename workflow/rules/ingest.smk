@@ -13,6 +13,8 @@ checkpoint ingest:
         include=config["participants"]["include"],
         exclude=config["participants"]["exclude"],
         database=lambda w, output: str(Path(output.manifest).parent / "bids_db"),
+        # Adding, removing or resizing a file of the dataset reruns ingestion (touching does not).
+        files=tree_fingerprint(BIDS, mtimes=False) if Path(BIDS).is_dir() else "",
     log:
         f"{RESULTS}/logs/ingest.log",
     benchmark:

@@ -1,0 +1,201 @@
+"""End to end: the real Snakemake workflow on a small simulated cohort.
+
+One regression study (age) runs once for the module; the tests read its files, then check rerun
+behaviour with dry runs, and finally switch the same study to classification of ``group``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.demo import make_demo
+from pipeline.explain import top_fraction_enrichment
+from pipeline.template import SPACE, resample_to_grid
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+N_SUBJECTS = 64
+CONFIG = {
+    "results_dir": "results",
+    "target": "age",
+    "task": "regression",
+    "preprocess": {"resolution": 5, "shape": [32, 38, 34]},
+    "split": {"test": 0.25, "val": 0.2, "seed": 0},
+    "train": {"epochs": 30, "batch_size": 8, "learning_rate": 0.003, "patience": 10},
+    "explain": {"window": 6, "stride": 3},
+}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2", *args]
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
+
+
+def write_config(workdir: Path, **changes) -> None:
+    config = json.loads(json.dumps(CONFIG))
+    for key, value in changes.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (workdir / "config").mkdir(exist_ok=True)
+    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def scheduled(dry_run: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from a dry run's 'Job stats' table."""
+    assert dry_run.returncode == 0, dry_run.stdout + dry_run.stderr
+    text = dry_run.stdout + dry_run.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, with its mode, by relative path."""
+    return {str(p.relative_to(root)): f"{p.stat().st_mode:o} {hashlib.sha256(p.read_bytes()).hexdigest()}"
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    return make_demo(tmp_path_factory.mktemp("data") / "demo", n_subjects=N_SUBJECTS, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cohort_digest(cohort) -> dict[str, str]:
+    return tree_digest(cohort)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, cohort, cohort_digest) -> Path:
+    workdir = tmp_path_factory.mktemp("study")
+    CONFIG["bids_dir"] = str(cohort)
+    write_config(workdir)
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stderr[-5000:]
+    return workdir
+
+
+def test_every_stage_wrote_its_outputs(study):
+    results = study / "results"
+    manifest = pd.read_csv(results / "manifest.tsv", sep="\t")
+    assert len(manifest) > N_SUBJECTS  # some participants have two sessions
+    for row in manifest.itertuples():
+        anat = results / "derivatives" / "pipeline" / row.subdir / "anat"
+        assert (anat / f"{row.image_id}_space-{SPACE}_desc-preproc_T1w.nii.gz").exists()
+        assert (anat / f"{row.image_id}_from-{SPACE}_to-T1w_mode-image_xfm.mat").exists()
+    splits = pd.read_csv(results / "splits.tsv", sep="\t")
+    assert (splits.groupby("participant_id")["split"].nunique() == 1).all()
+    history = pd.read_csv(results / "train" / "history.tsv", sep="\t")
+    assert {"train_loss", "val_loss", "val_mae"} <= set(history.columns)
+    predictions = pd.read_csv(results / "evaluate" / "predictions.tsv", sep="\t")
+    assert set(predictions["image_id"]) == set(splits.loc[splits["split"] == "test", "image_id"])
+    report = (results / "report.html").read_text()
+    assert "Test-set performance" in report and report.count("data:image/png;base64") >= 6
+
+
+def test_brain_age_beats_the_mean_predictor_by_half(study):
+    metrics = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
+    print(f"regression: MAE {metrics['mae']:.2f} vs baseline {metrics['baseline_mae']:.2f}, r {metrics['pearson_r']:.2f}")
+    assert metrics["mae"] <= 0.5 * metrics["baseline_mae"]
+
+
+def grid_and_truth(study: Path, cohort: Path):
+    results = study / "results"
+    mask_img = nib.load(next((results / "grid").glob("*desc-brain_mask.nii.gz")))
+    truth = nib.load(cohort / "derivatives" / "groundtruth" / f"space-{SPACE}_desc-age_mask.nii.gz")
+    on_grid = resample_to_grid(truth, mask_img.affine, mask_img.shape, order=1) > 0.5
+    return mask_img, on_grid
+
+
+def test_group_occlusion_map_falls_on_the_age_effect(study, cohort):
+    mask_img, truth = grid_and_truth(study, cohort)
+    occlusion = nib.load(study / "results" / "explain" / f"group_space-{SPACE}_desc-occlusion_mean.nii.gz")
+    np.testing.assert_allclose(occlusion.affine, mask_img.affine)
+    enrichment = top_fraction_enrichment(occlusion.get_fdata(), truth, mask_img.get_fdata() > 0)
+    print(f"group occlusion top-5% enrichment in the age-effect mask: {enrichment:.1f}x chance")
+    assert enrichment >= 5
+
+
+def test_native_map_warped_by_the_known_pose_lands_on_the_same_region(study, cohort):
+    """Pull one subject's native-space map into template space with the simulated pose only
+    (no registration output involved) and compare it with its template-space map."""
+    mask_img, truth = grid_and_truth(study, cohort)
+    maps = pd.read_csv(study / "results" / "explain" / "maps.tsv", sep="\t", dtype=str, keep_default_na=False)
+    row = maps[maps["method"] == "occlusion"].iloc[0]
+    manifest = pd.read_csv(study / "results" / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
+    subdir = manifest.set_index("image_id").at[row["image_id"], "subdir"]
+    pose_file = cohort / "derivatives" / "groundtruth" / subdir / "anat" / f"{row['image_id']}_from-{SPACE}_to-T1w_pose.json"
+    pose = np.array(json.loads(pose_file.read_text())["matrix"])
+    native = nib.load(study / row["native"])
+    pulled = resample_to_grid(native, np.linalg.inv(pose) @ mask_img.affine, mask_img.shape)
+    template_map = nib.load(study / row["template"]).get_fdata()
+    brain = mask_img.get_fdata() > 0
+    r = np.corrcoef(np.abs(pulled[brain]), np.abs(template_map[brain]))[0, 1]
+    print(f"native map pulled back by the true pose vs template map: r = {r:.2f}")
+    assert r > 0.8
+    assert top_fraction_enrichment(pulled, truth, brain) > 0.7 * top_fraction_enrichment(template_map, truth, brain)
+
+
+def test_complete_study_dry_run_schedules_nothing(study):
+    assert scheduled(snakemake(study, "-n")) == {}
+
+
+def test_training_change_reruns_training_not_preprocessing(study):
+    write_config(study, train={"epochs": 31})
+    try:
+        jobs = scheduled(snakemake(study, "-n"))
+    finally:
+        write_config(study)
+    assert "preprocess" not in jobs and "grid" not in jobs
+    assert jobs["train"] == 1 and jobs["evaluate"] == 1 and jobs["explain"] == 1 and jobs["report"] == 1
+
+
+def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
+    n_images = len(pd.read_csv(study / "results" / "manifest.tsv", sep="\t"))
+    write_config(study, preprocess={"n4_shrink_factor": 3})
+    try:
+        jobs = scheduled(snakemake(study, "-n"))
+    finally:
+        write_config(study)
+    assert jobs["preprocess"] == n_images
+    assert all(jobs[stage] == 1 for stage in ("train", "evaluate", "explain", "report"))
+
+
+def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):
+    CONFIG["bids_dir"] = str(cohort)
+    write_config(tmp_path, target="height")
+    run = snakemake(tmp_path)
+    assert run.returncode != 0
+    log = (tmp_path / "results" / "logs" / "ingest.log").read_text()
+    assert "participants.tsv has no column 'height'" in log and "Traceback" not in log
+
+
+def test_classification_of_group_reuses_preprocessing(study):
+    arrays = sorted((study / "results" / "derivatives").rglob("*.npy"))
+    before = {p: p.stat().st_mtime_ns for p in arrays}
+    write_config(study, target="group", task="classification")
+    run = snakemake(study)
+    assert run.returncode == 0, run.stderr[-5000:]
+    assert {p: p.stat().st_mtime_ns for p in arrays} == before
+    metrics = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
+    print(f"classification: ROC AUC {metrics['roc_auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f}")
+    assert metrics["task"] == "classification" and metrics["roc_auc"] >= 0.9
+
+
+def test_input_dataset_was_never_written(study, cohort, cohort_digest):
+    """After every run of this module (two studies, dry runs, a failed run) the dataset is unchanged."""
+    assert tree_digest(cohort) == cohort_digest
