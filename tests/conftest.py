@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+
+# ITK reads its thread count once, when ants is first imported: one thread makes registration
+# reproducible (tests compare repeated runs).
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 
 def write_bids(root: Path, participants: list[dict], images: dict[str, list[str]], shape=(12, 14, 12), seed=0) -> Path:

@@ -3,51 +3,112 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.split import check_no_leak, split_subjects
+from pipeline.split import balance, check_design, design, fold_columns
 
 
 def manifest(n=50, sessions_every=5, seed=0):
+    """Participants with ages out of id order, every ``sessions_every``-th with two sessions."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         age = rng.uniform(20, 80)
         for s in (["ses-01", "ses-02"] if i % sessions_every == 0 else [""]):
             rows.append({"image_id": f"sub-{i:03d}" + (f"_{s}" if s else ""), "participant_id": f"sub-{i:03d}",
-                         "age": age, "group": "patient" if i % 2 else "control"})
+                         "age": str(round(age, 1)), "group": "patient" if i % 2 else "control",
+                         "sex": "F" if rng.random() < 0.5 else "M", "site": f"site{i % 3}"})
     return pd.DataFrame(rows)
 
 
-def test_all_sessions_of_a_participant_share_one_split():
-    splits = split_subjects(manifest(), "age", "regression", 0.2, 0.2, seed=1)
-    assert (splits.groupby("participant_id")["split"].nunique() == 1).all()
-    counts = splits.drop_duplicates("participant_id")["split"].value_counts()
-    assert counts.to_dict() == {"train": 30, "val": 10, "test": 10}
+def per_participant(splits: pd.DataFrame) -> pd.DataFrame:
+    """The fold columns, one row per participant."""
+    return splits.drop_duplicates("participant_id").set_index("participant_id").drop(columns="image_id")
 
 
-def test_split_is_deterministic_and_seed_dependent():
-    a = split_subjects(manifest(), "age", "regression", 0.2, 0.2, seed=1)
-    b = split_subjects(manifest(), "age", "regression", 0.2, 0.2, seed=1)
-    c = split_subjects(manifest(), "age", "regression", 0.2, 0.2, seed=2)
+def test_kfold_design_by_participant():
+    m = manifest()
+    splits = design(m, "age", "regression", test=0.2, folds=5, val=0.2, seed=1)
+    assert list(splits.columns) == ["image_id", "participant_id", *fold_columns(5)]
+    assert splits["image_id"].tolist() == m["image_id"].tolist()
+    for column in fold_columns(5):  # all sessions of a participant share a split, in every fold
+        assert (splits.groupby("participant_id")[column].nunique() == 1).all()
+    people = per_participant(splits)
+    test = people["fold-1"] == "test"
+    assert test.sum() == 10 and (people.loc[test] == "test").all().all()  # same test set in every fold
+    assert (people.loc[~test] == "val").sum(axis=1).eq(1).all()  # validated exactly once
+    assert sorted((people.loc[~test] == "val").sum()) == [8, 8, 8, 8, 8]
+
+
+def test_single_fold_uses_the_val_fraction():
+    splits = design(manifest(), "age", "regression", test=0.2, folds=1, val=0.2, seed=1)
+    counts = per_participant(splits)["fold-1"].value_counts().to_dict()
+    assert counts == {"train": 30, "val": 10, "test": 10}
+
+
+def test_design_is_deterministic_and_seed_dependent():
+    a = design(manifest(), "age", "regression", 0.2, 3, 0.2, seed=1)
+    b = design(manifest(), "age", "regression", 0.2, 3, 0.2, seed=1)
+    c = design(manifest(), "age", "regression", 0.2, 3, 0.2, seed=2)
     assert a.equals(b) and not a.equals(c)
 
 
-def test_classification_split_is_stratified():
-    splits = split_subjects(manifest(n=60), "group", "classification", 0.2, 0.2, seed=0)
-    table = splits.drop_duplicates("participant_id").merge(manifest(n=60).drop_duplicates("participant_id"))
-    per_split = table.groupby("split")["group"].value_counts().unstack()
-    assert (per_split["patient"] == per_split["control"]).all()
+def test_classification_is_stratified_in_test_and_every_fold():
+    m = manifest(n=60)
+    splits = design(m, "group", "classification", 0.2, 4, 0.2, seed=0)
+    groups = m.drop_duplicates("participant_id").set_index("participant_id")["group"]
+    people = per_participant(splits)
+    for column in fold_columns(4):
+        counts = pd.crosstab(people[column], groups)
+        assert (abs(counts["patient"] - counts["control"]) <= 1).all(), counts
 
 
-def test_regression_split_spans_the_target_range():
+def test_further_stratification_columns_balance_the_test_set():
+    m = manifest(n=90)
+    splits = design(m, "age", "regression", 0.2, 3, 0.2, seed=0, bins=3, stratify=("site",))
+    people = per_participant(splits).join(m.drop_duplicates("participant_id").set_index("participant_id")["site"])
+    test_sites = people.loc[people["fold-1"] == "test", "site"].value_counts()
+    assert test_sites.max() - test_sites.min() <= 1, test_sites
+
+
+def test_regression_test_set_spans_the_target_range():
     m = manifest(n=100)
-    splits = split_subjects(m, "age", "regression", 0.2, 0.2, seed=0).merge(m[["image_id", "age"]])
-    test_ages = splits[splits["split"] == "test"].drop_duplicates("participant_id")["age"]
+    splits = design(m, "age", "regression", 0.2, 5, 0.2, seed=0).merge(m[["image_id", "age"]])
+    test_ages = splits[splits["fold-1"] == "test"].drop_duplicates("participant_id")["age"].astype(float)
     assert test_ages.min() < 32 and test_ages.max() > 68
 
 
-def test_leak_check_names_the_participant():
+def test_unknown_stratification_column_names_it():
+    with pytest.raises(InputError, match="scanner"):
+        design(manifest(), "age", "regression", 0.2, 5, 0.2, seed=0, stratify=("scanner",))
+
+
+def test_too_few_participants_for_the_folds():
+    with pytest.raises(InputError, match="split.folds"):
+        design(manifest(n=8), "age", "regression", 0.25, 7, 0.2, seed=0)
+
+
+def test_leak_within_a_fold_names_the_participant_and_fold():
     splits = pd.DataFrame({"image_id": ["sub-1_ses-1", "sub-1_ses-2", "sub-2", "sub-3"],
                            "participant_id": ["sub-1", "sub-1", "sub-2", "sub-3"],
-                           "split": ["train", "test", "val", "test"]})
-    with pytest.raises(InputError, match="sub-1"):
-        check_no_leak(splits)
+                           "fold-1": ["train", "val", "val", "test"]})
+    with pytest.raises(InputError, match=r"fold-1.*sub-1"):
+        check_design(splits)
+
+
+def test_leak_across_folds_is_caught():
+    """sub-2 is tested in fold-1 but trained on in fold-2: a leak no single fold shows."""
+    splits = pd.DataFrame({"image_id": ["sub-1", "sub-2", "sub-3", "sub-4"],
+                           "participant_id": ["sub-1", "sub-2", "sub-3", "sub-4"],
+                           "fold-1": ["train", "test", "val", "test"],
+                           "fold-2": ["val", "train", "train", "test"]})
+    with pytest.raises(InputError, match="sub-2"):
+        check_design(splits)
+
+
+def test_balance_table_counts_participants_and_images():
+    m = manifest(n=30)
+    splits = design(m, "age", "regression", 0.2, 3, 0.2, seed=0)
+    table = balance(splits, m, "age", "regression")
+    assert len(table) == 9 and set(table["split"]) == {"train", "val", "test"}
+    fold1 = table[table["fold"] == "fold-1"].set_index("split")
+    assert fold1["participants"].sum() == 30 and fold1["images"].sum() == len(m)
+    assert {"mean", "sd", "min", "max"} <= set(table.columns)

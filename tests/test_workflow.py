@@ -33,8 +33,8 @@ CONFIG = {
     "target": "age",
     "task": "regression",
     "preprocess": {"resolution": 5, "shape": [32, 38, 34]},
-    "split": {"test": 0.25, "val": 0.2, "seed": 0},
-    "train": {"epochs": 30, "batch_size": 8, "learning_rate": 0.003, "patience": 10},
+    "split": {"test": 0.2, "folds": 2, "seed": 0},
+    "train": {"epochs": 30, "batch_size": 4, "learning_rate": 0.003, "patience": 10},
     "explain": {"window": 6, "stride": 3},
 }
 
@@ -98,19 +98,30 @@ def test_every_stage_wrote_its_outputs(study):
         assert (anat / f"{row.image_id}_space-{SPACE}_desc-preproc_T1w.nii.gz").exists()
         assert (anat / f"{row.image_id}_from-{SPACE}_to-T1w_mode-image_xfm.mat").exists()
     splits = pd.read_csv(results / "splits.tsv", sep="\t")
-    assert (splits.groupby("participant_id")["split"].nunique() == 1).all()
-    history = pd.read_csv(results / "train" / "history.tsv", sep="\t")
-    assert {"train_loss", "val_loss", "val_mae"} <= set(history.columns)
-    predictions = pd.read_csv(results / "evaluate" / "predictions.tsv", sep="\t")
-    assert set(predictions["image_id"]) == set(splits.loc[splits["split"] == "test", "image_id"])
+    assert list(splits.columns) == ["image_id", "participant_id", "fold-1", "fold-2"]
+    test_images = set(splits.loc[splits["fold-1"] == "test", "image_id"])
+    for fold in ("fold-1", "fold-2"):
+        history = pd.read_csv(results / "train" / fold / "history.tsv", sep="\t")
+        assert {"train_loss", "val_loss", "val_mae"} <= set(history.columns) and history["train_mae"].notna().all()
+        predictions = pd.read_csv(results / "evaluate" / fold / "predictions.tsv", sep="\t")
+        assert set(predictions["image_id"]) == test_images
+        assert set(pd.read_csv(results / "explain" / fold / "maps.tsv", sep="\t")["image_id"]) == test_images
+    ensemble = pd.read_csv(results / "evaluate" / "predictions.tsv", sep="\t")
+    assert set(ensemble["image_id"]) == test_images
+    table = pd.read_csv(results / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
+    assert list(table.index) == ["fold-1", "fold-2", "mean", "sd", "ensemble"]
     report = (results / "report.html").read_text()
-    assert "Test-set performance" in report and report.count("data:image/png;base64") >= 6
+    assert "Test-set performance" in report and "split balance" in report
+    assert report.count("data:image/png;base64") >= 6
 
 
 def test_brain_age_beats_the_mean_predictor_by_half(study):
-    metrics = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
-    print(f"regression: MAE {metrics['mae']:.2f} vs baseline {metrics['baseline_mae']:.2f}, r {metrics['pearson_r']:.2f}")
-    assert metrics["mae"] <= 0.5 * metrics["baseline_mae"]
+    summary = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
+    table = pd.read_csv(study / "results" / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
+    print(f"regression:\n{table[['mae', 'baseline_mae', 'pearson_r']]}")
+    for model in ("fold-1", "fold-2", "ensemble"):
+        assert table.at[model, "mae"] <= 0.5 * table.at[model, "baseline_mae"], model
+    assert summary["ensemble"]["mae"] == pytest.approx(table.at["ensemble", "mae"])
 
 
 def grid_and_truth(study: Path, cohort: Path):
@@ -134,7 +145,7 @@ def test_native_maps_land_where_the_known_pose_puts_them(study, cohort):
     """Push each template-space map onto its subject's native grid with the *simulated* pose (no
     registration output involved): the pipeline's native-space map must be that image."""
     mask_img, truth = grid_and_truth(study, cohort)
-    maps = pd.read_csv(study / "results" / "explain" / "maps.tsv", sep="\t", dtype=str, keep_default_na=False)
+    maps = pd.read_csv(study / "results" / "explain" / "fold-1" / "maps.tsv", sep="\t", dtype=str, keep_default_na=False)
     manifest = pd.read_csv(study / "results" / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
     subdirs = manifest.set_index("image_id")["subdir"]
     truth_img = nib.Nifti1Image(truth.astype(np.float32), mask_img.affine)
@@ -166,8 +177,9 @@ def test_training_change_reruns_training_not_preprocessing(study):
         jobs = scheduled(snakemake(study, "-n"))
     finally:
         write_config(study)
-    assert "preprocess" not in jobs and "grid" not in jobs
-    assert jobs["train"] == 1 and jobs["evaluate"] == 1 and jobs["explain"] == 1 and jobs["report"] == 1
+    assert "preprocess" not in jobs and "grid" not in jobs and "ingest" not in jobs and "split" not in jobs
+    assert jobs == {"all": 1, "train": 2, "evaluate": 2, "evaluate_folds": 1, "explain": 2, "explain_folds": 1,
+                    "report": 1}
 
 
 def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
@@ -178,7 +190,8 @@ def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
     finally:
         write_config(study)
     assert jobs["preprocess"] == n_images
-    assert all(jobs[stage] == 1 for stage in ("train", "evaluate", "explain", "report"))
+    assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain"))
+    assert all(jobs[stage] == 1 for stage in ("evaluate_folds", "explain_folds", "report"))
 
 
 def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):
@@ -191,15 +204,18 @@ def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):
 
 
 def test_classification_of_group_reuses_preprocessing(study):
+    """Switch the same study to classifying ``group``; evaluation only (explanations are tested above)."""
     arrays = sorted((study / "results" / "derivatives").rglob("*.npy"))
     before = {p: p.stat().st_mtime_ns for p in arrays}
     write_config(study, target="group", task="classification")
-    run = snakemake(study)
+    run = snakemake(study, "results/evaluate/metrics.json")
     assert run.returncode == 0, run.stderr[-5000:]
     assert {p: p.stat().st_mtime_ns for p in arrays} == before
-    metrics = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
-    print(f"classification: ROC AUC {metrics['roc_auc']:.3f}, balanced accuracy {metrics['balanced_accuracy']:.3f}")
-    assert metrics["task"] == "classification" and metrics["roc_auc"] >= 0.9
+    summary = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
+    table = pd.read_csv(study / "results" / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
+    print(f"classification:\n{table[['roc_auc', 'balanced_accuracy']]}")
+    assert summary["task"] == "classification"
+    assert (table.loc[["fold-1", "fold-2", "ensemble"], "roc_auc"] >= 0.9).all()
 
 
 def test_input_dataset_was_never_written(study, cohort, cohort_digest):

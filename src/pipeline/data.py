@@ -18,17 +18,24 @@ def read_tsv(path: Path) -> pd.DataFrame:
                        keep_default_na=False)
 
 
-def study_table(manifest: Path, splits: Path, preproc_dir: Path) -> pd.DataFrame:
-    """One row per image: manifest columns, its ``split`` and the ``array`` path, joined by image id."""
+def study_table(manifest: Path, splits: Path, preproc_dir: Path, fold: str, channels: list[str] | None = None
+                ) -> pd.DataFrame:
+    """One row per image: manifest columns, its ``split`` in ``fold`` (e.g. ``fold-1``) and the
+    preprocessed ``array`` path, joined by image id."""
     table = read_tsv(manifest)
-    split = read_tsv(splits)[["image_id", "participant_id", "split"]]
+    design = read_tsv(splits)
+    if fold not in design.columns:
+        folds = [c for c in design.columns if c.startswith("fold-")]
+        raise InputError(f"{splits} has no column {fold!r} (it has {', '.join(folds)}); rerun the split rule.")
+    split = design[["image_id", "participant_id", fold]].rename(columns={fold: "split"})
     merged = table.merge(split, on="image_id", how="left", suffixes=("", "_split"), validate="one_to_one")
     missing = merged["split"].isna()
     if missing.any():
         raise InputError(f"{splits} has no split for images {', '.join(merged.loc[missing, 'image_id'])}; rerun the split rule.")
     if (merged["participant_id"] != merged["participant_id_split"]).any():
         raise InputError(f"{splits} and {manifest} disagree on a participant id; rerun the split rule.")
-    merged["array"] = [str(derivative_paths(preproc_dir, s, i)["array"]) for s, i in zip(merged["subdir"], merged["image_id"])]
+    merged["array"] = [str(derivative_paths(preproc_dir, s, i, channels)["array"])
+                       for s, i in zip(merged["subdir"], merged["image_id"])]
     return merged.drop(columns="participant_id_split")
 
 
@@ -39,10 +46,15 @@ class TargetCoder:
         self.task, self.classes, self.mean, self.std = task, classes, mean, std
 
     @classmethod
-    def fit(cls, task: str, train_values: pd.Series, all_values: pd.Series) -> "TargetCoder":
-        """Class list from all values (names only); mean/sd from the training values only."""
+    def fit(cls, task: str, train_values: pd.Series, classes: list[str] | None = None) -> "TargetCoder":
+        """Regression: mean/sd of the training values only. Classification: the recorded class list
+        (``classes``, from ingestion's targets.json), else the sorted training classes."""
         if task == "classification":
-            return cls(task, classes=sorted(all_values.astype(str).unique()))
+            known = sorted(train_values.astype(str).unique()) if classes is None else list(classes)
+            unknown = sorted(set(train_values.astype(str)) - set(known))
+            if unknown:
+                raise InputError(f"Target values {unknown} are not in the recorded class list {known}; rerun ingestion.")
+            return cls(task, classes=known)
         values = train_values.astype(float)
         return cls(task, mean=float(values.mean()), std=float(values.std()) or 1.0)
 
@@ -67,9 +79,9 @@ class TargetCoder:
 
 
 def load_batch(paths: list[str]) -> torch.Tensor:
-    """(B, 1, X, Y, Z) float32 batch from memory-mapped ``.npy`` arrays."""
+    """(B, C, X, Y, Z) float32 batch from memory-mapped (C, X, Y, Z) ``.npy`` arrays."""
     try:
         arrays = [np.load(p, mmap_mode="r") for p in paths]
     except FileNotFoundError as exc:
         raise InputError(f"Preprocessed array missing: {exc.filename}; rerun preprocessing.") from exc
-    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False)).unsqueeze(1)
+    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))

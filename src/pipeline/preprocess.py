@@ -1,9 +1,12 @@
-"""Fixed preprocessing of one T1w image into the study's template grid (antspyx).
+"""Fixed preprocessing of one sample (one or more channels) into the study's template grid (antspyx).
 
-reorient → N4 bias correction → rigid/affine registration to the template grid → template
-brain mask → z-score normalisation inside the mask. Writes a BIDS-derivative NIfTI with a
-JSON sidecar, the forward and inverse ANTs transforms, a QC PNG and a float32 ``.npy`` array
-(memory-mappable, shape = grid shape, RAS+ voxel order of the template grid).
+Per channel: reorient → N4 bias correction. The reference channel (the first) is registered
+(rigid or affine) to the template grid; every further channel is rigidly co-registered to the
+reference (mutual information) and carried to the template through both transforms. Then the
+template brain mask and z-score normalisation inside it, per channel. Writes per channel a
+BIDS-derivative NIfTI with a JSON sidecar; for the sample the forward and inverse transforms of
+the reference, a QC PNG and a float32 ``.npy`` array (C, X, Y, Z) in the template grid's RAS+
+voxel order, memory-mappable for training.
 """
 
 from __future__ import annotations
@@ -20,31 +23,23 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.errors import InputError
-from pipeline.template import SPACE
+from pipeline.paths import SPACE, preprocessed
 
 
-def derivative_paths(out_dir: Path, subdir: str, image_id: str) -> dict[str, Path]:
-    """Every file preprocessing writes for one image, by role (BIDS-derivative names)."""
-    anat = Path(out_dir) / subdir / "anat"
-    stem = anat / image_id
-    return {
-        "image": Path(f"{stem}_space-{SPACE}_desc-preproc_T1w.nii.gz"),
-        "sidecar": Path(f"{stem}_space-{SPACE}_desc-preproc_T1w.json"),
-        "array": Path(f"{stem}_space-{SPACE}_desc-preproc_T1w.npy"),
-        "forward": Path(f"{stem}_from-T1w_to-{SPACE}_mode-image_xfm.mat"),
-        "inverse": Path(f"{stem}_from-{SPACE}_to-T1w_mode-image_xfm.mat"),
-        "qc": Path(f"{stem}_space-{SPACE}_desc-qc_T1w.png"),
-    }
+def derivative_paths(out_dir: Path, subdir: str, image_id: str, channels=None) -> dict[str, Path]:
+    """Every file preprocessing writes for one sample, by role (see ``pipeline.paths.preprocessed``)."""
+    paths = preprocessed(str(out_dir), subdir, image_id, tuple(channels or ("T1w",)))
+    return {role: Path(path) for role, path in paths.items()}
 
 
 def load_native(path: Path):
-    """Read a T1w image with ANTs, failing with a message that names the file."""
+    """Read a 3D image with ANTs, failing with a message that names the file."""
     import ants
 
     try:
         nib_img = nib.load(str(path))
         if len(nib_img.shape) not in (3, 4) or (len(nib_img.shape) == 4 and nib_img.shape[3] != 1):
-            raise InputError(f"{path}: expected a 3D T1w image, got shape {nib_img.shape}.")
+            raise InputError(f"{path}: expected a 3D image, got shape {nib_img.shape}.")
         return ants.image_read(str(path), dimension=3)
     except InputError:
         raise
@@ -52,76 +47,117 @@ def load_native(path: Path):
         raise InputError(f"{path}: cannot read this NIfTI ({type(exc).__name__}: {exc}). Replace or exclude it.") from exc
 
 
-def normalise(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def ants_image(data: np.ndarray, affine: np.ndarray):
+    """An in-memory ANTs image (LPS physical space) of a 3D array with a (4, 4) RAS+ mm ``affine``."""
+    import ants
+
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    to_lps = np.diag([-1.0, -1.0, 1.0])
+    return ants.from_numpy(np.asarray(data, dtype=np.float32), origin=list(to_lps @ affine[:3, 3]),
+                           spacing=list(zooms), direction=to_lps @ (affine[:3, :3] / zooms))
+
+
+def normalise(data: np.ndarray, mask: np.ndarray, source: Path) -> np.ndarray:
     """Z-score ``data`` with the mean and sd inside ``mask``; 0 outside the mask."""
     inside = data[mask > 0]
     sd = inside.std()
-    if sd == 0:
-        raise InputError("Image is constant inside the brain mask after registration; check the input image.")
+    if not np.isfinite(sd) or sd == 0:
+        raise InputError(f"{source}: the image is constant or not finite inside the template brain mask after "
+                         "registration; check the image (or its registration in the QC PNG) and exclude it.")
     return np.where(mask > 0, (data - inside.mean()) / sd, 0.0).astype(np.float32)
 
 
-def preprocess(source: Path, template: Path, mask: Path, out: dict[str, Path], transform: str = "Affine",
-               n4: bool = True, n4_shrink: int = 4, seed: int = 0) -> dict:
-    """Run the chain on ``source`` into the grid of ``template``; write all ``out`` files; return the sidecar."""
+def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
+    """A channel read, reoriented to the template's axes, bias-corrected and scaled to ~[0, 1]."""
     import ants
 
-    threads = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
-    ants.config.set_ants_deterministic(True, seed)  # fixes the seed but also forces one thread:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = threads
-    native = load_native(source)
+    image = ants.reorient_image2(load_native(source), orientation)
+    if n4:
+        image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
+                                              convergence={"iters": [50, 50, 30], "tol": 1e-6})
+    return image / float(np.percentile(image.numpy(), 99))  # the template's intensity range
+
+
+def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
+               transform: str = "Affine", n4: bool = True, n4_shrink: int = 4, seed: int = 1) -> dict:
+    """Run the chain on the ``sources`` (one per channel, reference first) into the grid of
+    ``template``; write all ``out`` files; return the reference channel's sidecar.
+
+    Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
+    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
+    """
+    import ants
+
+    channels = list(channels)
+    if len(sources) != len(channels):
+        raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
+    if seed < 1:
+        raise InputError(f"The registration seed must be a positive integer (ANTs reads 0 as 'seed from the "
+                         f"clock'), got {seed}; set `preprocess.seed` in config.")
+    ants.config.set_ants_deterministic(True, seed)  # passes --random-seed to antsRegistration
     fixed = ants.image_read(str(template))
     mask_img = nib.load(str(mask))
-    moving = ants.reorient_image2(native, ants.get_orientation(fixed))
-    if n4:
-        moving = ants.n4_bias_field_correction(moving, mask=ants.get_mask(moving), shrink_factor=n4_shrink,
-                                               convergence={"iters": [50, 50, 30], "tol": 1e-6})
-    moving = moving / float(np.percentile(moving.numpy(), 99))  # same intensity range as the template
+    brain = mask_img.get_fdata() > 0
+    orientation = ants.get_orientation(fixed)
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
+    reference = prepared(sources[0], orientation, n4, n4_shrink)
+    arrays = []
     with tempfile.TemporaryDirectory() as tmp:  # ANTs writes its transforms under outprefix
-        reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform,
-                                outprefix=f"{tmp}/", aff_random_sampling_rate=0.25,
+        reg = ants.registration(fixed=fixed, moving=reference, type_of_transform=transform,
+                                outprefix=f"{tmp}/ref_", aff_random_sampling_rate=0.25,
                                 aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
                                 aff_iterations=(100, 50, 25))
-        warped = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], interpolator="linear")
         shutil.copyfile(reg["fwdtransforms"][0], out["forward"])
         ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(out["inverse"]))
-    data = normalise(warped.numpy(), mask_img.get_fdata())
-    # The template grid's own RAS+ affine: the saved map is exactly on the study grid.
-    nib.save(nib.Nifti1Image(data, mask_img.affine), out["image"])
-    np.save(out["array"], data)
-    brain = mask_img.get_fdata() > 0
-    similarity = float(np.corrcoef(data[brain], fixed.numpy()[brain])[0, 1])
-    sidecar = {
-        "Sources": [str(source)],
-        "SpatialReference": {"space": SPACE, "grid": str(template)},
-        "Steps": ["reorient", *(["N4BiasFieldCorrection"] if n4 else []), f"ants.registration:{transform}",
-                  "template brain mask", "z-score inside mask"],
-        "Parameters": {"transform": transform, "n4": n4, "n4_shrink_factor": n4_shrink, "seed": seed},
-        "QC": {"correlation_with_template": round(similarity, 4)},
-        "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name},
-        "SoftwareVersions": _versions(),
-    }
-    out["sidecar"].write_text(json.dumps(sidecar, indent=2))
-    write_qc(out["image"], mask, out["qc"], f"{Path(source).name}  r(template)={similarity:.2f}")
-    return sidecar
+        for channel, source in zip(channels, sources):
+            if channel == channels[0]:
+                moving, transforms = reference, [str(out["forward"])]
+            else:
+                moving = prepared(source, orientation, n4, n4_shrink)
+                coreg = ants.registration(fixed=reference, moving=moving, type_of_transform="Rigid",
+                                          outprefix=f"{tmp}/{channel}_", aff_random_sampling_rate=0.25)
+                shutil.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
+                transforms = [str(out["forward"]), str(out[f"coreg_{channel}"])]  # applied right to left
+            warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear")
+            data = normalise(warped.numpy(), brain, source)
+            # The template grid's own RAS+ affine: the saved image is exactly on the study grid.
+            nib.save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
+            arrays.append(data)
+    np.save(out["array"], np.stack(arrays))
+    similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
+    sidecars = {}
+    for channel, source in zip(channels, sources):
+        steps = ["reorient", *(["N4BiasFieldCorrection"] if n4 else [])]
+        if channel != channels[0]:
+            steps.append(f"ants.registration:Rigid to {channels[0]}")
+        steps += [f"ants.registration:{transform} to template", "template brain mask", "z-score inside mask"]
+        sidecars[channel] = {
+            "Sources": [str(source)],
+            "Channel": channel,
+            "SpatialReference": {"space": SPACE, "grid": str(template)},
+            "Steps": steps,
+            "Parameters": {"transform": transform, "n4": n4, "n4_shrink_factor": n4_shrink, "seed": seed},
+            "QC": {"correlation_with_template": round(similarity, 4)} if channel == channels[0] else {},
+            "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
+                           **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
+            "SoftwareVersions": _versions(),
+        }
+        out[f"sidecar_{channel}"].write_text(json.dumps(sidecars[channel], indent=2))
+    write_qc(out[f"image_{channels[0]}"], mask, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
+    return sidecars[channels[0]]
 
 
 def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interpolator: str = "linear") -> nib.Nifti1Image:
-    """Resample a template-grid map onto the subject's native T1w grid with the inverse transform."""
+    """Resample a template-grid map onto the native grid of ``native_path`` (its header only is
+    read) with the inverse transform; the result carries the native image's affine."""
     import ants
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "map.nii.gz"
-        nib.save(nib.Nifti1Image(np.asarray(map_img.dataobj, dtype=np.float32), map_img.affine), src)
-        moving = ants.image_read(str(src))
-        native = ants.image_read(str(native_path), dimension=3)
-        warped = ants.apply_transforms(native, moving, [str(inverse)], interpolator=interpolator)
-        out = Path(tmp) / "native.nii.gz"
-        ants.image_write(warped, str(out))
-        img = nib.load(str(out))
-        return nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), nib.load(str(native_path)).affine)
+    native = nib.load(str(native_path))
+    grid = ants_image(np.zeros(native.shape[:3], dtype=np.float32), native.affine)
+    moving = ants_image(np.asarray(map_img.dataobj, dtype=np.float32), map_img.affine)
+    warped = ants.apply_transforms(grid, moving, [str(inverse)], interpolator=interpolator)
+    return nib.Nifti1Image(warped.numpy().astype(np.float32), native.affine)
 
 
 def write_qc(image: Path, mask: Path, png: Path, title: str) -> None:
@@ -146,7 +182,8 @@ def _versions() -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("source", type=Path, help="native T1w NIfTI")
+    parser.add_argument("sources", type=Path, nargs="+", help="native images, one per channel, reference first")
+    parser.add_argument("--channels", nargs="+", default=["T1w"], help="channel names, in the order of SOURCES")
     parser.add_argument("--template", type=Path, required=True, help="template on the study grid (NIfTI)")
     parser.add_argument("--mask", type=Path, required=True, help="brain mask on the study grid (NIfTI)")
     parser.add_argument("--out-dir", type=Path, required=True, help="derivatives root")
@@ -155,14 +192,14 @@ def main(argv=None) -> None:
     parser.add_argument("--transform", default="Affine", choices=["Rigid", "Affine"])
     parser.add_argument("--no-n4", action="store_true")
     parser.add_argument("--n4-shrink", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="registration seed, >= 1")
+    parser.add_argument("--threads", type=int, default=1, help="ITK threads (1 is reproducible)")
     args = parser.parse_args(argv)
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    out = derivative_paths(args.out_dir, args.subdir, args.image_id)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ants is imported
+    out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels)
     with InputError.exit_cleanly():
-        sidecar = preprocess(args.source, args.template, args.mask, out, args.transform, not args.no_n4,
-                             args.n4_shrink, args.seed)
+        sidecar = preprocess(args.sources, args.template, args.mask, out, args.channels, args.transform,
+                             not args.no_n4, args.n4_shrink, args.seed)
     print(json.dumps(sidecar["QC"]), file=sys.stderr)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import __version__
 from pipeline.data import read_tsv
 
 
@@ -18,73 +19,75 @@ def embed_png(path: Path, alt: str) -> str:
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
 
-def learning_curves(history: pd.DataFrame, png: Path) -> Path:
-    """Train and validation loss (and metric) per epoch."""
+def learning_curves(histories: dict[str, pd.DataFrame], png: Path) -> Path:
+    """Train and validation loss (and metric) per epoch, one line pair per fold."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = [c for c in history.columns if c.startswith("val_") and c != "val_loss"][0]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in zip(axes, ["loss", metric.removeprefix("val_")]):
-        ax.plot(history["epoch"], history[f"train_{key}"], label="train")
-        ax.plot(history["epoch"], history[f"val_{key}"], label="validation")
-        ax.set(xlabel="epoch", ylabel=key)
-        ax.legend()
+    first = next(iter(histories.values()))
+    metric = [c for c in first.columns if c.startswith("val_") and c != "val_loss"][0].removeprefix("val_")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (fold, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
+        for ax, key in zip(axes, ["loss", metric]):
+            ax.plot(history["epoch"], history[f"train_{key}"].astype(float), color=colour, ls=":", lw=1)
+            ax.plot(history["epoch"], history[f"val_{key}"].astype(float), color=colour, label=fold)
+    for ax, key in zip(axes, ["loss", metric]):
+        ax.set(xlabel="epoch", ylabel=key, title=f"{key}: validation (solid), training (dotted)")
+    axes[0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
     return png
 
 
-def cohort_table(manifest: pd.DataFrame, splits: pd.DataFrame, target: str, task: str) -> pd.DataFrame:
-    """Per split: participants, images, and the target's distribution."""
-    table = manifest.merge(splits[["image_id", "split"]], on="image_id")
-    rows = []
-    for name in ["train", "val", "test"]:
-        part = table[table["split"] == name]
-        row = {"split": name, "participants": part["participant_id"].nunique(), "images": len(part)}
-        if task == "classification":
-            row.update(part[target].astype(str).value_counts().sort_index().to_dict())
-        else:
-            values = part[target].astype(float)
-            row.update({f"{target} mean": round(values.mean(), 1), f"{target} sd": round(values.std(), 1),
-                        f"{target} range": f"{values.min():.1f}–{values.max():.1f}"})
-        rows.append(row)
-    return pd.DataFrame(rows)
+def table_html(table: pd.DataFrame, index: bool = False) -> str:
+    return table.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="")
 
 
 def build_report(results: Path, out: Path, qc_pngs: list[Path]) -> Path:
     """Write the HTML report from the files of a finished study under ``results``."""
-    manifest, splits = read_tsv(results / "manifest.tsv"), read_tsv(results / "splits.tsv")
     exclusions = read_tsv(results / "ingest_report.tsv")
-    metrics = json.loads((results / "evaluate" / "metrics.json").read_text())
-    history = read_tsv(results / "train" / "history.tsv")
-    hyper = json.loads((results / "train" / "hyperparameters.json").read_text())
-    target, task = metrics["target"], metrics["task"]
+    balance = read_tsv(results / "split_balance.tsv")
+    summary = json.loads((results / "evaluate" / "metrics.json").read_text())
+    metrics = pd.read_csv(results / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
+    folds = summary["folds"]
+    histories = {fold: read_tsv(results / "train" / fold / "history.tsv") for fold in folds}
+    hyper = json.loads((results / "train" / folds[0] / "hyperparameters.json").read_text())
+    target, task = summary["target"], summary["task"]
     out.parent.mkdir(parents=True, exist_ok=True)
-    curves = learning_curves(history, out.parent / "learning_curves.png")
-    shown = {k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in metrics.items()}
+    curves = learning_curves(histories, out.parent / "learning_curves.png")
     explain = results / "explain"
+    headline = "roc_auc" if task == "classification" else "mae"
     sections = [
-        f"<h1>Study report: {html.escape(task)} of <code>{html.escape(target)}</code></h1>",
-        "<h2>Cohort and splits</h2>", cohort_table(manifest, splits, target, task).to_html(index=False),
+        f"<h1>Study report: {html.escape(task)} of <code>{html.escape(target)}</code>, {len(folds)} fold(s)</h1>",
+        f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b>; "
+        f"per fold {summary['fold_mean'][headline]:.3f} ± {summary['fold_sd'].get(headline, float('nan')):.3f} "
+        "(mean ± sd).</p>",
+        "<h2>Cohort and split balance</h2>",
+        "<p>Participants, images and the target's distribution in each split of each fold. "
+        "The test participants are the same in every fold; no participant is in two splits.</p>",
+        table_html(balance),
         f"<h2>Excluded at ingestion ({len(exclusions)})</h2>",
-        exclusions.to_html(index=False) if len(exclusions) else "<p>None.</p>",
+        table_html(exclusions) if len(exclusions) else "<p>None.</p>",
         "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(hyper, indent=2))}</pre>",
-        embed_png(curves, "Learning curves: loss and metric per epoch"),
-        "<h2>Test-set performance</h2>", pd.DataFrame([shown]).T.to_html(header=False),
-        embed_png(results / "evaluate" / "performance.png", "Test-set performance"),
-        "<h2>Explanation maps (template space)</h2>",
+        embed_png(curves, "Learning curves per fold"),
+        "<h2>Test-set performance</h2>",
+        "<p>One row per fold's model, their mean and sd, and the ensemble (mean prediction of the folds).</p>",
+        table_html(metrics, index=True),
+        embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
+        "<h2>Explanation maps (template space, mean over folds)</h2>",
         *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| attribution ({v})")
           for m in ("occlusion", "gradient") for v in ("slices", "glass")],
         "<h2>Preprocessing quality control (first images)</h2>",
         *[embed_png(p, p.name) for p in qc_pngs],
+        "<h2>Provenance</h2>", f"<p>pipeline {html.escape(__version__)}</p>",
     ]
-    style = "body{font-family:sans-serif;max-width:1000px;margin:auto}img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style></head><body>"
-                   + "\n".join(sections) + "</body></html>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
+                   "</head><body>" + "\n".join(sections) + "</body></html>")
     return out
 
 

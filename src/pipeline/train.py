@@ -54,16 +54,19 @@ def loss_fn(task: str):
 
 def run_epoch(model, table: pd.DataFrame, labels: torch.Tensor, coder: TargetCoder, batch_size: int,
               optimizer=None, augment: Augmentation | None = None, generator: torch.Generator | None = None):
-    """One pass over ``table``; trains when ``optimizer`` is given. Returns (mean loss, metric, outputs)."""
+    """One pass over ``table``; trains when ``optimizer`` is given. Returns (mean loss, metric, outputs)
+    over the images seen: in training, a last batch of a single image is dropped (BatchNorm cannot
+    train on one image) and its row of ``outputs`` is NaN."""
     training = optimizer is not None
     model.train(training)
     order = torch.randperm(len(table), generator=generator) if training else torch.arange(len(table))
-    criterion, total, outputs = loss_fn(coder.task), 0.0, torch.empty(len(table), coder.outputs)
+    if training and len(order) % batch_size == 1:
+        order = order[:-1]
+    criterion, total = loss_fn(coder.task), 0.0
+    outputs = torch.full((len(table), coder.outputs), float("nan"))
     paths = table["array"].tolist()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if training and len(idx) < 2:
-            continue  # BatchNorm cannot train on a single image
         x, y = load_batch([paths[i] for i in idx]), labels[idx]
         if augment is not None:
             x = augment(x, generator)
@@ -76,7 +79,7 @@ def run_epoch(model, table: pd.DataFrame, labels: torch.Tensor, coder: TargetCod
             optimizer.step()
         total += float(loss) * len(idx)
         outputs[idx] = out.detach()
-    return total / len(order), metric(coder, outputs, labels), outputs
+    return total / len(order), metric(coder, outputs[order], labels[order]), outputs
 
 
 def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,25 +90,30 @@ def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> f
 
 
 def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
-    """Identifies a training run: settings, images, targets and splits. A checkpoint resumes only on a match."""
-    content = json.dumps(hyper, sort_keys=True) + table[["image_id", "split", "array"]].to_csv()
+    """Identifies a training run: settings, images, targets, splits and the package's code.
+    A checkpoint resumes only on a match."""
+    code = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
+    content = json.dumps(hyper, sort_keys=True) + table[["image_id", "split", "array"]].to_csv() + code
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1) -> dict:
-    """Train on ``table`` (study_table rows); write the outputs into ``out_dir``; return the model record."""
+def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
+          classes: list[str] | None = None, channels: list[str] | None = None) -> dict:
+    """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
+    the model record. ``classes`` is the recorded class list of a classification target;
+    ``channels`` names the input channels (recorded with the model)."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
     generator = seed_everything(hyper["seed"])
     train_rows = table[table["split"] == "train"].reset_index(drop=True)
     val_rows = table[table["split"] == "val"].reset_index(drop=True)
-    coder = TargetCoder.fit(task, train_rows[target], table[target])
+    coder = TargetCoder.fit(task, train_rows[target], classes)
     y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
-    model = build_model(hyper["model"], 1, coder.outputs, **hyper["model_args"])
+    shape = list(np.load(train_rows["array"][0], mmap_mode="r").shape)  # (C, X, Y, Z)
+    model = build_model(hyper["model"], shape[0], coder.outputs, **hyper["model_args"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
     augment = Augmentation(**hyper["augmentation"])
-    shape = list(np.load(train_rows["array"][0], mmap_mode="r").shape)
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +137,8 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
 
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["epoch"] + 1)
     record = {"model": {"name": hyper["model"], "args": hyper["model_args"]}, "target": target,
-              "coder": coder.state(), "input_shape": [1, *shape]}
+              "coder": coder.state(), "input_shape": shape,
+              "channels": list(channels or ["T1w"])}
     bar = tqdm(range(state["epoch"] + 1, hyper["epochs"] + 1), desc="epochs", file=sys.stderr,
                initial=state["epoch"], total=hyper["epochs"])
     for epoch in bar:
@@ -181,15 +190,20 @@ def main(argv=None) -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--splits", type=Path, required=True)
     parser.add_argument("--preproc-dir", type=Path, required=True)
+    parser.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
+    parser.add_argument("--channels", nargs="+", default=["T1w"], help="input channels, reference first")
     parser.add_argument("--target", required=True)
     parser.add_argument("--task", choices=["regression", "classification"], required=True)
+    parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
     parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
-        table = study_table(args.manifest, args.splits, args.preproc_dir)
-        best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads)
+        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
+        classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
+        best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
+                     classes, args.channels)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
 
 

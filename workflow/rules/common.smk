@@ -9,18 +9,28 @@ from snakemake.utils import validate
 
 validate(config, schema="../schemas/config.schema.yaml")
 
+SRC = Path(workflow.basedir).parent / "src" / "pipeline"
+# Jobs run `python -m pipeline.<stage>` with the python on PATH (the activated venv or the rule's
+# conda environment); this checkout's package is put first on its import path, and the Snakefile
+# imports its standard-library-only modules (paths, fingerprints) from there too.
+shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+sys.path.insert(0, str(SRC.parent))
+from pipeline.fingerprint import tree_fingerprint
+from pipeline.paths import SPACE, explanation_maps, group_map
+from pipeline.paths import preprocessed as preprocessed_paths
+
 RESULTS = config["results_dir"]
 BIDS = config["bids_dir"]
 PREPROC = f"{RESULTS}/derivatives/pipeline"
 GRID = f"{RESULTS}/grid"
-SPACE = "MNI152NLin2009aSym"
-SRC = Path(workflow.basedir).parent / "src" / "pipeline"
+CHANNELS = list(config.get("channels") or {"T1w": {}})
+FOLDS = [f"fold-{k}" for k in range(1, config["split"]["folds"] + 1)]
 
-# Jobs run `python -m pipeline.<stage>` with the python on PATH (the activated venv or the rule's
-# conda environment); this checkout's package is put first on its import path.
-shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
-sys.path.insert(0, str(SRC.parent))
-from pipeline.fingerprint import tree_fingerprint
+
+wildcard_constraints:
+    subdir=r"sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?",
+    image=r"sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*",
+    fold=r"fold-[0-9]+",
 
 
 def source(*modules):
@@ -30,45 +40,46 @@ def source(*modules):
 
 @functools.lru_cache
 def _read_manifest(path, mtime):
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).set_index("image_id", drop=False)
 
 
 def manifest():
-    """The ingest checkpoint's manifest (one row per image)."""
+    """The ingest checkpoint's manifest (one row per sample), indexed by image id."""
     path = checkpoints.ingest.get().output.manifest
     return _read_manifest(path, Path(path).stat().st_mtime_ns)
 
 
-def source_image(wildcards):
-    """Native T1w path of one image id, looked up in the manifest."""
+def source_images(wildcards):
+    """Native images of one sample, one per channel (reference first), looked up in the manifest."""
     rows = manifest()
-    match = rows.loc[rows["image_id"] == wildcards.image, "path"]
-    if match.empty:
+    if wildcards.image not in rows.index:
         raise ValueError(f"image {wildcards.image} is not in the manifest")
-    return match.iloc[0]
+    row = rows.loc[wildcards.image]
+    return [row["path"], *(row[f"path_{c}"] for c in CHANNELS[1:])]
 
 
-def preprocessed(kind):
-    """Input function: the preprocessed ``kind`` file of every image in the manifest."""
-    names = {"array": "desc-preproc_T1w.npy", "qc": "desc-qc_T1w.png"}
+def preprocessed(role):
+    """Input function: the preprocessed ``role`` file (e.g. ``array``, ``qc``) of every sample."""
 
     def paths(wildcards):
         rows = manifest()
-        return [
-            f"{PREPROC}/{s}/anat/{i}_space-{SPACE}_{names[kind]}"
-            for s, i in zip(rows["subdir"], rows["image_id"])
-        ]
+        return [preprocessed_paths(PREPROC, s, i, CHANNELS)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
 
     return paths
 
 
 def preproc_root(wildcards, input):
-    """The derivatives root, recovered from the first preprocessed array of the manifest."""
+    """Param function: the derivatives root, recovered from the first preprocessed array input."""
     first = manifest().iloc[0]
     path = input.arrays[0]
     return path[: path.index(f"/{first['subdir']}/anat/")]
 
 
 def parent_of(name):
-    """Param function: the folder of output ``name``."""
-    return lambda wildcards, output: str(Path(output[name]).parent)
+    """Param function: the folder of output ``name`` (its first file, for a list)."""
+    return lambda wildcards, output: str(Path(output[name] if isinstance(output[name], str) else output[name][0]).parent)
+
+
+def parents_of(name):
+    """Param function: the folders of the files of input ``name``, in order."""
+    return lambda wildcards, input: list(dict.fromkeys(str(Path(path).parent) for path in input[name]))

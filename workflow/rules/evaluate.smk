@@ -2,20 +2,20 @@ rule evaluate:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
-        model=f"{RESULTS}/train/model.pt",
+        model=rules.train.output.model,
         arrays=preprocessed("array"),
         code=source("evaluate"),
     output:
-        predictions=f"{RESULTS}/evaluate/predictions.tsv",
-        metrics=f"{RESULTS}/evaluate/metrics.json",
-        plot=f"{RESULTS}/evaluate/performance.png",
+        predictions=f"{RESULTS}/evaluate/{{fold}}/predictions.tsv",
+        metrics=f"{RESULTS}/evaluate/{{fold}}/metrics.json",
     params:
         preproc_dir=preproc_root,
+        channels=CHANNELS,
         out_dir=parent_of("metrics"),
     log:
-        f"{RESULTS}/logs/evaluate.log",
+        f"{RESULTS}/logs/evaluate/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/evaluate.tsv"
+        f"{RESULTS}/benchmarks/evaluate/{{fold}}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -23,6 +23,33 @@ rule evaluate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate --manifest {input.manifest:q} --splits {input.splits:q}"
-        " --preproc-dir {params.preproc_dir:q} --model {input.model:q} --out-dir {params.out_dir:q}"
-        " > {log:q} 2>&1"
+        "python -m pipeline.evaluate fold --manifest {input.manifest:q} --splits {input.splits:q}"
+        " --fold {wildcards.fold} --channels {params.channels} --preproc-dir {params.preproc_dir:q}"
+        " --model {input.model:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+
+
+rule evaluate_folds:
+    input:
+        metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
+        predictions=expand(rules.evaluate.output.predictions, fold=FOLDS),
+        code=source("evaluate"),
+    output:
+        table=f"{RESULTS}/evaluate/metrics.tsv",
+        predictions=f"{RESULTS}/evaluate/predictions.tsv",
+        metrics=f"{RESULTS}/evaluate/metrics.json",
+        plot=f"{RESULTS}/evaluate/performance.png",
+    params:
+        fold_dirs=parents_of("metrics"),
+        out_dir=parent_of("metrics"),
+    log:
+        f"{RESULTS}/logs/evaluate/summary.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/evaluate/summary.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.evaluate summary {params.fold_dirs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -24,19 +24,15 @@ rule grid:
 
 rule preprocess:
     input:
-        image=source_image,
+        images=source_images,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=source("preprocess"),
+        code=source("preprocess", "paths"),
     output:
-        image=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.nii.gz",
-        sidecar=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.json",
-        array=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-preproc_T1w.npy",
-        forward=f"{PREPROC}/{{subdir}}/anat/{{image}}_from-T1w_to-{SPACE}_mode-image_xfm.mat",
-        inverse=f"{PREPROC}/{{subdir}}/anat/{{image}}_from-{SPACE}_to-T1w_mode-image_xfm.mat",
-        qc=f"{PREPROC}/{{subdir}}/anat/{{image}}_space-{SPACE}_desc-qc_T1w.png",
+        **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS),
     params:
-        out_dir=lambda w, output: output.image[: output.image.index(f"/{w.subdir}/anat/")],
+        out_dir=lambda w, output: output.array[: output.array.index(f"/{w.subdir}/anat/")],
+        channels=CHANNELS,
         transform=config["preprocess"]["transform"],
         n4="" if config["preprocess"]["n4"] else "--no-n4",
         n4_shrink=config["preprocess"]["n4_shrink_factor"],
@@ -45,6 +41,7 @@ rule preprocess:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess/{{subdir}}/{{image}}.tsv"
+    # One ITK thread: registration is reproducible only single-threaded (see pipeline.preprocess).
     threads: 1
     resources:
         mem_mb=3000,
@@ -54,7 +51,7 @@ rule preprocess:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.preprocess {input.image:q} --template {input.template:q} --mask {input.mask:q}"
-        " --out-dir {params.out_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
-        " --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink} --seed {params.seed}"
-        " --threads {threads} > {log:q} 2>&1"
+        "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
+        " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
+        " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
+        " --seed {params.seed} --threads {threads} > {log:q} 2>&1"

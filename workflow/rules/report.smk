@@ -2,10 +2,13 @@ rule report:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         exclusions=f"{RESULTS}/ingest_report.tsv",
-        splits=f"{RESULTS}/splits.tsv",
-        history=rules.train.output.history,
-        metrics=rules.evaluate.output.metrics,
-        maps=rules.explain.output.pngs,
+        splits=rules.split.output.splits,
+        balance=rules.split.output.balance,
+        histories=expand(rules.train.output.history, fold=FOLDS),
+        metrics=rules.evaluate_folds.output.table,
+        summary=rules.evaluate_folds.output.metrics,
+        performance=rules.evaluate_folds.output.plot,
+        maps=rules.explain_folds.output.pngs,
         qc=preprocessed("qc"),
         code=source("report"),
     output:
@@ -15,7 +18,7 @@ rule report:
             category="Study",
         ),
     params:
-        results=lambda w, input: str(Path(input.manifest).parent),
+        results=lambda wildcards, input: str(Path(input.manifest).parent),
         qc_shown=lambda wildcards, input: input.qc[:4],
     log:
         f"{RESULTS}/logs/report.log",

@@ -3,13 +3,16 @@ rule split:
         manifest=f"{RESULTS}/manifest.tsv",
         code=source("split"),
     output:
-        f"{RESULTS}/splits.tsv",
+        splits=f"{RESULTS}/splits.tsv",
+        balance=f"{RESULTS}/split_balance.tsv",
     params:
         target=config["target"],
         task=config["task"],
         test=config["split"]["test"],
+        folds=config["split"]["folds"],
         val=config["split"]["val"],
         bins=config["split"]["bins"],
+        stratify=config["split"]["stratify"],
         seed=config["split"]["seed"],
     log:
         f"{RESULTS}/logs/split.log",
@@ -23,5 +26,6 @@ rule split:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.split {input.manifest:q} --target {params.target:q} --task {params.task}"
-        " --test {params.test} --val {params.val} --bins {params.bins} --seed {params.seed}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --test {params.test} --folds {params.folds} --val {params.val} --bins {params.bins}"
+        " --stratify {params.stratify:q} --seed {params.seed} --out {output.splits:q}"
+        " --balance {output.balance:q} > {log:q} 2>&1"

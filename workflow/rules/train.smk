@@ -5,19 +5,20 @@ rule train:
         arrays=preprocessed("array"),
         code=source("train", "models", "augment", "data"),
     output:
-        model=f"{RESULTS}/train/model.pt",
-        history=f"{RESULTS}/train/history.tsv",
-        hyperparameters=f"{RESULTS}/train/hyperparameters.json",
+        model=f"{RESULTS}/train/{{fold}}/model.pt",
+        history=f"{RESULTS}/train/{{fold}}/history.tsv",
+        hyperparameters=f"{RESULTS}/train/{{fold}}/hyperparameters.json",
     params:
         preproc_dir=preproc_root,
+        channels=CHANNELS,
         out_dir=parent_of("model"),
         target=config["target"],
         task=config["task"],
         hyperparameters=json.dumps(config["train"]),
     log:
-        f"{RESULTS}/logs/train.log",
+        f"{RESULTS}/logs/train/{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train.tsv"
+        f"{RESULTS}/benchmarks/train/{{fold}}.tsv"
     threads: 2
     resources:
         mem_mb=8000,
@@ -26,7 +27,7 @@ rule train:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q}"
-        " --preproc-dir {params.preproc_dir:q} --target {params.target:q} --task {params.task}"
-        " --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q} --threads {threads}"
-        " > {log:q} 2>&1"
+        "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
+        " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
+        " --task {params.task} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
+        " --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,47 @@
+"""Every per-image path the study writes, built from entities in one place.
+
+Standard library only: the Snakefile imports it to declare the same paths as outputs (pass
+``"{subdir}"`` and ``"{image}"`` to get wildcard patterns). Names follow BIDS derivatives:
+``sub-X/[ses-Y/]anat/<image_id>_space-<SPACE>_desc-<desc>_<suffix>.<ext>``.
+"""
+
+from __future__ import annotations
+
+SPACE = "MNI152NLin2009aSym"
+
+
+def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...] | list[str] = ("T1w",)
+                 ) -> dict[str, str]:
+    """Files preprocessing writes for one sample, by role.
+
+    ``image_<channel>`` and ``sidecar_<channel>``: each channel on the template grid (NIfTI + JSON);
+    ``array``: all channels stacked, (C, X, Y, Z) float32 ``.npy``; ``forward``/``inverse``: the
+    reference channel's (the first) affine to and from the template; ``coreg_<channel>``: each
+    further channel's rigid transform onto the reference; ``qc``: a PNG of the reference.
+    """
+    stem = f"{root}/{subdir}/anat/{image_id}"
+    reference = channels[0]
+    paths = {
+        "array": f"{stem}_space-{SPACE}_desc-preproc_{''.join(channels)}.npy",
+        "forward": f"{stem}_from-{reference}_to-{SPACE}_mode-image_xfm.mat",
+        "inverse": f"{stem}_from-{SPACE}_to-{reference}_mode-image_xfm.mat",
+        "qc": f"{stem}_space-{SPACE}_desc-qc_{reference}.png",
+    }
+    for channel in channels:
+        paths[f"image_{channel}"] = f"{stem}_space-{SPACE}_desc-preproc_{channel}.nii.gz"
+        paths[f"sidecar_{channel}"] = f"{stem}_space-{SPACE}_desc-preproc_{channel}.json"
+    for channel in channels[1:]:
+        paths[f"coreg_{channel}"] = f"{stem}_from-{channel}_to-{reference}_mode-image_xfm.mat"
+    return paths
+
+
+def explanation_maps(root: str, subdir: str, image_id: str, method: str, reference: str = "T1w") -> dict[str, str]:
+    """One method's map of one image in template space and in the image's native (reference) space."""
+    stem = f"{root}/{subdir}/anat/{image_id}"
+    return {"template": f"{stem}_space-{SPACE}_desc-{method}_saliency.nii.gz",
+            "native": f"{stem}_space-{reference}_desc-{method}_saliency.nii.gz"}
+
+
+def group_map(root: str, method: str, statistic: str = "mean") -> str:
+    """A group-level map of ``method`` in template space."""
+    return f"{root}/group_space-{SPACE}_desc-{method}_{statistic}.nii.gz"
