@@ -38,6 +38,8 @@ UNMATCHED = ("suffix", "extension")  # never part of the entities that match cha
 
 
 class Ingested(NamedTuple):
+    """What ingest hands on: the three outputs' contents."""
+
     manifest: pd.DataFrame  # MANIFEST_COLUMNS, path_<channel>…, [label], table columns
     report: pd.DataFrame  # REPORT_COLUMNS
     targets: dict  # target, task, source, classes
@@ -76,7 +78,7 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
     path = Path(bids_dir) / "participants.tsv"
     if not path.exists():
         raise InputError(f"{path} does not exist: a BIDS dataset needs participants.tsv with the targets "
-                         f"(or set `target_source: sessions` to read sub-*/sub-*_sessions.tsv).")
+                         "(or set `target_source: sessions` to read sub-*/sub-*_sessions.tsv).")
     table = read_table(path)
     if "participant_id" not in table.columns:
         raise InputError(f"{path} has no 'participant_id' column (columns: {', '.join(table.columns)}). "
@@ -190,16 +192,12 @@ def bids_samples(files: pd.DataFrame, root: Path, channels: dict[str, dict], rul
     match when every entity agrees except suffix, extension and the entities ``channel_keys``
     that channel filters set. Returns (samples, report parts, key entities).
     """
-    names = list(channels)
-    absolute = str(root.absolute()) + "/"
-    reference = bidsindex.select(files, channels[names[0]])
-    if reference.empty:
-        raise InputError(bidsindex.explain_empty(files, channels[names[0]], f"bids_filters + channels.{names[0]}"))
-    selected = {names[0]: reference}
-    for name in names[1:]:
-        selected[name] = bidsindex.select(files, channels[name])
+    names, absolute, selected = list(channels), str(root.absolute()) + "/", {}
+    for name, conds in channels.items():
+        selected[name] = bidsindex.select(files, conds)
         if selected[name].empty:
-            raise InputError(bidsindex.explain_empty(files, channels[name], f"bids_filters + channels.{name}"))
+            raise InputError(bidsindex.explain_empty(files, conds, f"bids_filters + channels.{name}"))
+    reference = selected[names[0]]
     used = set().union(*(used_entities(s, rules) for s in selected.values()))
     ignored = set(UNMATCHED) | (channel_keys - {"subject", "session"})
     key = [n for n in rules if n in used and n not in ignored]
@@ -207,28 +205,35 @@ def bids_samples(files: pd.DataFrame, root: Path, channels: dict[str, dict], rul
     samples["participant_id"] = "sub-" + samples["subject"]
     samples["image_id"] = image_ids(samples, key, rules)
     samples["path"] = absolute + samples["path"]
-    report = []
-    clash = samples["image_id"].duplicated(keep=False)
-    if clash.any():
-        shared = samples[clash].groupby("image_id")["path"].agg(", ".join)
-        reason = samples.loc[clash, "image_id"].map(
-            lambda i: f"several {names[0]} images for one sample ({shared[i]}); narrow bids_filters or channels.{names[0]} to one")
-        report.append(report_rows(samples[clash], reason))
-        samples = samples[~clash]
-    invalid = ~samples["image_id"].str.fullmatch(IMAGE_ID.pattern)
-    if invalid.any():
-        report.append(report_rows(samples[invalid], "labels must be letters and digits only (no '+') to form an image id"))
-        samples = samples[~invalid]
+    samples, report = unique_ids(samples, names[0])
     for name in names[1:]:
-        candidates = selected[name].reindex(columns=["path", *key], fill_value="")
-        paths, n = match_by_key(samples, candidates, key)
-        samples = samples.assign(**{f"path_{name}": [absolute + p[0] if len(p) == 1 else "" for p in paths]})
-        missing, several = n == 0, n > 1
-        report.append(report_rows(samples[missing], f"no {name} image with the same entities (channels.{name})"))
-        report.append(report_rows(samples[several], [
-            f"{len(p)} {name} images match ({', '.join(p)}); narrow channels.{name} to one" for p in paths[several]]))
-        samples = samples[n == 1]
+        samples, lost = match_channel(samples, selected[name].reindex(columns=["path", *key], fill_value=""), key, name, absolute)
+        report += lost
     return samples, report, key
+
+
+def unique_ids(samples: pd.DataFrame, channel: str) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """Drop (and report) samples whose image id is shared or not a valid id."""
+    clash = samples["image_id"].duplicated(keep=False)
+    shared = samples[clash].groupby("image_id")["path"].agg(", ".join)
+    report = [report_rows(samples[clash], [f"several {channel} images for one sample ({shared[i]}); narrow "
+                                          f"bids_filters or channels.{channel} to one" for i in samples.loc[clash, "image_id"]])]
+    samples = samples[~clash]
+    invalid = ~samples["image_id"].str.fullmatch(IMAGE_ID.pattern)
+    report.append(report_rows(samples[invalid], "labels must be letters and digits only (no '+') to form an image id"))
+    return samples[~invalid], report
+
+
+def match_channel(samples: pd.DataFrame, candidates: pd.DataFrame, key: list[str], name: str,
+                  absolute: str) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """Add ``path_<name>``: the one candidate image with the sample's ``key`` entities; samples with
+    none or several are dropped and reported."""
+    paths, n = match_by_key(samples, candidates, key)
+    samples = samples.assign(**{f"path_{name}": [absolute + p[0] if len(p) == 1 else "" for p in paths]})
+    report = [report_rows(samples[n == 0], f"no {name} image with the same entities (channels.{name})"),
+              report_rows(samples[n > 1], [f"{len(p)} {name} images match ({', '.join(p)}); narrow channels.{name} to one"
+                                           for p in paths[n > 1]])]
+    return samples[n == 1], report
 
 
 def apply_policy(samples: pd.DataFrame, column: str, policy: str, by: list[str]) -> pd.Series:
@@ -486,6 +491,17 @@ def attach_labels(samples: pd.DataFrame, bids_dir: Path, label_image: dict, key:
     return samples[n == 1], report
 
 
+class TargetTable(NamedTuple):
+    """A table of targets and how samples join it."""
+
+    rows: pd.DataFrame  # the join columns ``on`` and the table's own columns
+    on: list[str]
+    absent: object  # row → reason, for samples the table has no row for
+    where: str  # the file(s), for messages
+    participants: pd.Series | None  # participant ids the table lists (None: not a per-participant table)
+    source: str  # targets.json "source"
+
+
 def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, target_source: str,
                  non_bids: dict | None) -> tuple[pd.DataFrame, list, pd.Series | None, str]:
     """Join the target table by id and keep samples with a usable target.
@@ -493,40 +509,39 @@ def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, 
     Returns (samples, report parts, participant ids of the participants table or None, source name).
     """
     if non_bids:
-        path = Path(non_bids["table"])
-        path = path if path.is_absolute() else bids_dir / path
-        if not path.exists():
-            raise InputError(f"non_bids.table {path} does not exist (relative paths start at bids_dir).")
-        table, id_column = read_table(path), non_bids["id_column"]
-        if id_column not in table.columns:
-            raise InputError(f"{path} has no id column {id_column!r} (non_bids.id_column); columns: {', '.join(table.columns)}.")
-        if target not in table.columns:
-            raise missing_column_error(target, path, table.columns)
-        table = table.assign(participant_id="sub-" + table[id_column].map(non_bids_label))
-        check_unique(table["participant_id"], path, "participant")
-        joined, report = join_table(samples, table, ["participant_id"], lambda r: f"id not listed in {path.name}", str(path))
-        joined, bad = check_targets(joined, target, task)
-        return joined, [report, bad], table["participant_id"], non_bids["table"]
-    if target_source == "participants":
-        participants = read_participants(bids_dir)
-        if target not in participants.columns:
-            raise missing_column_error(target, bids_dir / "participants.tsv", participants.columns)
-        joined, report = join_table(samples, participants.reset_index(), ["participant_id"],
-                                    lambda r: "participant not listed in participants.tsv", str(bids_dir / "participants.tsv"))
-        joined, bad = check_targets(joined, target, task)
-        return joined, [report, bad], participants.index.to_series(), "participants.tsv"
-    # target_source == "sessions": per-session values, participants.tsv (optional) adds its columns
-    sessions, absent = read_sessions(bids_dir, sorted(samples["participant_id"].unique()))
+        table = non_bids_table(bids_dir, non_bids, target)
+    elif target_source == "participants":
+        table = participants_table(bids_dir, target)
+    else:
+        table = sessions_table(bids_dir, sorted(samples["participant_id"].unique()), target)
+    joined, report = join_table(samples, table.rows, table.on, table.absent, table.where)
+    joined, bad = check_targets(joined, target, task)
+    return joined, [report, bad], table.participants, table.source
+
+
+def participants_table(bids_dir: Path, target: str) -> TargetTable:
+    """participants.tsv, joined by participant id."""
+    participants = read_participants(bids_dir)
+    if target not in participants.columns:
+        raise missing_column_error(target, bids_dir / "participants.tsv", participants.columns)
+    return TargetTable(participants.reset_index(), ["participant_id"], lambda row: "participant not listed in participants.tsv",
+                       str(bids_dir / "participants.tsv"), participants.index.to_series(), "participants.tsv")
+
+
+def sessions_table(bids_dir: Path, participant_ids: list[str], target: str) -> TargetTable:
+    """The participants' sessions.tsv files joined by participant and session; participants.tsv
+    (optional) adds its other columns."""
+    sessions, absent = read_sessions(bids_dir, participant_ids)
     if sessions.empty:
         raise InputError(f"No sub-*/sub-*_sessions.tsv found in {bids_dir} for the selected participants; "
                          "target_source: sessions needs them.")
+    where = str(bids_dir / "sub-*/sub-*_sessions.tsv")
     if target not in sessions.columns:
-        raise missing_column_error(target, bids_dir / "sub-*/sub-*_sessions.tsv", [c for c in sessions.columns
-                                                                                 if c not in ("participant_id", "session")])
-    participant_ids = None
+        raise missing_column_error(target, where, [c for c in sessions.columns if c not in ("participant_id", "session")])
+    listed = None
     if (bids_dir / "participants.tsv").exists():
         participants = read_participants(bids_dir)
-        participant_ids = participants.index.to_series()
+        listed = participants.index.to_series()
         extra = participants[[c for c in participants.columns if c not in sessions.columns]].reset_index()
         sessions = sessions.merge(extra, on="participant_id", how="left").fillna("")
 
@@ -538,10 +553,24 @@ def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, 
             return "image has no session, so it has no row in a sessions.tsv (target_source: sessions)"
         return f"session {row['session']} not listed in {pid}/{pid}_sessions.tsv"
 
-    joined, report = join_table(samples, sessions, ["participant_id", "session"], absent_reason,
-                                str(bids_dir / "sub-*/sub-*_sessions.tsv"))
-    joined, bad = check_targets(joined, target, task)
-    return joined, [report, bad], participant_ids, "sessions.tsv"
+    return TargetTable(sessions, ["participant_id", "session"], absent_reason, where, listed, "sessions.tsv")
+
+
+def non_bids_table(root: Path, non_bids: dict, target: str) -> TargetTable:
+    """The non-BIDS table, its ids made participant ids as the file names' ids are (``non_bids_label``)."""
+    path = Path(non_bids["table"])
+    path = path if path.is_absolute() else root / path
+    if not path.exists():
+        raise InputError(f"non_bids.table {path} does not exist (relative paths start at bids_dir).")
+    table, id_column = read_table(path), non_bids["id_column"]
+    if id_column not in table.columns:
+        raise InputError(f"{path} has no id column {id_column!r} (non_bids.id_column); columns: {', '.join(table.columns)}.")
+    if target not in table.columns:
+        raise missing_column_error(target, path, table.columns)
+    table = table.assign(participant_id="sub-" + table[id_column].map(non_bids_label))
+    check_unique(table["participant_id"], path, "participant")
+    return TargetTable(table, ["participant_id"], lambda row: f"id not listed in {path.name}", str(path),
+                       table["participant_id"], non_bids["table"])
 
 
 def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> pd.DataFrame:
