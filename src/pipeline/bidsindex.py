@@ -124,7 +124,8 @@ def unchanged(root: Path, cached: dict) -> bool:
     A folder's mtime changes whenever an entry is added, removed or renamed in it, and the index
     depends on names only (a file rewritten in place is caught by the header checks' own cache).
     Folders modified within ``RACY_NS`` of the scan are not trusted (timestamps are coarse), so
-    the next run scans again.
+    the next run scans again. (A network file system whose server clock lags this machine's by
+    more than that could hide a change made right after a scan: delete the cache folder then.)
     """
     trusted = cached["scanned_at"] - RACY_NS
     base = os.fspath(root) + "/"
