@@ -45,3 +45,40 @@ def small_bids(tmp_path):
     ]
     images = {"sub-01": [""], "sub-02": [""], "sub-03": ["ses-01", "ses-02"], "sub-04": [""]}
     return write_bids(tmp_path / "bids", participants, images)
+
+
+def tiny_nifti(path: Path, shape=(2, 2, 2), seed=0, affine=None) -> Path:
+    """A small real NIfTI with random (non-constant, finite) data and 2 mm voxels."""
+    data = np.random.default_rng(seed).normal(100, 10, shape).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
+    return path
+
+
+def write_tree(root: Path, files, real=(), participants: str | None = None, description: bool = True) -> Path:
+    """A dataset of zero-byte ``files`` (relative paths); those in ``real`` get a tiny real NIfTI.
+
+    ``participants`` is the text of participants.tsv (none when None).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if description:
+        (root / "dataset_description.json").write_text(json.dumps({"Name": root.name, "BIDSVersion": "1.9.0"}))
+    if participants is not None:
+        (root / "participants.tsv").write_text(participants)
+    real = set(real)
+    for i, rel in enumerate(sorted(set(files) | real)):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel in real:
+            tiny_nifti(path, seed=i)
+        else:
+            path.touch()
+    return root
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha1 of every file under ``root`` (with its size and mtime), by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(root)): f"{hashlib.sha1(p.read_bytes()).hexdigest()} {p.stat().st_mtime_ns}"
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -38,6 +38,27 @@ def source(*modules):
     return [str(SRC / f"{m}.py") for m in modules]
 
 
+def ingest_tables(wildcards):
+    """The tables ingest reads (participants.tsv or the non-BIDS table; sessions.tsv files with
+    target_source: sessions): editing one reruns ingestion. Absent ones are left to ingest's error."""
+    root, non_bids = Path(BIDS), config["non_bids"]
+    if non_bids:
+        tables = [root / non_bids["table"]]  # an absolute table path replaces root
+    else:
+        tables = [root / "participants.tsv"]
+        if config["target_source"] == "sessions":
+            tables += sorted(root.glob("sub-*/sub-*_sessions.tsv"))
+    return [str(t) for t in tables if t.exists()]
+
+
+def ingest_fingerprint():
+    """Listing fingerprint of the dataset (and of the label image's derivatives folder)."""
+    roots = [Path(BIDS)]
+    if config["label_image"]:
+        roots.append(Path(BIDS) / config["label_image"]["derivatives"])
+    return ":".join(tree_fingerprint(r, mtimes=False) if r.is_dir() else "" for r in roots)
+
+
 @functools.lru_cache
 def _read_manifest(path, mtime):
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).set_index("image_id", drop=False)

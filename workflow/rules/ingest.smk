@@ -1,20 +1,30 @@
 checkpoint ingest:
     input:
-        participants=f"{BIDS}/participants.tsv",
-        code=source("ingest"),
+        tables=ingest_tables,
+        code=source("ingest", "bidsindex", "imagecheck", "fingerprint"),
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
+        targets=f"{RESULTS}/targets.json",
     params:
-        bids_dir=lambda w, input: str(Path(input.participants).parent),
+        bids_dir=BIDS,
         target=config["target"],
         task=config["task"],
         filters=json.dumps(config["bids_filters"]),
+        channels=json.dumps(config["channels"]),
+        sessions=config["sessions"],
+        runs=config["runs"],
+        target_source=config["target_source"],
+        label_image=json.dumps(config["label_image"]),
+        non_bids=json.dumps(config["non_bids"]),
+        check_data="--check-data" if config["check_data"] else "--no-check-data",
         include=config["participants"]["include"],
         exclude=config["participants"]["exclude"],
-        database=lambda w, output: str(Path(output.manifest).parent / "bids_db"),
+        # Not an output: Snakemake would delete it before each run. Index and header checks are
+        # reused from here while the files they describe are unchanged.
+        cache=f"{RESULTS}/ingest_cache",
         # Adding, removing or resizing a file of the dataset reruns ingestion (touching does not).
-        files=tree_fingerprint(BIDS, mtimes=False) if Path(BIDS).is_dir() else "",
+        files=ingest_fingerprint(),
     log:
         f"{RESULTS}/logs/ingest.log",
     benchmark:
@@ -27,6 +37,8 @@ checkpoint ingest:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.ingest {params.bids_dir:q} --target {params.target:q} --task {params.task}"
-        " --filters {params.filters:q} --include {params.include:q} --exclude {params.exclude:q}"
-        " --database-dir {params.database:q} --manifest {output.manifest:q} --report {output.report:q}"
-        " > {log:q} 2>&1"
+        " --filters {params.filters:q} --channels {params.channels:q} --sessions {params.sessions:q}"
+        " --runs {params.runs:q} --target-source {params.target_source} --label-image {params.label_image:q}"
+        " --non-bids {params.non_bids:q} {params.check_data} --include {params.include:q}"
+        " --exclude {params.exclude:q} --cache-dir {params.cache:q} --manifest {output.manifest:q}"
+        " --report {output.report:q} --targets {output.targets:q} > {log:q} 2>&1"

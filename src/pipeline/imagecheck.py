@@ -1,0 +1,141 @@
+"""Checks that a NIfTI file is one usable 3D image: its header always, its data on request.
+
+Each check returns ``""`` for a usable file or a one-line reason for the ingest report. Results
+are cached per file path, size and mtime, so a rerun reads only new or changed files.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.bidsindex import read_pickle, write_pickle
+from pipeline.fingerprint import MISSING, file_stamp
+
+HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
+CACHE_VERSION = 1
+
+
+def read_prefix(path: str, n: int) -> bytes:
+    """Up to ``n`` bytes of the file's content, decompressed when the name ends in ``.gz``.
+
+    Raises ValueError when a ``.gz`` file is not gzip data, EOFError when its stream is cut short.
+    """
+    with open(path, "rb") as f:
+        start = f.read(max(n, 4096))
+    if not path.endswith(".gz"):
+        return start[:n]
+    if not start.startswith(b"\x1f\x8b"):
+        raise ValueError(f"named .gz but not gzip-compressed (it starts with {start[:16]!r})")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    out = inflater.decompress(start, n)
+    if len(out) < n and not inflater.eof:  # more compressed bytes needed (or a cut-off stream)
+        with gzip.open(path, "rb") as f:
+            out = f.read(n)
+    return out
+
+
+def read_header(path: str) -> nib.Nifti1Header:
+    """The NIfTI-1 or NIfTI-2 header of ``path`` (ValueError with the reason when it is not one).
+
+    Only the fixed-size header is parsed; extensions (AFNI, DICOM, JSON …) are not read.
+    """
+    raw = read_prefix(path, HEADER_BYTES)
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        for order, endianness in (("little", "<"), ("big", ">")):
+            if len(raw) >= 4 and int.from_bytes(raw[:4], order) == klass.sizeof_hdr:
+                if len(raw) < klass.sizeof_hdr:
+                    raise ValueError(f"truncated NIfTI header ({len(raw)} of {klass.sizeof_hdr} bytes)")
+                header = klass(raw[: klass.sizeof_hdr], endianness, check=False)
+                if header["magic"].item() not in (b"n+1", b"n+2"):
+                    raise ValueError(f"not a single-file NIfTI (magic {header['magic'].item()!r})")
+                return header
+    raise ValueError(f"not a NIfTI file (it starts with {raw[:16]!r})")
+
+
+def header_problem(path: str, size: int | None = None) -> str:
+    """Why the file's header rules it out as one 3D image (``""`` when it is usable).
+
+    Catches: a missing or zero-byte file, text or other data under a NIfTI name, a truncated
+    header or (uncompressed) truncated data, a 4D or 2D image, a zero dimension and a singular
+    or non-finite affine. Only the header is read.
+    """
+    if size is None:
+        size = file_stamp(path)[0]
+    if size == MISSING:
+        return "file content is missing (broken symlink; with git-annex or DataLad, `datalad get` it first)"
+    if size == 0:
+        return "zero-byte file"
+    try:
+        header = read_header(path)
+        shape = header.get_data_shape()
+        dtype = header.get_data_dtype()
+        affine = header.get_best_affine()
+    except (OSError, EOFError, zlib.error, ValueError, nib.spatialimages.HeaderDataError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, (gzip.BadGzipFile, zlib.error, EOFError)):
+            reason = f"truncated or corrupt gzip stream ({reason})"
+        return f"unreadable NIfTI: {reason}"
+    if len(shape) == 4 and shape[3] > 1 or len(shape) > 4:
+        return f"{len(shape)}D image (shape {tuple(shape)}); expected one 3D volume"
+    if len(shape) < 3:
+        return f"{len(shape)}D image (shape {tuple(shape)}); expected a 3D volume"
+    if min(shape) == 0:
+        return f"empty image (shape {tuple(shape)})"
+    if not np.isfinite(affine).all():
+        return "non-finite values in the affine (sform/qform)"
+    if abs(det3(affine[:3, :3].tolist())) < 1e-6:
+        return "singular affine (zero voxel size or degenerate orientation in sform/qform)"
+    if not path.endswith(".gz"):
+        needed = int(header["vox_offset"]) + int(np.prod(shape)) * dtype.itemsize
+        if size < needed:
+            return f"truncated NIfTI: the header describes {needed} bytes, the file has {size}"
+    return ""
+
+
+def det3(m: list[list[float]]) -> float:
+    """Determinant of a 3×3 matrix (a tenth of np.linalg.det's time, which counts for 10⁴ headers)."""
+    (a, b, c), (d, e, f), (g, h, i) = m
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+
+
+def data_problem(path: str) -> str:
+    """Why the image's data rules it out (``""`` when usable): unreadable, NaN/Inf, or constant."""
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as exc:  # nibabel and gzip raise many types for damaged files
+        return f"unreadable image data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if not np.isfinite(data).all():
+        return "image data contain NaN or infinite values"
+    if data.size and np.ptp(data) == 0:
+        return f"image is constant (every voxel is {data.flat[0]})"
+    return ""
+
+
+def image_problems(paths: list[str], check_data: bool, cache_dir: Path | None = None) -> dict[str, str]:
+    """``{path: reason}`` for every path (reason ``""`` when usable): the header check, then the
+    data check when ``check_data``. Results are reused from ``cache_dir`` for unchanged files."""
+    cache_path = Path(cache_dir) / "checks.pkl" if cache_dir is not None else None
+    cached = (read_pickle(cache_path) if cache_path else None) or {}
+    if cached.get("version") != CACHE_VERSION:
+        cached = {"version": CACHE_VERSION, "files": {}}
+    known, changed = cached["files"], False
+    problems = {}
+    for path in dict.fromkeys(paths):
+        stamp = file_stamp(path)
+        entry = known.get(path)
+        if entry is None or entry[0] != stamp:
+            entry = known[path] = (stamp, header_problem(path, stamp[0]), None)
+            changed = True
+        if check_data and not entry[1] and entry[2] is None:
+            entry = known[path] = (stamp, entry[1], data_problem(path))
+            changed = True
+        problems[path] = entry[1] or (entry[2] or "" if check_data else "")
+    if cache_path is not None and changed:
+        write_pickle(cache_path, cached)
+    return problems
+
