@@ -23,7 +23,7 @@ RESULTS = config["results_dir"]
 BIDS = config["bids_dir"]
 PREPROC = f"{RESULTS}/derivatives/pipeline"
 GRID = f"{RESULTS}/grid"
-CHANNELS = list(config.get("channels") or {"T1w": {}})
+CHANNELS = list(config["channels"])  # the first is the reference (registration, native space)
 FOLDS = [f"fold-{k}" for k in range(1, config["split"]["folds"] + 1)]
 
 
