@@ -21,6 +21,11 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
 from pipeline.fingerprint import tree_fingerprint
+from pipeline.snakemake_compat import fix_group_components
+
+# Cluster profiles batch preprocessing with --group-components; Snakemake 9 needs a fix for that
+# in a workflow with a checkpoint (see pipeline/snakemake_compat.py).
+fix_group_components()
 
 
 def source(*modules):
