@@ -5,13 +5,10 @@ Needs a running cluster whose configuration the SLURM commands find (as root on 
 PIPELINE_REQUIRE_SLURM is set. A tiny cohort
 (10 subjects, 8 mm grid, 2 epochs) runs end to end as SLURM jobs. Checked: every job of the study
 ran under SLURM (its job id in the executor's per-job log and, completed, in the cluster's
-job-completion log) with the resources its rule declares; preprocessing ran in batches; and the
-results equal a local run's.
-
-Registration (ANTs) is not bit-reproducible even between two local runs, so "equal to a local
-run" is checked stage by stage from the same inputs: ingestion and the template grid against an
-independent local run; splitting, training, evaluation and explanation maps by rerunning them
-locally on the SLURM run's preprocessed images.
+job-completion log) with the resources its rule declares; preprocessing ran in batches; and every
+result (preprocessed arrays, transforms, splits, weights, predictions, metrics, maps) equals, byte
+for byte or value for value, an independent local run of the same study (registration runs one
+ITK thread with a fixed seed, training and explanation the same thread count in both runs).
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ CONFIG = {
     "target": "age",
     "task": "regression",
     "preprocess": {"resolution": 8, "shape": [20, 24, 20]},
-    "split": {"test": 0.2, "val": 0.2, "seed": 0},
+    "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 2, "batch_size": 4},
     "explain": {"window": 4, "stride": 4},
 }
@@ -55,9 +52,11 @@ CONFIG = {
 # both runs give train/explain the same 2 threads. Status checks start after 2 s instead of 40.
 SLURM_ARGS = ["--cores", "2", "--group-components", f"preprocess={BATCH}",
               "--slurm-init-seconds-before-status-checks", "2"]
-SINGLE_JOBS = {"ingest": (1, 2000), "grid": (1, 2000), "split": (1, 1000), "train": (2, 8000),
-               "evaluate": (1, 4000), "explain": (2, 8000), "report": (1, 2000)}  # rule: (cpus, mem_mb)
-DOWNSTREAM = ["splits.tsv", "train", "evaluate", "explain", "report.html"]
+FOLDS = ["fold-1", "fold-2"]
+# rule: (SLURM jobs, cpus, mem_mb) of every rule but preprocess
+RULE_JOBS = {"ingest": (1, 1, 2000), "grid": (1, 1, 2000), "split": (1, 1, 1000), "train": (2, 2, 8000),
+             "evaluate": (2, 1, 4000), "evaluate_folds": (1, 1, 2000), "explain": (2, 2, 8000),
+             "explain_folds": (1, 1, 2000), "report": (1, 1, 2000)}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -125,7 +124,22 @@ def cohort(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def slurm_study(tmp_path_factory, cohort) -> Study:
+def local_process(tmp_path_factory, cohort) -> tuple[Path, subprocess.Popen, float]:
+    """The same study from scratch on this machine, without SLURM, started in the background: it
+    runs while the SLURM run mostly waits for the scheduler."""
+    workdir = tmp_path_factory.mktemp("local")
+    write_config(workdir, cohort)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = ["timeout", "--kill-after=30", str(TIMEOUT), sys.executable, "-m", "snakemake",
+           "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2"]  # the SLURM jobs' threads
+    process = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    yield workdir, process, time.monotonic()
+    if process.poll() is None:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def slurm_study(tmp_path_factory, cohort, local_process) -> Study:
     workdir = tmp_path_factory.mktemp("slurm")
     write_config(workdir, cohort)
     start = time.monotonic()
@@ -153,39 +167,23 @@ def slurm_jobs(slurm_study) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def local_rerun(tmp_path_factory, slurm_study) -> Study:
-    """A copy of the SLURM study with splitting and everything after it redone locally."""
-    workdir = tmp_path_factory.mktemp("local") / "study"
-    shutil.copytree(slurm_study.workdir, workdir, symlinks=True)  # keeps modification times
-    for name in DOWNSTREAM:
-        path = workdir / "results" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    start = time.monotonic()
-    run = snakemake(workdir, "--cores", "2")
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
-    return Study(workdir, run.stdout + run.stderr, time.monotonic() - start)
-
-
-@pytest.fixture(scope="module")
-def local_ingest(tmp_path_factory, cohort) -> Path:
-    """Ingestion and the template grid, run locally from scratch."""
-    workdir = tmp_path_factory.mktemp("ingest")
-    write_config(workdir, cohort)
-    grid = [f"results/grid/tpl-MNI152NLin2009aSym_res-8_{name}.nii.gz" for name in ("T1w", "desc-brain_mask")]
-    run = snakemake(workdir, "--cores", "2", "results/manifest.tsv", *grid)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
-    return workdir / "results"
+def local_study(local_process) -> Study:
+    workdir, process, start = local_process
+    log, _ = process.communicate(timeout=TIMEOUT + 60)
+    assert process.returncode == 0, log[-5000:]
+    return Study(workdir, log, time.monotonic() - start)
 
 
 def test_every_job_ran_under_slurm_with_its_rules_resources(slurm_study, slurm_jobs):
     images = len(pd.read_csv(slurm_study.results / "manifest.tsv", sep="\t"))
     folders = sorted(folder for folder, _ in slurm_jobs.values())
-    assert folders == sorted([f"rule_{rule}" for rule in SINGLE_JOBS] + ["group_preprocess_preprocess"] * math.ceil(images / BATCH))
+    expected = [f"rule_{rule}" for rule, (n, _, _) in RULE_JOBS.items() for _ in range(n)]
+    assert folders == sorted(expected + ["group_preprocess_preprocess"] * math.ceil(images / BATCH))
     for job, (folder, record) in slurm_jobs.items():
         assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", record
         assert f"submitted with SLURM jobid {job} " in slurm_study.log
         if folder.startswith("rule_"):
-            assert tres(record) == SINGLE_JOBS[folder.removeprefix("rule_")], (folder, record["Tres"])
+            assert tres(record) == RULE_JOBS[folder.removeprefix("rule_")][1:], (folder, record["Tres"])
     assert (slurm_study.results / "report.html").exists()
 
 
@@ -205,26 +203,29 @@ def test_preprocessing_ran_in_batches_of_images(slurm_study, slurm_jobs):
                 / f"{row.image_id}_space-MNI152NLin2009aSym_desc-preproc_T1w.npy").exists()
 
 
-def test_ingestion_and_grid_equal_a_local_run(slurm_study, local_ingest):
-    for name in ["manifest.tsv", "ingest_report.tsv", *(f"grid/{p.name}" for p in (local_ingest / "grid").iterdir())]:
-        assert (slurm_study.results / name).read_bytes() == (local_ingest / name).read_bytes(), name
-
-
-def test_training_evaluation_and_maps_equal_a_local_run(slurm_study, local_rerun):
-    print(f"local rerun of split → report: {local_rerun.seconds:.0f} s")
-    assert "preprocess" not in re.findall(r"^rule (\w+):", local_rerun.log, re.M)
-    slurm, local = slurm_study.results, local_rerun.results
-    for name in ["splits.tsv", "evaluate/predictions.tsv", "evaluate/metrics.json", "train/hyperparameters.json",
-                 "explain/maps.tsv"]:
+def test_results_equal_a_local_run(slurm_study, local_study):
+    print(f"SLURM run {slurm_study.seconds:.0f} s, local run {local_study.seconds:.0f} s")
+    slurm, local = slurm_study.results, local_study.results
+    exact = ["manifest.tsv", "ingest_report.tsv", "targets.json", "splits.tsv", "split_balance.tsv",
+             "evaluate/metrics.tsv", "evaluate/predictions.tsv", "evaluate/metrics.json"]
+    for fold in FOLDS:
+        exact += [f"evaluate/{fold}/predictions.tsv", f"evaluate/{fold}/metrics.json",
+                  f"train/{fold}/hyperparameters.json", f"explain/{fold}/maps.tsv"]
+    derived = sorted(p.relative_to(slurm) for p in (slurm / "derivatives").rglob("*") if p.suffix in (".npy", ".mat"))
+    assert len(derived) >= 3 * 10 and derived == sorted(
+        p.relative_to(local) for p in (local / "derivatives").rglob("*") if p.suffix in (".npy", ".mat"))
+    for name in [*exact, *derived, *(p.relative_to(slurm) for p in (slurm / "grid").iterdir())]:
         assert (slurm / name).read_bytes() == (local / name).read_bytes(), name
-    history = [pd.read_csv(r / "train" / "history.tsv", sep="\t").drop(columns="seconds") for r in (slurm, local)]
-    pd.testing.assert_frame_equal(*history, check_exact=True)
-    weights = [torch.load(r / "train" / "model.pt", map_location="cpu", weights_only=False) for r in (slurm, local)]
-    states = [w["state_dict"] if isinstance(w, dict) and "state_dict" in w else w for w in weights]
-    assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for fold in FOLDS:
+        history = [pd.read_csv(r / "train" / fold / "history.tsv", sep="\t").drop(columns="seconds")
+                   for r in (slurm, local)]
+        pd.testing.assert_frame_equal(*history, check_exact=True)
+        states = [torch.load(r / "train" / fold / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+                  for r in (slurm, local)]
+        assert states[0].keys() == states[1].keys()
+        assert all(torch.equal(states[0][k], states[1][k]) for k in states[0]), fold
     maps = sorted(p.relative_to(slurm) for p in (slurm / "explain").rglob("*.nii.gz"))
-    assert len(maps) >= 6 and maps == sorted(p.relative_to(local) for p in (local / "explain").rglob("*.nii.gz"))
+    assert len(maps) >= 12 and maps == sorted(p.relative_to(local) for p in (local / "explain").rglob("*.nii.gz"))
     for name in maps:
         a, b = nib.load(slurm / name), nib.load(local / name)
         assert np.array_equal(a.affine, b.affine) and np.array_equal(a.get_fdata(), b.get_fdata()), name
