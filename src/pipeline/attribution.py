@@ -32,6 +32,7 @@ class Settings:
     smoothgrad_samples: int = 16
     smoothgrad_noise: float = 0.3
     ig_steps: int = 32
+    ig_baseline: str | float = "train_mean"
     gradcam_layer: str = "features.2"
     seed: int = 0
 
@@ -92,14 +93,21 @@ def smoothgrad(model, x: torch.Tensor, target: int, samples: int, noise: float, 
     return grads[0].sum(0).detach().numpy()
 
 
-def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseline: float = 0.0
+def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseline: float | torch.Tensor = 0.0
                          ) -> tuple[np.ndarray, float]:
-    """Integrated Gradients from a constant ``baseline`` image (captum, Gauss-Legendre, ``steps``),
-    and the completeness error |sum(attribution) - (f(x) - f(baseline))| relative to |f(x) - f(baseline)|."""
+    """Integrated Gradients from ``baseline`` (a constant or a (1, C, X, Y, Z) image; captum,
+    Gauss-Legendre, ``steps``), and the completeness error |sum(attribution) - (f(x) - f(baseline))|
+    relative to |f(x) - f(baseline)|.
+
+    With per-image normalisation (instance norm) a network barely changes along the path from a
+    constant 0 (a scaled image normalises to the same features), so the constant baseline gives
+    meaningless attributions and a large completeness error: use an image, e.g. the training mean.
+    """
     attribution, delta = IntegratedGradients(model).attribute(
         x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=8, return_convergence_delta=True)
+    reference = baseline if torch.is_tensor(baseline) else torch.full_like(x, baseline)
     with torch.no_grad():
-        change = float(model(x)[0, target] - model(torch.full_like(x, baseline))[0, target])
+        change = float(model(x)[0, target] - model(reference)[0, target])
     return attribution[0].sum(0).detach().numpy(), abs(float(delta)) / max(abs(change), 1e-12)
 
 
@@ -116,8 +124,10 @@ def gradcam(model, x: torch.Tensor, target: int, layer: str) -> np.ndarray:
     return upsampled[0].sum(0).detach().numpy()
 
 
-def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings) -> tuple[dict[str, np.ndarray], dict]:
-    """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness error)."""
+def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
+              ig_baseline: torch.Tensor | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness
+    error). ``ig_baseline`` is IG's baseline image when ``settings.ig_baseline`` is ``train_mean``."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"Unknown explanation method(s) {unknown} in `explain.methods`; choose from {list(METHODS)}.")
@@ -131,8 +141,11 @@ def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings) 
             maps[method] = smoothgrad(model, x, target, settings.smoothgrad_samples, settings.smoothgrad_noise,
                                       settings.seed)
         elif method == "integrated_gradients":
+            baseline = ig_baseline if settings.ig_baseline == "train_mean" else float(settings.ig_baseline)
+            if baseline is None:
+                raise InputError("Integrated gradients from the training mean need that mean image.")
             maps[method], diagnostics["completeness_error"] = integrated_gradients(
-                model, x, target, settings.ig_steps, settings.baseline)
+                model, x, target, settings.ig_steps, baseline)
         else:
             maps[method] = gradcam(model, x, target, settings.gradcam_layer)
     return {m: a.astype(np.float32) for m, a in maps.items()}, diagnostics

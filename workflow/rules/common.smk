@@ -1,5 +1,6 @@
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
