@@ -98,6 +98,8 @@ def test_gradcam_equals_captum_and_names_the_layers_when_wrong():
     theirs = LayerAttribution.interpolate(cam, (16, 16, 16), interpolate_mode="trilinear")
     assert ours.shape == (16, 16, 16)
     torch.testing.assert_close(torch.from_numpy(ours), theirs[0, 0])
+    signed = attribution.gradcam(model, x, 0, "features.1", relu=False)  # regression: both directions
+    assert (ours >= 0).all() and (signed < 0).any()
     with pytest.raises(InputError, match="features.0"):
         attribution.gradcam(model, x, 0, "classifier.9")
 

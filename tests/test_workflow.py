@@ -105,7 +105,9 @@ def test_every_stage_wrote_its_outputs(study):
         history = pd.read_csv(results / "train" / fold / "history.tsv", sep="\t")
         assert {"train_loss", "val_loss", "val_mae"} <= set(history.columns) and history["train_mae"].notna().all()
         predictions = pd.read_csv(results / "evaluate" / fold / "predictions.tsv", sep="\t")
-        assert set(predictions["image_id"]) == test_images
+        assert set(predictions.loc[predictions["split"] == "test", "image_id"]) == test_images
+        assert set(predictions.loc[predictions["split"] == "val", "image_id"]) == set(
+            splits.loc[splits[fold] == "val", "image_id"])
         assert set(pd.read_csv(results / "explain" / fold / "maps.tsv", sep="\t")["image_id"]) == test_images
     ensemble = pd.read_csv(results / "evaluate" / "predictions.tsv", sep="\t")
     assert set(ensemble["image_id"]) == test_images

@@ -111,23 +111,28 @@ def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseli
     return attribution[0].sum(0).detach().numpy(), abs(float(delta)) / max(abs(change), 1e-12)
 
 
-def gradcam(model, x: torch.Tensor, target: int, layer: str) -> np.ndarray:
-    """Grad-CAM on the module named ``layer`` (ReLU of the gradient-weighted activations), upsampled
-    trilinearly to the input grid (captum ``LayerGradCam`` + ``LayerAttribution.interpolate``)."""
+def gradcam(model, x: torch.Tensor, target: int, layer: str, relu: bool = True) -> np.ndarray:
+    """Grad-CAM on the module named ``layer``: the gradient-weighted activations, upsampled
+    trilinearly to the input grid (captum ``LayerGradCam`` + ``LayerAttribution.interpolate``).
+
+    ``relu`` keeps only what raises the output (Grad-CAM's definition, for a class score); for a
+    regression output, where lowering the prediction matters as much, pass False (signed map).
+    """
     modules = dict(model.named_modules())
     if layer not in modules:
         convolutional = [n for n, m in modules.items() if n and isinstance(m, (torch.nn.Sequential, torch.nn.Conv3d))]
         raise InputError(f"The model has no layer {layer!r} for Grad-CAM (`explain.gradcam_layer`); "
                          f"candidates: {', '.join(convolutional)}.")
-    cam = LayerGradCam(model, modules[layer]).attribute(x, target=target, relu_attributions=True)
+    cam = LayerGradCam(model, modules[layer]).attribute(x, target=target, relu_attributions=relu)
     upsampled = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="trilinear")
     return upsampled[0].sum(0).detach().numpy()
 
 
 def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
-              ig_baseline: torch.Tensor | None = None) -> tuple[dict[str, np.ndarray], dict]:
+              ig_baseline: torch.Tensor | None = None, classification: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness
-    error). ``ig_baseline`` is IG's baseline image when ``settings.ig_baseline`` is ``train_mean``."""
+    error). ``ig_baseline`` is IG's baseline image when ``settings.ig_baseline`` is ``train_mean``;
+    Grad-CAM keeps its ReLU for ``classification`` only."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"Unknown explanation method(s) {unknown} in `explain.methods`; choose from {list(METHODS)}.")
@@ -147,5 +152,5 @@ def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
             maps[method], diagnostics["completeness_error"] = integrated_gradients(
                 model, x, target, settings.ig_steps, baseline)
         else:
-            maps[method] = gradcam(model, x, target, settings.gradcam_layer)
+            maps[method] = gradcam(model, x, target, settings.gradcam_layer, relu=classification)
     return {m: a.astype(np.float32) for m, a in maps.items()}, diagnostics

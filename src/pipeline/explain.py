@@ -75,7 +75,8 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     for i, row in enumerate(test.itertuples(index=False), 1):
         x = load_batch([row.array])
         target = target_index(model, x, coder, target_class)
-        maps, diagnostics = attribute(model, x, target, methods, settings, train_mean[None])
+        maps, diagnostics = attribute(model, x, target, methods, settings, train_mean[None],
+                                      classification=coder.task == "classification")
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
         for method, data in maps.items():
             paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
