@@ -103,7 +103,12 @@ def test_build_sampler_from_config():
     assert (s.kind, s.axis, s.per_image, s.batch_size, s.spatial_dims) == ("slices", 0, 3, 16, 2)
     p = build_sampler({"kind": "patches", "size": [8, 8, 8]})
     assert p.size == (8, 8, 8) and p.per_image == 8 and p.spatial_dims == 3
+    defaults = {"axis": 2, "per_image": 8, "size": [32, 32, 32], "batch_size": None}  # what the schema fills in
+    assert build_sampler({"kind": "image", **defaults}) == build_sampler({})
+    assert build_sampler({"kind": "slices", **defaults}).axis == 2
     with pytest.raises(ValueError, match="patches"):
         build_sampler({"kind": "blocks"})
+    with pytest.raises(ValueError, match="stride"):
+        build_sampler({"kind": "patches", "stride": 4})
     with pytest.raises(ValueError, match="larger than the image"):
         list(p.sub_batches(torch.zeros(2, 1, 4, 4, 4), torch.zeros(2), torch.Generator()))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -78,10 +82,76 @@ class TargetCoder:
         return {"task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
 
 
-def load_batch(paths: list[str]) -> torch.Tensor:
-    """(B, C, X, Y, Z) float32 batch from memory-mapped (C, X, Y, Z) ``.npy`` arrays."""
+def open_array(path: str) -> np.ndarray:
+    """A preprocessed (C, X, Y, Z) ``.npy`` array, memory-mapped read-only (nothing read yet)."""
     try:
-        arrays = [np.load(p, mmap_mode="r") for p in paths]
+        return np.load(path, mmap_mode="r")
     except FileNotFoundError as exc:
         raise InputError(f"Preprocessed array missing: {exc.filename}; rerun preprocessing.") from exc
-    return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+    except ValueError as exc:
+        raise InputError(f"Unreadable preprocessed array {path}: {exc}; rerun preprocessing.") from exc
+
+
+def load_batch(paths: list[str]) -> torch.Tensor:
+    """(B, C, X, Y, Z) float32 batch from memory-mapped (C, X, Y, Z) ``.npy`` arrays."""
+    return torch.from_numpy(np.stack([open_array(p) for p in paths]).astype(np.float32, copy=False))
+
+
+class ArrayLoader:
+    """Batches of the preprocessed arrays, read ahead in background threads.
+
+    Each (C, X, Y, Z) float32 ``.npy`` file is memory-mapped once; a batch is one copy from the
+    page cache into a (B, C, X, Y, Z) tensor (pinned when ``pin_memory``, for asynchronous copies
+    to a GPU). ``batches(index_lists)`` keeps ``prefetch`` batches in flight on ``workers``
+    threads while the caller trains on the current one; ``wait_seconds`` adds up the time the
+    caller was blocked waiting for data. ``labels``: optional label-image arrays, read alongside.
+    """
+
+    def __init__(self, paths: list[str], labels: list[str] | None = None, prefetch: int = 2, workers: int = 1,
+                 pin_memory: bool = False):
+        self.paths, self.labels = list(paths), labels
+        self.prefetch, self.pin_memory = max(1, prefetch), pin_memory
+        self.arrays = [open_array(p) for p in self.paths]
+        self.label_arrays = [open_array(p) for p in labels] if labels else None
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="loader")
+        self.wait_seconds = 0.0
+
+    def read(self, index: Iterable[int], arrays: list[np.ndarray] | None = None) -> torch.Tensor:
+        """The arrays at ``index`` stacked into one (B, C, X, Y, Z) tensor."""
+        arrays = self.arrays if arrays is None else arrays
+        index = list(index)
+        first = arrays[index[0]]
+        dtype = torch.float32 if arrays is self.arrays else torch.from_numpy(np.empty(0, first.dtype)).dtype
+        out = torch.empty((len(index), *first.shape), dtype=dtype, pin_memory=self.pin_memory)
+        target = out.numpy()
+        for i, k in enumerate(index):
+            if arrays[k].shape != first.shape:
+                raise InputError(f"{self.paths[k]} has shape {arrays[k].shape}, not {first.shape} like the others; "
+                                 "rerun preprocessing.")
+            np.copyto(target[i], arrays[k], casting="same_kind")
+        return out
+
+    def read_batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        labels = self.read(index, self.label_arrays) if self.label_arrays else None
+        return self.read(index), labels
+
+    def batches(self, index_lists: Iterable[list[int]]) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+        """(index, images, label images or None) per index list, in order, read ahead."""
+        pending: deque = deque()
+        todo = iter(index_lists)
+        for index in todo:
+            pending.append((index, self.pool.submit(self.read_batch, list(index))))
+            if len(pending) >= self.prefetch:
+                break
+        while pending:
+            index, future = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, self.pool.submit(self.read_batch, list(nxt))))
+            start = time.perf_counter()
+            images, labels = future.result()
+            self.wait_seconds += time.perf_counter() - start
+            yield index, images, labels
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)

@@ -28,7 +28,9 @@ from pipeline.train import load_model
 
 @torch.no_grad()
 def predict(model, coder, table: pd.DataFrame, target: str, batch_size: int = 8) -> pd.DataFrame:
-    """Predictions for every row of ``table``, keyed by its ids."""
+    """Predictions for every row of ``table``, keyed by its ids. ``model`` takes whole images:
+    a slice or patch model comes from ``load_model`` wrapped in ``sampler.ImageModel``, whose
+    prediction is ``sampler.aggregate``, the mean of the network outputs over the image's views."""
     outputs = [model(load_batch(table["array"].iloc[i:i + batch_size].tolist())) for i in range(0, len(table), batch_size)]
     decoded = coder.decode(torch.cat(outputs))
     out = table[["participant_id", "session", "image_id"]].reset_index(drop=True)

@@ -16,6 +16,7 @@ call it on whole (B, C, X, Y, Z) images.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -153,14 +154,18 @@ class PatchSampler(Sampler):
 
 
 def build_sampler(config: dict | None) -> Sampler:
-    """The sampler of config `train.sampler` (``{kind: image}`` when empty)."""
+    """The sampler of config `train.sampler` (``{kind: image}`` when empty). Keys of the other
+    kinds (the schema's defaults fill them all in) are ignored; a key of no kind is an error."""
     config = dict(config or {})
     kind = config.pop("kind", "image")
     kinds = {"image": Sampler, "slices": SliceSampler, "patches": PatchSampler}
     if kind not in kinds:
         raise ValueError(f"Unknown sampler kind {kind!r}; choose one of {sorted(kinds)}")
-    if kind == "image":
-        config.pop("per_image", None)
+    known = {f.name for cls in kinds.values() for f in dataclasses.fields(cls)}
+    if set(config) - known:
+        raise ValueError(f"Unknown sampler setting(s) {sorted(set(config) - known)}; known: {sorted(known)}")
+    own = {f.name for f in dataclasses.fields(kinds[kind])}
+    config = {k: v for k, v in config.items() if k in own and not (kind == "image" and k == "per_image")}
     if kind == "slices":
         config.setdefault("per_image", 8)
         if config.get("axis", 2) not in (0, 1, 2):

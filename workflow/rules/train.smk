@@ -3,7 +3,7 @@ rule train:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
         arrays=preprocessed("array"),
-        code=source("train", "models", "augment", "data"),
+        code=source("train", "models", "augment", "sampler", "data"),
     output:
         model=f"{RESULTS}/train/{{fold}}/model.pt",
         history=f"{RESULTS}/train/{{fold}}/history.tsv",
