@@ -101,7 +101,7 @@ class RandomAffine(RandomTransform):
     def apply(self, params, image, label=None):
         theta = affine_theta(params["rotation"], params["scaling"], params["translation"], image.shape[2:],
                              params.get("shear"), params.get("flip"))
-        grid = F.affine_grid(theta.to(image.device, image.dtype), list(image.shape), align_corners=False)
+        grid = affine_grid(theta.to(image.device, image.dtype), image.shape[2:])
         out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if label is None:
             return out
@@ -122,9 +122,8 @@ class RandomNoise(IntensityTransform):
     def transform(self, params, image):
         noise = torch.empty_like(image)
         for i, seed in enumerate(params["seed"].tolist()):
-            gen = torch.Generator(device=image.device).manual_seed(seed)
-            noise[i] = torch.randn(image.shape[1:], generator=gen, device=image.device, dtype=image.dtype)
-        return image + self.sd * noise
+            noise[i].normal_(0.0, self.sd, generator=torch.Generator(device=image.device).manual_seed(seed))
+        return noise.add_(image)
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ class RandomIntensity(IntensityTransform):
         return {"gain": 1 + uniform(generator, batch) * self.range, "shift": uniform(generator, batch) * self.range}
 
     def transform(self, params, image):
-        return image * per_image(params["gain"], image) + per_image(params["shift"], image)
+        return torch.addcmul(per_image(params["shift"], image), image, per_image(params["gain"], image))
 
 
 @dataclass(frozen=True)
@@ -309,6 +308,18 @@ def affine_theta(rotation: torch.Tensor, scaling: torch.Tensor, translation: tor
     size = torch.tensor(list(shape), dtype=translation.dtype)
     shift = (2 * translation / size).flip(1)  # voxels → normalised [-1, 1] units, (Z, Y, X) order
     return torch.cat([matrix, shift.unsqueeze(2).to(matrix.dtype)], dim=2)
+
+
+def affine_grid(theta: torch.Tensor, shape) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, *shape), align_corners=False)`` for (B, 3, 4) ``theta``: the
+    (B, X, Y, Z, 3) sampling grid, built as a sum of three broadcast outer products (one pass over
+    the output, a few times faster on CPU than the batched matrix product)."""
+    def centres(n):  # voxel centres in normalised [-1, 1] coordinates
+        return (torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1
+    t = theta.transpose(1, 2)[:, None, None, None]  # (B, 1, 1, 1, 4, 3): rows x, y, z, offset
+    first, second, last = (centres(n) for n in shape)  # tensor dims X, Y, Z ↔ grid z, y, x
+    return (t[..., 3, :] + last.view(-1, 1) * t[..., 0, :] + second.view(-1, 1, 1) * t[..., 1, :]
+            + first.view(-1, 1, 1, 1) * t[..., 2, :])
 
 
 def preview_grid(transform: RandomTransform, image, n: int, png: Path, seed: int = 0, axis: int = 2) -> Path:

@@ -400,8 +400,8 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     coder = TargetCoder.fit(task, train_rows[target], classes)
     y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
     pin = process.device.type == "cuda"
-    train_loader = ArrayLoader(train_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin)
-    val_loader = ArrayLoader(val_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin)
+    train_loader = ArrayLoader(train_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
+    val_loader = ArrayLoader(val_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
     shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
     trainer = build_trainer(hyper, shape[0], coder, process)
 
