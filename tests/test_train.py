@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data import study_table
+from pipeline.data import load_batch, study_table
+from pipeline.evaluate import predict
 from pipeline.preprocess import derivative_paths
 from pipeline.sampler import ImageModel
 from pipeline.train import image_batches, load_model, train
@@ -112,7 +113,13 @@ def test_slice_model_trains_on_sub_batches_and_predicts_per_image(study, tmp_pat
     assert (history["steps"] == 8 * 4 // 8).all()  # n_images × per_image / sub-batch
     model, coder, _ = load_model(tmp_path / "slices" / "model.pt")
     assert isinstance(model, ImageModel)
-    assert model(torch.randn(3, 1, 8, 8, 8)).shape == (3, 1)
+    test = table[table["split"] == "val"]
+    predicted = predict(model, coder, test, "age", batch_size=3)["predicted"].to_numpy()
+    x = load_batch(test["array"].tolist())  # (4, 1, 8, 8, 8): 8 axial slices each
+    with torch.no_grad():
+        slices = model.network(x.permute(0, 4, 1, 2, 3).reshape(32, 1, 8, 8))  # image-major
+    expected = coder.decode(slices.view(4, 8, 1).mean(1))
+    assert np.allclose(predicted, expected, rtol=1e-5)
 
 
 def test_patch_classifier(study, tmp_path):

@@ -343,6 +343,8 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
         network = build_model(hyper["model"], in_channels, coder.outputs, sampler.spatial_dims, **hyper["model_args"])
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"config `train.model`/`train.model_args`: {exc}") from exc
+    if process.world > 1 and process.device.type == "cuda":  # BatchNorm statistics over all processes' images
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     network = network.to(process.device)
     model = network
     if process.world > 1:
