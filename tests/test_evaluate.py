@@ -1,7 +1,11 @@
+import json
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from pipeline.evaluate import classification_metrics, regression_metrics
+from pipeline.errors import InputError
+from pipeline.evaluate import bias_correction, bootstrap, classification_metrics, ensemble, regression_metrics, summarise
 
 
 def test_regression_metrics_on_a_hand_computed_case():
@@ -23,4 +27,77 @@ def test_binary_classification_metrics_on_a_hand_computed_case():
     assert m["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m["roc_auc"] == pytest.approx(5 / 6)  # 5 of 6 patient-control pairs ranked right
     assert m["f1"] == pytest.approx(2 / 3)  # precision 2/3, recall 2/3
-    assert m["positive_class"] == "patient"
+
+
+def test_bias_correction_inverts_a_regression_to_the_mean():
+    true = np.array([20.0, 35, 50, 65, 80])
+    validation = pd.DataFrame({"true": true, "predicted": 0.5 * true + 25})  # shrunk towards 50
+    slope, intercept = bias_correction(validation)
+    assert (slope, intercept) == pytest.approx((0.5, 25))
+    np.testing.assert_allclose((validation["predicted"] - intercept) / slope, true)
+    with pytest.raises(InputError, match="bias correction"):
+        bias_correction(pd.DataFrame({"true": true, "predicted": np.full(5, 50.0)}))
+
+
+def test_bootstrap_resamples_participants_and_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    rows = [{"participant_id": f"sub-{i // 2}", "true": t, "predicted": t + e}
+            for i, (t, e) in enumerate(zip(rng.uniform(20, 80, 60), rng.normal(0, 5, 60)))]
+    table = pd.DataFrame(rows)
+    mae = (table["predicted"] - table["true"]).abs().mean()
+    intervals = bootstrap(table, lambda p: {"mae": (p["predicted"] - p["true"]).abs().mean(), "n": len(p)},
+                          samples=300)
+    low, high = intervals["mae"]
+    assert low < mae < high and high - low < 3 and "n" not in intervals
+    seen = []
+    bootstrap(table, lambda p: seen.append(p["participant_id"].value_counts()) or {"x": 0.0}, samples=20)
+    assert all((counts % 2 == 0).all() for counts in seen)  # both images of a drawn participant come along
+
+
+def fold_dir(root, name, predicted, task="regression"):
+    d = root / name
+    d.mkdir()
+    rows = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3", "sub-4", "sub-5"], "session": "",
+                         "image_id": ["sub-1", "sub-2", "sub-3", "sub-4", "sub-5"],
+                         "split": ["val", "test", "test", "test", "test"], "true": [30.0, 20.0, 40.0, 60.0, 80.0],
+                         "predicted": predicted})
+    rows["predicted_corrected"] = rows["predicted"]
+    rows.to_csv(d / "predictions.tsv", sep="\t", index=False)
+    test = rows[rows["split"] == "test"]
+    metrics = {"task": task, "target": "age", "classes": None, "best_epoch": 3,
+               **regression_metrics(test["true"], test["predicted"], 50.0)}
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    return d
+
+
+def test_summary_ensembles_the_folds_test_predictions_by_image(tmp_path):
+    a = fold_dir(tmp_path, "fold-1", [0.0, 22.0, 38.0, 64.0, 76.0])
+    b = fold_dir(tmp_path, "fold-2", [0.0, 18.0, 42.0, 60.0, 84.0])
+    result = summarise([a, b], tmp_path / "summary")
+    combined = pd.read_csv(tmp_path / "summary" / "predictions.tsv", sep="\t")
+    assert combined["image_id"].tolist() == ["sub-2", "sub-3", "sub-4", "sub-5"]  # test images only
+    np.testing.assert_allclose(combined["predicted"], [20.0, 40.0, 62.0, 80.0])
+    assert result["ensemble"]["mae"] == pytest.approx(0.5)
+    table = pd.read_csv(tmp_path / "summary" / "metrics.tsv", sep="\t", index_col="model")
+    assert list(table.index) == ["fold-1", "fold-2", "mean", "sd", "ensemble"]
+    assert table.at["mean", "mae"] == pytest.approx((table.at["fold-1", "mae"] + table.at["fold-2", "mae"]) / 2)
+    assert table.at["ensemble", "mae_ci_low"] <= 0.5 <= table.at["ensemble", "mae_ci_high"]
+    assert (tmp_path / "summary" / "performance.png").stat().st_size > 10_000
+
+
+def test_folds_that_tested_different_images_are_an_error(tmp_path):
+    a = fold_dir(tmp_path, "fold-1", [0.0, 22.0, 38.0, 64.0, 76.0])
+    b = fold_dir(tmp_path, "fold-2", [0.0, 18.0, 42.0, 60.0, 84.0])
+    table = pd.read_csv(b / "predictions.tsv", sep="\t")
+    table.loc[4, "image_id"] = "sub-9"
+    table.to_csv(b / "predictions.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="different test images"):
+        summarise([a, b], tmp_path / "summary")
+
+
+def test_classification_ensemble_averages_probabilities():
+    folds = [pd.DataFrame({"participant_id": ["sub-1"], "session": [""], "image_id": ["sub-1"], "true": ["patient"],
+                           "predicted": [p], "p_control": [1 - q], "p_patient": [q]})
+             for p, q in (("patient", 0.9), ("control", 0.4))]
+    combined = ensemble(folds, ["control", "patient"])
+    assert combined.loc[0, "p_patient"] == pytest.approx(0.65) and combined.loc[0, "predicted"] == "patient"

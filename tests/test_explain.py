@@ -1,11 +1,16 @@
-"""Explanation maps: our occlusion equals captum's exactly, and maps land in native space."""
+"""Attribution maps equal captum's, group statistics, the atlas and the region table."""
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
-from captum.attr import Occlusion, Saliency
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
+from pipeline import attribution
+from pipeline.atlas import atlas_on_grid
 from pipeline.errors import InputError
-from pipeline.explain import occlusion, saliency, top_fraction_enrichment, window_starts
+from pipeline.explain import region_table, statistics, top_fraction_enrichment
+from pipeline.grid import write_grid
 from pipeline.models import build_model
 
 
@@ -18,13 +23,16 @@ def brain_like(channels: int, shape=(13, 11, 9), seed=0) -> torch.Tensor:
     return x * inside
 
 
+def small_model(channels: int, outputs: int = 3):
+    torch.manual_seed(0)
+    return build_model("simple_cnn", channels, outputs, channels=(4, 8)).eval()
+
+
 @pytest.mark.parametrize("channels, window, stride", [(1, 4, 3), (2, 5, 2), (1, 3, 3)])
 def test_occlusion_equals_captum_including_cut_edge_windows(channels, window, stride):
-    torch.manual_seed(0)
-    model = build_model("simple_cnn", channels, 3, channels=(4, 8)).eval()
-    x = brain_like(channels)
+    model, x = small_model(channels), brain_like(channels)
     for target in (0, 2):
-        ours = occlusion(model, x, target, window, stride, batch=7)
+        ours = attribution.occlusion(model, x, target, window, stride, batch=7)
         theirs = Occlusion(model).attribute(x, sliding_window_shapes=(channels, window, window, window),
                                             strides=(channels, stride, stride, stride), baselines=0.0,
                                             target=target, perturbations_per_eval=16)
@@ -34,26 +42,114 @@ def test_occlusion_equals_captum_including_cut_edge_windows(channels, window, st
             torch.testing.assert_close(theirs[0, 1], theirs[0, 0])
 
 
+def test_occlusion_with_a_nonzero_baseline_equals_captum():
+    model, x = small_model(1), brain_like(1)
+    ours = attribution.occlusion(model, x, 1, 4, 2, baseline=-0.5)
+    theirs = Occlusion(model).attribute(x, sliding_window_shapes=(1, 4, 4, 4), strides=(1, 2, 2, 2),
+                                        baselines=-0.5, target=1)
+    torch.testing.assert_close(torch.from_numpy(ours), theirs[0, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_window_starts_follow_captum_and_reject_oversized_windows():
-    assert list(window_starts(11, 4, 3)) == [0, 3, 6, 9]  # the last window is cut by the edge
-    assert list(window_starts(12, 4, 4)) == [0, 4, 8]
+    assert list(attribution.window_starts(11, 4, 3)) == [0, 3, 6, 9]  # the last window is cut by the edge
+    assert list(attribution.window_starts(12, 4, 4)) == [0, 4, 8]
     with pytest.raises(InputError, match="explain.window"):
-        window_starts(5, 6, 2)
+        attribution.window_starts(5, 6, 2)
 
 
-def test_saliency_is_captums_summed_over_channels():
-    model = build_model("simple_cnn", 2, 1, channels=(4, 8)).eval()
-    x = brain_like(2)
+def test_gradient_and_smoothgrad_equal_captum_summed_over_channels():
+    model, x = small_model(2), brain_like(2)
     theirs = Saliency(model).attribute(x.clone().requires_grad_(True), target=0, abs=True)
-    torch.testing.assert_close(torch.from_numpy(saliency(model, x, 0)), theirs[0].sum(0))
+    torch.testing.assert_close(torch.from_numpy(attribution.gradient(model, x, 0)), theirs[0].sum(0))
+    torch.manual_seed(3)
+    theirs = NoiseTunnel(Saliency(model)).attribute(x.clone().requires_grad_(True), nt_type="smoothgrad",
+                                                    nt_samples=5, stdevs=0.3, target=1, abs=True)
+    ours = attribution.smoothgrad(model, x, 1, samples=5, noise=0.3, seed=3)
+    torch.testing.assert_close(torch.from_numpy(ours), theirs[0].sum(0), atol=1e-5, rtol=1e-5)
+    assert not np.allclose(ours, attribution.smoothgrad(model, x, 1, samples=5, noise=0.3, seed=4))
+
+
+def test_integrated_gradients_equal_captum_and_report_completeness():
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 1, 3, channels=(4, 8), norm="batch").eval()
+    x, reference = brain_like(1), 0.5 * brain_like(1, seed=5)
+    ours, error = attribution.integrated_gradients(model, x, 2, steps=64, baseline=reference)
+    theirs = IntegratedGradients(model).attribute(x, baselines=reference, target=2, n_steps=64)
+    torch.testing.assert_close(torch.from_numpy(ours), theirs[0, 0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        change = float(model(x)[0, 2] - model(reference)[0, 2])
+    assert error == pytest.approx(abs(ours.sum() - change) / abs(change), rel=1e-3, abs=1e-6)
+    assert error < 0.01
+
+
+def test_integrated_gradients_from_zero_are_degenerate_under_instance_norm():
+    """Why the default baseline is the training mean: instance norm makes f(a * x) = f(x), so the
+    path from 0 carries almost no signal and completeness fails."""
+    model, x = small_model(1), brain_like(1)
+    _, from_zero = attribution.integrated_gradients(model, x, 2, steps=32, baseline=0.0)
+    _, from_image = attribution.integrated_gradients(model, x, 2, steps=32, baseline=0.5 * brain_like(1, seed=5))
+    assert from_zero > 0.5 and from_zero > 3 * from_image
+
+
+def test_gradcam_equals_captum_and_names_the_layers_when_wrong():
+    model, x = small_model(1), brain_like(1, shape=(16, 16, 16))
+    ours = attribution.gradcam(model, x, 0, "features.1")
+    cam = LayerGradCam(model, model.features[1]).attribute(x, target=0, relu_attributions=True)
+    theirs = LayerAttribution.interpolate(cam, (16, 16, 16), interpolate_mode="trilinear")
+    assert ours.shape == (16, 16, 16)
+    torch.testing.assert_close(torch.from_numpy(ours), theirs[0, 0])
+    with pytest.raises(InputError, match="features.0"):
+        attribution.gradcam(model, x, 0, "classifier.9")
+
+
+def test_unknown_method_is_an_error_listing_the_methods():
+    with pytest.raises(InputError, match="occlusion"):
+        attribution.attribute(small_model(1), brain_like(1), 0, ["lime"], attribution.Settings())
 
 
 def test_enrichment_is_relative_to_chance():
-    import numpy as np
-
     brain = np.ones((10, 10, 10), bool)
     region = np.zeros_like(brain)
     region[:5] = True  # half the brain: chance is 0.5
-    attribution = np.zeros(brain.shape)
-    attribution[:2] = 1.0  # the top 5 % all lie in the region
-    assert top_fraction_enrichment(attribution, region, brain) == pytest.approx(2.0)
+    values = np.zeros(brain.shape)
+    values[:2] = 1.0  # the top 5 % all lie in the region
+    assert top_fraction_enrichment(values, region, brain) == pytest.approx(2.0)
+
+
+def test_group_statistics_on_hand_computed_maps():
+    maps = np.array([[[[1.0, -2.0]]], [[[3.0, -2.0]]], [[[2.0, 1.0]]]])  # 3 subjects, 2 voxels
+    signed = statistics(maps, signed=True)
+    np.testing.assert_allclose(signed["mean"][0, 0], [2.0, 5 / 3])
+    np.testing.assert_allclose(signed["t"][0, 0, 0], 2.0 / (1.0 / np.sqrt(3)))  # mean 2, sd 1
+    assert signed["t"][0, 0, 1] < 0  # consistently negative on average
+    unsigned = statistics(maps, signed=False)
+    assert unsigned["t"][0, 0, 1] > 0  # magnitudes are positive
+    constant = statistics(np.ones((4, 1, 1, 2)), signed=True)
+    np.testing.assert_array_equal(constant["t"], 0.0)
+
+
+@pytest.fixture(scope="module")
+def grid_mask(tmp_path_factory):
+    d = tmp_path_factory.mktemp("grid")
+    write_grid(8.0, (20, 24, 20), d / "tpl.nii.gz", d / "mask.nii.gz")
+    return nib.load(d / "mask.nii.gz")
+
+
+def test_atlas_covers_the_brain_with_named_lateralised_regions(grid_mask):
+    labels, names = atlas_on_grid(grid_mask)
+    brain = np.asarray(grid_mask.dataobj) > 0
+    assert ((labels > 0) == brain).all()
+    assert "right temporal white matter" in names and "left lateral ventricle" in names
+    # the left hemisphere is at negative x (RAS+): label voxels named "left" lie there
+    x = (grid_mask.affine @ np.vstack([np.indices(labels.shape).reshape(3, -1), np.ones(labels.size)]))[0]
+    left = np.isin(labels.ravel(), [i + 1 for i, n in enumerate(names) if n.startswith("left")])
+    assert (x[left] < 0).all()
+
+
+def test_region_table_ranks_the_region_holding_the_attribution_first(grid_mask):
+    labels, names = atlas_on_grid(grid_mask)
+    target = names.index("right temporal white matter") + 1
+    mean = np.where(labels == target, 5.0, 0.1) * (labels > 0)
+    table = region_table({"occlusion": mean}, grid_mask)
+    assert table.iloc[0]["region"] == "right temporal white matter" and table.iloc[0]["occlusion_rank"] == 1
+    assert table["voxels"].sum() == (labels > 0).sum()

@@ -35,7 +35,7 @@ CONFIG = {
     "preprocess": {"resolution": 5, "shape": [32, 38, 34]},
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 40, "batch_size": 4, "learning_rate": 0.003, "patience": 15},
-    "explain": {"window": 6, "stride": 3},
+    "explain": {"window": 6, "stride": 3},  # groundtruth: set with bids_dir below
 }
 
 
@@ -83,6 +83,7 @@ def cohort_digest(cohort) -> dict[str, str]:
 def study(tmp_path_factory, cohort, cohort_digest) -> Path:
     workdir = tmp_path_factory.mktemp("study")
     CONFIG["bids_dir"] = str(cohort)
+    CONFIG["explain"]["groundtruth"] = str(cohort / "derivatives" / "groundtruth")
     write_config(workdir)
     run = snakemake(workdir)
     assert run.returncode == 0, run.stderr[-5000:]
@@ -139,6 +140,12 @@ def test_group_occlusion_map_falls_on_the_age_effect(study, cohort):
     enrichment = top_fraction_enrichment(occlusion.get_fdata(), truth, mask_img.get_fdata() > 0)
     print(f"group occlusion top-5% enrichment in the age-effect mask: {enrichment:.1f}x chance")
     assert enrichment >= 5
+    validation = pd.read_csv(study / "results" / "explain" / "validation.tsv", sep="\t")
+    print(validation.to_string(index=False))
+    row = validation.set_index(["method", "space", "level"]).loc[("occlusion", "template", "group")]
+    assert row["enrichment"] == pytest.approx(enrichment, rel=1e-3)
+    native = validation.set_index(["method", "space", "level"]).loc[("occlusion", "native", "subject"), "enrichment"]
+    assert native >= 3  # each subject's own map, in its scanner space
 
 
 def test_native_maps_land_where_the_known_pose_puts_them(study, cohort):

@@ -108,13 +108,17 @@ def load_index(root: Path, cache_dir: Path | None = None, configs: tuple[str, ..
     cached = read_pickle(cache) if cache else None
     cached = cached if isinstance(cached, dict) and cached.get("key") == key else None
     if cached and unchanged(root, cached):
-        return cached["files"]
+        return pd.DataFrame(cached["files"])
     started, folders = time.time_ns(), {}
     listing = scan_tree(root, folders, stat=False)
     fingerprint = listing_fingerprint(listing, mtimes=False)
-    files = cached["files"] if cached and cached["fingerprint"] == fingerprint else index_listing(listing, entity_rules(configs))
-    if cache is not None:
-        write_pickle(cache, {"key": key, "fingerprint": fingerprint, "scanned_at": started, "folders": folders, "files": files})
+    if cached and cached["fingerprint"] == fingerprint:
+        files = pd.DataFrame(cached["files"])
+    else:
+        files = index_listing(listing, entity_rules(configs))
+    if cache is not None:  # plain lists, not a DataFrame: a cache must not depend on pandas' pickle format
+        write_pickle(cache, {"key": key, "fingerprint": fingerprint, "scanned_at": started, "folders": folders,
+                             "files": files.to_dict(orient="list")})
     return files
 
 
@@ -133,11 +137,12 @@ def unchanged(root: Path, cached: dict) -> bool:
 
 
 def read_pickle(path: Path):
-    """The object pickled at ``path``, or None when it is absent or unreadable (a stale cache)."""
+    """The object pickled at ``path``, or None when it is absent or unreadable: a cache written by
+    other package versions, truncated or corrupt is rebuilt, never an error."""
     try:
         with open(path, "rb") as f:
             return pickle.load(f)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError):
+    except Exception:  # noqa: BLE001 - any unreadable cache is a stale cache
         return None
 
 

@@ -1,11 +1,15 @@
-"""Test-set predictions and scikit-learn metrics, per fold and across folds.
+"""Predictions and scikit-learn metrics with bootstrap confidence intervals, per fold and over folds.
 
-``fold``: one fold's model on the test images → ``predictions.tsv`` (participant_id, session,
-image_id, true, predicted [, p_<class>]) and ``metrics.json``.
-``summary``: every fold → ``metrics.tsv`` (one row per fold, their mean and sd, and the
-ensemble), ``predictions.tsv`` of the ensemble (the folds' mean prediction or mean class
-probabilities), ``metrics.json`` (the ensemble's metrics and the folds' mean ± sd) and
-``performance.png`` (predicted vs true for regression, ROC for classification).
+``fold``: one fold's model on its validation and test images → ``predictions.tsv``
+(participant_id, session, image_id, split, true, predicted [, predicted_corrected] [, p_<class>])
+and ``metrics.json`` (test set). For regression, the brain-age bias correction (a linear fit of
+predicted on true age on the validation images, inverted) gives ``predicted_corrected`` and the
+``corrected_*`` metrics beside the raw ones.
+``summary``: every fold → ``metrics.tsv`` (one row per fold, their mean and sd, and the ensemble
+with 95 % bootstrap intervals), the ensemble's test ``predictions.tsv`` (the folds' mean prediction
+or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
+vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
+confusion matrix).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +26,24 @@ import torch
 from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
-from pipeline.data import load_batch, study_table
+from pipeline.data import load_batch, read_tsv, study_table
 from pipeline.errors import InputError
 from pipeline.train import load_model
+
+BOOTSTRAP_SAMPLES = 1000
+NOT_BOOTSTRAPPED = {"n", "train_mean", "best_epoch", "correction_slope", "correction_intercept"}
 
 
 @torch.no_grad()
 def predict(model, coder, table: pd.DataFrame, target: str, batch_size: int = 8) -> pd.DataFrame:
-    """Predictions for every row of ``table``, keyed by its ids. ``model`` takes whole images:
-    a slice or patch model comes from ``load_model`` wrapped in ``sampler.ImageModel``, whose
-    prediction is ``sampler.aggregate``, the mean of the network outputs over the image's views."""
+    """Predictions for every row of ``table``, keyed by its ids (and its ``split`` when present).
+    ``model`` takes whole images: a slice or patch model comes from ``load_model`` wrapped in
+    ``sampler.ImageModel``, whose prediction is ``sampler.aggregate``, the mean of the network
+    outputs over the image's views."""
     outputs = [model(load_batch(table["array"].iloc[i:i + batch_size].tolist())) for i in range(0, len(table), batch_size)]
     decoded = coder.decode(torch.cat(outputs))
-    out = table[["participant_id", "session", "image_id"]].reset_index(drop=True)
+    keys = ["participant_id", "session", "image_id", *(["split"] if "split" in table else [])]
+    out = table[keys].reset_index(drop=True)
     out["true"] = table[target].to_numpy()
     if coder.task == "classification":
         out["predicted"] = [coder.classes[i] for i in decoded.argmax(1)]
@@ -67,49 +77,69 @@ def classification_metrics(true, probabilities: np.ndarray, classes: list[str]) 
         auc = skm.roc_auc_score(true, probabilities, multi_class="ovr", labels=classes)
         f1 = skm.f1_score(true, predicted, average="macro")
     return {"n": int(true.size), "accuracy": skm.accuracy_score(true, predicted),
-            "balanced_accuracy": skm.balanced_accuracy_score(true, predicted), "roc_auc": auc, "f1": f1,
-            "positive_class": classes[1] if binary else None, "classes": classes}
+            "balanced_accuracy": skm.balanced_accuracy_score(true, predicted), "roc_auc": auc, "f1": f1}
 
 
-def plot(predictions: pd.DataFrame, classes: list[str] | None, metrics: dict, target: str, title: str, png: Path) -> None:
-    """Predicted vs true (regression) or ROC curves (classification) of ``predictions``."""
-    import matplotlib
+def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
+    """(slope, intercept) of predicted = slope * true + intercept on validation predictions; the
+    corrected prediction is (predicted - intercept) / slope (brain-age bias correction)."""
+    slope, intercept = np.polyfit(validation["true"].astype(float), validation["predicted"].astype(float), 1)
+    if abs(slope) < 1e-3:
+        raise InputError("The validation predictions do not vary with the target (slope of predicted on true "
+                         f"{slope:.2g}); the bias correction is undefined. Train longer or check the model.")
+    return float(slope), float(intercept)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+def scores(predictions: pd.DataFrame, classes: list[str] | None, train_mean: float | None) -> dict:
+    """The metrics of a predictions table (regression: raw and, when present, bias-corrected)."""
     if classes:
-        for name in classes[1:] if len(classes) == 2 else classes:
-            skm.RocCurveDisplay.from_predictions(predictions["true"].astype(str) == name, predictions[f"p_{name}"],
-                                                 name=name, ax=ax)
-        ax.set_title(f"{title}: ROC AUC {metrics['roc_auc']:.2f}")
-    else:
-        ax.scatter(predictions["true"], predictions["predicted"], s=14)
-        lims = [predictions[["true", "predicted"]].min().min(), predictions[["true", "predicted"]].max().max()]
-        ax.plot(lims, lims, "k--", lw=1)
-        ax.set(xlabel=f"true {target}", ylabel=f"predicted {target}",
-               title=f"{title}: MAE {metrics['mae']:.2f}, r {metrics['pearson_r']:.2f}")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+        return classification_metrics(predictions["true"], predictions[[f"p_{c}" for c in classes]].to_numpy(), classes)
+    metrics = regression_metrics(predictions["true"], predictions["predicted"], train_mean)
+    if "predicted_corrected" in predictions:
+        corrected = regression_metrics(predictions["true"], predictions["predicted_corrected"], train_mean)
+        metrics.update({f"corrected_{k}": corrected[k] for k in ("mae", "rmse", "r2", "pearson_r")})
+    return metrics
 
 
-def scores(predictions: pd.DataFrame, task: str, classes: list[str] | None, train_mean: float | None) -> dict:
-    """The metrics of a predictions table."""
-    if task == "classification":
-        probabilities = predictions[[f"p_{c}" for c in classes]].to_numpy()
-        return classification_metrics(predictions["true"], probabilities, classes)
-    return regression_metrics(predictions["true"], predictions["predicted"], train_mean)
+def bootstrap(predictions: pd.DataFrame, score, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, list[float]]:
+    """95 % percentile intervals of every metric ``score`` computes, resampling participants (all
+    images of a drawn participant come along) with replacement; undefined resamples are skipped."""
+    groups = predictions.groupby("participant_id").indices
+    ids = np.array(sorted(groups))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(samples):
+        rows = np.concatenate([groups[p] for p in rng.choice(ids, len(ids), replace=True)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                draws.append(score(predictions.iloc[rows]))
+            except ValueError:  # e.g. one class only: ROC AUC undefined
+                continue
+    table = pd.DataFrame(draws).drop(columns=list(NOT_BOOTSTRAPPED), errors="ignore")
+    return {k: [float(np.nanpercentile(table[k], 2.5)), float(np.nanpercentile(table[k], 97.5))] for k in table}
+
+
+def with_intervals(predictions: pd.DataFrame, classes: list[str] | None, train_mean: float | None) -> dict:
+    """Metrics plus ``<metric>_ci`` = [low, high] for each bootstrapped one."""
+    metrics = scores(predictions, classes, train_mean)
+    intervals = bootstrap(predictions, lambda p: scores(p, classes, train_mean))
+    return {**metrics, **{f"{k}_ci": v for k, v in intervals.items()}}
 
 
 def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path) -> dict:
-    """Predict the test images with one fold's model; write ``predictions.tsv`` and ``metrics.json``."""
+    """Predict one fold's validation and test images; write ``predictions.tsv`` and the test ``metrics.json``."""
     model, coder, record = load_model(model_path)
     target = record["target"]
-    predictions = predict(model, coder, table[table["split"] == "test"], target)
-    metrics = scores(predictions, coder.task, coder.classes, coder.mean)
-    metrics = {"task": coder.task, "target": target, "best_epoch": record["epoch"], **metrics}
+    predictions = predict(model, coder, table[table["split"].isin(["val", "test"])], target)
+    extra = {}
+    if coder.task == "regression":
+        slope, intercept = bias_correction(predictions[predictions["split"] == "val"])
+        predictions["predicted_corrected"] = (predictions["predicted"] - intercept) / slope
+        extra = {"correction_slope": slope, "correction_intercept": intercept}
+    test = predictions[predictions["split"] == "test"].reset_index(drop=True)
+    metrics = {"task": coder.task, "target": target, "classes": coder.classes, "best_epoch": record["epoch"],
+               **extra, **with_intervals(test, coder.classes, coder.mean)}
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
@@ -117,7 +147,7 @@ def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path) -> dict:
 
 
 def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) -> pd.DataFrame:
-    """Mean prediction (regression) or mean class probabilities (classification) over folds, by image id."""
+    """Mean prediction(s) (regression) or mean class probabilities (classification) over folds, by image id."""
     keys = ["participant_id", "session", "image_id", "true"]
     stacked = pd.concat(fold_predictions, ignore_index=True)
     if classes:
@@ -125,16 +155,17 @@ def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) ->
         mean = stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
         mean.insert(4, "predicted", np.asarray(classes)[mean[columns].to_numpy().argmax(1)])
         return mean
-    return stacked.groupby(keys, sort=True, dropna=False)["predicted"].mean().reset_index()
+    columns = [c for c in ("predicted", "predicted_corrected") if c in stacked]
+    return stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
 
 
 def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
-    """Per-fold metrics, their mean and sd, and the ensemble's; write the summary files to ``out_dir``."""
+    """Per-fold test metrics, their mean and sd, and the ensemble's with intervals; write the summary files."""
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
-    task, target = metrics[0]["task"], metrics[0]["target"]
-    classes = metrics[0].get("classes")
-    dtype = {"session": str, "participant_id": str, "image_id": str, "true": str if classes else float}
-    predictions = [pd.read_csv(d / "predictions.tsv", sep="\t", dtype=dtype, keep_default_na=False) for d in fold_dirs]
+    task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
+    dtype = {"true": str} if classes else {}
+    predictions = [read_tsv(d / "predictions.tsv").astype(dtype) for d in fold_dirs]
+    predictions = [p[p["split"] == "test"].drop(columns="split") for p in predictions]
     ids = [sorted(p["image_id"]) for p in predictions]
     if any(i != ids[0] for i in ids):
         raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
@@ -144,24 +175,82 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
     table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=names)
     combined = ensemble(predictions, classes)
     train_mean = None if classes else float(np.mean([m["train_mean"] for m in metrics]))
-    overall = scores(combined, task, classes, train_mean)
-    ensemble_row = pd.DataFrame([{k: v for k, v in overall.items() if k in table.columns}], index=["ensemble"])
-    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T, ensemble_row])
+    overall = with_intervals(combined, classes, train_mean)
+    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
+    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
+    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
+    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
+                         pd.DataFrame([ensemble_row], index=["ensemble"])])
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.index.name = "model"
     summary.to_csv(out_dir / "metrics.tsv", sep="\t")
     combined.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
-    result = {"task": task, "target": target, "folds": names, "ensemble": overall,
+    result = {"task": task, "target": target, "classes": classes, "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
-    plot(combined, classes, overall, target, f"Ensemble of {len(names)} folds", out_dir / "performance.png")
+    title = f"Ensemble of {len(names)} fold(s), test set"
+    if classes:
+        plot_classification(combined, classes, title, out_dir / "performance.png")
+    else:
+        plot_regression(combined, overall, target, title, out_dir / "performance.png")
     return result
+
+
+def plot_regression(predictions: pd.DataFrame, metrics: dict, target: str, title: str, png: Path) -> None:
+    """Predicted vs true (raw and bias-corrected) and a Bland–Altman plot of the raw predictions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    true = predictions["true"].astype(float)
+    fig, (scatter, agreement) = plt.subplots(1, 2, figsize=(10, 4.5))
+    scatter.scatter(true, predictions["predicted"], s=14, label=f"raw: MAE {metrics['mae']:.2f}")
+    if "predicted_corrected" in predictions:
+        scatter.scatter(true, predictions["predicted_corrected"], s=14, marker="x",
+                        label=f"bias-corrected: MAE {metrics['corrected_mae']:.2f}")
+    lims = [min(true.min(), predictions["predicted"].min()), max(true.max(), predictions["predicted"].max())]
+    scatter.plot(lims, lims, "k--", lw=1)
+    scatter.set(xlabel=f"true {target}", ylabel=f"predicted {target}", title=title)
+    scatter.legend(fontsize="small")
+    mean, difference = (true + predictions["predicted"]) / 2, predictions["predicted"] - true
+    bias, spread = difference.mean(), 1.96 * difference.std()
+    agreement.scatter(mean, difference, s=14)
+    for level, style in ((bias, "-"), (bias - spread, "--"), (bias + spread, "--")):
+        agreement.axhline(level, color="k", ls=style, lw=1)
+    agreement.set(xlabel=f"mean of true and predicted {target}", ylabel="predicted - true",
+                  title=f"Bland–Altman: bias {bias:.2f}, limits ±{spread:.2f}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_classification(predictions: pd.DataFrame, classes: list[str], title: str, png: Path) -> None:
+    """ROC and precision-recall curves (per class, one-vs-rest) and the confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (roc, pr, confusion) = plt.subplots(1, 3, figsize=(14, 4.5))
+    true = predictions["true"].astype(str)
+    for name in classes[1:] if len(classes) == 2 else classes:
+        skm.RocCurveDisplay.from_predictions(true == name, predictions[f"p_{name}"], name=name, ax=roc)
+        skm.PrecisionRecallDisplay.from_predictions(true == name, predictions[f"p_{name}"], name=name, ax=pr)
+    skm.ConfusionMatrixDisplay.from_predictions(true, predictions["predicted"].astype(str), labels=classes,
+                                                ax=confusion, colorbar=False)
+    roc.set_title(f"ROC: {title}")
+    pr.set_title("Precision-recall")
+    confusion.set_title("Confusion matrix")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    fold = commands.add_parser("fold", help="one fold's model on the test images")
+    fold = commands.add_parser("fold", help="one fold's model on its validation and test images")
     fold.add_argument("--manifest", type=Path, required=True)
     fold.add_argument("--splits", type=Path, required=True)
     fold.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")

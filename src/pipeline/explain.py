@@ -1,89 +1,55 @@
 """Explanation maps of the test images, per fold and across folds, in template and native space.
 
-``fold``: per test image, occlusion sensitivity (captum's definition: the mean output drop over
-the windows covering a voxel when the window is set to the baseline 0, the brain mean of the
-z-scored image) and gradient saliency (captum ``Saliency``: |d output / d input|, summed over
-channels), each saved as ``…_space-MNI152NLin2009aSym_desc-<method>_saliency.nii.gz`` on the
-study grid and as ``…_space-<reference>_desc-<method>_saliency.nii.gz`` on the subject's native
-grid (inverse preprocessing transform); the fold's group map is the voxel-wise mean |attribution|.
-``group``: the mean of the folds' group maps, with glass-brain and slice PNGs (nilearn).
-The attributed output is the prediction (regression) or the predicted class's logit.
+``fold``: for every test image and method (see ``pipeline.attribution``), the map on the study
+grid (``…_space-MNI152NLin2009aSym_desc-<method>_saliency.nii.gz``) and on the image's native grid
+through the inverse preprocessing transform (``…_space-<reference>_desc-<method>_saliency.nii.gz``),
+plus the fold's group maps; ``maps.tsv`` indexes them (with IG's completeness error).
+
+``group``: each subject's maps averaged over folds, then per method over subjects: ``mean`` (mean
+|attribution|: importance), ``sd`` (of |attribution|) and ``t`` (one-sample t of the attribution:
+consistency of its sign; of the magnitude for unsigned methods); a region table ranking the atlas
+regions (``pipeline.atlas``) by mean |attribution|; glass-brain and slice PNGs; PNGs of the
+three best and three worst predicted subjects; and, given the ground truth of a simulated cohort,
+``validation.tsv``: how much of each method's top 5 % falls in the true effect, relative to chance.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import math
+import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from captum.attr import Saliency
 
-from pipeline.data import load_batch, study_table
+from pipeline.atlas import atlas_on_grid
+from pipeline.attribution import METHODS, SIGNED, Settings, attribute
+from pipeline.data import load_batch, read_tsv, study_table
 from pipeline.errors import InputError
-from pipeline.paths import explanation_maps, group_map
+from pipeline.paths import SPACE, explanation_maps, group_map
 from pipeline.preprocess import derivative_paths, to_native
+from pipeline.template import resample_to_grid
 from pipeline.train import load_model
 
-METHODS = ("occlusion", "gradient")
+STATISTICS = ("mean", "sd", "t")
 
 
-def target_index(model, x: torch.Tensor, task: str) -> int:
-    """Output to attribute: 0 for regression, the predicted class for classification."""
-    if task != "classification":
+def target_index(model, x: torch.Tensor, coder, target_class: str | None = None) -> int:
+    """Output to attribute: 0 for regression; for classification ``target_class`` (a class name)
+    or, when None, the predicted class."""
+    if coder.task != "classification":
         return 0
+    if target_class is not None:
+        if target_class not in coder.classes:
+            raise InputError(f"`explain.target_class` {target_class!r} is not a class of the model "
+                             f"({', '.join(coder.classes)}).")
+        return coder.classes.index(target_class)
     with torch.no_grad():
         return int(model(x).argmax(1))
-
-
-def window_starts(size: int, window: int, stride: int) -> range:
-    """Start voxels of the occlusion windows along one axis, as captum places them: every
-    ``stride`` from 0 until a window reaches the end (the last one may be cut by the edge)."""
-    if window > size:
-        raise InputError(f"The occlusion window ({window} voxels) is larger than the image axis ({size}); "
-                         "lower `explain.window` in config.")
-    return range(0, math.ceil((size - window) / stride) * stride + 1, stride)
-
-
-@torch.no_grad()
-def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, batch: int = 64,
-              baseline: float = 0.0) -> np.ndarray:
-    """(X, Y, Z) occlusion attribution of one (1, C, X, Y, Z) image, equal to captum's ``Occlusion``
-    with a (C, window, window, window) sliding window, ``stride`` and ``baseline``.
-
-    A window whose voxels all equal the baseline already (outside the brain) leaves the input
-    unchanged, so its output drop is exactly zero: it is counted but not evaluated.
-    """
-    shape = x.shape[2:]
-    reference = model(x)[0, target]
-    attribution = torch.zeros(shape, dtype=torch.float64)
-    counts = torch.zeros(shape, dtype=torch.float64)
-    informative = []
-    for corner in itertools.product(*(window_starts(n, window, stride) for n in shape)):
-        box = tuple(slice(c, c + window) for c in corner)
-        counts[box] += 1
-        if (x[(0, slice(None), *box)] != baseline).any():
-            informative.append(box)
-    for start in range(0, len(informative), batch):
-        boxes = informative[start:start + batch]
-        occluded = x.repeat(len(boxes), 1, 1, 1, 1)
-        for j, box in enumerate(boxes):
-            occluded[(j, slice(None), *box)] = baseline
-        drops = reference - model(occluded)[:, target]
-        for drop, box in zip(drops.double(), boxes):
-            attribution[box] += drop
-    return (attribution / counts).float().numpy()
-
-
-def saliency(model, x: torch.Tensor, target: int) -> np.ndarray:
-    """(X, Y, Z) absolute input gradient of one (1, C, X, Y, Z) image, summed over channels."""
-    grads = Saliency(model).attribute(x.clone().requires_grad_(True), target=target, abs=True)
-    return grads[0].sum(0).detach().numpy()
 
 
 def top_fraction_enrichment(attribution: np.ndarray, region: np.ndarray, brain: np.ndarray, top: float = 0.05) -> float:
@@ -96,59 +62,141 @@ def top_fraction_enrichment(attribution: np.ndarray, region: np.ndarray, brain: 
 
 
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
-                 window: int, stride: int, channels: list[str]) -> pd.DataFrame:
+                 methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None
+                 ) -> pd.DataFrame:
     """Write every test image's maps and the fold's group maps; return the index of written maps."""
     model, coder, _ = load_model(model_path)
     affine = nib.load(str(grid_mask)).affine
     test = table[table["split"] == "test"]
+    train_mean = torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
-    sums = {m: 0.0 for m in METHODS}
+    stacks = {m: [] for m in methods}
     rows = []
     for i, row in enumerate(test.itertuples(index=False), 1):
         x = load_batch([row.array])
-        target = target_index(model, x, coder.task)
-        maps = {"occlusion": occlusion(model, x, target, window, stride), "gradient": saliency(model, x, target)}
+        target = target_index(model, x, coder, target_class)
+        maps, diagnostics = attribute(model, x, target, methods, settings, train_mean[None])
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
         for method, data in maps.items():
             paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
             Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
-            img = nib.Nifti1Image(data.astype(np.float32), affine)
+            img = nib.Nifti1Image(data, affine)
             nib.save(img, paths["template"])
             nib.save(to_native(img, Path(row.path), inverse), paths["native"])
-            sums[method] = sums[method] + np.abs(data)
-            rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method,
-                         "target_index": target, **paths})
+            stacks[method].append(data)
+            error = diagnostics.get("completeness_error") if method == "integrated_gradients" else None
+            rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "subdir": row.subdir,
+                         "method": method, "target_index": target, "completeness_error": error, **paths})
         print(f"[{i}/{len(test)}] {row.image_id}", file=sys.stderr)
-    for method in METHODS:
-        nib.save(nib.Nifti1Image((sums[method] / len(test)).astype(np.float32), affine), group_map(str(out_dir), method))
+    for method, stack in stacks.items():
+        write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
     index = pd.DataFrame(rows)
     index.to_csv(out_dir / "maps.tsv", sep="\t", index=False)
     return index
 
 
-def combine_folds(fold_dirs: list[Path], out_dir: Path) -> dict[str, Path]:
-    """Mean over folds of each method's group map (all folds explain the same test images)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = {}
-    for method in METHODS:
-        images = [nib.load(group_map(str(d), method)) for d in fold_dirs]
+def statistics(maps: np.ndarray, signed: bool) -> dict[str, np.ndarray]:
+    """Voxel-wise group statistics of (N, X, Y, Z) maps: mean and sd of |map|, and the one-sample
+    t of the map (signed methods) or of |map|; t is 0 where the sd is 0."""
+    magnitude = np.abs(maps)
+    values = maps if signed else magnitude
+    n = len(maps)
+    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(maps.shape[1:])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 0, values.mean(axis=0) / (sd / np.sqrt(n)), 0.0)
+    return {"mean": magnitude.mean(axis=0), "sd": magnitude.std(axis=0, ddof=1) if n > 1 else sd, "t": t}
+
+
+def write_statistics(maps: np.ndarray, signed: bool, affine: np.ndarray, out_dir: Path, method: str) -> None:
+    for name, data in statistics(maps, signed).items():
+        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
+
+
+def subject_maps(fold_dirs: list[Path], method: str, space: str) -> dict[str, nib.Nifti1Image]:
+    """Each test image's ``space`` ("template" or "native") map of ``method``, averaged over folds."""
+    indexes = [read_tsv(d / "maps.tsv") for d in fold_dirs]
+    out = {}
+    for image_id in indexes[0].loc[indexes[0]["method"] == method, "image_id"]:
+        images = [nib.load(ix.loc[(ix["image_id"] == image_id) & (ix["method"] == method), space].item())
+                  for ix in indexes]
         mean = np.mean([np.asarray(img.dataobj, dtype=np.float32) for img in images], axis=0)
-        written[method] = Path(group_map(str(out_dir), method))
-        nib.save(nib.Nifti1Image(mean.astype(np.float32), images[0].affine), written[method])
-    return written
+        out[image_id] = nib.Nifti1Image(mean, images[0].affine)
+    return out
 
 
-def plot_group(out_dir: Path, template: Path, n_folds: int) -> None:
-    """Glass-brain and orthogonal-slice PNGs of each group map over the study template."""
+def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.DataFrame:
+    """Atlas regions ranked by each method's mean |attribution|, relative to the brain's mean."""
+    labels, names = atlas_on_grid(mask)
+    brain = labels > 0
+    table = pd.DataFrame({"region": names, "voxels": np.bincount(labels[brain], minlength=len(names) + 1)[1:]})
+    for method, mean in means.items():
+        per_region = np.bincount(labels[brain], weights=mean[brain], minlength=len(names) + 1)[1:] / table["voxels"]
+        table[f"{method}_relative"] = per_region / mean[brain].mean()
+        table[f"{method}_rank"] = table[f"{method}_relative"].rank(ascending=False, method="min").astype(int)
+    first = next(iter(means))
+    return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
+
+
+def validation_table(fold_dirs: list[Path], methods: list[str], means: dict[str, np.ndarray], mask: nib.Nifti1Image,
+                     truth_dir: Path, target: str, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Enrichment of each method's top 5 % in the true effect mask of ``target`` (a simulated cohort's
+    ground truth): the group mean map and each subject's map (mean over subjects) on the study grid,
+    and each subject's native-space map with the mask carried there by the simulated pose."""
+    truth_path = truth_dir / f"space-{SPACE}_desc-{target}_mask.nii.gz"
+    if not truth_path.exists():
+        raise InputError(f"No ground-truth mask {truth_path} for target {target!r}; set `explain.groundtruth` "
+                         "to a folder with space-<space>_desc-<target>_mask.nii.gz, or to null.")
+    truth_img = nib.load(str(truth_path))
+    brain = np.asarray(mask.dataobj) > 0
+    truth = resample_to_grid(truth_img, mask.affine, mask.shape) > 0.5
+    subdirs = manifest.set_index("image_id")["subdir"]
+    rows = []
+    for method in methods:
+        rows.append({"method": method, "space": "template", "level": "group",
+                     "enrichment": top_fraction_enrichment(means[method], truth, brain), "chance": truth[brain].mean()})
+        template = subject_maps(fold_dirs, method, "template")
+        rows.append({"method": method, "space": "template", "level": "subject",
+                     "enrichment": np.mean([top_fraction_enrichment(img.get_fdata(), truth, brain)
+                                            for img in template.values()]), "chance": truth[brain].mean()})
+        scores, chances = [], []
+        for image_id, native in subject_maps(fold_dirs, method, "native").items():
+            pose_file = truth_dir / subdirs[image_id] / "anat" / f"{image_id}_from-{SPACE}_to-T1w_pose.json"
+            pose = np.array(json.loads(pose_file.read_text())["matrix"])
+            to_template = np.linalg.inv(pose) @ native.affine
+            native_truth = resample_to_grid(truth_img, to_template, native.shape[:3]) > 0.5
+            native_brain = resample_to_grid(mask, to_template, native.shape[:3]) > 0.5
+            scores.append(top_fraction_enrichment(native.get_fdata(), native_truth, native_brain))
+            chances.append(native_truth[native_brain].mean())
+        rows.append({"method": method, "space": "native", "level": "subject", "enrichment": np.mean(scores),
+                     "chance": np.mean(chances)})
+    return pd.DataFrame(rows)
+
+
+def combine_folds(fold_dirs: list[Path], mask_path: Path, out_dir: Path, methods: list[str]) -> dict[str, np.ndarray]:
+    """Group statistics over subjects of the fold-averaged maps; write them and the region table.
+    Returns each method's mean |attribution| map."""
+    mask = nib.load(str(mask_path))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means = {}
+    for method in methods:
+        maps = np.stack([img.get_fdata() for img in subject_maps(fold_dirs, method, "template").values()])
+        write_statistics(maps, SIGNED[method], mask.affine, out_dir, method)
+        means[method] = np.abs(maps).mean(axis=0)
+    region_table(means, mask).to_csv(out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
+    return means
+
+
+def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int) -> None:
+    """Glass-brain and orthogonal-slice PNGs of each method's group mean map over the study template."""
     import matplotlib
 
     matplotlib.use("Agg")
     from nilearn import plotting
 
-    for method in METHODS:
+    for method in methods:
         img = group_map(str(out_dir), method)
-        vmax = float(np.quantile(nib.load(img).get_fdata(), 0.999))
-        title = f"mean |{method}| attribution, test set, {n_folds} fold(s)"
+        vmax = float(np.quantile(nib.load(img).get_fdata(), 0.999)) or 1.0
+        title = f"mean |{method}|, test set, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
         display.savefig(str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
@@ -156,6 +204,41 @@ def plot_group(out_dir: Path, template: Path, n_folds: int) -> None:
         display = plotting.plot_glass_brain(img, title=title, threshold=vmax * 0.3, vmax=vmax, cmap="inferno")
         display.savefig(str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
         display.close()
+
+
+def prediction_error(predictions: pd.DataFrame) -> np.ndarray:
+    """Per row: |predicted - true| (regression), or 1 - p(true class) (classification: p_<class> columns)."""
+    if any(c.startswith("p_") for c in predictions.columns):
+        return 1 - np.array([float(row[f"p_{row['true']}"]) for _, row in predictions.iterrows()])
+    return (predictions["predicted"].astype(float) - predictions["true"].astype(float)).abs().to_numpy()
+
+
+def plot_extremes(predictions: pd.DataFrame, fold_dirs: list[Path], preproc_dir: Path, channels: list[str],
+                  method: str, png: Path, n: int = 3) -> None:
+    """The ``n`` best and ``n`` worst predicted test images (``predictions`` with their ``subdir``):
+    each one's fold-mean ``method`` map over its preprocessed reference image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    error = prediction_error(predictions)
+    order = np.argsort(error, kind="stable")
+    chosen = [(i, "best") for i in order[:n]] + [(i, "worst") for i in order[::-1][:n]]
+    maps = subject_maps(fold_dirs, method, "template")
+    fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 2.6 * len(chosen)))
+    for ax, (i, kind) in zip(np.atleast_1d(axes), chosen):
+        row = predictions.iloc[i]
+        background = derivative_paths(preproc_dir, row["subdir"], row["image_id"], channels)[f"image_{channels[0]}"]
+        img = maps[row["image_id"]]
+        vmax = float(np.quantile(np.abs(img.get_fdata()), 0.999)) or 1.0
+        title = f"{kind}: {row['image_id']}  true {row['true']}  predicted {row['predicted']}  error {error[i]:.2f}"
+        plotting.plot_stat_map(img, bg_img=str(background), axes=ax, title=title, threshold=0.3 * vmax, vmax=vmax,
+                               cmap="cold_hot", draw_cross=False, display_mode="ortho", cut_coords=(0, -17, 15),
+                               annotate=False)
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
@@ -169,24 +252,44 @@ def main(argv=None) -> None:
     fold.add_argument("--preproc-dir", type=Path, required=True)
     fold.add_argument("--model", type=Path, required=True)
     fold.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
-    fold.add_argument("--window", type=int, default=8, help="occlusion window, voxels")
-    fold.add_argument("--stride", type=int, default=4, help="occlusion stride, voxels")
+    fold.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    fold.add_argument("--settings", default="{}", help="JSON of pipeline.attribution.Settings fields")
+    fold.add_argument("--target-class", help="class to explain (default: the predicted class)")
     fold.add_argument("--out-dir", type=Path, required=True)
     fold.add_argument("--threads", type=int, default=1)
-    group = commands.add_parser("group", help="mean of the folds' group maps, with PNGs")
+    group = commands.add_parser("group", help="group statistics over folds and subjects, tables and PNGs")
     group.add_argument("fold_dirs", type=Path, nargs="+")
+    group.add_argument("--manifest", type=Path, required=True)
+    group.add_argument("--predictions", type=Path, required=True, help="the ensemble's test predictions")
+    group.add_argument("--preproc-dir", type=Path, required=True)
+    group.add_argument("--channels", nargs="+", default=["T1w"])
     group.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
+    group.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
+    group.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    group.add_argument("--target", required=True)
+    group.add_argument("--groundtruth", type=Path, help="simulated cohort's ground-truth folder (validation)")
     group.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if args.command == "fold":
             torch.set_num_threads(args.threads)
+            settings = Settings(**json.loads(args.settings))
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
-            explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, args.window, args.stride,
-                         args.channels)
+            explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, args.methods, settings,
+                         args.channels, args.target_class)
+            print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
-            combine_folds(args.fold_dirs, args.out_dir)
-            plot_group(args.out_dir, args.template, len(args.fold_dirs))
+            means = combine_folds(args.fold_dirs, args.mask, args.out_dir, args.methods)
+            plot_group(args.out_dir, args.template, args.methods, len(args.fold_dirs))
+            manifest = read_tsv(args.manifest)
+            predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")
+            plot_extremes(predictions, args.fold_dirs, args.preproc_dir, args.channels, args.methods[0],
+                          args.out_dir / "subjects_best_worst.png")
+            if args.groundtruth:
+                table = validation_table(args.fold_dirs, args.methods, means, nib.load(str(args.mask)),
+                                         args.groundtruth, args.target, manifest)
+                table.to_csv(args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
+                print(table.to_string(index=False), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import base64
 import html
 import json
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -46,7 +47,41 @@ def table_html(table: pd.DataFrame, index: bool = False) -> str:
     return table.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="")
 
 
-def build_report(results: Path, out: Path, qc_pngs: list[Path]) -> Path:
+def metrics_html(metrics: pd.DataFrame) -> str:
+    """The metrics table with each ensemble interval shown as [low, high] under its metric."""
+    shown = metrics[[c for c in metrics.columns if not c.endswith(("_ci_low", "_ci_high"))]].copy().astype(object)
+    for column in shown.columns:
+        low, high = f"{column}_ci_low", f"{column}_ci_high"
+        if low in metrics:
+            value = metrics.at["ensemble", column]
+            shown.at["ensemble", column] = f"{value:.3f} [{metrics.at['ensemble', low]:.3f}, {metrics.at['ensemble', high]:.3f}]"
+    return shown.to_html(float_format=lambda v: f"{v:.3f}", na_rep="")
+
+
+def provenance(config: dict) -> str:
+    """Package versions, the code's git commit and the study's configuration."""
+    from importlib.metadata import version
+
+    packages = ["pipeline", "torch", "antspyx", "monai", "captum", "nibabel", "nilearn", "pybids", "snakemake",
+                "scikit-learn", "numpy", "pandas"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except Exception:  # not installed
+            versions[name] = "not installed"
+    repo = Path(__file__).resolve().parents[2]
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    described = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "") \
+        if commit.returncode == 0 else "not a git checkout"
+    return (f"<p>Code: {html.escape(described)}</p>"
+            + table_html(pd.DataFrame(list(versions.items()), columns=["package", "version"]))
+            + f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>")
+
+
+def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
     """Write the HTML report from the files of a finished study under ``results``."""
     exclusions = read_tsv(results / "ingest_report.tsv")
     balance = read_tsv(results / "split_balance.tsv")
@@ -59,12 +94,14 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     curves = learning_curves(histories, out.parent / "learning_curves.png")
     explain = results / "explain"
+    methods = config["explain"]["methods"]
     headline = "roc_auc" if task == "classification" else "mae"
+    low, high = summary["ensemble"][f"{headline}_ci"]
     sections = [
         f"<h1>Study report: {html.escape(task)} of <code>{html.escape(target)}</code>, {len(folds)} fold(s)</h1>",
-        f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b>; "
-        f"per fold {summary['fold_mean'][headline]:.3f} ± {summary['fold_sd'].get(headline, float('nan')):.3f} "
-        "(mean ± sd).</p>",
+        f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b> "
+        f"(95 % bootstrap interval {low:.3f}–{high:.3f}); per fold {summary['fold_mean'][headline]:.3f} ± "
+        f"{summary['fold_sd'].get(headline, float('nan')):.3f} (mean ± sd).</p>",
         "<h2>Cohort and split balance</h2>",
         "<p>Participants, images and the target's distribution in each split of each fold. "
         "The test participants are the same in every fold; no participant is in two splits.</p>",
@@ -74,16 +111,26 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path]) -> Path:
         "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(hyper, indent=2))}</pre>",
         embed_png(curves, "Learning curves per fold"),
         "<h2>Test-set performance</h2>",
-        "<p>One row per fold's model, their mean and sd, and the ensemble (mean prediction of the folds).</p>",
-        table_html(metrics, index=True),
+        "<p>One row per fold's model, their mean and sd, and the ensemble (mean prediction of the folds) with "
+        "95 % bootstrap intervals over participants."
+        + (" <code>corrected_*</code>: after the brain-age bias correction fitted on each fold's validation "
+           "images." if task == "regression" else "") + "</p>",
+        metrics_html(metrics),
         embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
-        "<h2>Explanation maps (template space, mean over folds)</h2>",
-        *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| attribution ({v})")
-          for m in ("occlusion", "gradient") for v in ("slices", "glass")],
-        "<h2>Preprocessing quality control (first images)</h2>",
-        *[embed_png(p, p.name) for p in qc_pngs],
-        "<h2>Provenance</h2>", f"<p>pipeline {html.escape(__version__)}</p>",
+        "<h2>Explanation maps (template space, mean over folds and test subjects)</h2>",
+        *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
+          for v in ("slices", "glass")],
+        embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
+        "<h3>Regions ranked by mean |attribution| (relative to the brain mean)</h3>",
+        "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.atlas).</p>",
+        table_html(read_tsv(explain / "regions.tsv").head(12)),
     ]
+    if (explain / "validation.tsv").exists():
+        sections += ["<h3>Validation against the simulated ground truth</h3>",
+                     "<p>Share of each method's top 5 % of |attribution| inside the true effect, relative to "
+                     "chance (1 = no better than chance).</p>", table_html(read_tsv(explain / "validation.tsv"))]
+    sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
+                 "<h2>Provenance</h2>", provenance(config)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
     out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
@@ -95,9 +142,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--qc", type=Path, nargs="*", default=[])
+    parser.add_argument("--config", default="{}", help="the study's configuration (JSON), for the provenance")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    print(f"report: {build_report(args.results, args.out, args.qc).resolve()}")
+    print(f"report: {build_report(args.results, args.out, args.qc, json.loads(args.config)).resolve()}")
 
 
 if __name__ == "__main__":

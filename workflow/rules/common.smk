@@ -1,5 +1,6 @@
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -18,12 +19,17 @@ sys.path.insert(0, str(SRC.parent))
 from pipeline.fingerprint import tree_fingerprint
 from pipeline.paths import SPACE, explanation_maps, group_map
 from pipeline.paths import preprocessed as preprocessed_paths
+from pipeline.snakemake_compat import fix_group_components
+
+# Cluster profiles batch preprocessing with --group-components; Snakemake 9 needs a fix for that
+# in a workflow with a checkpoint (see pipeline/snakemake_compat.py).
+fix_group_components()
 
 RESULTS = config["results_dir"]
 BIDS = config["bids_dir"]
 PREPROC = f"{RESULTS}/derivatives/pipeline"
 GRID = f"{RESULTS}/grid"
-CHANNELS = list(config.get("channels") or {"T1w": {}})
+CHANNELS = list(config["channels"])  # the first is the reference (registration, native space)
 FOLDS = [f"fold-{k}" for k in range(1, config["split"]["folds"] + 1)]
 
 

@@ -1,3 +1,9 @@
+EXPLAIN = config["explain"]
+METHODS = EXPLAIN["methods"]
+SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_samples", "smoothgrad_noise",
+                                    "ig_steps", "ig_baseline", "gradcam_layer")}
+
+
 rule explain:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
@@ -5,17 +11,18 @@ rule explain:
         model=rules.train.output.model,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=source("explain", "paths"),
+        code=source("explain", "attribution", "paths"),
     output:
         index=f"{RESULTS}/explain/{{fold}}/maps.tsv",
         maps=directory(f"{RESULTS}/explain/{{fold}}/maps"),
-        group=[group_map(f"{RESULTS}/explain/{{fold}}", m) for m in ("occlusion", "gradient")],
+        group=[group_map(f"{RESULTS}/explain/{{fold}}", m, s) for m in METHODS for s in ("mean", "sd", "t")],
     params:
         preproc_dir=preproc_root,
         channels=CHANNELS,
         out_dir=parent_of("index"),
-        window=config["explain"]["window"],
-        stride=config["explain"]["stride"],
+        methods=METHODS,
+        settings=json.dumps(SETTINGS),
+        target_class=f"--target-class {shlex.quote(EXPLAIN['target_class'])}" if EXPLAIN["target_class"] else "",
     log:
         f"{RESULTS}/logs/explain/{{fold}}.log",
     benchmark:
@@ -30,35 +37,46 @@ rule explain:
     shell:
         "python -m pipeline.explain fold --manifest {input.manifest:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --channels {params.channels} --preproc-dir {params.preproc_dir:q}"
-        " --model {input.model:q} --mask {input.mask:q} --window {params.window} --stride {params.stride}"
-        " --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+        " --model {input.model:q} --mask {input.mask:q} --methods {params.methods} --settings {params.settings:q}"
+        " {params.target_class} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule explain_folds:
     input:
+        indexes=expand(rules.explain.output.index, fold=FOLDS),
         groups=expand(rules.explain.output.group, fold=FOLDS),
+        manifest=f"{RESULTS}/manifest.tsv",
+        predictions=rules.evaluate_folds.output.predictions,
+        arrays=preprocessed("array"),
         template=rules.grid.output.template,
-        code=source("explain", "paths"),
+        mask=rules.grid.output.mask,
+        code=source("explain", "atlas", "paths"),
     output:
-        group=[group_map(f"{RESULTS}/explain", m) for m in ("occlusion", "gradient")],
-        pngs=expand(
-            f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png",
-            method=["occlusion", "gradient"],
-            view=["slices", "glass"],
-        ),
+        group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
+        regions=f"{RESULTS}/explain/regions.tsv",
+        pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
+        extremes=f"{RESULTS}/explain/subjects_best_worst.png",
+        validation=[f"{RESULTS}/explain/validation.tsv"] if EXPLAIN["groundtruth"] else [],
     params:
-        fold_dirs=parents_of("groups"),
-        out_dir=parent_of("group"),
+        fold_dirs=parents_of("indexes"),
+        preproc_dir=preproc_root,
+        channels=CHANNELS,
+        methods=METHODS,
+        target=config["target"],
+        groundtruth=f"--groundtruth {shlex.quote(EXPLAIN['groundtruth'])}" if EXPLAIN["groundtruth"] else "",
+        out_dir=parent_of("regions"),
     log:
         f"{RESULTS}/logs/explain/group.log",
     benchmark:
         f"{RESULTS}/benchmarks/explain/group.tsv"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=4000,
+        runtime=20,
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.explain group {params.fold_dirs:q} --template {input.template:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m pipeline.explain group {params.fold_dirs:q} --manifest {input.manifest:q}"
+        " --predictions {input.predictions:q} --preproc-dir {params.preproc_dir:q} --channels {params.channels}"
+        " --template {input.template:q} --mask {input.mask:q} --methods {params.methods} --target {params.target:q}"
+        " {params.groundtruth} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -9,6 +9,9 @@ rule report:
         summary=rules.evaluate_folds.output.metrics,
         performance=rules.evaluate_folds.output.plot,
         maps=rules.explain_folds.output.pngs,
+        extremes=rules.explain_folds.output.extremes,
+        regions=rules.explain_folds.output.regions,
+        validation=rules.explain_folds.output.validation,
         qc=preprocessed("qc"),
         code=source("report"),
     output:
@@ -20,6 +23,7 @@ rule report:
     params:
         results=lambda wildcards, input: str(Path(input.manifest).parent),
         qc_shown=lambda wildcards, input: input.qc[:4],
+        config=json.dumps(config),
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
@@ -32,4 +36,4 @@ rule report:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.report --results {params.results:q} --qc {params.qc_shown:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --config {params.config:q} --out {output:q} > {log:q} 2>&1"

@@ -2,6 +2,7 @@ rule train:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
+        targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
         code=source("train", "models", "augment", "sampler", "data"),
     output:
@@ -29,5 +30,5 @@ rule train:
     shell:
         "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
         " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
-        " --task {params.task} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
+        " --task {params.task} --targets {input.targets:q} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
         " --threads {threads} > {log:q} 2>&1"

@@ -1,0 +1,151 @@
+"""Attribution maps of one image (captum does the mathematics; this module picks the settings).
+
+Every function takes a model in eval mode, a (1, C, X, Y, Z) image tensor and the index of the
+output to attribute, and returns an (X, Y, Z) float32 map on the image's grid (channels summed).
+Signed methods (occlusion, integrated gradients, Grad-CAM) keep their sign; gradient and
+SmoothGrad are magnitudes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+
+from pipeline.errors import InputError
+
+METHODS = ("occlusion", "gradient", "smoothgrad", "integrated_gradients", "gradcam")
+SIGNED = {"occlusion": True, "gradient": False, "smoothgrad": False, "integrated_gradients": True, "gradcam": True}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Settings of every method (config ``explain``); intensities in z-score units."""
+
+    window: int = 8
+    stride: int = 4
+    baseline: float = 0.0
+    smoothgrad_samples: int = 16
+    smoothgrad_noise: float = 0.3
+    ig_steps: int = 32
+    ig_baseline: str | float = "train_mean"
+    gradcam_layer: str = "features.2"
+    seed: int = 0
+
+
+def window_starts(size: int, window: int, stride: int) -> range:
+    """Start voxels of the occlusion windows along one axis, as captum places them: every
+    ``stride`` from 0 until a window reaches the end (the last one may be cut by the edge)."""
+    if window > size:
+        raise InputError(f"The occlusion window ({window} voxels) is larger than the image axis ({size}); "
+                         "lower `explain.window` in config.")
+    return range(0, math.ceil((size - window) / stride) * stride + 1, stride)
+
+
+@torch.no_grad()
+def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, batch: int = 64,
+              baseline: float = 0.0) -> np.ndarray:
+    """Occlusion sensitivity, equal to captum's ``Occlusion`` with a (C, window, window, window)
+    sliding window, ``stride`` and ``baseline``: the mean output drop over the windows covering
+    a voxel when they are set to the baseline.
+
+    A window whose voxels all equal the baseline already (outside the brain) leaves the input
+    unchanged, so its output drop is exactly zero: it is counted but not evaluated.
+    """
+    shape = x.shape[2:]
+    reference = model(x)[0, target]
+    attribution = torch.zeros(shape, dtype=torch.float64)
+    counts = torch.zeros(shape, dtype=torch.float64)
+    informative = []
+    for corner in itertools.product(*(window_starts(n, window, stride) for n in shape)):
+        box = tuple(slice(c, c + window) for c in corner)
+        counts[box] += 1
+        if (x[(0, slice(None), *box)] != baseline).any():
+            informative.append(box)
+    for start in range(0, len(informative), batch):
+        boxes = informative[start:start + batch]
+        occluded = x.repeat(len(boxes), 1, 1, 1, 1)
+        for j, box in enumerate(boxes):
+            occluded[(j, slice(None), *box)] = baseline
+        drops = reference - model(occluded)[:, target]
+        for drop, box in zip(drops.double(), boxes):
+            attribution[box] += drop
+    return (attribution / counts).float().numpy()
+
+
+def gradient(model, x: torch.Tensor, target: int) -> np.ndarray:
+    """|d output / d input| (captum ``Saliency``), summed over channels."""
+    grads = Saliency(model).attribute(x.clone().requires_grad_(True), target=target, abs=True)
+    return grads[0].sum(0).detach().numpy()
+
+
+def smoothgrad(model, x: torch.Tensor, target: int, samples: int, noise: float, seed: int = 0) -> np.ndarray:
+    """SmoothGrad: mean |gradient| over ``samples`` copies with Gaussian noise of sd ``noise``
+    (captum ``NoiseTunnel`` over ``Saliency``); the noise is drawn from torch's generator seeded with ``seed``."""
+    torch.manual_seed(seed)
+    grads = NoiseTunnel(Saliency(model)).attribute(x.clone().requires_grad_(True), nt_type="smoothgrad",
+                                                   nt_samples=samples, nt_samples_batch_size=8, stdevs=noise,
+                                                   target=target, abs=True)
+    return grads[0].sum(0).detach().numpy()
+
+
+def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseline: float | torch.Tensor = 0.0
+                         ) -> tuple[np.ndarray, float]:
+    """Integrated Gradients from ``baseline`` (a constant or a (1, C, X, Y, Z) image; captum,
+    Gauss-Legendre, ``steps``), and the completeness error |sum(attribution) - (f(x) - f(baseline))|
+    relative to |f(x) - f(baseline)|.
+
+    With per-image normalisation (instance norm) a network barely changes along the path from a
+    constant 0 (a scaled image normalises to the same features), so the constant baseline gives
+    meaningless attributions and a large completeness error: use an image, e.g. the training mean.
+    """
+    attribution, delta = IntegratedGradients(model).attribute(
+        x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=8, return_convergence_delta=True)
+    reference = baseline if torch.is_tensor(baseline) else torch.full_like(x, baseline)
+    with torch.no_grad():
+        change = float(model(x)[0, target] - model(reference)[0, target])
+    return attribution[0].sum(0).detach().numpy(), abs(float(delta)) / max(abs(change), 1e-12)
+
+
+def gradcam(model, x: torch.Tensor, target: int, layer: str) -> np.ndarray:
+    """Grad-CAM on the module named ``layer`` (ReLU of the gradient-weighted activations), upsampled
+    trilinearly to the input grid (captum ``LayerGradCam`` + ``LayerAttribution.interpolate``)."""
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        convolutional = [n for n, m in modules.items() if n and isinstance(m, (torch.nn.Sequential, torch.nn.Conv3d))]
+        raise InputError(f"The model has no layer {layer!r} for Grad-CAM (`explain.gradcam_layer`); "
+                         f"candidates: {', '.join(convolutional)}.")
+    cam = LayerGradCam(model, modules[layer]).attribute(x, target=target, relu_attributions=True)
+    upsampled = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="trilinear")
+    return upsampled[0].sum(0).detach().numpy()
+
+
+def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
+              ig_baseline: torch.Tensor | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness
+    error). ``ig_baseline`` is IG's baseline image when ``settings.ig_baseline`` is ``train_mean``."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise InputError(f"Unknown explanation method(s) {unknown} in `explain.methods`; choose from {list(METHODS)}.")
+    maps, diagnostics = {}, {}
+    for method in methods:
+        if method == "occlusion":
+            maps[method] = occlusion(model, x, target, settings.window, settings.stride, baseline=settings.baseline)
+        elif method == "gradient":
+            maps[method] = gradient(model, x, target)
+        elif method == "smoothgrad":
+            maps[method] = smoothgrad(model, x, target, settings.smoothgrad_samples, settings.smoothgrad_noise,
+                                      settings.seed)
+        elif method == "integrated_gradients":
+            baseline = ig_baseline if settings.ig_baseline == "train_mean" else float(settings.ig_baseline)
+            if baseline is None:
+                raise InputError("Integrated gradients from the training mean need that mean image.")
+            maps[method], diagnostics["completeness_error"] = integrated_gradients(
+                model, x, target, settings.ig_steps, baseline)
+        else:
+            maps[method] = gradcam(model, x, target, settings.gradcam_layer)
+    return {m: a.astype(np.float32) for m, a in maps.items()}, diagnostics
