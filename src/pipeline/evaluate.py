@@ -36,7 +36,10 @@ NOT_BOOTSTRAPPED = {"n", "train_mean", "best_epoch", "correction_slope", "correc
 
 @torch.no_grad()
 def predict(model, coder, table: pd.DataFrame, target: str, batch_size: int = 8) -> pd.DataFrame:
-    """Predictions for every row of ``table``, keyed by its ids (and its ``split`` when present)."""
+    """Predictions for every row of ``table``, keyed by its ids (and its ``split`` when present).
+    ``model`` takes whole images: a slice or patch model comes from ``load_model`` wrapped in
+    ``sampler.ImageModel``, whose prediction is ``sampler.aggregate``, the mean of the network
+    outputs over the image's views."""
     outputs = [model(load_batch(table["array"].iloc[i:i + batch_size].tolist())) for i in range(0, len(table), batch_size)]
     decoded = coder.decode(torch.cat(outputs))
     keys = ["participant_id", "session", "image_id", *(["split"] if "split" in table else [])]

@@ -1,33 +1,51 @@
-"""Train one model on the preprocessed arrays: augmentation, early stopping, exact resume.
+"""Train one fold's model on the preprocessed arrays.
 
-Writes ``model.pt`` (best weights on validation loss + everything needed to use them),
-``history.tsv`` (one row per epoch), ``hyperparameters.json`` (the resolved settings),
-TensorBoard logs, and ``checkpoints/last.pt`` from which an interrupted run resumes exactly.
+Writes ``model.pt`` (best weights on validation loss + everything needed to use them; tensors
+and plain types only), ``history.tsv`` (one row per epoch, rewritten after each: losses,
+metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
+epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
+TensorBoard logs, an MLflow file store with ``tracking: mlflow``, and ``checkpoints/last.pt``
+and ``best.pt``. An interrupted run resumes exactly from ``last.pt`` (weights, optimizer,
+scheduler, loss scaler, every RNG state, epoch, early-stopping state) when settings, data and
+code are unchanged: it ends with the weights an uninterrupted run would have.
+
+One process, or several through ``torchrun`` (DistributedDataParallel; NCCL on GPUs, gloo on
+CPUs): every process draws the same data order and augmentation parameters, trains on its
+share of each batch and validates its share of the validation images; process 0 writes.
+On CPU the same config, seed and thread count give bit-identical weights. ``amp: true`` trains
+with float16 autocast and loss scaling on CUDA (no effect on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import hashlib
 import json
+import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.augment import Augmentation
-from pipeline.data import TargetCoder, load_batch, study_table
+from pipeline.augment import Augmentation, select
+from pipeline.data import ArrayLoader, TargetCoder, study_table
 from pipeline.errors import InputError
-from pipeline.models import build_model
+from pipeline.models import REGISTRY, build_model
+from pipeline.sampler import ImageModel, Sampler, build_sampler
 
 DEFAULTS = {
     "model": "simple_cnn", "model_args": {}, "epochs": 40, "batch_size": 8, "learning_rate": 1e-3,
-    "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {},
+    "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {}, "sampler": {"kind": "image"},
+    "amp": False, "tracking": "none", "prefetch": 2,
 }
 
 
@@ -36,50 +54,86 @@ def resolve(hyper: dict) -> dict:
     unknown = set(hyper) - set(DEFAULTS)
     if unknown:
         raise InputError(f"Unknown training setting(s) {sorted(unknown)} in config `train`; known: {sorted(DEFAULTS)}")
-    return {**DEFAULTS, **hyper}
+    resolved = {**DEFAULTS, **hyper}
+    if resolved["tracking"] not in ("none", "mlflow"):
+        raise InputError(f"config `train.tracking` must be 'none' or 'mlflow', not {resolved['tracking']!r}")
+    return resolved
 
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and torch; make torch deterministic; return the data-order generator."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True)
+    # CUDA lacks deterministic kernels for some backward passes (max-pool 3D): warn there, exact on CPU.
+    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
     return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in a (possibly distributed) run."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls) -> "Process":
+        """Join the ``torchrun`` process group when WORLD_SIZE > 1; pick this process's device."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        if world > 1:
+            import torch.distributed as dist
+
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            return cls(dist.get_rank(), world, device)
+        return cls(0, 1, device)
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over processes (the tensor itself with one process)."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed as dist
+
+        reduced = tensor.to(self.device).clone()
+        dist.all_reduce(reduced)
+        return reduced.to(tensor.device)
+
+    def share(self, index: torch.Tensor) -> torch.Tensor:
+        """This process's contiguous share of ``index`` (equal shares: ``index`` divides evenly in training)."""
+        return index.tensor_split(self.world)[self.rank]
+
+
+def image_batches(n: int, batch_size: int, generator: torch.Generator | None, world: int = 1) -> list[torch.Tensor]:
+    """Index batches of one epoch: shuffled by ``generator`` (training) or in order (None).
+    Training batches are trimmed to a multiple of ``world`` images (equal shares per process),
+    and a batch left with fewer than 2 images (BatchNorm cannot train on one) is dropped."""
+    if generator is None:
+        return list(torch.arange(n).split(batch_size))
+    batches = []
+    for batch in torch.randperm(n, generator=generator).split(batch_size):
+        batch = batch[:len(batch) - len(batch) % world]
+        if len(batch) >= max(2, world):
+            batches.append(batch)
+    return batches
 
 
 def loss_fn(task: str):
     return torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
 
 
-def run_epoch(model, table: pd.DataFrame, labels: torch.Tensor, coder: TargetCoder, batch_size: int,
-              optimizer=None, augment: Augmentation | None = None, generator: torch.Generator | None = None):
-    """One pass over ``table``; trains when ``optimizer`` is given. Returns (mean loss, metric, outputs)
-    over the images seen: in training, a last batch of a single image is dropped (BatchNorm cannot
-    train on one image) and its row of ``outputs`` is NaN."""
-    training = optimizer is not None
-    model.train(training)
-    order = torch.randperm(len(table), generator=generator) if training else torch.arange(len(table))
-    if training and len(order) % batch_size == 1:
-        order = order[:-1]
-    criterion, total = loss_fn(coder.task), 0.0
-    outputs = torch.full((len(table), coder.outputs), float("nan"))
-    paths = table["array"].tolist()
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        x, y = load_batch([paths[i] for i in idx]), labels[idx]
-        if augment is not None:
-            x = augment(x, generator)
-        with torch.set_grad_enabled(training):
-            out = model(x)
-            loss = criterion(out if coder.task == "classification" else out.squeeze(1), y)
-        if training:
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        total += float(loss) * len(idx)
-        outputs[idx] = out.detach()
-    return total / len(order), metric(coder, outputs[order], labels[order]), outputs
+def task_loss(criterion, task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return criterion(outputs.float() if task == "classification" else outputs.float().squeeze(1), targets)
 
 
 def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
@@ -87,6 +141,89 @@ def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> f
     if coder.task == "classification":
         return float((outputs.argmax(1) == labels).float().mean())
     return float(((outputs.squeeze(1) - labels).abs() * coder.std).mean())
+
+
+def metric_sum(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum over views of the metric (absolute errors in target units, or correct predictions)."""
+    return metric(coder, outputs.detach().float(), labels) * len(labels)
+
+
+@dataclass
+class Trainer:
+    """The pieces of one training run; ``train_epoch`` and ``validate`` are its two passes."""
+
+    model: torch.nn.Module  # DistributedDataParallel-wrapped when world > 1
+    network: torch.nn.Module  # the bare network
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    coder: TargetCoder
+    sampler: Sampler
+    augment: Augmentation
+    process: Process
+    amp: bool
+
+    def autocast(self):
+        if self.amp and self.process.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def local_sampler(self) -> Sampler:
+        """The sampler with this process's share of each sub-batch."""
+        if self.process.world == 1 or not self.sampler.batch_size:
+            return self.sampler
+        return dataclasses.replace(self.sampler, batch_size=max(1, self.sampler.batch_size // self.process.world))
+
+    def train_epoch(self, loader: ArrayLoader, targets: torch.Tensor, batch_size: int, generator: torch.Generator,
+                    progress: bool = False) -> dict:
+        """One optimisation pass; returns mean loss and metric over the views seen, steps, and the
+        fraction of the pass spent waiting for data."""
+        self.model.train()
+        criterion, sampler, device = loss_fn(self.coder.task), self.local_sampler(), self.process.device
+        batches = image_batches(len(targets), batch_size, generator, self.process.world)
+        # Every process draws every batch's augmentation and view seed, so generators stay in step
+        # whatever each process's share; views (slices, patches, sub-batch order) come from a
+        # generator per batch and process.
+        params = [self.augment.sample(len(b), generator) for b in batches]
+        view_seeds = torch.randint(0, 2**62, (len(batches),), generator=generator).tolist()
+        shares = [self.process.share(torch.arange(len(b))) for b in batches]
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, metric, views
+        steps, start, wait0 = 0, time.perf_counter(), loader.wait_seconds
+        reads = loader.batches(b[s].tolist() for b, s in zip(batches, shares))
+        for (index, x, _), p, share, seed in tqdm(zip(reads, params, shares, view_seeds), total=len(batches),
+                                                  desc="batches", leave=False, disable=not progress, file=sys.stderr):
+            x = self.augment.apply(select(p, share), x.to(device, non_blocking=True))
+            views = torch.Generator().manual_seed(seed + self.process.rank)
+            for vx, vy in sampler.sub_batches(x, targets[index].to(device), views):
+                with self.autocast():
+                    out = self.model(vx)
+                loss = task_loss(criterion, self.coder.task, out, vy)
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                sums += torch.tensor([float(loss.detach()) * len(vy), metric_sum(self.coder, out, vy), len(vy)],
+                                     dtype=torch.float64)
+                steps += 1
+        seconds = time.perf_counter() - start
+        loss_sum, metric_total, views = self.process.all_sum(sums).tolist()
+        return {"loss": loss_sum / max(views, 1), "metric": metric_total / max(views, 1), "steps": steps,
+                "data_wait": (loader.wait_seconds - wait0) / max(seconds, 1e-9)}
+
+    @torch.no_grad()
+    def validate(self, loader: ArrayLoader, targets: torch.Tensor, batch_size: int) -> dict:
+        """Image-level loss and metric on the validation images (slice and patch models: the mean of
+        each image's view outputs); every process predicts its share, outputs are summed."""
+        self.network.eval()
+        model = ImageModel(self.network, self.sampler)
+        mine = self.process.share(torch.arange(len(targets)))
+        outputs = torch.zeros(len(targets), self.coder.outputs, dtype=torch.float64)
+        for index, x, _ in loader.batches(mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)):
+            with self.autocast():
+                outputs[index] = model(x.to(self.process.device, non_blocking=True)).double().cpu()
+        outputs = self.process.all_sum(outputs).float()
+        loss = task_loss(loss_fn(self.coder.task), self.coder.task, outputs, targets)
+        return {"loss": float(loss), "metric": metric(self.coder, outputs, targets)}
 
 
 def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
@@ -97,96 +234,260 @@ def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+def rng_states(generator: torch.Generator) -> dict:
+    """Every random state a run draws from, as tensors and plain types."""
+    np_state = np.random.get_state(legacy=False)
+    return {"generator": generator.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {**np_state, "state": {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v
+                                            for k, v in np_state["state"].items()}}}
+
+
+def set_rng_states(states: dict, generator: torch.Generator) -> None:
+    generator.set_state(states["generator"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = states["numpy"]
+    np.random.set_state({**np_state, "state": {k: v.numpy() if torch.is_tensor(v) else v
+                                               for k, v in np_state["state"].items()}})
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save through a temporary file, so a kill mid-write never leaves a truncated checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Trackers:
+    """Metrics per epoch: ``history.tsv`` and TensorBoard always, MLflow with ``tracking: mlflow``
+    (a file store in ``out_dir/mlflow``, no server: ``mlflow ui --backend-store-uri <it>``)."""
+
+    def __init__(self, out_dir: Path, hyper: dict, state: dict, enabled: bool):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.out_dir, self.enabled = out_dir, enabled
+        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["epoch"] + 1) if enabled else None
+        self.mlflow = None
+        if enabled and hyper["tracking"] == "mlflow":
+            self.mlflow, state["mlflow_run"] = start_mlflow(out_dir, hyper, state.get("mlflow_run"))
+
+    def log(self, row: dict, history: list[dict]) -> None:
+        if not self.enabled:
+            return
+        pd.DataFrame(history).to_csv(self.out_dir / "history.tsv", sep="\t", index=False)
+        epoch = row["epoch"]
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(key.replace("_", "/", 1), value, epoch)
+        if self.mlflow:
+            client, run_id = self.mlflow
+            for key, value in row.items():
+                if key != "epoch":
+                    client.log_metric(run_id, key, float(value), step=epoch)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.mlflow:
+            client, run_id = self.mlflow
+            client.set_terminated(run_id)
+
+
+def start_mlflow(out_dir: Path, hyper: dict, run_id: str | None):
+    """(client, run id) of this fold's MLflow run in the file store ``out_dir/mlflow``; the run of
+    a resumed training continues."""
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError as exc:
+        raise InputError("config `train.tracking: mlflow` needs MLflow: pip install 'mlflow-skinny' "
+                         "(the `tracking` extra of this package)") from exc
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # local files, no database or server
+    client = MlflowClient(tracking_uri=(out_dir / "mlflow").resolve().as_uri())
+    if run_id is None:
+        experiment = client.get_experiment_by_name("pipeline") or client.create_experiment("pipeline")
+        experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
+        run_id = client.create_run(experiment_id, run_name=out_dir.name).info.run_id
+        for key, value in flatten(hyper).items():
+            client.log_param(run_id, key, value)
+    return (client, run_id), run_id
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return out
+
+
+def sampler_config(sampler: Sampler) -> dict:
+    return {"kind": sampler.kind, **dataclasses.asdict(sampler)}
+
+
+def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Process) -> Trainer:
+    """Network (DDP-wrapped with several processes), AdamW, cosine schedule, loss scaler."""
+    sampler = build_sampler(hyper["sampler"])
+    if hyper["model"] in REGISTRY and REGISTRY[hyper["model"]].task != "image":
+        raise InputError(f"Model {hyper['model']!r} is a segmentation network; config `task` "
+                         f"{coder.task!r} needs one of: "
+                         f"{', '.join(n for n, s in sorted(REGISTRY.items()) if s.task == 'image')}")
+    try:
+        network = build_model(hyper["model"], in_channels, coder.outputs, sampler.spatial_dims, **hyper["model_args"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(f"config `train.model`/`train.model_args`: {exc}") from exc
+    if process.world > 1 and process.device.type == "cuda":  # BatchNorm statistics over all processes' images
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+    network = network.to(process.device)
+    model = network
+    if process.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(network, device_ids=[process.device.index] if process.device.type == "cuda"
+                                        else None)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
+    amp = bool(hyper["amp"]) and process.device.type == "cuda"
+    scaler = torch.amp.GradScaler(process.device.type, enabled=amp)
+    augmentation = Augmentation(**hyper["augmentation"])
+    return Trainer(model, network, optimizer, scheduler, scaler, coder, sampler, augmentation, process, amp)
+
+
+def resume(trainer: Trainer, last: Path, run_id: str, generator: torch.Generator, state: dict) -> dict:
+    """Restore ``last.pt`` into the trainer when it belongs to this run; return the run state."""
+    if not last.exists():
+        return state
+    saved = torch.load(last, weights_only=True, map_location="cpu")  # optimizer state follows its parameters
+    if saved["fingerprint"] != run_id:
+        print(f"ignoring {last}: it belongs to different settings, data or code", file=sys.stderr)
+        return state
+    trainer.network.load_state_dict(saved["model"])
+    trainer.optimizer.load_state_dict(saved["optimizer"])
+    trainer.scheduler.load_state_dict(saved["scheduler"])
+    trainer.scaler.load_state_dict(saved["scaler"])
+    set_rng_states(saved["rng"], generator)
+    print(f"resuming from {last} after epoch {saved['state']['epoch']}", file=sys.stderr)
+    return saved["state"]
+
+
+def checkpoint(trainer: Trainer, run_id: str, generator: torch.Generator, state: dict) -> dict:
+    return {"fingerprint": run_id, "model": trainer.network.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
+            "rng": rng_states(generator), "state": state}
+
+
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
-          classes: list[str] | None = None, channels: list[str] | None = None) -> dict:
+          classes: list[str] | None = None, channels: list[str] | None = None,
+          on_epoch_end: Callable[[int], None] | None = None) -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
-    ``channels`` names the input channels (recorded with the model)."""
+    ``channels`` names the input channels (recorded with the model); ``on_epoch_end(epoch)`` is
+    called after each epoch's checkpoint is written."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
+    process = Process.start()
     generator = seed_everything(hyper["seed"])
     train_rows = table[table["split"] == "train"].reset_index(drop=True)
     val_rows = table[table["split"] == "val"].reset_index(drop=True)
+    if len(train_rows) < 2 or val_rows.empty:
+        raise InputError(f"Fold has {len(train_rows)} training and {len(val_rows)} validation images; "
+                         "training needs at least 2 and 1. Check the split.")
     coder = TargetCoder.fit(task, train_rows[target], classes)
     y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
-    shape = list(np.load(train_rows["array"][0], mmap_mode="r").shape)  # (C, X, Y, Z)
-    model = build_model(hyper["model"], shape[0], coder.outputs, **hyper["model_args"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
-    augment = Augmentation(**hyper["augmentation"])
+    pin = process.device.type == "cuda"
+    train_loader = ArrayLoader(train_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
+    val_loader = ArrayLoader(val_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
+    shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
+    trainer = build_trainer(hyper, shape[0], coder, process)
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     run_id = fingerprint(hyper, table)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "history": []}
     last = ckpt_dir / "last.pt"
-    if last.exists():
-        saved = torch.load(last, weights_only=True)
-        if saved["fingerprint"] == run_id:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            generator.set_state(saved["generator"])
-            torch.set_rng_state(saved["torch_rng"])
-            state = saved["state"]
-            print(f"resuming from {last} after epoch {state['epoch']}", file=sys.stderr)
-        else:
-            print(f"ignoring {last}: it belongs to different settings or data", file=sys.stderr)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["epoch"] + 1)
-    record = {"model": {"name": hyper["model"], "args": hyper["model_args"]}, "target": target,
-              "coder": coder.state(), "input_shape": shape,
-              "channels": list(channels or ["T1w"])}
+    state = resume(trainer, last, run_id, generator, state)
+    trackers = Trackers(out_dir, hyper, state, enabled=process.main)
+    record = {"model": {"name": hyper["model"], "args": hyper["model_args"],
+                        "spatial_dims": trainer.sampler.spatial_dims},
+              "sampler": sampler_config(trainer.sampler), "target": target, "coder": coder.state(),
+              "input_shape": shape, "channels": list(channels or ["T1w"])}
+    name = "accuracy" if task == "classification" else "mae"
     bar = tqdm(range(state["epoch"] + 1, hyper["epochs"] + 1), desc="epochs", file=sys.stderr,
-               initial=state["epoch"], total=hyper["epochs"])
+               initial=state["epoch"], total=hyper["epochs"], disable=not process.main)
     for epoch in bar:
         start = time.perf_counter()
-        train_loss, train_metric, _ = run_epoch(model, train_rows, y_train, coder, hyper["batch_size"],
-                                                optimizer, augment, generator)
-        val_loss, val_metric, _ = run_epoch(model, val_rows, y_val, coder, hyper["batch_size"])
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        name = "accuracy" if task == "classification" else "mae"
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, f"train_{name}": train_metric,
-               f"val_{name}": val_metric, "lr": lr, "seconds": time.perf_counter() - start}
+        fit = trainer.train_epoch(train_loader, y_train, hyper["batch_size"], generator,
+                                  progress=process.main and sys.stderr.isatty())
+        val = trainer.validate(val_loader, y_val, hyper["batch_size"])
+        lr = trainer.optimizer.param_groups[0]["lr"]
+        trainer.scheduler.step()
+        row = {"epoch": epoch, "train_loss": fit["loss"], "val_loss": val["loss"], f"train_{name}": fit["metric"],
+               f"val_{name}": val["metric"], "lr": lr, "seconds": time.perf_counter() - start,
+               "steps": fit["steps"], "data_wait": fit["data_wait"]}
         state["history"].append(row)
-        for key in ("train_loss", "val_loss", f"train_{name}", f"val_{name}"):
-            writer.add_scalar(key.replace("_", "/", 1), row[key], epoch)
-        bar.set_postfix(train_loss=f"{train_loss:.3f}", val_loss=f"{val_loss:.3f}", **{f"val_{name}": f"{val_metric:.3f}"})
+        bar.set_postfix(train_loss=f"{fit['loss']:.3f}", val_loss=f"{val['loss']:.3f}",
+                        **{f"val_{name}": f"{val['metric']:.3f}"}, data_wait=f"{fit['data_wait']:.1%}")
         state["epoch"] = epoch
-        if val_loss < state["best_loss"]:
-            state["best_loss"], state["best_epoch"] = val_loss, epoch
-            torch.save({**record, "state_dict": model.state_dict(), "epoch": epoch, "val_loss": val_loss},
-                       ckpt_dir / "best.pt")
-        torch.save({"fingerprint": run_id, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "generator": generator.get_state(),
-                    "torch_rng": torch.get_rng_state(), "state": state}, last)
+        improved = val["loss"] < state["best_loss"]
+        if improved:
+            state["best_loss"], state["best_epoch"] = val["loss"], epoch
+        if process.main:
+            trackers.log(row, state["history"])
+            if improved:
+                save_atomic({**record, "state_dict": trainer.network.state_dict(), "epoch": epoch,
+                             "val_loss": val["loss"]}, ckpt_dir / "best.pt")
+            save_atomic(checkpoint(trainer, run_id, generator, state), last)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
         if epoch - state["best_epoch"] >= hyper["patience"]:
             print(f"early stopping at epoch {epoch}: no validation improvement for {hyper['patience']} epochs",
                   file=sys.stderr)
             break
-    writer.close()
+    trackers.close()
+    train_loader.close()
+    val_loader.close()
+    return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper,
+                                             "sampler": sampler_config(trainer.sampler)}, process)
 
+
+def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process) -> dict:
+    """Copy the best checkpoint to ``model.pt``; write history and resolved hyperparameters."""
+    if process.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     best = torch.load(ckpt_dir / "best.pt", weights_only=True)
-    torch.save(best, out_dir / "model.pt")
-    pd.DataFrame(state["history"]).to_csv(out_dir / "history.tsv", sep="\t", index=False)
-    (out_dir / "hyperparameters.json").write_text(json.dumps({"target": target, "task": task, **hyper}, indent=2))
+    if process.main:
+        save_atomic(best, out_dir / "model.pt")
+        pd.DataFrame(state["history"]).to_csv(out_dir / "history.tsv", sep="\t", index=False)
+        (out_dir / "hyperparameters.json").write_text(json.dumps(hyper, indent=2))
     return best
 
 
 def load_model(path: Path) -> tuple[torch.nn.Module, TargetCoder, dict]:
-    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code)."""
+    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code).
+    Slice and patch models come wrapped in ``ImageModel``: they take whole (B, C, X, Y, Z)
+    images and return the mean of their outputs over each image's views."""
     record = torch.load(path, weights_only=True, map_location="cpu")
     coder = TargetCoder(**record["coder"])
-    model = build_model(record["model"]["name"], record["input_shape"][0], coder.outputs, **record["model"]["args"])
-    model.load_state_dict(record["state_dict"])
+    spec = record["model"]
+    network = build_model(spec["name"], record["input_shape"][0], coder.outputs, spec.get("spatial_dims", 3),
+                          **spec["args"])
+    network.load_state_dict(record["state_dict"])
+    sampler = build_sampler(record.get("sampler"))
+    model = network if sampler.kind == "image" else ImageModel(network, sampler)
     return model.eval(), coder, record
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--splits", type=Path, required=True)
     parser.add_argument("--preproc-dir", type=Path, required=True)
@@ -197,7 +498,7 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
     parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
@@ -205,6 +506,10 @@ def main(argv=None) -> None:
         best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
                      classes, args.channels)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ rule train:
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
-        code=source("train", "models", "augment", "data"),
+        code=source("train", "models", "augment", "sampler", "data"),
     output:
         model=f"{RESULTS}/train/{{fold}}/model.pt",
         history=f"{RESULTS}/train/{{fold}}/history.tsv",
