@@ -61,6 +61,11 @@ def top_fraction_enrichment(attribution: np.ndarray, region: np.ndarray, brain: 
     return float(hits / chance)
 
 
+def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
+    """The mean (C, X, Y, Z) image of the fold's training rows (integrated gradients' baseline)."""
+    return torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
+
+
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
                  methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None
                  ) -> pd.DataFrame:
@@ -68,7 +73,7 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     model, coder, _ = load_model(model_path)
     affine = nib.load(str(grid_mask)).affine
     test = table[table["split"] == "test"]
-    train_mean = torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
+    train_mean = mean_training_image(table)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     stacks = {m: [] for m in methods}
     rows = []

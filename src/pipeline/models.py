@@ -1,6 +1,7 @@
 """Model registry: 3D networks that map a (B, C, X, Y, Z) image batch to (B, outputs).
 
-``python -m pipeline.models --list`` prints the registered names.
+``python -m pipeline.models --list`` prints the registered names; ``register`` and ``fetch``
+put trained model packages into a registry and get them back (``pipeline.registry``).
 """
 
 from __future__ import annotations
@@ -82,10 +83,15 @@ class SFCN(nn.Module):
 
 
 def main(argv=None) -> None:
+    from pipeline import registry
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--list", action="store_true", help="list registered models")
+    registry.add_commands(parser.add_subparsers(dest="command"))  # register / fetch model packages
     args = parser.parse_args(argv)
-    if args.list:
+    if args.command:
+        registry.run_command(args)
+    elif args.list:
         for name, cls in sorted(REGISTRY.items()):
             print(f"{name}\t{cls.__doc__.splitlines()[0]}")
 

@@ -27,7 +27,7 @@ from pipeline.models import build_model
 
 DEFAULTS = {
     "model": "simple_cnn", "model_args": {}, "epochs": 40, "batch_size": 8, "learning_rate": 1e-3,
-    "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {},
+    "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {}, "init_from": None, "freeze": False,
 }
 
 
@@ -98,10 +98,11 @@ def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
 
 
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
-          classes: list[str] | None = None, channels: list[str] | None = None) -> dict:
+          classes: list[str] | None = None, channels: list[str] | None = None, init: dict | None = None) -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
-    ``channels`` names the input channels (recorded with the model)."""
+    ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
+    fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.finetune``)."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
     generator = seed_everything(hyper["seed"])
@@ -111,6 +112,11 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
     shape = list(np.load(train_rows["array"][0], mmap_mode="r").shape)  # (C, X, Y, Z)
     model = build_model(hyper["model"], shape[0], coder.outputs, **hyper["model_args"])
+    if init is not None:
+        from pipeline.finetune import initialise
+
+        model = initialise(model, init["package"], hyper, coder, target, list(channels or ["T1w"]),
+                           init["recipe"], init["fold"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
     augment = Augmentation(**hyper["augmentation"])
@@ -198,12 +204,15 @@ def main(argv=None) -> None:
     parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", type=Path, help="fetched model package to start from (train.init_from)")
+    parser.add_argument("--recipe", default="{}", help="JSON: the study's preprocessing recipe (with --init-from)")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
         classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
+        init = {"package": args.init_from, "recipe": json.loads(args.recipe), "fold": args.fold} if args.init_from else None
         best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
-                     classes, args.channels)
+                     classes, args.channels, init)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
 
 
