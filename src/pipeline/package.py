@@ -193,8 +193,8 @@ def pack(folder: Path, archive: Path) -> Path:
             else:
                 tar.addfile(info)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.GzipFile(archive, "wb", mtime=0) as out:
-        out.write(buffer.getvalue())
+    with open(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+        out.write(buffer.getvalue())  # no name or time in the gzip header either
     return archive
 
 
