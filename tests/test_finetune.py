@@ -88,3 +88,27 @@ def test_freeze_keeps_batchnorm_statistics():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.2.weight", "classifier.2.bias"]
     with pytest.raises(InputError, match="leaves nothing frozen"):
         freeze(build_model("simple_cnn", 1, 1), 99)
+
+
+def test_the_workflow_fetches_the_package_to_start_from(mini_study, small_bids, tmp_path):
+    """config train.init_from: the fetch_init rule leaves a verified package where train reads it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline import registry
+    from pipeline.apply import SNAKEFILE
+
+    registry.register(mini_study / "package" / "model", "lab/brainage:3", str(tmp_path / "registry"))
+    config = {"bids_dir": str(small_bids), "target": "age", "task": "regression", "results_dir": "results",
+              "registry": str(tmp_path / "registry"), "train": {"init_from": "lab/brainage:3", "freeze": True}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--configfile", "config.yaml",
+                          "--cores", "1", "results/init/lab/brainage/3/checksums.sha256"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert package.load(tmp_path / "results" / "init" / "lab" / "brainage" / "3").spec["target"] == "age"

@@ -61,6 +61,11 @@ def config_keys(recipe: dict) -> dict:
             "bids_filters": recipe["selection"]["bids_filters"]}
 
 
+def compared(recipe: dict) -> dict:
+    """The keys of ``recipe`` that ``mismatches`` compares."""
+    return {key: recipe[key] for key in COMPARED}
+
+
 def mismatches(package: dict, study: dict) -> list[str]:
     """``'<key>: package <value>, study <value>'`` for every compared key that differs."""
     return [f"{key}: package {package.get(key)}, study {study.get(key)}" for key in COMPARED

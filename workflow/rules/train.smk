@@ -4,7 +4,7 @@ rule train:
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
-        init=[INIT_DIR] if INIT else [],
+        init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
         code=source("train", "models", "augment", "data", "finetune", "package"),
     output:
         model=f"{RESULTS}/train/{{fold}}/model.pt",
@@ -17,7 +17,9 @@ rule train:
         target=config["target"],
         task=config["task"],
         hyperparameters=json.dumps(config["train"]),
-        init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(RECIPE))}" if INIT else "",
+        init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(recipe.compared(RECIPE)))}"
+        if INIT
+        else "",
     log:
         f"{RESULTS}/logs/train/{{fold}}.log",
     benchmark:
@@ -40,8 +42,11 @@ if INIT:  # config train.init_from: fetch the package to start from
 
     rule fetch_init:
         output:
-            directory(INIT_DIR),
+            # The package's own manifest stands for its folder (a directory output would gain a
+            # .snakemake_timestamp file, which the package's checksums rightly refuse).
+            f"{INIT_DIR}/checksums.sha256",
         params:
+            folder=INIT_DIR,
             name=str(INIT),
             registry=registry.location(config["registry"]),
         log:
@@ -55,4 +60,5 @@ if INIT:  # config train.init_from: fetch the package to start from
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.models fetch {params.name:q} --registry {params.registry:q} --out {output:q} > {log:q} 2>&1"
+            "rm -rf {params.folder:q} && python -m pipeline.models fetch {params.name:q} --registry {params.registry:q}"
+            " --out {params.folder:q} > {log:q} 2>&1"
