@@ -191,7 +191,7 @@ def combine_folds(fold_dirs: list[Path], mask_path: Path, out_dir: Path, methods
     return means
 
 
-def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int) -> None:
+def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, images: str = "test set") -> None:
     """Glass-brain and orthogonal-slice PNGs of each method's group mean map over the study template."""
     import matplotlib
 
@@ -201,7 +201,7 @@ def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int) 
     for method in methods:
         img = group_map(str(out_dir), method)
         vmax = float(np.quantile(nib.load(img).get_fdata(), 0.999)) or 1.0
-        title = f"mean |{method}|, test set, {n_folds} fold(s)"
+        title = f"mean |{method}|, {images}, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
         display.savefig(str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)

@@ -89,7 +89,7 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
         print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
     for method, stack in stacks.items():
         write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
-    plot_group(out_dir, template, methods, len(pkg.folds))
+    plot_group(out_dir, template, methods, len(pkg.folds), f"{len(table)} image(s)")
     index = pd.DataFrame(rows)
     index.to_csv(out_dir / "maps.tsv", sep="\t", index=False)
     return index

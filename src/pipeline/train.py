@@ -112,6 +112,8 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
     shape = list(np.load(train_rows["array"][0], mmap_mode="r").shape)  # (C, X, Y, Z)
     model = build_model(hyper["model"], shape[0], coder.outputs, **hyper["model_args"])
+    if hyper["init_from"] and init is None:
+        raise InputError(f"train.init_from is {hyper['init_from']!r} but no fetched package was given (--init-from).")
     if init is not None:
         from pipeline.finetune import initialise
 
