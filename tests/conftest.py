@@ -82,3 +82,14 @@ def tree_digest(root: Path) -> dict[str, str]:
 
     return {str(p.relative_to(root)): f"{hashlib.sha1(p.read_bytes()).hexdigest()} {p.stat().st_mtime_ns}"
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def mini_study(tmp_path_factory) -> Path:
+    """A tiny two-fold study trained, evaluated and exported as a model package (tests/minipackage.py):
+    the study folder; the package is ``package/model`` and ``package/model.tar.gz`` under it."""
+    from minipackage import build
+
+    root = tmp_path_factory.mktemp("mini_study")
+    build(root)
+    return root

@@ -114,7 +114,7 @@ def test_slice_model_trains_on_sub_batches_and_predicts_per_image(study, tmp_pat
     model, coder, _ = load_model(tmp_path / "slices" / "model.pt")
     assert isinstance(model, ImageModel)
     test = table[table["split"] == "val"]
-    predicted = predict(model, coder, test, "age", batch_size=3)["predicted"].to_numpy()
+    predicted = predict(model, coder, test, "age")["predicted"].to_numpy()
     x = load_batch(test["array"].tolist())  # (4, 1, 8, 8, 8): 8 axial slices each
     with torch.no_grad():
         slices = model.network(x.permute(0, 4, 1, 2, 3).reshape(32, 1, 8, 8))  # image-major

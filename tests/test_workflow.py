@@ -188,7 +188,7 @@ def test_training_change_reruns_training_not_preprocessing(study):
         write_config(study)
     assert "preprocess" not in jobs and "grid" not in jobs and "ingest" not in jobs and "split" not in jobs
     assert jobs == {"all": 1, "train": 2, "evaluate": 2, "evaluate_folds": 1, "explain": 2, "explain_folds": 1,
-                    "report": 1}
+                    "report": 1, "package": 1}
 
 
 def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
@@ -200,7 +200,7 @@ def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
         write_config(study)
     assert jobs["preprocess"] == n_images
     assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain"))
-    assert all(jobs[stage] == 1 for stage in ("evaluate_folds", "explain_folds", "report"))
+    assert all(jobs[stage] == 1 for stage in ("evaluate_folds", "explain_folds", "report", "package"))
 
 
 def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):

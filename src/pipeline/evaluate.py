@@ -35,24 +35,35 @@ NOT_BOOTSTRAPPED = {"n", "train_mean", "best_epoch", "correction_slope", "correc
 
 
 @torch.no_grad()
-def predict(model, coder, table: pd.DataFrame, target: str, batch_size: int = 8) -> pd.DataFrame:
-    """Predictions for every row of ``table``, keyed by its ids (and its ``split`` when present).
+def predict(model, coder, table: pd.DataFrame, target: str | None) -> pd.DataFrame:
+    """Predictions for every row of ``table``, keyed by its ids (and its ``split`` when present),
+    with the ``true`` value of column ``target`` unless it is None.
+
     ``model`` takes whole images: a slice or patch model comes from ``load_model`` wrapped in
     ``sampler.ImageModel``, whose prediction is ``sampler.aggregate``, the mean of the network
-    outputs over the image's views."""
-    outputs = [model(load_batch(table["array"].iloc[i:i + batch_size].tolist())) for i in range(0, len(table), batch_size)]
+    outputs over the image's views. One image per forward pass: CPU kernels round differently with
+    the batch's size (~1e-7), and a prediction must not depend on which images share its batch, so
+    that a model package applied to the same image reproduces the study's prediction exactly."""
+    outputs = [model(load_batch([path])) for path in table["array"]]
     decoded = coder.decode(torch.cat(outputs))
     keys = ["participant_id", "session", "image_id", *(["split"] if "split" in table else [])]
     out = table[keys].reset_index(drop=True)
-    out["true"] = table[target].to_numpy()
+    if target is not None:
+        out["true"] = table[target].to_numpy()
     if coder.task == "classification":
         out["predicted"] = [coder.classes[i] for i in decoded.argmax(1)]
         for k, name in enumerate(coder.classes):
             out[f"p_{name}"] = decoded[:, k]
     else:
-        out["true"] = out["true"].astype(float)
+        if target is not None:
+            out["true"] = out["true"].astype(float)
         out["predicted"] = decoded
     return out
+
+
+def correct(predictions: pd.DataFrame, slope: float, intercept: float) -> pd.Series:
+    """The bias-corrected prediction (predicted - intercept) / slope (see ``bias_correction``)."""
+    return (predictions["predicted"] - intercept) / slope
 
 
 def regression_metrics(true, predicted, train_mean: float) -> dict:
@@ -135,7 +146,7 @@ def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path) -> dict:
     extra = {}
     if coder.task == "regression":
         slope, intercept = bias_correction(predictions[predictions["split"] == "val"])
-        predictions["predicted_corrected"] = (predictions["predicted"] - intercept) / slope
+        predictions["predicted_corrected"] = correct(predictions, slope, intercept)
         extra = {"correction_slope": slope, "correction_intercept": intercept}
     test = predictions[predictions["split"] == "test"].reset_index(drop=True)
     metrics = {"task": coder.task, "target": target, "classes": coder.classes, "best_epoch": record["epoch"],
@@ -147,13 +158,14 @@ def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path) -> dict:
 
 
 def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) -> pd.DataFrame:
-    """Mean prediction(s) (regression) or mean class probabilities (classification) over folds, by image id."""
-    keys = ["participant_id", "session", "image_id", "true"]
+    """Mean prediction(s) (regression) or mean class probabilities (classification) over folds, by image
+    id (with the ``true`` value when the predictions have one)."""
+    keys = [k for k in ("participant_id", "session", "image_id", "true") if k in fold_predictions[0]]
     stacked = pd.concat(fold_predictions, ignore_index=True)
     if classes:
         columns = [f"p_{c}" for c in classes]
         mean = stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
-        mean.insert(4, "predicted", np.asarray(classes)[mean[columns].to_numpy().argmax(1)])
+        mean.insert(len(keys), "predicted", np.asarray(classes)[mean[columns].to_numpy().argmax(1)])
         return mean
     columns = [c for c in ("predicted", "predicted_corrected") if c in stacked]
     return stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()

@@ -61,6 +61,11 @@ def top_fraction_enrichment(attribution: np.ndarray, region: np.ndarray, brain: 
     return float(hits / chance)
 
 
+def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
+    """The mean (C, X, Y, Z) image of the fold's training rows (integrated gradients' baseline)."""
+    return torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
+
+
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
                  methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None
                  ) -> pd.DataFrame:
@@ -68,7 +73,7 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     model, coder, _ = load_model(model_path)
     affine = nib.load(str(grid_mask)).affine
     test = table[table["split"] == "test"]
-    train_mean = torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
+    train_mean = mean_training_image(table)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     stacks = {m: [] for m in methods}
     rows = []
@@ -187,7 +192,7 @@ def combine_folds(fold_dirs: list[Path], mask_path: Path, out_dir: Path, methods
     return means
 
 
-def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int) -> None:
+def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, images: str = "test set") -> None:
     """Glass-brain and orthogonal-slice PNGs of each method's group mean map over the study template."""
     import matplotlib
 
@@ -197,7 +202,7 @@ def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int) 
     for method in methods:
         img = group_map(str(out_dir), method)
         vmax = float(np.quantile(nib.load(img).get_fdata(), 0.999)) or 1.0
-        title = f"mean |{method}|, test set, {n_folds} fold(s)"
+        title = f"mean |{method}|, {images}, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
         display.savefig(str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)

@@ -367,14 +367,15 @@ def missing_column_error(target: str, path: Path, columns) -> InputError:
 
 # --- the whole stage ------------------------------------------------------------------------
 
-def ingest(bids_dir: Path, target: str, task: str, filters: dict | None = None, *,
+def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None = None, *,
            channels: dict | None = None, sessions: str = "all", runs: str = "all",
            include=(), exclude=(), target_source: str = "participants", label_image: dict | None = None,
            non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None) -> Ingested:
     """Select, match, join and check (see the module docstring): manifest, report and target info.
 
     Arguments are the config keys of the same names (config/README.md); ``cache_dir`` keeps the
-    parsed index and header checks between runs.
+    parsed index and header checks between runs. ``target`` None selects images without joining a
+    target table (applying a trained model: ``pipeline.apply``).
     """
     bids_dir = Path(bids_dir)
     channels = channels or DEFAULT_CHANNELS
@@ -391,8 +392,11 @@ def ingest(bids_dir: Path, target: str, task: str, filters: dict | None = None, 
     samples = samples[chosen(samples["participant_id"], include, exclude)]
     images = [c for c in samples.columns if c == "path" or c.startswith("path_") or c == "label"]
 
-    samples, table_report, participants, source = join_targets(samples, bids_dir, target, task, target_source, non_bids)
-    report += table_report
+    participants, source = None, None
+    if target is not None:
+        samples, table_report, participants, source = join_targets(samples, bids_dir, target, task, target_source,
+                                                                   non_bids)
+        report += table_report
     if participants is not None:
         report.append(unimaged(participants[chosen(participants, include, exclude)], seen, dropped, f"sessions: {sessions}, runs: {runs}"))
 
@@ -407,10 +411,11 @@ def ingest(bids_dir: Path, target: str, task: str, filters: dict | None = None, 
     report = pd.concat([r for r in report if len(r)] or [pd.DataFrame(columns=REPORT_COLUMNS)], ignore_index=True)
     if samples.empty:
         more = f"\n(and {len(report) - 20} more)" if len(report) > 20 else ""
-        raise InputError(f"No usable image in {bids_dir} for target {target!r}; the exclusions:\n"
+        wanted = f" for target {target!r}" if target else ""
+        raise InputError(f"No usable image in {bids_dir}{wanted}; the exclusions:\n"
                          f"{report.head(20).to_string()}{more}")
     manifest = samples.sort_values("image_id", ignore_index=True)
-    classes = sorted(set(manifest[target])) if task == "classification" else None  # as pipeline.data encodes them
+    classes = sorted(set(manifest[target])) if task == "classification" and target else None  # as pipeline.data encodes them
     return Ingested(manifest, report, {"target": target, "task": task, "source": source, "classes": classes})
 
 
@@ -596,7 +601,9 @@ def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path)
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bids_dir", type=Path, help="BIDS dataset root (or the non_bids root)")
-    parser.add_argument("--target", required=True)
+    wanted = parser.add_mutually_exclusive_group(required=True)
+    wanted.add_argument("--target", help="column of the target table")
+    wanted.add_argument("--no-target", action="store_true", help="select images only, join no target table")
     parser.add_argument("--task", choices=["regression", "classification"], required=True)
     parser.add_argument("--filters", type=json.loads, default=DEFAULT_FILTERS, help="JSON: bids_filters")
     parser.add_argument("--channels", type=json.loads, default=DEFAULT_CHANNELS, help="JSON: channels")

@@ -45,7 +45,7 @@ from pipeline.sampler import ImageModel, Sampler, build_sampler
 DEFAULTS = {
     "model": "simple_cnn", "model_args": {}, "epochs": 40, "batch_size": 8, "learning_rate": 1e-3,
     "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {}, "sampler": {"kind": "image"},
-    "amp": False, "tracking": "none", "prefetch": 2,
+    "amp": False, "tracking": "none", "prefetch": 2, "init_from": None, "freeze": False,
 }
 
 
@@ -332,8 +332,10 @@ def sampler_config(sampler: Sampler) -> dict:
     return {"kind": sampler.kind, **dataclasses.asdict(sampler)}
 
 
-def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Process) -> Trainer:
-    """Network (DDP-wrapped with several processes), AdamW, cosine schedule, loss scaler."""
+def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Process,
+                  initialise: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
+    """Network (``initialise``d, e.g. from a model package; DDP-wrapped with several processes),
+    AdamW, cosine schedule, loss scaler."""
     sampler = build_sampler(hyper["sampler"])
     if hyper["model"] in REGISTRY and REGISTRY[hyper["model"]].task != "image":
         raise InputError(f"Model {hyper['model']!r} is a segmentation network; config `task` "
@@ -343,6 +345,8 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
         network = build_model(hyper["model"], in_channels, coder.outputs, sampler.spatial_dims, **hyper["model_args"])
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"config `train.model`/`train.model_args`: {exc}") from exc
+    if initialise is not None:
+        network = initialise(network)
     if process.world > 1 and process.device.type == "cuda":  # BatchNorm statistics over all processes' images
         network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
     network = network.to(process.device)
@@ -384,12 +388,13 @@ def checkpoint(trainer: Trainer, run_id: str, generator: torch.Generator, state:
 
 
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
-          classes: list[str] | None = None, channels: list[str] | None = None,
+          classes: list[str] | None = None, channels: list[str] | None = None, init: dict | None = None,
           on_epoch_end: Callable[[int], None] | None = None) -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
-    ``channels`` names the input channels (recorded with the model); ``on_epoch_end(epoch)`` is
-    called after each epoch's checkpoint is written."""
+    ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
+    fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.finetune``).
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
     process = Process.start()
@@ -405,7 +410,16 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     train_loader = ArrayLoader(train_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
     val_loader = ArrayLoader(val_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
     shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
-    trainer = build_trainer(hyper, shape[0], coder, process)
+    if hyper["init_from"] and init is None:
+        raise InputError(f"train.init_from is {hyper['init_from']!r} but no fetched package was given (--init-from).")
+    from_package = None
+    if init is not None:
+        from pipeline.finetune import initialise
+
+        def from_package(network):
+            return initialise(network, init["package"], hyper, coder, target, list(channels or ["T1w"]),
+                              init["recipe"], init["fold"])
+    trainer = build_trainer(hyper, shape[0], coder, process, from_package)
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -471,19 +485,25 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
     return best
 
 
+def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | None, state_dict) -> torch.nn.Module:
+    """A trained network in eval mode from its recorded ``architecture`` ({name, args, spatial_dims}),
+    ``sampler`` and weights. Slice and patch models come wrapped in ``ImageModel``: they take whole
+    (B, C, X, Y, Z) images and return the mean of their outputs over each image's views."""
+    network = build_model(architecture["name"], in_channels, outputs, architecture.get("spatial_dims", 3),
+                          **architecture["args"])
+    network.load_state_dict(state_dict)
+    views = build_sampler(sampler)
+    model = network if views.kind == "image" else ImageModel(network, views)
+    return model.eval()
+
+
 def load_model(path: Path) -> tuple[torch.nn.Module, TargetCoder, dict]:
-    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code).
-    Slice and patch models come wrapped in ``ImageModel``: they take whole (B, C, X, Y, Z)
-    images and return the mean of their outputs over each image's views."""
+    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code)."""
     record = torch.load(path, weights_only=True, map_location="cpu")
     coder = TargetCoder(**record["coder"])
-    spec = record["model"]
-    network = build_model(spec["name"], record["input_shape"][0], coder.outputs, spec.get("spatial_dims", 3),
-                          **spec["args"])
-    network.load_state_dict(record["state_dict"])
-    sampler = build_sampler(record.get("sampler"))
-    model = network if sampler.kind == "image" else ImageModel(network, sampler)
-    return model.eval(), coder, record
+    model = rebuild(record["model"], record["input_shape"][0], coder.outputs, record.get("sampler"),
+                    record["state_dict"])
+    return model, coder, record
 
 
 def main(argv=None) -> None:
@@ -499,12 +519,15 @@ def main(argv=None) -> None:
     parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    parser.add_argument("--init-from", type=Path, help="fetched model package to start from (train.init_from)")
+    parser.add_argument("--recipe", default="{}", help="JSON: the study's preprocessing recipe (with --init-from)")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
         classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
+        init = {"package": args.init_from, "recipe": json.loads(args.recipe), "fold": args.fold} if args.init_from else None
         best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
-                     classes, args.channels)
+                     classes, args.channels, init)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

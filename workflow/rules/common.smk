@@ -16,7 +16,9 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # imports its standard-library-only modules (paths, fingerprints) from there too.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
+from pipeline import recipe, registry
 from pipeline.fingerprint import tree_fingerprint
+from pipeline.package import files as package_files
 from pipeline.paths import SPACE, explanation_maps, group_map
 from pipeline.paths import preprocessed as preprocessed_paths
 from pipeline.snakemake_compat import fix_group_components
@@ -31,6 +33,33 @@ PREPROC = f"{RESULTS}/derivatives/pipeline"
 GRID = f"{RESULTS}/grid"
 CHANNELS = list(config["channels"])  # the first is the reference (registration, native space)
 FOLDS = [f"fold-{k}" for k in range(1, config["split"]["folds"] + 1)]
+RECIPE = recipe.from_config(config["preprocess"], config["channels"], config["bids_filters"])
+EXPLAIN = config["explain"]
+METHODS = EXPLAIN["methods"]
+SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_samples", "smoothgrad_noise",
+                                    "ig_steps", "ig_baseline", "gradcam_layer")}
+# Fine-tuning (config train.init_from): the package is fetched into INIT_DIR ("latest" without a version).
+INIT = registry.parse_name(config["train"]["init_from"]) if config["train"]["init_from"] else None
+INIT_DIR = f"{RESULTS}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None
+# Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
+APPLY = config["apply"]
+
+
+def package_documents(folder):
+    """A package's spec and recipe (JSON, read at parse time); the config must use its recipe."""
+    try:
+        spec, package_recipe = (json.loads((Path(folder) / name).read_text()) for name in ("spec.json", "preprocessing.json"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"apply.package {folder} is not a readable model package ({exc}); fetch one with "
+                         "python -m pipeline.models fetch, or run python -m pipeline.apply.") from exc
+    differences = recipe.mismatches(package_recipe, RECIPE)
+    if differences:
+        raise ValueError(f"config `preprocess`/`channels` differ from the recipe of apply.package {folder}: "
+                         f"{'; '.join(differences)}. Use the package's (python -m pipeline.apply writes them).")
+    return spec
+
+
+PACKAGE_SPEC = package_documents(APPLY["package"]) if APPLY else None
 
 
 wildcard_constraints:

@@ -1,9 +1,3 @@
-EXPLAIN = config["explain"]
-METHODS = EXPLAIN["methods"]
-SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_samples", "smoothgrad_noise",
-                                    "ig_steps", "ig_baseline", "gradcam_layer")}
-
-
 rule explain:
     input:
         manifest=f"{RESULTS}/manifest.tsv",

@@ -8,7 +8,8 @@ checkpoint ingest:
         targets=f"{RESULTS}/targets.json",
     params:
         bids_dir=BIDS,
-        target=config["target"],
+        # Apply mode selects images only: no target is needed.
+        target="--no-target" if APPLY else f"--target {shlex.quote(config['target'])}",
         task=config["task"],
         filters=json.dumps(config["bids_filters"]),
         channels=json.dumps(config["channels"]),
@@ -36,7 +37,7 @@ checkpoint ingest:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.ingest {params.bids_dir:q} --target {params.target:q} --task {params.task}"
+        "python -m pipeline.ingest {params.bids_dir:q} {params.target} --task {params.task}"
         " --filters {params.filters:q} --channels {params.channels:q} --sessions {params.sessions:q}"
         " --runs {params.runs:q} --target-source {params.target_source} --label-image {params.label_image:q}"
         " --non-bids {params.non_bids:q} {params.check_data} --include {params.include:q}"

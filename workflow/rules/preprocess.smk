@@ -1,12 +1,14 @@
 rule grid:
     input:
         code=source("grid", "template"),
+        package=[f"{APPLY['package']}/checksums.sha256"] if APPLY else [],
     output:
         template=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_T1w.nii.gz",
         mask=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_desc-brain_mask.nii.gz",
     params:
-        resolution=config["preprocess"]["resolution"],
-        shape=config["preprocess"]["shape"],
+        # Apply mode copies the package's grid: new images meet the very grid of the training images.
+        grid=f"--from-package {shlex.quote(APPLY['package'])}" if APPLY else
+        f"--resolution {config['preprocess']['resolution']} --shape {' '.join(map(str, config['preprocess']['shape']))}",
     log:
         f"{RESULTS}/logs/grid.log",
     benchmark:
@@ -18,8 +20,7 @@ rule grid:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.grid --resolution {params.resolution} --shape {params.shape}"
-        " --template {output.template:q} --mask {output.mask:q} > {log:q} 2>&1"
+        "python -m pipeline.grid {params.grid} --template {output.template:q} --mask {output.mask:q} > {log:q} 2>&1"
 
 
 rule preprocess:

@@ -4,7 +4,8 @@ rule train:
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
-        code=source("train", "models", "augment", "sampler", "data"),
+        init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
+        code=source("train", "models", "augment", "sampler", "data", "finetune", "package"),
     output:
         model=f"{RESULTS}/train/{{fold}}/model.pt",
         history=f"{RESULTS}/train/{{fold}}/history.tsv",
@@ -16,6 +17,9 @@ rule train:
         target=config["target"],
         task=config["task"],
         hyperparameters=json.dumps(config["train"]),
+        init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(recipe.compared(RECIPE)))}"
+        if INIT
+        else "",
     log:
         f"{RESULTS}/logs/train/{{fold}}.log",
     benchmark:
@@ -31,4 +35,30 @@ rule train:
         "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
         " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
         " --task {params.task} --targets {input.targets:q} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
-        " --threads {threads} > {log:q} 2>&1"
+        " {params.init} --threads {threads} > {log:q} 2>&1"
+
+
+if INIT:  # config train.init_from: fetch the package to start from
+
+    rule fetch_init:
+        output:
+            # The package's own manifest stands for its folder (a directory output would gain a
+            # .snakemake_timestamp file, which the package's checksums rightly refuse).
+            f"{INIT_DIR}/checksums.sha256",
+        params:
+            folder=INIT_DIR,
+            name=str(INIT),
+            registry=registry.location(config["registry"]),
+        log:
+            f"{RESULTS}/logs/fetch_init.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/fetch_init.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=30,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "rm -rf {params.folder:q} && python -m pipeline.models fetch {params.name:q} --registry {params.registry:q}"
+            " --out {params.folder:q} > {log:q} 2>&1"

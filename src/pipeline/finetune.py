@@ -1,0 +1,103 @@
+"""Fine-tuning: start a fold's network from a fetched model package (config ``train.init_from``).
+
+Rules, each failing with a message that names both sides:
+
+- architecture: the package's network name, arguments and input channels must equal the study's;
+- preprocessing: the package's recipe must equal the study's (``pipeline.recipe.COMPARED``);
+- weights: study fold K starts from package fold ((K - 1) mod n) + 1 of its n folds;
+- head: the output layer (the parameters whose shape depends on the number of outputs) is kept
+  when the package predicts the same thing (task, target and class list); otherwise it starts
+  from random weights, with the reason printed: a different number of classes cannot fit, and the
+  same number of different classes (or another target) would mean something else;
+- ``train.freeze``: ``true`` trains only the last layer with parameters, an integer N the last N;
+  frozen BatchNorm layers keep their running statistics (momentum 0).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from pipeline import package, recipe
+from pipeline.data import TargetCoder
+from pipeline.errors import InputError
+from pipeline.models import build_model
+
+
+def source_fold(fold: str, folds: list[str]) -> str:
+    """The package fold that study ``fold`` (``fold-K``) starts from: ((K - 1) mod n) + 1."""
+    k = int(fold.removeprefix("fold-"))
+    return folds[(k - 1) % len(folds)]
+
+
+def check_architecture(spec: dict, name: str, args: dict, channels: list[str], where: Path) -> None:
+    theirs = (spec["architecture"]["name"], spec["architecture"]["args"], spec["input"]["channels"])
+    ours = (name, args, list(channels))
+    if theirs != ours:
+        raise InputError(f"train.init_from: the package {where} is {theirs[0]} {theirs[1]} on channels {theirs[2]}, "
+                         f"this study {ours[0]} {ours[1]} on channels {ours[2]}. Set `train.model`, "
+                         "`train.model_args` and `channels` to the package's.")
+
+
+def check_preprocessing(theirs: dict, ours: dict, where: Path) -> None:
+    differences = recipe.mismatches(theirs, ours)
+    if differences:
+        raise InputError(f"train.init_from: the package {where} was trained on differently prepared images "
+                         f"({'; '.join(differences)}). Set the study's `preprocess` keys to the package's "
+                         f"({where / package.RECIPE}).")
+
+
+def head_keys(name: str, args: dict, in_channels: int) -> set[str]:
+    """State-dict keys whose shape depends on the number of outputs: the network's head."""
+    one, two = (build_model(name, in_channels, n, **args).state_dict() for n in (1, 2))
+    return {k for k in one if one[k].shape != two[k].shape}
+
+
+def head_reason(spec: dict, coder: TargetCoder, target: str) -> str | None:
+    """Why the package's head cannot be kept (None when it can)."""
+    theirs = f"{spec['task']} of {spec['target']!r}" + (f" into {spec['classes']}" if spec["classes"] else "")
+    ours = f"{coder.task} of {target!r}" + (f" into {coder.classes}" if coder.classes else "")
+    if spec["outputs"] != coder.outputs:
+        return f"the package has {spec['outputs']} output(s) ({theirs}), this study {coder.outputs} ({ours})"
+    if (spec["task"], spec["target"], spec["classes"]) != (coder.task, target, coder.classes):
+        return f"the package's outputs mean {theirs}, this study's {ours}"
+    return None
+
+
+def freeze(model: nn.Module, trainable: int) -> list[str]:
+    """Freeze every layer with parameters except the last ``trainable``; return the trainable layers' names."""
+    layers = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    if trainable >= len(layers):
+        raise InputError(f"train.freeze {trainable} leaves nothing frozen: the network has {len(layers)} layers "
+                         "with parameters.")
+    for _, module in layers[:-trainable]:
+        module.requires_grad_(False)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0  # running statistics stay the package's
+    return [n for n, _ in layers[-trainable:]]
+
+
+def initialise(model: nn.Module, folder: Path, hyper: dict, coder: TargetCoder, target: str, channels: list[str],
+               study_recipe: dict, fold: str) -> nn.Module:
+    """Load a package fold's weights into ``model`` (built from ``hyper``), following the module's rules."""
+    pkg = package.load(folder)
+    check_architecture(pkg.spec, hyper["model"], hyper["model_args"], channels, folder)
+    check_preprocessing(pkg.recipe, study_recipe, folder)
+    start = source_fold(fold, pkg.folds)
+    state = pkg.state_dict(start)
+    reason = head_reason(pkg.spec, coder, target)
+    if reason:
+        head = head_keys(hyper["model"], hyper["model_args"], len(channels))
+        state = {k: v for k, v in state.items() if k not in head}
+        print(f"{fold}: new head ({', '.join(sorted(head))} from random weights): {reason}", file=sys.stderr)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (set(missing) and not reason):
+        raise InputError(f"{folder / package.weights_file(start)} does not fit the network: missing {missing}, "
+                         f"unexpected {unexpected}.")
+    print(f"{fold}: starting from {folder} {start}", file=sys.stderr)
+    trainable = 1 if hyper["freeze"] is True else int(hyper["freeze"] or 0)
+    if trainable:
+        print(f"{fold}: training only {', '.join(freeze(model, trainable))}", file=sys.stderr)
+    return model

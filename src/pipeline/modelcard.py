@@ -1,0 +1,100 @@
+"""The model card of a package (Markdown): data summary without participant ids, performance,
+preprocessing, intended use and limitations."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipeline.split import SPLITS
+
+INTENDED_USE = ("Research use: predicting `{target}` ({task}) from {channels} brain MRI of adults like those in "
+                "the training data, prepared with this package's preprocessing recipe. Not a medical device; "
+                "not for diagnosis or treatment decisions about an individual.")
+LIMITATIONS = [
+    "Trained and tested on {participants} participants from one dataset; performance on other scanners, "
+    "sites, protocols or populations is unknown until measured there.",
+    "Inputs must be prepared exactly as in `preprocessing.json` (template, grid, registration, per-image "
+    "z-scoring); other preprocessing gives meaningless outputs.",
+    "The test metrics are estimates from a held-out set of {test} participants, with the bootstrap "
+    "intervals in `metrics.json`; small test sets give wide intervals.",
+]
+
+
+def distribution(values: pd.Series, task: str) -> str:
+    """``mean ± sd (min–max)`` of a numeric target, or class counts."""
+    if task == "classification":
+        return ", ".join(f"{k}: {v}" for k, v in values.astype(str).value_counts().sort_index().items())
+    numbers = values.astype(float)
+    return f"{numbers.mean():.1f} ± {numbers.std():.1f} ({numbers.min():g}–{numbers.max():g})"
+
+
+def cohort(manifest: pd.DataFrame, splits: pd.DataFrame, target: str, task: str) -> pd.DataFrame:
+    """Counts and target distribution per fold and split (no ids): columns fold, split,
+    participants, images, target."""
+    table = manifest.merge(splits.drop(columns="participant_id"), on="image_id")
+    rows = [{"fold": "all", "split": "all", "participants": table["participant_id"].nunique(), "images": len(table),
+             target: distribution(table[target], task)}]
+    folds = [c for c in splits.columns if c.startswith("fold-")]
+    parts = [(fold, split) for fold in folds for split in SPLITS if split != "test"] + [(folds[0], "test")]
+    for fold, split in parts:  # the test set is the same in every fold: one row
+        part = table[table[fold] == split]
+        rows.append({"fold": "every fold" if split == "test" else fold, "split": split,
+                     "participants": part["participant_id"].nunique(), "images": len(part),
+                     target: distribution(part[target], task) if len(part) else ""})
+    return pd.DataFrame(rows)
+
+
+def metric_lines(metrics: dict, task: str) -> list[str]:
+    """Headline test metrics of the ensemble with intervals, and the folds' mean ± sd."""
+    names = ["roc_auc", "balanced_accuracy", "accuracy", "f1"] if task == "classification" else \
+        ["mae", "corrected_mae", "rmse", "r2", "pearson_r", "baseline_mae"]
+    ensemble, mean, sd = metrics["test"]["ensemble"], metrics["test"]["fold_mean"], metrics["test"]["fold_sd"]
+    lines = ["| metric | ensemble (95 % interval) | folds, mean ± sd |", "|---|---|---|"]
+    for name in names:
+        if name in ensemble:
+            ci = ensemble.get(f"{name}_ci")
+            interval = f" ({ci[0]:.3f}–{ci[1]:.3f})" if ci else ""
+            spread = f"{mean[name]:.3f} ± {sd.get(name, float('nan')):.3f}" if name in mean else ""
+            lines.append(f"| {name} | {ensemble[name]:.3f}{interval} | {spread} |")
+    return lines
+
+
+def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: dict) -> str:
+    """The card's Markdown. ``card`` is config ``package`` (``intended_use``, ``limitations``)."""
+    task, target, channels = spec["task"], spec["target"], spec["input"]["channels"]
+    everyone = counts.iloc[0]
+    test = counts[counts["split"] == "test"].iloc[0]
+    words = {"target": target, "task": task, "channels": " + ".join(channels),
+             "participants": everyone["participants"], "test": test["participants"]}
+    use = card.get("intended_use") or INTENDED_USE.format(**words)
+    limits = [line.format(**words) for line in LIMITATIONS] + list(card.get("limitations") or [])
+    arch = spec["architecture"]
+    validation = metrics["validation"]
+    lines = [
+        f"# Model card: {task} of `{target}`", "",
+        f"An ensemble of {len(spec['folds'])} `{arch['name']}` networks (one per cross-validation fold; "
+        f"arguments {arch['args'] or 'default'}), trained with the `pipeline` package. The package predicts "
+        f"with the {spec['ensemble']}.", "",
+        "## Intended use", "", use, "",
+        "## Data", "",
+        f"{everyone['participants']} participants, {everyone['images']} images; target `{target}`: "
+        f"{everyone[target]}. Counts and target distribution per split (no participant ids):", "",
+        counts.to_markdown(index=False), "",
+        "## Performance", "",
+        f"Held-out test set ({test['participants']} participants, {test['images']} images):", "",
+        *metric_lines(metrics, task), "",
+        "Validation (each fold's best epoch): " + "; ".join(
+            f"{fold}: loss {v['val_loss']:.4f} at epoch {v['best_epoch']}" for fold, v in validation.items()) + ".", "",
+        "## Inputs and preprocessing", "",
+        f"Channels {', '.join(channels)}, on the {recipe['space']} template grid of {recipe['resolution']:g} mm, "
+        f"shape {recipe['shape']}: input tensor (B, {', '.join(map(str, spec['input']['shape']))}), float32.", "",
+        *[f"{i}. {step}" for i, step in enumerate(recipe["steps"], 1)], "",
+        "## Limitations", "",
+        *[f"- {line}" for line in limits], "",
+        "## Files", "",
+        "`spec.json` (architecture, task, classes, input), `preprocessing.json` (the recipe), `normalisation.json` "
+        "(target coder and bias correction per fold), `metrics.json`, `weights/*.safetensors`, "
+        "`statistics/train_mean.safetensors` (each fold's mean training image), `grid/`, `model.onnx` (the "
+        "ensemble), `checksums.sha256`.", "",
+    ]
+    return "\n".join(lines)

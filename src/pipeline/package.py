@@ -1,0 +1,228 @@
+"""A model package: a folder of JSON, safetensors and NIfTI files, checked before anything is loaded.
+
+Layout (every path relative to the package folder)::
+
+    spec.json               architecture, task, target, classes, input shape and channels, folds
+    preprocessing.json      the recipe (pipeline.recipe): template, grid, steps and parameters
+    normalisation.json      per fold: the target coder and the brain-age bias correction
+    metrics.json            validation (per fold) and test (per fold and ensemble) metrics
+    model_card.md           data summary, intended use, limitations
+    weights/fold-K.safetensors   each fold's state dict
+    statistics/train_mean.safetensors   each fold's mean training image (integrated gradients' baseline)
+    grid/template.nii.gz, grid/brain_mask.nii.gz   the study grid the images were registered to
+    model.onnx              the ensemble of folds, (B, C, X, Y, Z) z-scored images → predictions
+    checksums.sha256        sha256 of every other file (``sha256sum -c`` format)
+
+Loading reads JSON and safetensors only, never a pickle, and only after every checksum matched.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import struct
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import InputError
+
+FORMAT = "pipeline-model-package"
+FORMAT_VERSION = 1
+CHECKSUMS = "checksums.sha256"
+SPEC, RECIPE, NORMALISATION, METRICS, CARD = "spec.json", "preprocessing.json", "normalisation.json", "metrics.json", "model_card.md"
+TRAIN_MEAN = "statistics/train_mean.safetensors"
+GRID_TEMPLATE, GRID_MASK = "grid/template.nii.gz", "grid/brain_mask.nii.gz"
+ONNX = "model.onnx"
+
+
+def weights_file(fold: str) -> str:
+    return f"weights/{fold}.safetensors"
+
+
+def files(folds: list[str]) -> list[str]:
+    """Every file of a package of ``folds``, relative to its folder (the export rule's outputs)."""
+    return [SPEC, RECIPE, NORMALISATION, METRICS, CARD, *map(weights_file, folds), TRAIN_MEAN, GRID_TEMPLATE,
+            GRID_MASK, ONNX, CHECKSUMS]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> Path:
+    """Write ``checksums.sha256`` listing every file under ``folder`` (sorted, POSIX paths)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    lines = [f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
+    (folder / CHECKSUMS).write_text("".join(lines))
+    return folder / CHECKSUMS
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    """``checksums.sha256`` as {relative path: sha256}; a malformed line or an unsafe path is an error."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        raise InputError(f"{folder} is not a model package: it has no {CHECKSUMS}. Export one with the "
+                         "workflow's `package` rule, or fetch one with `python -m pipeline.models fetch`.")
+    listed = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        digest, _, name = line.partition("  ")
+        if len(digest) != 64 or not name or not safe_relative(name):
+            raise InputError(f"{path} line {number} is not '<sha256>  <relative path inside the package>': {line!r}")
+        listed[name] = digest
+    return listed
+
+
+def safe_relative(name: str) -> bool:
+    """True for a relative POSIX path that stays inside its folder (no ``..``, not absolute)."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name and ":" not in name
+
+
+def verify(folder: Path) -> None:
+    """Check the package in ``folder``: no links, exactly the listed files, every sha256 equal,
+    weights in safetensors format. Each refusal names the file."""
+    folder = Path(folder)
+    listed = read_checksums(folder)
+    present = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            raise InputError(f"{path} is a link; a model package holds regular files only. Refusing {folder}.")
+        if path.is_file() and path.name != CHECKSUMS:
+            present[path.relative_to(folder).as_posix()] = path
+    missing, unlisted = sorted(set(listed) - set(present)), sorted(set(present) - set(listed))
+    if missing:
+        raise InputError(f"{folder / missing[0]} is listed in {CHECKSUMS} but missing; fetch the package again.")
+    if unlisted:
+        raise InputError(f"{folder / unlisted[0]} is not listed in {CHECKSUMS}: the package was altered. Refusing it.")
+    for name, path in present.items():  # the format first: a pickle is named as such, whatever its checksum
+        if name.endswith(".safetensors"):
+            check_safetensors(path)
+    for name, path in present.items():
+        if sha256(path) != listed[name]:
+            raise InputError(f"{path}: sha256 checksum mismatch (the file differs from the one exported); "
+                             "the package is corrupt or was tampered with. Refusing it; fetch it again.")
+
+
+def check_safetensors(path: Path) -> None:
+    """InputError unless ``path`` starts like a safetensors file (8-byte header length, JSON header):
+    a pickle (``torch.save`` or ``pickle.dump``) renamed ``.safetensors`` is refused before any load."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        kind = "a Python pickle" if head[:1] == b"\x80" else "a zip archive (torch.save's pickle format)"
+        raise InputError(f"{path} is {kind} posing as safetensors weights. Packages carry weights as "
+                         "safetensors only and are never unpickled; refusing it.")
+    if len(head) < 9 or struct.unpack("<Q", head[:8])[0] + 8 > size or head[8:9] != b"{":
+        raise InputError(f"{path} is not a safetensors file (no valid header). Refusing it.")
+
+
+@dataclass(frozen=True)
+class Package:
+    """A verified package folder and its JSON documents."""
+
+    folder: Path
+    spec: dict
+    recipe: dict
+    normalisation: dict
+    metrics: dict
+
+    @property
+    def folds(self) -> list[str]:
+        return list(self.spec["folds"])
+
+    def state_dict(self, fold: str) -> dict:
+        """One fold's weights (safetensors)."""
+        from safetensors.torch import load_file
+
+        return load_file(self.folder / weights_file(fold))
+
+    def train_mean(self, fold: str):
+        """One fold's mean training image, (1, C, X, Y, Z)."""
+        from safetensors.torch import load_file
+
+        return load_file(self.folder / TRAIN_MEAN)[fold][None]
+
+    def coder(self, fold: str):
+        from pipeline.data import TargetCoder
+
+        return TargetCoder(**self.normalisation["target"][fold])
+
+    def model(self, fold: str):
+        """One fold's network in eval mode, weights loaded."""
+        from pipeline.train import rebuild
+
+        return rebuild(self.spec["architecture"], self.spec["input"]["shape"][0], self.spec["outputs"],
+                       self.spec.get("sampler"), self.state_dict(fold))
+
+
+def load(folder: Path) -> Package:
+    """Verify the package in ``folder`` and read its JSON documents (no weights are read yet)."""
+    folder = Path(folder)
+    verify(folder)
+    docs = {name: json.loads((folder / name).read_text()) for name in (SPEC, RECIPE, NORMALISATION, METRICS)}
+    spec = docs[SPEC]
+    if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{folder / SPEC}: format {spec.get('format')!r} version {spec.get('format_version')!r}; "
+                         f"this pipeline reads {FORMAT!r} version {FORMAT_VERSION}.")
+    return Package(folder, spec, docs[RECIPE], docs[NORMALISATION], docs[METRICS])
+
+
+def pack(folder: Path, archive: Path) -> Path:
+    """Write ``folder`` as a gzipped tar holding one top folder of the same name; the same files
+    give the same bytes (sorted members, zero times and owners)."""
+    folder, archive = Path(folder), Path(archive)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path in [folder, *sorted(folder.rglob("*"))]:
+            info = tar.gettarinfo(str(path), arcname=(Path(folder.name) / path.relative_to(folder)).as_posix())
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            info.mode = 0o755 if info.isdir() else 0o644
+            if info.isfile():
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with open(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+        out.write(buffer.getvalue())  # no name or time in the gzip header either
+    return archive
+
+
+def check_members(members: list[tarfile.TarInfo], archive: Path) -> str:
+    """The one top folder of an archive's members; InputError naming the first member that is a
+    link, not a regular file or folder, or a path outside that folder."""
+    tops = set()
+    for member in members:
+        if member.issym() or member.islnk():
+            raise InputError(f"{archive} holds a link, {member.name} -> {member.linkname}; a package holds "
+                             "regular files only. Refusing to extract it.")
+        if not (member.isfile() or member.isdir()):
+            raise InputError(f"{archive} holds {member.name}, which is not a regular file or folder. Refusing it.")
+        if not safe_relative(member.name.rstrip("/")):
+            raise InputError(f"{archive} holds {member.name!r}, a path outside its folder (absolute or with '..'). "
+                             "Refusing to extract it.")
+        tops.add(PurePosixPath(member.name).parts[0])
+    if len(tops) != 1:
+        raise InputError(f"{archive} must hold one package folder; it holds {sorted(tops)}. Refusing it.")
+    return tops.pop()
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    """Extract a package archive into the folder ``dest`` after checking every member; return the
+    package folder inside ``dest``."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = tar.getmembers()
+            top = check_members(members, archive)
+            tar.extractall(dest, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InputError(f"{archive} is not a readable .tar.gz package ({exc}).") from exc
+    return Path(dest) / top

@@ -1,0 +1,67 @@
+"""Apply mode without a full run: no-target ingestion, the apply config, and the Snakefile's apply plan."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline import package
+from pipeline.apply import SNAKEFILE, apply_config
+from pipeline.ingest import ingest, main as ingest_main
+
+
+def test_ingest_without_a_target_keeps_every_image(small_bids, tmp_path):
+    result = ingest(small_bids, None, "regression")
+    assert list(result.manifest["image_id"]) == ["sub-01", "sub-02", "sub-03_ses-01", "sub-03_ses-02", "sub-04"]
+    assert "age" not in result.manifest.columns  # sub-02's n/a age no longer excludes it
+    assert result.targets == {"target": None, "task": "regression", "source": None, "classes": None}
+    (small_bids / "participants.tsv").unlink()  # not needed either
+    ingest_main([str(small_bids), "--no-target", "--task", "regression", "--manifest", str(tmp_path / "m.tsv"),
+                 "--report", str(tmp_path / "r.tsv")])
+    assert json.loads((tmp_path / "targets.json").read_text())["target"] is None
+
+
+def apply_run(mini_study, small_bids, out: Path, *args: str, **changes) -> subprocess.CompletedProcess:
+    pkg = package.load(mini_study / "package" / "model")
+    config = apply_config(small_bids, out, pkg, "lab/brainage:1", ["01", "sub-03"], None)
+    for key, value in changes.items():
+        config[key] = {**config[key], **value}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(out),
+                           "--configfile", str(out / "config.yaml"), "--cores", "1", *args],
+                          capture_output=True, text=True, env=env)
+
+
+def test_apply_config_takes_the_packages_recipe_and_settings(mini_study, small_bids, tmp_path):
+    pkg = package.load(mini_study / "package" / "model")
+    config = apply_config(small_bids, tmp_path, pkg, "lab/brainage:1", ["01"], ["gradient"])
+    assert config["preprocess"]["shape"] == [16, 16, 16] and config["preprocess"]["resolution"] == 4.0
+    assert config["channels"] == {"T1w": {"suffix": "T1w"}} and config["bids_filters"] == {"datatype": "anat"}
+    assert config["explain"]["methods"] == ["gradient"] and config["explain"]["gradcam_layer"] == "features.1"
+    assert config["apply"] == {"package": str(pkg.folder.resolve()), "name": "lab/brainage:1"}
+    assert config["participants"]["include"] == ["01"]
+
+
+def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, small_bids, tmp_path):
+    run = apply_run(mini_study, small_bids, tmp_path / "out", "-n", "-p")
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = run.stdout.split("Job stats:")[1].split("\n\n")[0]
+    jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+    assert jobs == {"ingest": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1, "all": 1}
+    assert "pipeline.ingest" in run.stdout and " --no-target --task regression" in run.stdout
+    assert f"pipeline.grid --from-package {mini_study / 'package' / 'model'}" in run.stdout
+
+
+def test_apply_mode_refuses_a_config_that_differs_from_the_packages_recipe(mini_study, small_bids, tmp_path):
+    run = apply_run(mini_study, small_bids, tmp_path / "out", "-n", preprocess={"resolution": 8})
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert "differ from the recipe of apply.package" in text and "resolution: package 4.0, study 8.0" in text

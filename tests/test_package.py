@@ -1,0 +1,193 @@
+"""Model packages: what export writes, ONNX parity, and the refusals of a package that was altered."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from minipackage import spec
+from pipeline import package
+from pipeline.data import load_batch, read_tsv
+from pipeline.errors import InputError
+from pipeline.export import ONNX_TOLERANCE, Ensemble
+
+
+@pytest.fixture
+def copy(mini_study, tmp_path):
+    """A private copy of the mini study's package folder, free to damage."""
+    return shutil.copytree(mini_study / "package" / "model", tmp_path / "model")
+
+
+def test_export_writes_every_file_with_its_checksum(mini_study):
+    folder = mini_study / "package" / "model"
+    written = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert written == sorted(package.files(["fold-1", "fold-2"]))
+    listed = package.read_checksums(folder)
+    assert set(listed) == set(written) - {package.CHECKSUMS}
+    assert all(listed[name] == package.sha256(folder / name) for name in listed)
+    pkg = package.load(folder)
+    assert pkg.spec["architecture"] == {"name": "simple_cnn", "args": {"channels": [4, 8]}, "spatial_dims": 3}
+    assert pkg.spec["sampler"]["kind"] == "image"
+    assert (pkg.spec["task"], pkg.spec["target"], pkg.spec["classes"]) == ("regression", "age", None)
+    assert pkg.spec["input"] == {**pkg.spec["input"], "shape": [1, 16, 16, 16], "channels": ["T1w"]}
+    assert pkg.recipe["resolution"] == 4.0 and pkg.recipe["shape"] == [16, 16, 16]
+    assert set(pkg.normalisation["target"]) == set(pkg.normalisation["bias_correction"]) == {"fold-1", "fold-2"}
+    assert pkg.metrics["test"]["ensemble"]["n"] == 3 and set(pkg.metrics["validation"]) == {"fold-1", "fold-2"}
+
+
+def test_weights_are_each_folds_trained_weights(mini_study):
+    pkg = package.load(mini_study / "package" / "model")
+    for fold in pkg.folds:
+        record = torch.load(mini_study / "train" / fold / "model.pt", weights_only=True)
+        exported = pkg.state_dict(fold)
+        assert exported.keys() == record["state_dict"].keys()
+        assert all(torch.equal(exported[k], record["state_dict"][k]) for k in exported)
+        assert pkg.coder(fold).state() == record["coder"]
+
+
+def test_archive_holds_the_folder_and_is_reproducible(mini_study, tmp_path):
+    archive = mini_study / "package" / "model.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+    assert names == {f"model/{name}" for name in package.files(["fold-1", "fold-2"])}
+    again = package.pack(mini_study / "package" / "model", tmp_path / "again.tar.gz")
+    assert package.sha256(again) == package.sha256(archive)
+
+
+def test_model_card_summarises_the_data_without_participant_ids(mini_study):
+    card = (mini_study / "package" / "model" / package.CARD).read_text()
+    manifest = read_tsv(mini_study / "manifest.tsv")
+    assert "14 participants, 14 images" in card and "| every fold | test    |" in card
+    assert "## Intended use" in card and "## Limitations" in card and "- A unit-test model." in card
+    assert "sub-" not in card and not any(pid in card for pid in manifest["participant_id"])
+
+
+def test_onnx_ensemble_matches_pytorch(mini_study):
+    import onnxruntime
+
+    folder = mini_study / "package" / "model"
+    pkg = package.load(folder)
+    ensemble = Ensemble([pkg.model(f) for f in pkg.folds], [pkg.coder(f) for f in pkg.folds]).eval()
+    arrays = sorted(str(p) for p in (mini_study / "derivatives").rglob("*.npy"))
+    x = load_batch(arrays)
+    session = onnxruntime.InferenceSession(str(folder / package.ONNX), providers=["CPUExecutionProvider"])
+    theirs = session.run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        ours = ensemble(x).numpy()
+    difference = float(np.abs(theirs - ours).max())
+    print(f"ONNX vs PyTorch, {len(arrays)} images: max abs difference {difference:.3g}")
+    assert theirs.shape == (len(arrays), 1) and difference <= ONNX_TOLERANCE
+    assert spec(folder)["onnx"]["max_abs_difference"] <= ONNX_TOLERANCE
+
+
+def test_ensemble_is_the_studys_ensemble(mini_study):
+    """The package's ensemble (safetensors weights, JSON coders) predicts the study's ensemble test predictions."""
+    pkg = package.load(mini_study / "package" / "model")
+    study = read_tsv(mini_study / "evaluate" / "predictions.tsv")
+    arrays = [str(next((mini_study / "derivatives").rglob(f"{i}_*.npy"))) for i in study["image_id"]]
+    ensemble = Ensemble([pkg.model(f) for f in pkg.folds], [pkg.coder(f) for f in pkg.folds]).eval()
+    with torch.no_grad():
+        predicted = torch.cat([ensemble(load_batch([a])) for a in arrays])[:, 0].numpy()
+    np.testing.assert_allclose(predicted, study["predicted"], rtol=1e-6)
+
+
+def test_loading_never_unpickles(mini_study, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a package load unpickled something")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    pkg = package.load(mini_study / "package" / "model")
+    for fold in pkg.folds:
+        assert pkg.model(fold)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1)
+
+
+def test_a_tampered_weight_file_is_refused(copy):
+    weights = copy / package.weights_file("fold-1")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit pattern of the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"fold-1\.safetensors: sha256 checksum mismatch"):
+        package.load(copy)
+
+
+def test_an_edited_json_document_is_refused(copy):
+    spec_file = copy / package.SPEC
+    spec_file.write_text(spec_file.read_text().replace('"age"', '"height"'))
+    with pytest.raises(InputError, match=r"spec\.json: sha256 checksum mismatch"):
+        package.load(copy)
+
+
+@pytest.mark.parametrize("kind", ["torch.save", "pickle.dump"])
+def test_a_pickle_posing_as_weights_is_refused_even_with_matching_checksums(copy, kind):
+    weights = copy / package.weights_file("fold-2")
+    state = {k: v.clone() for k, v in package.load(copy).state_dict("fold-2").items()}  # not mmapped
+    if kind == "torch.save":
+        torch.save(state, weights)
+    else:
+        with open(weights, "wb") as f:
+            pickle.dump({k: v.numpy() for k, v in state.items()}, f)
+    package.write_checksums(copy)  # an attacker can recompute the manifest
+    with pytest.raises(InputError, match=r"fold-2\.safetensors is a .*(pickle|zip archive).* posing as safetensors"):
+        package.load(copy)
+
+
+def test_missing_unlisted_and_linked_files_are_refused(copy):
+    (copy / "extra.py").write_text("print('hello')\n")
+    with pytest.raises(InputError, match=r"extra\.py is not listed in checksums\.sha256"):
+        package.load(copy)
+    (copy / "extra.py").unlink()
+    (copy / package.ONNX).unlink()
+    with pytest.raises(InputError, match=r"model\.onnx is listed in checksums\.sha256 but missing"):
+        package.load(copy)
+    (copy / package.ONNX).symlink_to(copy / package.SPEC)
+    with pytest.raises(InputError, match=r"model\.onnx is a link"):
+        package.load(copy)
+
+
+def traversal_archive(path, folder, member, kind="file"):
+    """A package archive with the real files plus one hostile ``member``."""
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(folder, arcname="model")
+        info = tarfile.TarInfo(member)
+        if kind == "symlink":
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        else:
+            payload = b"owned\n"
+            info.size = len(payload)
+            import io
+
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+@pytest.mark.parametrize("member, kind, message", [
+    ("model/../../escaped.txt", "file", "a path outside its folder"),
+    ("/tmp/package-absolute-escape.txt", "file", "a path outside its folder"),
+    ("model/weights/link.safetensors", "symlink", "holds a link"),
+    ("other/readme.txt", "file", "must hold one package folder"),
+])
+def test_an_archive_with_paths_outside_its_folder_is_refused(mini_study, tmp_path, member, kind, message):
+    archive = traversal_archive(tmp_path / "evil.tar.gz", mini_study / "package" / "model", member, kind)
+    dest = tmp_path / "out" / "inner"
+    with pytest.raises(InputError, match=message) as error:
+        package.unpack(archive, dest)
+    assert member.rstrip("/") in str(error.value) or kind == "symlink" or "one package folder" in message
+    assert not dest.exists() and not (tmp_path / "escaped.txt").exists()
+    assert not (tmp_path / "out" / "escaped.txt").exists()
+
+
+def test_input_shape_and_classes_come_from_the_recorded_model(mini_study):
+    manifest = pd.read_csv(mini_study / "manifest.tsv", sep="\t")
+    s = spec(mini_study / "package" / "model")
+    assert s["outputs"] == 1 and s["folds"] == ["fold-1", "fold-2"] and len(manifest) == 14
+    assert json.loads((mini_study / "package" / "model" / package.RECIPE).read_text())["channels"] == ["T1w"]

@@ -1,0 +1,39 @@
+rule package:
+    input:
+        models=expand(rules.train.output.model, fold=FOLDS),
+        histories=expand(rules.train.output.history, fold=FOLDS),
+        fold_metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
+        summary=rules.evaluate_folds.output.metrics,
+        manifest=f"{RESULTS}/manifest.tsv",
+        splits=rules.split.output.splits,
+        arrays=preprocessed("array"),
+        template=rules.grid.output.template,
+        mask=rules.grid.output.mask,
+        code=source("export", "package", "modelcard", "recipe"),
+    output:
+        files=[f"{RESULTS}/package/model/{name}" for name in package_files(FOLDS)],
+        archive=f"{RESULTS}/package/model.tar.gz",
+    params:
+        train_dirs=parents_of("models"),
+        evaluate_dirs=parents_of("fold_metrics"),
+        preproc_dir=preproc_root,
+        out_dir=parent_of("files"),
+        recipe=json.dumps(RECIPE),
+        explain=json.dumps({"methods": METHODS, **SETTINGS}),
+        card=json.dumps(config["package"]),
+    log:
+        f"{RESULTS}/logs/package.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/package.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.export --train-dirs {params.train_dirs:q} --evaluate-dirs {params.evaluate_dirs:q}"
+        " --summary {input.summary:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        " --preproc-dir {params.preproc_dir:q} --template {input.template:q} --mask {input.mask:q}"
+        " --recipe {params.recipe:q} --explain {params.explain:q} --card {params.card:q}"
+        " --out-dir {params.out_dir:q} --archive {output.archive:q} > {log:q} 2>&1"
