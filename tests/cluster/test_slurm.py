@@ -56,7 +56,7 @@ FOLDS = ["fold-1", "fold-2"]
 # rule: (SLURM jobs, cpus, mem_mb) of every rule but preprocess
 RULE_JOBS = {"ingest": (1, 1, 2000), "grid": (1, 1, 2000), "split": (1, 1, 1000), "train": (2, 2, 8000),
              "evaluate": (2, 1, 4000), "evaluate_folds": (1, 1, 2000), "explain": (2, 2, 8000),
-             "explain_folds": (1, 1, 2000), "report": (1, 1, 2000)}
+             "explain_folds": (1, 1, 4000), "report": (1, 1, 2000), "package": (1, 1, 4000)}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -217,7 +217,7 @@ def test_results_equal_a_local_run(slurm_study, local_study):
     for name in [*exact, *derived, *(p.relative_to(slurm) for p in (slurm / "grid").iterdir())]:
         assert (slurm / name).read_bytes() == (local / name).read_bytes(), name
     for fold in FOLDS:
-        history = [pd.read_csv(r / "train" / fold / "history.tsv", sep="\t").drop(columns="seconds")
+        history = [pd.read_csv(r / "train" / fold / "history.tsv", sep="\t").drop(columns=["seconds", "data_wait"])
                    for r in (slurm, local)]
         pd.testing.assert_frame_equal(*history, check_exact=True)
         states = [torch.load(r / "train" / fold / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
