@@ -6,7 +6,7 @@ DEMO := data/demo
 DEMO_SUBJECTS ?= 80
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test lint install clean
+.PHONY: demo test test-cluster lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,8 +28,13 @@ demo: $(VENV)/.installed $(DEMO)/participants.tsv
 	$(BIN)/snakemake --cores all --configfile config/config.yaml
 	@echo "Report: $(abspath results/report.html)"
 
+# Everything but the SLURM cluster test, which needs a running cluster (test-cluster, .ci/run).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -v
+	$(BIN)/python -m pytest -v -m "not cluster"
+
+# As root on Debian: tests/cluster/slurm.sh up first (installs and starts a one-node SLURM).
+test-cluster: $(VENV)/.installed
+	PIPELINE_REQUIRE_SLURM=1 $(BIN)/python -m pytest -v -rs -s -m cluster tests/cluster
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint

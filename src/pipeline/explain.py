@@ -143,8 +143,9 @@ def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.Data
     return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
 
 
-def validation_table(fold_dirs: list[Path], methods: list[str], means: dict[str, np.ndarray], mask: nib.Nifti1Image,
-                     truth_dir: Path, target: str, manifest: pd.DataFrame) -> pd.DataFrame:
+def validation_table(fold_dirs: list[Path], template_maps: dict[str, dict[str, nib.Nifti1Image]],
+                     means: dict[str, np.ndarray], mask: nib.Nifti1Image, truth_dir: Path, target: str,
+                     manifest: pd.DataFrame) -> pd.DataFrame:
     """Enrichment of each method's top 5 % in the true effect mask of ``target`` (a simulated cohort's
     ground truth): the group mean map and each subject's map (mean over subjects) on the study grid,
     and each subject's native-space map with the mask carried there by the simulated pose."""
@@ -152,42 +153,49 @@ def validation_table(fold_dirs: list[Path], methods: list[str], means: dict[str,
     if not truth_path.exists():
         raise InputError(f"No ground-truth mask {truth_path} for target {target!r}; set `explain.groundtruth` "
                          "to a folder with space-<space>_desc-<target>_mask.nii.gz, or to null.")
-    truth_img = nib.load(str(truth_path))
+    loaded = nib.load(str(truth_path))
+    truth_img = nib.Nifti1Image(np.asarray(loaded.dataobj, dtype=np.float32), loaded.affine)  # read once
     brain = np.asarray(mask.dataobj) > 0
     truth = resample_to_grid(truth_img, mask.affine, mask.shape) > 0.5
     subdirs = manifest.set_index("image_id")["subdir"]
+    native_masks = {}  # image id -> (truth, brain) on its native grid, shared by every method
+
+    def native_truth(image_id: str, native: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+        if image_id not in native_masks:
+            pose_file = truth_dir / subdirs[image_id] / "anat" / f"{image_id}_from-{SPACE}_to-T1w_pose.json"
+            to_template = np.linalg.inv(np.array(json.loads(pose_file.read_text())["matrix"])) @ native.affine
+            native_masks[image_id] = (resample_to_grid(truth_img, to_template, native.shape[:3]) > 0.5,
+                                      resample_to_grid(mask, to_template, native.shape[:3]) > 0.5)
+        return native_masks[image_id]
+
     rows = []
-    for method in methods:
+    for method, maps in template_maps.items():
+        chance = truth[brain].mean()
         rows.append({"method": method, "space": "template", "level": "group",
-                     "enrichment": top_fraction_enrichment(means[method], truth, brain), "chance": truth[brain].mean()})
-        template = subject_maps(fold_dirs, method, "template")
+                     "enrichment": top_fraction_enrichment(means[method], truth, brain), "chance": chance})
         rows.append({"method": method, "space": "template", "level": "subject",
                      "enrichment": np.mean([top_fraction_enrichment(img.get_fdata(), truth, brain)
-                                            for img in template.values()]), "chance": truth[brain].mean()})
+                                            for img in maps.values()]), "chance": chance})
         scores, chances = [], []
         for image_id, native in subject_maps(fold_dirs, method, "native").items():
-            pose_file = truth_dir / subdirs[image_id] / "anat" / f"{image_id}_from-{SPACE}_to-T1w_pose.json"
-            pose = np.array(json.loads(pose_file.read_text())["matrix"])
-            to_template = np.linalg.inv(pose) @ native.affine
-            native_truth = resample_to_grid(truth_img, to_template, native.shape[:3]) > 0.5
-            native_brain = resample_to_grid(mask, to_template, native.shape[:3]) > 0.5
-            scores.append(top_fraction_enrichment(native.get_fdata(), native_truth, native_brain))
-            chances.append(native_truth[native_brain].mean())
+            region, inside = native_truth(image_id, native)
+            scores.append(top_fraction_enrichment(native.get_fdata(), region, inside))
+            chances.append(region[inside].mean())
         rows.append({"method": method, "space": "native", "level": "subject", "enrichment": np.mean(scores),
                      "chance": np.mean(chances)})
     return pd.DataFrame(rows)
 
 
-def combine_folds(fold_dirs: list[Path], mask_path: Path, out_dir: Path, methods: list[str]) -> dict[str, np.ndarray]:
-    """Group statistics over subjects of the fold-averaged maps; write them and the region table.
-    Returns each method's mean |attribution| map."""
-    mask = nib.load(str(mask_path))
+def combine_folds(template_maps: dict[str, dict[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
+                  ) -> dict[str, np.ndarray]:
+    """Group statistics over subjects of the fold-averaged ``template_maps`` (method -> image id ->
+    map); write them and the region table. Returns each method's mean |attribution| map."""
     out_dir.mkdir(parents=True, exist_ok=True)
     means = {}
-    for method in methods:
-        maps = np.stack([img.get_fdata() for img in subject_maps(fold_dirs, method, "template").values()])
-        write_statistics(maps, SIGNED[method], mask.affine, out_dir, method)
-        means[method] = np.abs(maps).mean(axis=0)
+    for method, maps in template_maps.items():
+        stack = np.stack([img.get_fdata() for img in maps.values()])
+        write_statistics(stack, SIGNED[method], mask.affine, out_dir, method)
+        means[method] = np.abs(stack).mean(axis=0)
     region_table(means, mask).to_csv(out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
     return means
 
@@ -219,10 +227,10 @@ def prediction_error(predictions: pd.DataFrame) -> np.ndarray:
     return (predictions["predicted"].astype(float) - predictions["true"].astype(float)).abs().to_numpy()
 
 
-def plot_extremes(predictions: pd.DataFrame, fold_dirs: list[Path], preproc_dir: Path, channels: list[str],
+def plot_extremes(predictions: pd.DataFrame, maps: dict[str, nib.Nifti1Image], preproc_dir: Path, channels: list[str],
                   method: str, png: Path, n: int = 3) -> None:
     """The ``n`` best and ``n`` worst predicted test images (``predictions`` with their ``subdir``):
-    each one's fold-mean ``method`` map over its preprocessed reference image."""
+    each one's fold-mean ``method`` map (``maps``, by image id) over its preprocessed reference image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +240,6 @@ def plot_extremes(predictions: pd.DataFrame, fold_dirs: list[Path], preproc_dir:
     error = prediction_error(predictions)
     order = np.argsort(error, kind="stable")
     chosen = [(i, "best") for i in order[:n]] + [(i, "worst") for i in order[::-1][:n]]
-    maps = subject_maps(fold_dirs, method, "template")
     fig, axes = plt.subplots(len(chosen), 1, figsize=(8, 2.6 * len(chosen)))
     for ax, (i, kind) in zip(np.atleast_1d(axes), chosen):
         row = predictions.iloc[i]
@@ -285,15 +292,17 @@ def main(argv=None) -> None:
                          args.channels, args.target_class)
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
-            means = combine_folds(args.fold_dirs, args.mask, args.out_dir, args.methods)
+            mask = nib.load(str(args.mask))
+            template_maps = {m: subject_maps(args.fold_dirs, m, "template") for m in args.methods}
+            means = combine_folds(template_maps, mask, args.out_dir)
             plot_group(args.out_dir, args.template, args.methods, len(args.fold_dirs))
             manifest = read_tsv(args.manifest)
             predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")
-            plot_extremes(predictions, args.fold_dirs, args.preproc_dir, args.channels, args.methods[0],
-                          args.out_dir / "subjects_best_worst.png")
+            plot_extremes(predictions, template_maps[args.methods[0]], args.preproc_dir, args.channels,
+                          args.methods[0], args.out_dir / "subjects_best_worst.png")
             if args.groundtruth:
-                table = validation_table(args.fold_dirs, args.methods, means, nib.load(str(args.mask)),
-                                         args.groundtruth, args.target, manifest)
+                table = validation_table(args.fold_dirs, template_maps, means, mask, args.groundtruth, args.target,
+                                         manifest)
                 table.to_csv(args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
                 print(table.to_string(index=False), file=sys.stderr)
 

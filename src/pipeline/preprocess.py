@@ -144,7 +144,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             "SoftwareVersions": _versions(),
         }
         out[f"sidecar_{channel}"].write_text(json.dumps(sidecars[channel], indent=2))
-    write_qc(out[f"image_{channels[0]}"], mask, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
+    write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
     return sidecars[channels[0]]
 
 
@@ -160,18 +160,30 @@ def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interp
     return nib.Nifti1Image(warped.numpy().astype(np.float32), native.affine)
 
 
-def write_qc(image: Path, mask: Path, png: Path, title: str) -> None:
-    """Orthogonal slices of the preprocessed image with the template brain outline."""
+def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> None:
+    """Sagittal, coronal and axial slices through the brain centre of the preprocessed image (on
+    the template grid, RAS+) with the template brain outline in red."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from nilearn import plotting
+    import matplotlib.pyplot as plt
 
-    display = plotting.plot_anat(str(image), title=title, display_mode="ortho", cut_coords=(0, -17, 6),
-                                 draw_cross=False, vmin=-2, vmax=3)
-    display.add_contours(str(mask), levels=[0.5], colors="r", linewidths=0.8)
-    display.savefig(str(png), dpi=80)
-    display.close()
+    from pipeline.template import BRAIN_CENTRE_MM
+
+    brain = np.asarray(mask.dataobj) > 0
+    centre = np.rint(np.linalg.solve(mask.affine[:3, :3], BRAIN_CENTRE_MM - mask.affine[:3, 3])).astype(int)
+    views = [("sagittal", lambda a: a[centre[0]]), ("coronal", lambda a: a[:, centre[1]]),
+             ("axial", lambda a: a[:, :, centre[2]])]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), facecolor="black")
+    for ax, (name, cut) in zip(axes, views):
+        ax.imshow(cut(data).T, origin="lower", cmap="gray", vmin=-2, vmax=3)  # x/y right and up: RAS+ axes
+        ax.contour(cut(brain).T.astype(float), levels=[0.5], colors="r", linewidths=0.8)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, color="white", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=80, facecolor="black")
+    plt.close(fig)
 
 
 def _versions() -> dict:
