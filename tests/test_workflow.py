@@ -191,6 +191,29 @@ def test_training_change_reruns_training_not_preprocessing(study):
                     "report": 1, "package": 1}
 
 
+def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):
+    write_config(study, train={"variants": {"lr3": {"learning_rate": 0.003}, "small": {"batch_size": 2}}})
+    try:
+        run = snakemake(study, "-n", "-p")
+        jobs = scheduled(run)
+    finally:
+        write_config(study)
+    assert "preprocess" not in jobs
+    assert jobs["train"] == 4 and jobs["select_variant"] == 2 and jobs["evaluate"] == 2
+    assert "--out-dir results/train/fold-2/variant-small" in run.stdout
+    assert '"batch_size": 2' in run.stdout and "pipeline.variants results/train/fold-1 --variants lr3 small" in run.stdout
+
+
+def test_a_variant_with_an_unknown_setting_is_refused_before_any_job(study):
+    write_config(study, train={"variants": {"fast": {"learning_rte": 0.1}}})
+    try:
+        run = snakemake(study, "-n")
+    finally:
+        write_config(study)
+    assert run.returncode != 0
+    assert "train.variants.fast sets unknown training setting(s) ['learning_rte']" in run.stderr + run.stdout
+
+
 def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
     n_images = len(pd.read_csv(study / "results" / "manifest.tsv", sep="\t"))
     write_config(study, preprocess={"n4_shrink_factor": 3})

@@ -81,6 +81,16 @@ def provenance(config: dict) -> str:
             + f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>")
 
 
+def variant_tables(results: Path, folds: list[str]) -> list[str]:
+    """With train.variants: each fold's variants.tsv (best validation loss per variant, the chosen one)."""
+    tables = {fold: results / "train" / fold / "variants.tsv" for fold in folds}
+    if not all(t.exists() for t in tables.values()):
+        return []
+    joined = pd.concat([read_tsv(t).assign(fold=fold) for fold, t in tables.items()])
+    return ["<h3>Hyperparameter variants (chosen by validation loss)</h3>",
+            table_html(joined[["fold", *[c for c in joined.columns if c != "fold"]]])]
+
+
 def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
     """Write the HTML report from the files of a finished study under ``results``."""
     exclusions = read_tsv(results / "ingest_report.tsv")
@@ -109,6 +119,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         f"<h2>Excluded at ingestion ({len(exclusions)})</h2>",
         table_html(exclusions) if len(exclusions) else "<p>None.</p>",
         "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(hyper, indent=2))}</pre>",
+        *variant_tables(results, folds),
         embed_png(curves, "Learning curves per fold"),
         "<h2>Test-set performance</h2>",
         "<p>One row per fold's model, their mean and sd, and the ensemble (mean prediction of the folds) with "

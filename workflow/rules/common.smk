@@ -16,7 +16,7 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # imports its standard-library-only modules (paths, fingerprints) from there too.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
-from pipeline import recipe, registry
+from pipeline import recipe, registry, variants
 from pipeline.fingerprint import tree_fingerprint
 from pipeline.package import files as package_files
 from pipeline.paths import SPACE, explanation_maps, group_map
@@ -41,6 +41,12 @@ SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_
 # Fine-tuning (config train.init_from): the package is fetched into INIT_DIR ("latest" without a version).
 INIT = registry.parse_name(config["train"]["init_from"]) if config["train"]["init_from"] else None
 INIT_DIR = f"{RESULTS}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None
+# Hyperparameter variants (config train.variants): one training job per fold and variant, in
+# train/fold-K/variant-NAME; select_variant copies the best on validation to train/fold-K.
+VARIANTS = config["train"]["variants"]
+variants.check(config["train"])
+TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
+FOLD_MODEL, FOLD_HISTORY = (f"{RESULTS}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
 # Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 
@@ -66,6 +72,7 @@ wildcard_constraints:
     subdir=r"sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?",
     image=r"sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*",
     fold=r"fold-[0-9]+",
+    variant=r"[A-Za-z0-9]+",
 
 
 def source(*modules):

@@ -2,7 +2,7 @@ rule evaluate:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
-        model=rules.train.output.model,
+        model=FOLD_MODEL,
         arrays=preprocessed("array"),
         code=source("evaluate"),
     output:

@@ -2,7 +2,7 @@ rule explain:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
-        model=rules.train.output.model,
+        model=FOLD_MODEL,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
         code=source("explain", "attribution", "paths"),

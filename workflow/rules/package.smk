@@ -1,7 +1,7 @@
 rule package:
     input:
-        models=expand(rules.train.output.model, fold=FOLDS),
-        histories=expand(rules.train.output.history, fold=FOLDS),
+        models=expand(FOLD_MODEL, fold=FOLDS),
+        histories=expand(FOLD_HISTORY, fold=FOLDS),
         fold_metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
         summary=rules.evaluate_folds.output.metrics,
         manifest=f"{RESULTS}/manifest.tsv",

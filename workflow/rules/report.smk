@@ -4,7 +4,7 @@ rule report:
         exclusions=f"{RESULTS}/ingest_report.tsv",
         splits=rules.split.output.splits,
         balance=rules.split.output.balance,
-        histories=expand(rules.train.output.history, fold=FOLDS),
+        histories=expand(FOLD_HISTORY, fold=FOLDS),
         metrics=rules.evaluate_folds.output.table,
         summary=rules.evaluate_folds.output.metrics,
         performance=rules.evaluate_folds.output.plot,

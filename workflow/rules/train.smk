@@ -1,4 +1,5 @@
 rule train:
+    """One model per fold (and per hyperparameter variant, with train.variants)."""
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         splits=f"{RESULTS}/splits.tsv",
@@ -7,23 +8,23 @@ rule train:
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
         code=source("train", "models", "augment", "sampler", "data", "finetune", "package"),
     output:
-        model=f"{RESULTS}/train/{{fold}}/model.pt",
-        history=f"{RESULTS}/train/{{fold}}/history.tsv",
-        hyperparameters=f"{RESULTS}/train/{{fold}}/hyperparameters.json",
+        model=f"{RESULTS}/train/{TRAIN_RUN}/model.pt",
+        history=f"{RESULTS}/train/{TRAIN_RUN}/history.tsv",
+        hyperparameters=f"{RESULTS}/train/{TRAIN_RUN}/hyperparameters.json",
     params:
         preproc_dir=preproc_root,
         channels=CHANNELS,
         out_dir=parent_of("model"),
         target=config["target"],
         task=config["task"],
-        hyperparameters=json.dumps(config["train"]),
+        hyperparameters=lambda wildcards: json.dumps(variants.hyperparameters(config["train"], wildcards.get("variant"))),
         init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(recipe.compared(RECIPE)))}"
         if INIT
         else "",
     log:
-        f"{RESULTS}/logs/train/{{fold}}.log",
+        f"{RESULTS}/logs/train/{TRAIN_RUN}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train/{{fold}}.tsv"
+        f"{RESULTS}/benchmarks/train/{TRAIN_RUN}.tsv"
     threads: 2
     resources:
         mem_mb=8000,
@@ -36,6 +37,35 @@ rule train:
         " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
         " --task {params.task} --targets {input.targets:q} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
         " {params.init} --threads {threads} > {log:q} 2>&1"
+
+
+if VARIANTS:  # config train.variants: the variant with the lowest validation loss is the fold's model
+
+    rule select_variant:
+        input:
+            histories=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
+            models=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
+            code=source("variants"),
+        output:
+            model=f"{RESULTS}/train/{{fold}}/model.pt",
+            history=f"{RESULTS}/train/{{fold}}/history.tsv",
+            hyperparameters=f"{RESULTS}/train/{{fold}}/hyperparameters.json",
+            variants=f"{RESULTS}/train/{{fold}}/variants.tsv",
+        params:
+            fold_dir=parent_of("model"),
+            variants=list(VARIANTS),
+        log:
+            f"{RESULTS}/logs/select_variant/{{fold}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/select_variant/{{fold}}.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.variants {params.fold_dir:q} --variants {params.variants} > {log:q} 2>&1"
 
 
 if INIT:  # config train.init_from: fetch the package to start from

@@ -1,0 +1,50 @@
+"""Hyperparameter variants: each trained on its own, the lowest validation loss chosen per fold."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from minipackage import HYPER, write_cohort
+from pipeline import variants
+from pipeline.data import study_table
+from pipeline.errors import InputError
+from pipeline.train import train
+
+
+def test_hyperparameters_apply_a_variants_overrides_and_drop_the_variant_table():
+    config = {"epochs": 40, "learning_rate": 1e-3, "variants": {"slow": {"learning_rate": 1e-5}}}
+    assert variants.hyperparameters(config, "slow") == {"epochs": 40, "learning_rate": 1e-5}
+    assert variants.hyperparameters(config, None) == {"epochs": 40, "learning_rate": 1e-3}
+    with pytest.raises(InputError, match=r"no variant 'fast'; known: \['slow'\]"):
+        variants.hyperparameters(config, "fast")
+
+
+def test_check_names_the_variant_and_the_unknown_setting():
+    variants.check({"epochs": 4, "variants": {"long": {"epochs": 8}}})
+    with pytest.raises(InputError, match=r"train.variants.long sets unknown training setting\(s\) \['epoch'\]"):
+        variants.check({"epochs": 4, "variants": {"long": {"epoch": 8}}})
+
+
+def test_select_copies_the_variant_with_the_lowest_validation_loss(tmp_path):
+    manifest, splits, preproc = write_cohort(tmp_path)
+    table = study_table(manifest, splits, preproc, "fold-1", ["T1w"])
+    fold_dir = tmp_path / "train" / "fold-1"
+    config = {**HYPER, "variants": {"frozen": {"learning_rate": 1e-9}, "learns": {"epochs": 6}}}
+    for name in config["variants"]:
+        train(table, "age", "regression", variants.hyperparameters(config, name), fold_dir / f"variant-{name}")
+    chosen = variants.select(fold_dir, ["frozen", "learns"])
+
+    summary = pd.read_csv(fold_dir / "variants.tsv", sep="\t").set_index("variant")
+    losses = {name: pd.read_csv(fold_dir / f"variant-{name}" / "history.tsv", sep="\t")["val_loss"].min()
+              for name in ("frozen", "learns")}
+    assert chosen == min(losses, key=losses.get) == summary.index[summary["chosen"]][0]
+    assert summary["best_val_loss"].to_dict() == pytest.approx(losses, rel=1e-5)
+    source = fold_dir / f"variant-{chosen}"
+    assert (fold_dir / "model.pt").read_bytes() == (source / "model.pt").read_bytes()
+    assert (fold_dir / "history.tsv").read_text() == (source / "history.tsv").read_text()
+    hyper = json.loads((fold_dir / "hyperparameters.json").read_text())
+    assert hyper["variant"] == chosen and hyper["epochs"] == (6 if chosen == "learns" else HYPER["epochs"])
+    assert not list(fold_dir.glob(".*.tmp"))
