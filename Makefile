@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO := data/demo
-DEMO_SUBJECTS ?= 80
+DEMO_SUBJECTS ?= 64
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: demo test test-cluster lint install clean
