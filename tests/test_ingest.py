@@ -150,7 +150,7 @@ def test_zero_byte_image_is_excluded_and_the_rest_kept(small_bids):
     (small_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"")
     manifest, report, _ = ingest.ingest(small_bids, "age", "regression")
     assert manifest["image_id"].tolist() == ["sub-03_ses-01", "sub-03_ses-02", "sub-04"]
-    assert report.set_index("image_id").loc["sub-01", "reason"] == "zero-byte file"
+    assert report.set_index("image_id").loc["sub-01", "reason"].startswith("zero-byte file")
 
 
 def test_unknown_entity_in_config_fails_before_reading(small_bids):
@@ -244,7 +244,7 @@ def test_data_check_only_when_asked(small_bids):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), image)
     assert "sub-01" in set(ingest.ingest(small_bids, "age", "regression", check_data=False).manifest["participant_id"])
     _, report, _ = ingest.ingest(small_bids, "age", "regression")
-    assert report.set_index("image_id").loc["sub-01", "reason"] == "image is constant (every voxel is 0)"
+    assert report.set_index("image_id").loc["sub-01", "reason"].startswith("image is constant (every voxel is 0)")
 
 
 # --- non-BIDS folders ------------------------------------------------------------------------
