@@ -135,7 +135,8 @@ def check_bids_root(bids_dir: Path) -> None:
         raise InputError(f"{bids_dir} is not a BIDS dataset: no dataset_description.json and no sub-* folders. "
                          f"Point `bids_dir` at the dataset root, or describe a non-BIDS folder with `non_bids`.{hint}")
     if not subjects:
-        raise InputError(f"{bids_dir} is an empty BIDS dataset: it has no sub-* folders.")
+        raise InputError(f"{bids_dir} is an empty BIDS dataset: it has no sub-* folders. Add the participants' "
+                         "sub-*/anat images, or point `bids_dir` at the dataset that has them.")
 
 
 def entity(files: pd.DataFrame, name: str) -> pd.Series:
@@ -363,7 +364,7 @@ def check_targets(samples: pd.DataFrame, target: str, task: str) -> tuple[pd.Dat
 
 def missing_column_error(target: str, path: Path, columns) -> InputError:
     return InputError(f"{path} has no column {target!r} (the configured `target`). "
-                      f"Its columns are: {', '.join(columns)}.")
+                      f"Its columns are: {', '.join(columns)}. Set `target` to one of them, or add the column.")
 
 
 # --- the whole stage ------------------------------------------------------------------------
@@ -453,7 +454,8 @@ def bids_input(bids_dir: Path, filters: dict, channels: dict, sessions: str, run
                     **bidsindex.conditions(extra, rules, f"channels.{name}")} for name, extra in channels.items()}
     files = bidsindex.load_index(bids_dir, cache_dir)
     if files.empty:
-        raise InputError(f"{bids_dir} holds no NIfTI image (.nii or .nii.gz) under its sub-* folders.")
+        raise InputError(f"{bids_dir} holds no NIfTI image (.nii or .nii.gz) under its sub-* folders. Add the "
+                         "images (with DataLad or git-annex: `datalad get` them), or point `bids_dir` elsewhere.")
     channel_keys = {k for extra in channels.values() for k in (extra or {})}
     matched, report, key = bids_samples(files, bids_dir, conds, rules, channel_keys)
     samples = matched[apply_policy(matched, "session", sessions, ["participant_id"])]
@@ -538,6 +540,7 @@ def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, 
         table = sessions_table(bids_dir, sorted(samples["participant_id"].unique()), target)
     joined, report = join_table(samples, table.rows, table.on, table.absent, table.where)
     joined, bad = check_targets(joined, target, task)
+    bad["reason"] = bad["reason"] + f"; correct it in {table.where} or leave the participant out (participants.exclude)"
     return joined, [report, bad], table.participants, table.source
 
 
@@ -546,7 +549,8 @@ def participants_table(bids_dir: Path, target: str) -> TargetTable:
     participants = read_participants(bids_dir)
     if target not in participants.columns:
         raise missing_column_error(target, bids_dir / "participants.tsv", participants.columns)
-    return TargetTable(participants.reset_index(), ["participant_id"], lambda row: "participant not listed in participants.tsv",
+    return TargetTable(participants.reset_index(), ["participant_id"], lambda row: "participant not listed in participants.tsv; add "
+                       "its row (with the target) or leave it out (participants.exclude)",
                        str(bids_dir / "participants.tsv"), participants.index.to_series(), "participants.tsv")
 
 
@@ -591,7 +595,7 @@ def non_bids_table(root: Path, non_bids: dict, target: str) -> TargetTable:
         raise missing_column_error(target, path, table.columns)
     table = table.assign(participant_id="sub-" + table[id_column].map(non_bids_label))
     check_unique(table["participant_id"], path, "participant")
-    return TargetTable(table, ["participant_id"], lambda row: f"id not listed in {path.name}", str(path),
+    return TargetTable(table, ["participant_id"], lambda row: f"id not listed in {path.name}; add its row", str(path),
                        table["participant_id"], non_bids["table"])
 
 
@@ -601,7 +605,8 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
     rows = []
     for pid in sorted(set(participants)):
         if pid not in seen:
-            rows.append((pid, "", "", "participant has no image matching the filters"))
+            rows.append((pid, "", "", "participant has no image matching the filters; add its image, "
+                                "check bids_filters/channels, or remove its row"))
         elif pid in dropped:
             rows.append((pid, "", "", f"no image left after {policy}"))
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
