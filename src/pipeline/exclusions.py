@@ -1,5 +1,6 @@
 """Everything left out of a study, and why: ``excluded.tsv`` gathers ingest's report and the
-records of samples that preprocessing could not process.
+records of samples that preprocessing could not process; ``samples.tsv`` is the manifest without
+them, the table every later stage (split, train, evaluate, explain, package) reads.
 
 One row per excluded sample or participant: ``image_id`` (empty for a participant without an
 image), ``participant_id``, ``stage`` (``ingest`` or ``preprocess``), ``file`` (the image or
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.errors import InputError
 from pipeline.outputs import replacing
 
 COLUMNS = ["image_id", "participant_id", "stage", "file", "reason"]
@@ -56,11 +58,21 @@ def main(argv=None) -> None:
     parser.add_argument("--ingest-report", type=Path, required=True, help="ingest_report.tsv")
     parser.add_argument("--records", type=Path, nargs="*", default=[], help="preprocessing exclusion records")
     parser.add_argument("--out", type=Path, required=True, help="excluded.tsv")
+    parser.add_argument("--manifest", type=Path, help="manifest.tsv: with --samples, write its usable rows")
+    parser.add_argument("--samples", type=Path, help="samples.tsv: the manifest without the excluded samples")
     args = parser.parse_args(argv)
     table = gather(args.ingest_report, args.records)
     write(table, args.out)
     for row in table.itertuples(index=False):
         print(f"excluded at {row.stage}: {row.image_id or row.participant_id}: {row.reason}")
+    if args.manifest and args.samples:
+        samples = usable(read_table(args.manifest), table)
+        with InputError.exit_cleanly():
+            if samples.empty:
+                raise InputError(f"Every sample of {args.manifest} was excluded (see {args.out}); fix the images "
+                                 "listed there.")
+        with replacing(args.samples) as tmp:
+            samples.to_csv(tmp, sep="\t", index=False)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,12 @@ def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
     if n4:
         image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
                                               convergence={"iters": [50, 50, 30], "tol": 1e-6})
-    return image / float(np.percentile(image.numpy(), 99))  # the template's intensity range
+    scale = float(np.percentile(image.numpy(), 99))
+    if not np.isfinite(scale) or scale <= 0:
+        raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation{' and N4' if n4 else ''} "
+                         "(an empty or mostly-background image), so it cannot be scaled or registered; check the "
+                         "image and replace it, or leave the participant out (participants.exclude).")
+    return image / scale  # the template's intensity range
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
@@ -152,11 +157,13 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
 def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
                           excluded: Path | None = None, **settings) -> dict | None:
     """``preprocess`` one sample; when it fails (unreadable data, registration error, an image
-    unusable in the template grid) no output is left behind, half-written or not.
+    unusable in the template grid) no partial output is left behind.
 
     ``on_error: stop`` raises InputError naming the image and the failure. ``continue`` writes
-    the failure as one row of ``excluded`` (``pipeline.exclusions`` columns) and returns None;
-    a success writes ``excluded`` with its header only. ``settings`` are ``preprocess``'s.
+    the failure as one row of ``excluded`` (``pipeline.exclusions`` columns), leaves every ``out``
+    file empty (zero bytes: Snakemake needs its declared outputs, and an empty file fails loudly
+    where a made-up image would not) and returns None; a success writes ``excluded`` with its
+    header only. ``settings`` are ``preprocess``'s.
     """
     try:
         sidecar = preprocess(sources, out=out, **settings)
@@ -171,6 +178,9 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
             raise InputError(f"{sources[0]} ({image_id}): {reason}" if not isinstance(exc, InputError) else reason) from exc
         participant = image_id.split("_")[0]
         exclusions.write(exclusions.record(image_id, participant, "preprocess", str(sources[0]), reason), excluded)
+        for path in out.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
         return None
     if excluded is not None:
         exclusions.write(exclusions.record("", "", "", "", "").iloc[:0], excluded)

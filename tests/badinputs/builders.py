@@ -18,6 +18,7 @@ from conftest import write_bids
 SHAPE = (12, 14, 12)
 PARTICIPANTS = [{"participant_id": f"sub-0{i}", "age": str(20 + 10 * i)} for i in range(1, 5)]
 BAD = "sub-04"
+GOOD_IDS = ["sub-01", "sub-02", "sub-03"]
 
 
 def good_dataset(root: Path, participants=PARTICIPANTS, images=None) -> Path:

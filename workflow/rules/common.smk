@@ -18,7 +18,7 @@ from pipeline import configcheck, recipe, registry
 from pipeline.outputs import check_writable
 from pipeline.fingerprint import tree_fingerprint
 from pipeline.package import files as package_files
-from pipeline.paths import SPACE, explanation_maps, group_map
+from pipeline.paths import SPACE, exclusion_record, explanation_maps, group_map
 from pipeline.paths import preprocessed as preprocessed_paths
 from pipeline.snakemake_compat import fix_group_components
 
@@ -126,6 +126,12 @@ def preprocessed(role):
         return [preprocessed_paths(PREPROC, s, i, CHANNELS)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
 
     return paths
+
+
+def exclusion_records(wildcards):
+    """Input function: preprocessing's exclusion record of every sample of the manifest."""
+    rows = manifest()
+    return [exclusion_record(PREPROC, s, i) for s, i in zip(rows["subdir"], rows["image_id"])]
 
 
 def preproc_root(wildcards, input):

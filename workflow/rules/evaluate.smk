@@ -1,6 +1,6 @@
 rule evaluate:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         model=rules.train.output.model,
         arrays=preprocessed("array"),

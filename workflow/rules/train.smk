@@ -1,6 +1,6 @@
 rule train:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
