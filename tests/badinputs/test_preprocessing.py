@@ -109,7 +109,8 @@ def snakemake(config: Path, cwd: Path, target: str) -> subprocess.CompletedProce
     exe = Path(sys.executable).with_name("snakemake")
     return subprocess.run([str(exe), "--snakefile", str(REPO / "workflow" / "Snakefile"), "--configfile", str(config),
                            "--cores", "2", "--directory", str(cwd), target], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                          env={**os.environ, "OMP_NUM_THREADS": "1",
+                               "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}"}, timeout=300)
 
 
 @pytest.mark.slow
