@@ -3,24 +3,15 @@ or ends the run naming its file (stop); either way no partial output is left beh
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-from builders import BAD, GOOD_IDS, bad_image, good_dataset
 
 from pipeline import exclusions, grid, imagecheck, preprocess
 from pipeline.errors import InputError
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def coarse_grid(tmp_path_factory):
@@ -103,43 +94,3 @@ def test_excluded_tsv_gathers_both_stages_and_samples_tsv_drops_them(tmp_path):
     excluded = exclusions.read_table(tmp_path / "excluded.tsv")
     assert excluded[["participant_id", "stage"]].values.tolist() == [["sub-05", "ingest"], ["sub-04", "preprocess"]]
     assert exclusions.read_table(tmp_path / "samples.tsv")["image_id"].tolist() == ["sub-01"]
-
-
-def snakemake(config: Path, cwd: Path, target: str) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).with_name("snakemake")
-    return subprocess.run([str(exe), "--snakefile", str(REPO / "workflow" / "Snakefile"), "--configfile", str(config),
-                           "--cores", "2", "--directory", str(cwd), target], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1",
-                               "PATH": f"{exe.parent}{os.pathsep}{os.environ['PATH']}"}, timeout=300)
-
-
-@pytest.mark.slow
-def test_workflow_excludes_at_both_stages_and_goes_on_or_stops(tmp_path):
-    """Snakemake on five participants: sub-04 passes ingest and fails preprocessing, sub-05's image
-    is zero bytes. continue: both listed in excluded.tsv, samples.tsv holds the other three;
-    stop: the run ends at ingest naming sub-05's file, with no results."""
-    root = good_dataset(tmp_path / "bids", images={pid: [""] for pid in [*GOOD_IDS, BAD, "sub-05"]},
-                        participants=[{"participant_id": p, "age": str(30 + i)} for i, p in enumerate([*GOOD_IDS, BAD, "sub-05"])])
-    spike(bad_image(root))
-    (root / "sub-05" / "anat" / "sub-05_T1w.nii.gz").write_bytes(b"")
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config.update(bids_dir=str(root), results_dir=str(tmp_path / "results"), on_error="continue")
-    config["preprocess"].update(resolution=8, shape=[20, 24, 20], n4=False)
-    config["explain"]["groundtruth"] = None
-    (tmp_path / "continue.yaml").write_text(yaml.safe_dump(config))
-    done = snakemake(tmp_path / "continue.yaml", tmp_path, str(tmp_path / "results" / "samples.tsv"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    excluded = exclusions.read_table(tmp_path / "results" / "excluded.tsv").set_index("participant_id")
-    assert excluded.loc["sub-05", "stage"] == "ingest" and "zero-byte file" in excluded.loc["sub-05", "reason"]
-    assert excluded.loc[BAD, "stage"] == "preprocess" and "99 % of its voxels are 0" in excluded.loc[BAD, "reason"]
-    samples = pd.read_csv(tmp_path / "results" / "samples.tsv", sep="\t")
-    assert samples["participant_id"].tolist() == GOOD_IDS
-
-    config.update(results_dir=str(tmp_path / "stopped"), on_error="stop")
-    (tmp_path / "stop.yaml").write_text(yaml.safe_dump(config))
-    stopped = snakemake(tmp_path / "stop.yaml", tmp_path, str(tmp_path / "stopped" / "samples.tsv"))
-    assert stopped.returncode != 0
-    log = (tmp_path / "stopped" / "logs" / "ingest.log").read_text()
-    assert "sub-05_T1w.nii.gz (sub-05): zero-byte file" in log and "on_error: stop" in log
-    assert not (tmp_path / "stopped" / "manifest.tsv").exists()
-    shutil.rmtree(tmp_path / "results", ignore_errors=True)
