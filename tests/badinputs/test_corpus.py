@@ -240,6 +240,10 @@ def test_ingest_outputs_are_never_half_written(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         run_ingest(root, out, "continue")
     assert {p: p.read_bytes() for p in files_under(out)} == before
+    monkeypatch.undo()
+    assert run_ingest(root, out, "continue") == 0
+    (tmp_path / "plain").touch()  # outputs get a new file's mode, not the private one of a temp file
+    assert {p.stat().st_mode & 0o777 for p in files_under(out)} == {(tmp_path / "plain").stat().st_mode & 0o777}
 
 
 # --- config faults: every problem at once, each naming its key --------------------------------
