@@ -35,6 +35,11 @@ def record(image_id: str, participant_id: str, stage: str, file: str, reason: st
     return pd.DataFrame([[image_id, participant_id, stage, str(file), reason]], columns=COLUMNS)
 
 
+def empty() -> pd.DataFrame:
+    """No exclusion: the record of a sample preprocessing finished."""
+    return pd.DataFrame(columns=COLUMNS)
+
+
 def write(table: pd.DataFrame, path: Path) -> None:
     """Write ``table`` (COLUMNS) as TSV, replacing ``path`` whole."""
     with replacing(path) as tmp:

@@ -167,7 +167,9 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
     """
     try:
         sidecar = preprocess(sources, out=out, **settings)
-    except Exception as exc:  # ANTs raises RuntimeError and others; every failure excludes the sample
+    except MemoryError:
+        raise  # the job's memory, not the sample: let Snakemake fail (and retry) it
+    except Exception as exc:  # ANTs raises RuntimeError and others; every other failure excludes the sample
         for path in out.values():
             path.unlink(missing_ok=True)
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -183,7 +185,7 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
             path.write_bytes(b"")
         return None
     if excluded is not None:
-        exclusions.write(exclusions.record("", "", "", "", "").iloc[:0], excluded)
+        exclusions.write(exclusions.empty(), excluded)
     return sidecar
 
 

@@ -85,7 +85,7 @@ def test_excluded_tsv_gathers_both_stages_and_samples_tsv_drops_them(tmp_path):
                           columns=["participant_id", "image_id", "path", "reason"])
     report.to_csv(tmp_path / "ingest_report.tsv", sep="\t", index=False)
     exclusions.write(exclusions.record("sub-04", "sub-04", "preprocess", "/x/sub-04_T1w.nii.gz", "failed"), tmp_path / "r4.tsv")
-    exclusions.write(exclusions.record("", "", "", "", "").iloc[:0], tmp_path / "r1.tsv")
+    exclusions.write(exclusions.empty(), tmp_path / "r1.tsv")
     manifest = pd.DataFrame({"image_id": ["sub-01", "sub-04"], "participant_id": ["sub-01", "sub-04"]})
     manifest.to_csv(tmp_path / "manifest.tsv", sep="\t", index=False)
     exclusions.main(["--ingest-report", str(tmp_path / "ingest_report.tsv"), "--records", str(tmp_path / "r1.tsv"),
