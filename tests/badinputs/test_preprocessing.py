@@ -94,3 +94,11 @@ def test_excluded_tsv_gathers_both_stages_and_samples_tsv_drops_them(tmp_path):
     excluded = exclusions.read_table(tmp_path / "excluded.tsv")
     assert excluded[["participant_id", "stage"]].values.tolist() == [["sub-05", "ingest"], ["sub-04", "preprocess"]]
     assert exclusions.read_table(tmp_path / "samples.tsv")["image_id"].tolist() == ["sub-01"]
+
+
+def test_report_shows_an_excluded_samples_empty_qc_as_a_note(tmp_path):
+    from pipeline.report import embed_png
+
+    (tmp_path / "sub-04_desc-qc_T1w.png").write_bytes(b"")
+    assert "excluded" in embed_png(tmp_path / "sub-04_desc-qc_T1w.png", "sub-04") and "<img" not in embed_png(
+        tmp_path / "sub-04_desc-qc_T1w.png", "sub-04")
