@@ -3,6 +3,7 @@ or ends the run naming its file (stop); either way no partial output is left beh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import pytest
 
 from pipeline import exclusions, grid, imagecheck, preprocess
 from pipeline.errors import InputError
+
 
 @pytest.fixture(scope="module")
 def coarse_grid(tmp_path_factory):
@@ -102,3 +104,17 @@ def test_report_shows_an_excluded_samples_empty_qc_as_a_note(tmp_path):
     (tmp_path / "sub-04_desc-qc_T1w.png").write_bytes(b"")
     assert "excluded" in embed_png(tmp_path / "sub-04_desc-qc_T1w.png", "sub-04") and "<img" not in embed_png(
         tmp_path / "sub-04_desc-qc_T1w.png", "sub-04")
+
+
+def test_evaluation_summary_lists_the_excluded_samples(tmp_path):
+    from test_evaluate import fold_dir
+
+    from pipeline.evaluate import summarise
+
+    folds = [fold_dir(tmp_path, f"fold-{k}", [0.0, 22.0, 38.0, 64.0, 76.0]) for k in (1, 2)]
+    table = pd.concat([exclusions.record("", "sub-9", "ingest", "", "participant has no image ..."),
+                       exclusions.record("sub-6", "sub-6", "preprocess", "/x/sub-6_T1w.nii.gz", "registration failed")])
+    exclusions.write(table, tmp_path / "excluded.tsv")
+    summary = summarise(folds, tmp_path / "summary", tmp_path / "excluded.tsv")
+    assert summary["excluded"] == {"ingest": ["sub-9"], "preprocess": ["sub-6"]}
+    assert json.loads((tmp_path / "summary" / "metrics.json").read_text())["excluded"] == summary["excluded"]
