@@ -30,7 +30,7 @@ GOOD = ["sub-01", "sub-02", "sub-03"]
 ACTIONS = ("replace", "repair", "rewrite the header", "raise the limit", "narrow bids_filters", "make it readable",
            "correct it", "add its row", "add its image", "Keep one row each", "Set `target`", "Valid entities",
            "Did you mean", "Valid keys", "choose one of", "Set a valid value", "Make it writable", "Add the",
-           "participants.exclude", "on_error: continue")
+           "participants.exclude")
 
 
 def says_what_to_do(message: str) -> bool:
@@ -130,13 +130,15 @@ def test_participant_without_image_is_listed(tmp_path):
 def test_on_error_stop_ends_at_the_bad_sample_and_writes_nothing(case, tmp_path, unreadable_as_root, capsys):
     if case in IMAGE_CASES:
         root, path = broken_image_dataset(tmp_path, case, unreadable_as_root)
+        reason = IMAGE_CASES[case][1]
     else:
         root = broken_table_dataset(tmp_path, case)
-        path = bad_image(root)
+        path, reason = bad_image(root), TABLE_CASES[case][1]
     out = tmp_path / "results"
     assert run_ingest(root, out, "stop") == 2
     err = capsys.readouterr().err
-    assert str(path.absolute()) in err and "on_error: stop" in err and says_what_to_do(err), err
+    assert err.startswith(f"ERROR: {path.absolute()} ({BAD}): ") and reason in err and "on_error: stop" in err, err
+    assert says_what_to_do(err.split("With `on_error: stop`")[0])  # the reason's own advice
     assert "Traceback" not in err and files_under(out) == []
 
 
