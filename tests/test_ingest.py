@@ -143,14 +143,14 @@ def test_images_without_participants_row_are_reported_not_fatal(small_bids):
     manifest, report, _ = ingest.ingest(small_bids, "age", "regression")
     assert "sub-09" not in set(manifest["participant_id"]) and len(manifest) == 4
     row = report.set_index("image_id").loc["sub-09"]
-    assert row["reason"] == "participant not listed in participants.tsv" and row["path"].endswith("sub-09_T1w.nii.gz")
+    assert row["reason"].startswith("participant not listed in participants.tsv") and row["path"].endswith("sub-09_T1w.nii.gz")
 
 
 def test_zero_byte_image_is_excluded_and_the_rest_kept(small_bids):
     (small_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz").write_bytes(b"")
     manifest, report, _ = ingest.ingest(small_bids, "age", "regression")
     assert manifest["image_id"].tolist() == ["sub-03_ses-01", "sub-03_ses-02", "sub-04"]
-    assert report.set_index("image_id").loc["sub-01", "reason"] == "zero-byte file"
+    assert report.set_index("image_id").loc["sub-01", "reason"].startswith("zero-byte file")
 
 
 def test_unknown_entity_in_config_fails_before_reading(small_bids):
@@ -169,9 +169,9 @@ def test_target_values_missing_or_not_numbers(small_bids):
     tsv.write_text(tsv.read_text().replace("sub-04\t40", "sub-04\tforty").replace("sub-01\t25.0", "sub-01\tinf"))
     manifest, report, _ = ingest.ingest(small_bids, "age", "regression")
     reasons = dict(zip(report["participant_id"], report["reason"]))
-    assert reasons["sub-04"] == "target 'age' is not a number ('forty')"
-    assert reasons["sub-01"] == "target 'age' is not a finite number ('inf')"
-    assert reasons["sub-02"] == "target 'age' is missing (n/a)"
+    assert reasons["sub-04"].startswith("target 'age' is not a number ('forty')")
+    assert reasons["sub-01"].startswith("target 'age' is not a finite number ('inf')")
+    assert reasons["sub-02"].startswith("target 'age' is missing (n/a)")
     assert set(manifest["participant_id"]) == {"sub-03"}
 
 
@@ -218,7 +218,7 @@ def test_policy_losses_are_reported_per_participant(small_bids):
     assert manifest["image_id"].tolist() == ["sub-03_ses-02"]
     reasons = dict(zip(report["participant_id"], report["reason"]))
     assert reasons["sub-01"] == "no image left after sessions: 02, runs: all"
-    assert reasons["sub-05"] == "participant has no image matching the filters"
+    assert reasons["sub-05"].startswith("participant has no image matching the filters")
 
 
 def test_sessions_tsv_targets_joined_by_participant_and_session(small_bids):
@@ -244,7 +244,7 @@ def test_data_check_only_when_asked(small_bids):
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), image)
     assert "sub-01" in set(ingest.ingest(small_bids, "age", "regression", check_data=False).manifest["participant_id"])
     _, report, _ = ingest.ingest(small_bids, "age", "regression")
-    assert report.set_index("image_id").loc["sub-01", "reason"] == "image is constant (every voxel is 0)"
+    assert report.set_index("image_id").loc["sub-01", "reason"].startswith("image is constant (every voxel is 0)")
 
 
 # --- non-BIDS folders ------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_non_bids_pattern_and_table_give_the_same_manifest(tmp_path):
     assert manifest[["image_id", "participant_id", "session", "subdir", "subject", "age"]].values.tolist() == [
         ["sub-002S0295", "sub-002S0295", "", "sub-002S0295", "002_S_0295", "71"],
         ["sub-002S0413", "sub-002S0413", "", "sub-002S0413", "002_S_0413", "80"]]
-    assert report.set_index("participant_id").loc["sub-011S0002", "reason"] == "target 'age' is missing (n/a)"
+    assert report.set_index("participant_id").loc["sub-011S0002", "reason"].startswith("target 'age' is missing (n/a)")
     assert targets == {"target": "age", "task": "regression", "source": "demographics.csv", "classes": None}
 
 

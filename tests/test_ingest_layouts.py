@@ -109,7 +109,7 @@ def test_ds001_runs_policy_and_4d_images(tmp_path):
                                         channels={"bold": {"suffix": "bold"}}, runs="first", include=["01", "02", "03"])
     assert manifest["image_id"].tolist() == ["sub-03_run-01"]  # run distinguishes a participant's images
     reasons = dict(zip(report["image_id"], report["reason"]))
-    assert reasons["sub-01_run-01"] == "4D image (shape (2, 2, 2, 3)); expected one 3D volume"
+    assert reasons["sub-01_run-01"].startswith("4D image (shape (2, 2, 2, 3)); expected one 3D volume")
     assert set(report["image_id"]) == {"sub-01_run-01", "sub-02_run-01"}  # runs 2-3 were never selected
 
 
@@ -204,6 +204,6 @@ def test_multicontrast_channels_and_label_image(tmp_path):
     rows = report.set_index("image_id")
     assert rows.loc["sub-03_ses-01", "reason"] == "no FLAIR image with the same entities (channels.FLAIR)"
     assert rows.loc["sub-02_ses-01", "reason"].startswith(f"no label image in {root / 'derivatives/lesions'} with the same entities")
-    assert rows.loc["sub-01_ses-01", "reason"] == "T2w image: zero-byte file"  # the failing channel named ...
+    assert rows.loc["sub-01_ses-01", "reason"].startswith("T2w image: zero-byte file")  # the failing channel named ...
     assert rows.loc["sub-01_ses-01", "path"].endswith("sub-01_ses-01_T2w.nii.gz")  # ... and its file
     assert len(report) == 3

@@ -171,8 +171,13 @@ def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) ->
     return stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
 
 
-def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
-    """Per-fold test metrics, their mean and sd, and the ensemble's with intervals; write the summary files."""
+def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
+    """Per-fold test metrics, their mean and sd, and the ensemble's with intervals; write the summary files.
+
+    ``excluded`` (``excluded.tsv``): the samples left out before the split are listed under
+    ``excluded`` (image id, or participant id without an image, by stage), so that a sample
+    missing from the predictions is accounted for.
+    """
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
     dtype = {"true": str} if classes else {}
@@ -199,6 +204,10 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
     combined.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": task, "target": target, "classes": classes, "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
+    if excluded is not None:
+        left_out = read_tsv(excluded).fillna("")
+        result["excluded"] = {stage: [r.image_id or r.participant_id for r in rows.itertuples()]
+                              for stage, rows in left_out.groupby("stage", sort=False)}
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     title = f"Ensemble of {len(names)} fold(s), test set"
     if classes:
@@ -273,13 +282,14 @@ def main(argv=None) -> None:
     summary = commands.add_parser("summary", help="metrics across folds and of their ensemble")
     summary.add_argument("fold_dirs", type=Path, nargs="+", help="the folds' evaluation folders")
     summary.add_argument("--out-dir", type=Path, required=True)
+    summary.add_argument("--excluded", type=Path, help="excluded.tsv: listed in metrics.json")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if args.command == "fold":
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
             metrics = evaluate_fold(table, args.model, args.out_dir)
         else:
-            metrics = summarise(args.fold_dirs, args.out_dir)
+            metrics = summarise(args.fold_dirs, args.out_dir, args.excluded)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)
 
 

@@ -1,7 +1,8 @@
 """Checks that a NIfTI file is one usable 3D image: its header always, its data on request.
 
-Each check returns ``""`` for a usable file or a one-line reason for the ingest report. Results
-are cached per file path, size and mtime, so a rerun reads only new or changed files.
+Each check returns ``""`` for a usable file or a one-line reason for the ingest report that says
+what is wrong and what to do. Results are cached per file path, size and mtime (and the limits),
+so a rerun reads only new or changed files.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ from pipeline.bidsindex import read_pickle, write_pickle
 from pipeline.fingerprint import MISSING, file_stamp
 
 HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+REPLACE = "replace or repair the file, or leave the participant out (participants.exclude)"
+XFORM_CODES = range(0, 6)  # NIfTI qform_code/sform_code: unknown, scanner, aligned, talairach, mni, template
+# config `image_limits`: larger images are excluded before preprocessing reads them whole.
+DEFAULT_LIMITS = {"max_voxels": 512**3, "max_voxel_size": 20.0}
 
 
 def read_prefix(path: str, n: int) -> bytes:
@@ -57,43 +62,61 @@ def read_header(path: str) -> nib.Nifti1Header:
     raise ValueError(f"not a NIfTI file (it starts with {raw[:16]!r})")
 
 
-def header_problem(path: str, size: int | None = None) -> str:
+def header_problem(path: str, size: int | None = None, limits: dict | None = None) -> str:
     """Why the file's header rules it out as one 3D image (``""`` when it is usable).
 
-    Catches: a missing or zero-byte file, text or other data under a NIfTI name, a truncated
-    header or (uncompressed) truncated data, a 4D or 2D image, a zero dimension and a singular
-    or non-finite affine. Only the header is read.
+    Catches: a missing, unreadable (permissions) or zero-byte file, text or other data under a
+    NIfTI name, a truncated header or (uncompressed) truncated data, a 4D or 2D image, a zero
+    dimension, invalid qform/sform codes, a singular or non-finite affine, and an image over
+    ``limits`` (``DEFAULT_LIMITS``: voxel count, voxel edge in mm). Only the header is read.
     """
+    limits = {**DEFAULT_LIMITS, **(limits or {})}
     if size is None:
         size = file_stamp(path)[0]
     if size == MISSING:
         return "file content is missing (broken symlink; with git-annex or DataLad, `datalad get` it first)"
     if size == 0:
-        return "zero-byte file"
+        return f"zero-byte file; {REPLACE}"
     try:
         header = read_header(path)
         shape = header.get_data_shape()
         dtype = header.get_data_dtype()
         affine = header.get_best_affine()
+    except PermissionError:
+        return "permission denied: the file cannot be read; make it readable (chmod a+r) or remove it"
     except (OSError, EOFError, zlib.error, ValueError, nib.spatialimages.HeaderDataError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if isinstance(exc, (gzip.BadGzipFile, zlib.error, EOFError)):
             reason = f"truncated or corrupt gzip stream ({reason})"
-        return f"unreadable NIfTI: {reason}"
+        return f"unreadable NIfTI: {reason}; {REPLACE}"
     if len(shape) == 4 and shape[3] > 1 or len(shape) > 4:
-        return f"{len(shape)}D image (shape {tuple(shape)}); expected one 3D volume"
+        return (f"{len(shape)}D image (shape {tuple(shape)}); expected one 3D volume: save the volume to use on "
+                "its own, or narrow bids_filters to leave this file out")
     if len(shape) < 3:
-        return f"{len(shape)}D image (shape {tuple(shape)}); expected a 3D volume"
+        return f"{len(shape)}D image (shape {tuple(shape)}); expected a 3D volume; {REPLACE}"
     if min(shape) == 0:
-        return f"empty image (shape {tuple(shape)})"
+        return f"empty image (shape {tuple(shape)}); {REPLACE}"
+    codes = {name: int(header[name]) for name in ("qform_code", "sform_code")}
+    invalid = [f"{name} {code}" for name, code in codes.items() if code not in XFORM_CODES]
+    if invalid:
+        return (f"invalid orientation code ({', '.join(invalid)}; NIfTI allows 0-5); rewrite the header "
+                "with a valid qform/sform (e.g. nibabel set_sform(affine, code=1))")
     if not np.isfinite(affine).all():
-        return "non-finite values in the affine (sform/qform)"
+        return "non-finite values in the affine (sform/qform); rewrite the header with a valid affine"
     if abs(det3(affine[:3, :3].tolist())) < 1e-6:
-        return "singular affine (zero voxel size or degenerate orientation in sform/qform)"
+        return "singular affine (zero voxel size or degenerate orientation in sform/qform); rewrite the header"
+    voxel = float(np.linalg.norm(affine[:3, :3], axis=0).max())
+    if voxel > limits["max_voxel_size"]:
+        return (f"voxel size {voxel:g} mm is over image_limits.max_voxel_size ({limits['max_voxel_size']:g} mm); "
+                "check the header's pixdim/affine (units) or raise the limit")
+    voxels = int(np.prod(shape[:3], dtype=np.int64))
+    if voxels > limits["max_voxels"]:
+        return (f"image has {voxels} voxels (shape {tuple(shape)}), over image_limits.max_voxels "
+                f"({limits['max_voxels']}); downsample it or raise the limit")
     if not path.endswith(".gz"):
         needed = int(header["vox_offset"]) + int(np.prod(shape)) * dtype.itemsize
         if size < needed:
-            return f"truncated NIfTI: the header describes {needed} bytes, the file has {size}"
+            return f"truncated NIfTI: the header describes {needed} bytes, the file has {size}; {REPLACE}"
     return ""
 
 
@@ -108,28 +131,31 @@ def data_problem(path: str) -> str:
     try:
         data = np.asanyarray(nib.load(path).dataobj)
     except Exception as exc:  # nibabel and gzip raise many types for damaged files
-        return f"unreadable image data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return f"unreadable image data ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {REPLACE}"
     if not np.isfinite(data).all():
-        return "image data contain NaN or infinite values"
+        return f"image data contain NaN or infinite values; {REPLACE}"
     if data.size and np.ptp(data) == 0:
-        return f"image is constant (every voxel is {data.flat[0]})"
+        return f"image is constant (every voxel is {data.flat[0]}); {REPLACE}"
     return ""
 
 
-def image_problems(paths: list[str], check_data: bool, cache_dir: Path | None = None) -> dict[str, str]:
-    """``{path: reason}`` for every path (reason ``""`` when usable): the header check, then the
-    data check when ``check_data``. Results are reused from ``cache_dir`` for unchanged files."""
+def image_problems(paths: list[str], check_data: bool, cache_dir: Path | None = None,
+                   limits: dict | None = None) -> dict[str, str]:
+    """``{path: reason}`` for every path (reason ``""`` when usable): the header check (with
+    ``limits``), then the data check when ``check_data``. Results are reused from ``cache_dir``
+    for unchanged files checked with the same limits."""
+    limits = {**DEFAULT_LIMITS, **(limits or {})}
     cache_path = Path(cache_dir) / "checks.pkl" if cache_dir is not None else None
     cached = (read_pickle(cache_path) if cache_path else None) or {}
-    if cached.get("version") != CACHE_VERSION:
-        cached = {"version": CACHE_VERSION, "files": {}}
+    if cached.get("version") != CACHE_VERSION or cached.get("limits") != limits:
+        cached = {"version": CACHE_VERSION, "limits": limits, "files": {}}
     known, changed = cached["files"], False
     problems = {}
     for path in dict.fromkeys(paths):
         stamp = file_stamp(path)
         entry = known.get(path)
         if entry is None or entry[0] != stamp:
-            entry = known[path] = (stamp, header_problem(path, stamp[0]), None)
+            entry = known[path] = (stamp, header_problem(path, stamp[0], limits), None)
             changed = True
         if check_data and not entry[1] and entry[2] is None:
             entry = known[path] = (stamp, entry[1], data_problem(path))

@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline import bidsindex
 from pipeline.errors import InputError
 from pipeline.imagecheck import image_problems
+from pipeline.outputs import check_writable, replacing
 
 MANIFEST_COLUMNS = ["image_id", "participant_id", "session", "subdir", "path"]
 REPORT_COLUMNS = ["participant_id", "image_id", "path", "reason"]
@@ -134,7 +135,8 @@ def check_bids_root(bids_dir: Path) -> None:
         raise InputError(f"{bids_dir} is not a BIDS dataset: no dataset_description.json and no sub-* folders. "
                          f"Point `bids_dir` at the dataset root, or describe a non-BIDS folder with `non_bids`.{hint}")
     if not subjects:
-        raise InputError(f"{bids_dir} is an empty BIDS dataset: it has no sub-* folders.")
+        raise InputError(f"{bids_dir} is an empty BIDS dataset: it has no sub-* folders. Add the participants' "
+                         "sub-*/anat images, or point `bids_dir` at the dataset that has them.")
 
 
 def entity(files: pd.DataFrame, name: str) -> pd.Series:
@@ -362,7 +364,7 @@ def check_targets(samples: pd.DataFrame, target: str, task: str) -> tuple[pd.Dat
 
 def missing_column_error(target: str, path: Path, columns) -> InputError:
     return InputError(f"{path} has no column {target!r} (the configured `target`). "
-                      f"Its columns are: {', '.join(columns)}.")
+                      f"Its columns are: {', '.join(columns)}. Set `target` to one of them, or add the column.")
 
 
 # --- the whole stage ------------------------------------------------------------------------
@@ -370,12 +372,15 @@ def missing_column_error(target: str, path: Path, columns) -> InputError:
 def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None = None, *,
            channels: dict | None = None, sessions: str = "all", runs: str = "all",
            include=(), exclude=(), target_source: str = "participants", label_image: dict | None = None,
-           non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None) -> Ingested:
+           non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None,
+           limits: dict | None = None, on_error: str = "continue") -> Ingested:
     """Select, match, join and check (see the module docstring): manifest, report and target info.
 
-    Arguments are the config keys of the same names (config/README.md); ``cache_dir`` keeps the
-    parsed index and header checks between runs. ``target`` None selects images without joining a
-    target table (applying a trained model: ``pipeline.apply``).
+    Arguments are the config keys of the same names (config/README.md; ``limits`` is
+    ``image_limits``); ``cache_dir`` keeps the parsed index and header checks between runs.
+    ``target`` None selects images without joining a target table (applying a trained model:
+    ``pipeline.apply``). ``on_error: stop`` raises InputError at the first exclusion instead of
+    reporting it.
     """
     bids_dir = Path(bids_dir)
     channels = channels or DEFAULT_CHANNELS
@@ -400,7 +405,7 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     if participants is not None:
         report.append(unimaged(participants[chosen(participants, include, exclude)], seen, dropped, f"sessions: {sessions}, runs: {runs}"))
 
-    problems = image_problems([p for c in images for p in samples[c]], check_data, cache_dir)
+    problems = image_problems([p for c in images for p in samples[c]], check_data, cache_dir, limits)
     for column in images:
         reasons = samples[column].map(problems)
         bad = reasons != ""
@@ -409,6 +414,8 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
         samples = samples[~bad]
 
     report = pd.concat([r for r in report if len(r)] or [pd.DataFrame(columns=REPORT_COLUMNS)], ignore_index=True)
+    if on_error == "stop" and len(report):
+        raise stop_error(report)
     if samples.empty:
         more = f"\n(and {len(report) - 20} more)" if len(report) > 20 else ""
         wanted = f" for target {target!r}" if target else ""
@@ -417,6 +424,17 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     manifest = samples.sort_values("image_id", ignore_index=True)
     classes = sorted(set(manifest[target])) if task == "classification" and target else None  # as pipeline.data encodes them
     return Ingested(manifest, report, {"target": target, "task": task, "source": source, "classes": classes})
+
+
+def stop_error(report: pd.DataFrame) -> InputError:
+    """The error ``on_error: stop`` ends ingestion with: the first exclusion, its file and reason."""
+    first = report.iloc[0]
+    what = first["path"] or first["image_id"] or first["participant_id"]
+    who = f" ({first['image_id'] or first['participant_id']})" if first["path"] else ""
+    more = f" ({len(report) - 1} more exclusions follow it)" if len(report) > 1 else ""
+    return InputError(f"{what}{who}: {first['reason']}.{more} With `on_error: stop` the first excluded sample ends "
+                      "the run: fix it, or set `on_error: continue` to leave such samples out and list them "
+                      "in excluded.tsv.")
 
 
 def chosen(ids: pd.Series, include: set[str], exclude: set[str]) -> pd.Series:
@@ -436,7 +454,8 @@ def bids_input(bids_dir: Path, filters: dict, channels: dict, sessions: str, run
                     **bidsindex.conditions(extra, rules, f"channels.{name}")} for name, extra in channels.items()}
     files = bidsindex.load_index(bids_dir, cache_dir)
     if files.empty:
-        raise InputError(f"{bids_dir} holds no NIfTI image (.nii or .nii.gz) under its sub-* folders.")
+        raise InputError(f"{bids_dir} holds no NIfTI image (.nii or .nii.gz) under its sub-* folders. Add the "
+                         "images (with DataLad or git-annex: `datalad get` them), or point `bids_dir` elsewhere.")
     channel_keys = {k for extra in channels.values() for k in (extra or {})}
     matched, report, key = bids_samples(files, bids_dir, conds, rules, channel_keys)
     samples = matched[apply_policy(matched, "session", sessions, ["participant_id"])]
@@ -521,6 +540,7 @@ def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, 
         table = sessions_table(bids_dir, sorted(samples["participant_id"].unique()), target)
     joined, report = join_table(samples, table.rows, table.on, table.absent, table.where)
     joined, bad = check_targets(joined, target, task)
+    bad["reason"] = bad["reason"] + f"; correct it in {table.where} or leave the participant out (participants.exclude)"
     return joined, [report, bad], table.participants, table.source
 
 
@@ -529,7 +549,8 @@ def participants_table(bids_dir: Path, target: str) -> TargetTable:
     participants = read_participants(bids_dir)
     if target not in participants.columns:
         raise missing_column_error(target, bids_dir / "participants.tsv", participants.columns)
-    return TargetTable(participants.reset_index(), ["participant_id"], lambda row: "participant not listed in participants.tsv",
+    return TargetTable(participants.reset_index(), ["participant_id"], lambda row: "participant not listed in participants.tsv; add "
+                       "its row (with the target) or leave it out (participants.exclude)",
                        str(bids_dir / "participants.tsv"), participants.index.to_series(), "participants.tsv")
 
 
@@ -574,7 +595,7 @@ def non_bids_table(root: Path, non_bids: dict, target: str) -> TargetTable:
         raise missing_column_error(target, path, table.columns)
     table = table.assign(participant_id="sub-" + table[id_column].map(non_bids_label))
     check_unique(table["participant_id"], path, "participant")
-    return TargetTable(table, ["participant_id"], lambda row: f"id not listed in {path.name}", str(path),
+    return TargetTable(table, ["participant_id"], lambda row: f"id not listed in {path.name}; add its row", str(path),
                        table["participant_id"], non_bids["table"])
 
 
@@ -584,18 +605,19 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
     rows = []
     for pid in sorted(set(participants)):
         if pid not in seen:
-            rows.append((pid, "", "", "participant has no image matching the filters"))
+            rows.append((pid, "", "", "participant has no image matching the filters; add its image, "
+                                "check bids_filters/channels, or remove its row"))
         elif pid in dropped:
             rows.append((pid, "", "", f"no image left after {policy}"))
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
 
 
 def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path) -> None:
-    """The three outputs: manifest and report TSVs, target JSON."""
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(manifest, sep="\t", index=False)
-    result.report.to_csv(report, sep="\t", index=False)
-    targets.write_text(json.dumps(result.targets, indent=2) + "\n")
+    """The three outputs: manifest and report TSVs, target JSON; each replaced whole (never half-written)."""
+    with replacing(manifest) as m, replacing(report) as r, replacing(targets) as t:
+        result.manifest.to_csv(m, sep="\t", index=False)
+        result.report.to_csv(r, sep="\t", index=False)
+        t.write_text(json.dumps(result.targets, indent=2) + "\n")
 
 
 def main(argv=None) -> None:
@@ -616,16 +638,22 @@ def main(argv=None) -> None:
     parser.add_argument("--non-bids", type=json.loads, default=None, help="JSON: non_bids")
     parser.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
                         help="read every image's data (NaN/Inf, constant); the header is always read")
+    parser.add_argument("--limits", type=json.loads, default=None, help="JSON: image_limits")
+    parser.add_argument("--on-error", choices=["continue", "stop"], default="continue",
+                        help="continue: exclude and report bad samples; stop: fail at the first")
     parser.add_argument("--cache-dir", "--database-dir", type=Path, help="keeps the file index and checks between runs")
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--targets", type=Path, help="target JSON (default: targets.json next to the manifest)")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
+        for folder in dict.fromkeys(p.parent for p in (args.manifest, args.report, args.targets or args.manifest)):
+            check_writable(folder)  # before the work, not after it
         result = ingest(args.bids_dir, args.target, args.task, args.filters, channels=args.channels,
                         sessions=args.sessions, runs=args.runs, include=args.include, exclude=args.exclude,
                         target_source=args.target_source, label_image=args.label_image, non_bids=args.non_bids,
-                        check_data=args.check_data, cache_dir=args.cache_dir)
+                        check_data=args.check_data, cache_dir=args.cache_dir, limits=args.limits,
+                        on_error=args.on_error)
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "

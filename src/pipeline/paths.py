@@ -35,6 +35,11 @@ def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...
     return paths
 
 
+def exclusion_record(root: str, subdir: str, image_id: str) -> str:
+    """Preprocessing's record of one sample: a TSV with a header, plus one row when it was excluded."""
+    return f"{root}/{subdir}/anat/{image_id}_desc-preproc_excluded.tsv"
+
+
 def explanation_maps(root: str, subdir: str, image_id: str, method: str, reference: str = "T1w") -> dict[str, str]:
     """One method's map of one image in template space and in the image's native (reference) space."""
     stem = f"{root}/{subdir}/anat/{image_id}"

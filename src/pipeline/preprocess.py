@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pipeline import exclusions
 from pipeline.errors import InputError
 from pipeline.paths import SPACE, preprocessed
 
@@ -75,7 +76,12 @@ def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
     if n4:
         image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
                                               convergence={"iters": [50, 50, 30], "tol": 1e-6})
-    return image / float(np.percentile(image.numpy(), 99))  # the template's intensity range
+    scale = float(np.percentile(image.numpy(), 99))
+    if not np.isfinite(scale) or scale <= 0:
+        raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation{' and N4' if n4 else ''} "
+                         "(an empty or mostly-background image), so it cannot be scaled or registered; check the "
+                         "image and replace it, or leave the participant out (participants.exclude).")
+    return image / scale  # the template's intensity range
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
@@ -148,6 +154,41 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     return sidecars[channels[0]]
 
 
+def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
+                          excluded: Path | None = None, **settings) -> dict | None:
+    """``preprocess`` one sample; when it fails (unreadable data, registration error, an image
+    unusable in the template grid) no partial output is left behind.
+
+    ``on_error: stop`` raises InputError naming the image and the failure. ``continue`` writes
+    the failure as one row of ``excluded`` (``pipeline.exclusions`` columns), leaves every ``out``
+    file empty (zero bytes: Snakemake needs its declared outputs, and an empty file fails loudly
+    where a made-up image would not) and returns None; a success writes ``excluded`` with its
+    header only. ``settings`` are ``preprocess``'s.
+    """
+    try:
+        sidecar = preprocess(sources, out=out, **settings)
+    except MemoryError:
+        raise  # the job's memory, not the sample: let Snakemake fail (and retry) it
+    except Exception as exc:  # ANTs raises RuntimeError and others; every other failure excludes the sample
+        for path in out.values():
+            path.unlink(missing_ok=True)
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = (detail if isinstance(exc, InputError) else
+                  f"preprocessing failed ({type(exc).__name__}: {detail}); check the image (or its registration), "
+                  "or leave the participant out (participants.exclude)")
+        if on_error == "stop" or excluded is None:
+            raise InputError(f"{sources[0]} ({image_id}): {reason}" if not isinstance(exc, InputError) else reason) from exc
+        participant = image_id.split("_")[0]
+        exclusions.write(exclusions.record(image_id, participant, "preprocess", str(sources[0]), reason), excluded)
+        for path in out.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        return None
+    if excluded is not None:
+        exclusions.write(exclusions.empty(), excluded)
+    return sidecar
+
+
 def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interpolator: str = "linear") -> nib.Nifti1Image:
     """Resample a template-grid map onto the native grid of ``native_path`` (its header only is
     read) with the inverse transform; the result carries the native image's affine."""
@@ -206,12 +247,20 @@ def main(argv=None) -> None:
     parser.add_argument("--n4-shrink", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1, help="registration seed, >= 1")
     parser.add_argument("--threads", type=int, default=1, help="ITK threads (1 is reproducible)")
+    parser.add_argument("--on-error", choices=["continue", "stop"], default="stop",
+                        help="continue: a failure writes --excluded and exits 0; stop: exits 2 with the message")
+    parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way")
     args = parser.parse_args(argv)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ants is imported
     out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels)
     with InputError.exit_cleanly():
-        sidecar = preprocess(args.sources, args.template, args.mask, out, args.channels, args.transform,
-                             not args.no_n4, args.n4_shrink, args.seed)
+        sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.on_error, args.excluded,
+                                        template=args.template, mask=args.mask, channels=args.channels,
+                                        transform=args.transform, n4=not args.no_n4, n4_shrink=args.n4_shrink,
+                                        seed=args.seed)
+    if sidecar is None:
+        print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
+        return
     print(json.dumps(sidecar["QC"]), file=sys.stderr)
 
 

@@ -16,6 +16,9 @@ from pipeline.data import read_tsv
 
 
 def embed_png(path: Path, alt: str) -> str:
+    """A PNG inlined as a figure; an empty file (the QC of a sample preprocessing excluded) as a note."""
+    if Path(path).stat().st_size == 0:
+        return f"<p>{html.escape(alt)}: no image (the sample was excluded; see excluded.tsv).</p>"
     data = base64.b64encode(Path(path).read_bytes()).decode()
     return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
@@ -93,7 +96,9 @@ def variant_tables(results: Path, folds: list[str]) -> list[str]:
 
 def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
     """Write the HTML report from the files of a finished study under ``results``."""
-    exclusions = read_tsv(results / "ingest_report.tsv")
+    # excluded.tsv: ingest's and preprocessing's exclusions (a study from before it: ingest's report).
+    excluded = results / "excluded.tsv"
+    exclusions = read_tsv(excluded if excluded.exists() else results / "ingest_report.tsv")
     balance = read_tsv(results / "split_balance.tsv")
     summary = json.loads((results / "evaluate" / "metrics.json").read_text())
     metrics = pd.read_csv(results / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
@@ -116,7 +121,8 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         "<p>Participants, images and the target's distribution in each split of each fold. "
         "The test participants are the same in every fold; no participant is in two splits.</p>",
         table_html(balance),
-        f"<h2>Excluded at ingestion ({len(exclusions)})</h2>",
+        f"<h2>Excluded ({len(exclusions)})</h2>",
+        "<p>Samples and participants left out, at which stage and why (<code>excluded.tsv</code>).</p>",
         table_html(exclusions) if len(exclusions) else "<p>None.</p>",
         "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(hyper, indent=2))}</pre>",
         *variant_tables(results, folds),

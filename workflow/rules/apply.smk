@@ -5,7 +5,7 @@ PACKAGE_INPUT = f"{PACKAGE}/checksums.sha256"
 
 rule predict:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         arrays=preprocessed("array"),
         package=PACKAGE_INPUT,
         code=source("predict", "evaluate", "package"),
@@ -35,7 +35,7 @@ rule predict:
 
 rule predict_maps:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
         template=rules.grid.output.template,

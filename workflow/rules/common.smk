@@ -8,20 +8,24 @@ import pandas as pd
 from snakemake.utils import validate
 
 
-validate(config, schema="../schemas/config.schema.yaml")
-
 SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # Jobs run `python -m pipeline.<stage>` with the python on PATH (the activated venv or the rule's
 # conda environment); this checkout's package is put first on its import path, and the Snakefile
 # imports its standard-library-only modules (paths, fingerprints) from there too.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
-from pipeline import recipe, registry, variants
+from pipeline import configcheck, recipe, registry, variants
+from pipeline.outputs import check_writable
 from pipeline.fingerprint import tree_fingerprint
 from pipeline.package import files as package_files
-from pipeline.paths import SPACE, explanation_maps, group_map
+from pipeline.paths import SPACE, exclusion_record, explanation_maps, group_map
 from pipeline.paths import preprocessed as preprocessed_paths
 from pipeline.snakemake_compat import fix_group_components
+
+# Every config problem at once, each naming its key and what to set (then validate fills in defaults).
+configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+validate(config, schema="../schemas/config.schema.yaml")
+check_writable(Path(config["results_dir"]), create=False)
 
 # Cluster profiles batch preprocessing with --group-components; Snakemake 9 needs a fix for that
 # in a workflow with a checkpoint (see pipeline/snakemake_compat.py).
@@ -129,6 +133,12 @@ def preprocessed(role):
         return [preprocessed_paths(PREPROC, s, i, CHANNELS)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
 
     return paths
+
+
+def exclusion_records(wildcards):
+    """Input function: preprocessing's exclusion record of every sample of the manifest."""
+    rows = manifest()
+    return [exclusion_record(PREPROC, s, i) for s, i in zip(rows["subdir"], rows["image_id"])]
 
 
 def preproc_root(wildcards, input):

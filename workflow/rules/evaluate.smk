@@ -1,6 +1,6 @@
 rule evaluate:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         model=FOLD_MODEL,
         arrays=preprocessed("array"),
@@ -32,6 +32,7 @@ rule evaluate_folds:
     input:
         metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
         predictions=expand(rules.evaluate.output.predictions, fold=FOLDS),
+        excluded=rules.exclusions.output.excluded,
         code=source("evaluate"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",
@@ -52,4 +53,5 @@ rule evaluate_folds:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate summary {params.fold_dirs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m pipeline.evaluate summary {params.fold_dirs:q} --excluded {input.excluded:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -1,6 +1,6 @@
 rule explain:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         model=FOLD_MODEL,
         arrays=preprocessed("array"),
@@ -39,7 +39,7 @@ rule explain_folds:
     input:
         indexes=expand(rules.explain.output.index, fold=FOLDS),
         groups=expand(rules.explain.output.group, fold=FOLDS),
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         predictions=rules.evaluate_folds.output.predictions,
         arrays=preprocessed("array"),
         template=rules.grid.output.template,

@@ -1,7 +1,7 @@
 checkpoint ingest:
     input:
         tables=ingest_tables,
-        code=source("ingest", "bidsindex", "imagecheck", "fingerprint"),
+        code=source("ingest", "bidsindex", "imagecheck", "fingerprint", "outputs"),
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
@@ -19,6 +19,8 @@ checkpoint ingest:
         label_image=json.dumps(config["label_image"]),
         non_bids=json.dumps(config["non_bids"]),
         check_data="--check-data" if config["check_data"] else "--no-check-data",
+        limits=json.dumps(config["image_limits"]),
+        on_error=config["on_error"],
         include=config["participants"]["include"],
         exclude=config["participants"]["exclude"],
         # Not an output: Snakemake would delete it before each run. Index and header checks are
@@ -40,6 +42,7 @@ checkpoint ingest:
         "python -m pipeline.ingest {params.bids_dir:q} {params.target} --task {params.task}"
         " --filters {params.filters:q} --channels {params.channels:q} --sessions {params.sessions:q}"
         " --runs {params.runs:q} --target-source {params.target_source} --label-image {params.label_image:q}"
-        " --non-bids {params.non_bids:q} {params.check_data} --include {params.include:q}"
+        " --non-bids {params.non_bids:q} {params.check_data} --limits {params.limits:q} --on-error {params.on_error}"
+        " --include {params.include:q}"
         " --exclude {params.exclude:q} --cache-dir {params.cache:q} --manifest {output.manifest:q}"
         " --report {output.report:q} --targets {output.targets:q} > {log:q} 2>&1"

@@ -4,7 +4,7 @@ rule package:
         histories=expand(FOLD_HISTORY, fold=FOLDS),
         fold_metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
         summary=rules.evaluate_folds.output.metrics,
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=rules.split.output.splits,
         arrays=preprocessed("array"),
         template=rules.grid.output.template,

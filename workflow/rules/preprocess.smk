@@ -28,9 +28,11 @@ rule preprocess:
         images=source_images,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=source("preprocess", "paths"),
+        code=source("preprocess", "paths", "exclusions"),
     output:
         **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS),
+        # With on_error: continue a failed sample gets one row here (and empty files above).
+        excluded=exclusion_record(PREPROC, "{subdir}", "{image}"),
     params:
         out_dir=lambda w, output: output.array[: output.array.index(f"/{w.subdir}/anat/")],
         channels=CHANNELS,
@@ -38,6 +40,7 @@ rule preprocess:
         n4="" if config["preprocess"]["n4"] else "--no-n4",
         n4_shrink=config["preprocess"]["n4_shrink_factor"],
         seed=config["preprocess"]["seed"],
+        on_error=config["on_error"],
     log:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
@@ -55,4 +58,29 @@ rule preprocess:
         "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
         " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
-        " --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+        " --seed {params.seed} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
+        " > {log:q} 2>&1"
+
+
+rule exclusions:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        report=f"{RESULTS}/ingest_report.tsv",
+        records=exclusion_records,
+        code=source("exclusions", "outputs"),
+    output:
+        excluded=f"{RESULTS}/excluded.tsv",
+        samples=f"{RESULTS}/samples.tsv",
+    log:
+        f"{RESULTS}/logs/exclusions.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/exclusions.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.exclusions --ingest-report {input.report:q} --records {input.records:q}"
+        " --manifest {input.manifest:q} --out {output.excluded:q} --samples {output.samples:q} > {log:q} 2>&1"

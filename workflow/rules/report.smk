@@ -1,7 +1,7 @@
 rule report:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
-        exclusions=f"{RESULTS}/ingest_report.tsv",
+        manifest=rules.exclusions.output.samples,
+        exclusions=rules.exclusions.output.excluded,
         splits=rules.split.output.splits,
         balance=rules.split.output.balance,
         histories=expand(FOLD_HISTORY, fold=FOLDS),

@@ -1,6 +1,6 @@
 rule split:
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         code=source("split"),
     output:
         splits=f"{RESULTS}/splits.tsv",

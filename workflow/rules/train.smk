@@ -1,7 +1,7 @@
 rule train:
     """One model per fold (and per hyperparameter variant, with train.variants)."""
     input:
-        manifest=f"{RESULTS}/manifest.tsv",
+        manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
