@@ -55,7 +55,8 @@ def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, s
     assert run.returncode == 0, run.stderr[-3000:]
     table = run.stdout.split("Job stats:")[1].split("\n\n")[0]
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
-    assert jobs == {"ingest": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1, "all": 1}
+    assert jobs == {"ingest": 1, "exclusions": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1,
+                    "all": 1}
     assert "pipeline.ingest" in run.stdout and " --no-target --task regression" in run.stdout
     assert f"pipeline.grid --from-package {mini_study / 'package' / 'model'}" in run.stdout
 
