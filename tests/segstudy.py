@@ -16,8 +16,9 @@ from pipeline.split import design
 RESOLUTION, SHAPE = 6, (32, 32, 32)
 LABEL_IMAGE = {"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"},
                "labels": ["background", "CSF", "GM", "WM"]}
-HYPER = {"model": "unet", "model_args": {"features": [8, 8, 16, 32, 64, 8]}, "epochs": 12, "batch_size": 2,
-         "learning_rate": 0.01, "patience": 12, "seed": 0,
+HYPER = {"model": "unet", "model_args": {"features": [16, 16, 32, 64, 128, 16]}, "epochs": 25, "batch_size": 2,
+         "learning_rate": 0.01, "patience": 25, "seed": 0,
+         "sampler": {"kind": "slices", "axis": 2, "per_image": 16, "batch_size": 8},
          "augmentation": {"rotation": 0, "scaling": 0, "translation": 0, "noise": 0, "intensity": 0}}
 
 

@@ -5,8 +5,8 @@ distance in mm (MONAI's ``compute_dice`` and ``compute_hausdorff_distance`` with
 spacing) between the predicted and the preprocessed true label map on the template grid.
 ``dice_mean`` is the mean Dice over labels. Test metrics are means over images with 95 %
 bootstrap intervals over participants (``evaluate.bootstrap``). A label absent from the true or
-the predicted map of an image has an undefined HD95 (NaN, left out of the mean); its Dice is 0
-when only one of the two maps has it.
+the predicted map of an image has an undefined HD95 (NaN, left out of the means); its Dice is 0
+when only one of the two maps has it, NaN (left out) when neither has.
 
 ``fold``: one fold's model on its validation and test images → ``predictions.tsv`` (one row per
 image: ids, split, ``dice_<label>``, ``hd95_<label>``, ``dice_mean``, the true label array and
@@ -39,7 +39,8 @@ HD_PERCENTILE = 95
 
 def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spacing) -> dict[str, float]:
     """Dice and HD95 (mm) of labels 1..K-1 (``names[k]`` is label k) of two (X, Y, Z) integer maps;
-    ``spacing`` is the voxel size (mm) per axis. Returns ``dice_<name>``, ``hd95_<name>``, ``dice_mean``."""
+    ``spacing`` is the voxel size (mm) per axis. Returns ``dice_<name>``, ``hd95_<name>`` (NaN where
+    undefined, see the module docstring) and ``dice_mean``, the mean of the defined Dice values."""
     from monai.metrics import compute_dice, compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
@@ -50,7 +51,8 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
     pred = one_hot(torch.as_tensor(predicted.astype(np.int64))[None, None], k)
     ref = one_hot(torch.as_tensor(true.astype(np.int64))[None, None], k)
     dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0]
-    present = (pred.flatten(2).any(2) & ref.flatten(2).any(2))[0, 1:]  # HD95 needs the label in both
+    in_pred, in_ref = pred.flatten(2).any(2)[0, 1:], ref.flatten(2).any(2)[0, 1:]
+    present = in_pred & in_ref  # HD95 needs the label in both
     import warnings
 
     with warnings.catch_warnings():
@@ -59,9 +61,10 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
                                         spacing=[float(s) for s in spacing])[0]
     scores = {}
     for i, name in enumerate(names[1:]):
-        scores[f"dice_{name}"] = float(dice[i])
+        scores[f"dice_{name}"] = float(dice[i]) if bool(in_pred[i] | in_ref[i]) else float("nan")
         scores[f"hd95_{name}"] = float(hd[i]) if bool(present[i]) else float("nan")
-    scores["dice_mean"] = float(np.mean([scores[f"dice_{n}"] for n in names[1:]]))
+    dices = [scores[f"dice_{n}"] for n in names[1:]]
+    scores["dice_mean"] = float(np.nanmean(dices)) if not np.all(np.isnan(dices)) else float("nan")
     return scores
 
 

@@ -26,11 +26,12 @@ rule grid:
 rule preprocess:
     input:
         images=source_images,
+        label=source_label,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
         code=source("preprocess", "paths"),
     output:
-        **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS),
+        **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS, LABEL),
     params:
         out_dir=lambda w, output: output.array[: output.array.index(f"/{w.subdir}/anat/")],
         channels=CHANNELS,
@@ -38,6 +39,7 @@ rule preprocess:
         n4="" if config["preprocess"]["n4"] else "--no-n4",
         n4_shrink=config["preprocess"]["n4_shrink_factor"],
         seed=config["preprocess"]["seed"],
+        label=lambda wildcards, input: f"--label {shlex.quote(input.label[0])}" if input.label else "",
     log:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
@@ -55,4 +57,4 @@ rule preprocess:
         "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
         " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
-        " --seed {params.seed} --threads {threads} > {log:q} 2>&1"
+        " --seed {params.seed} {params.label} --threads {threads} > {log:q} 2>&1"
