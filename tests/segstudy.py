@@ -22,7 +22,7 @@ HYPER = {"model": "unet", "model_args": {"features": [16, 16, 32, 64, 128, 16]},
          "augmentation": {"rotation": 0, "scaling": 0, "translation": 0, "noise": 0, "intensity": 0}}
 
 
-def build(root: Path, n_subjects: int = 10, seed: int = 0) -> dict:
+def build(root: Path, n_subjects: int = 8, seed: int = 0) -> dict:
     """Write the cohort, its preprocessed arrays, manifest and splits under ``root``; return their paths
     and the seconds each step took."""
     seconds = {}
