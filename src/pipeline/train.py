@@ -288,7 +288,8 @@ def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
     """Identifies a training run: settings, images, targets, splits and the package's code.
     A checkpoint resumes only on a match."""
     code = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
-    content = json.dumps(hyper, sort_keys=True) + table[["image_id", "split", "array"]].to_csv() + code
+    columns = ["image_id", "split", "array", *(["label_array"] if "label_array" in table else [])]
+    content = json.dumps(hyper, sort_keys=True) + table[columns].to_csv() + code
     return hashlib.sha256(content.encode()).hexdigest()
 
 
