@@ -159,12 +159,15 @@ def dice_per_label(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     from monai.networks.utils import one_hot
 
     k = outputs.shape[1]
-    predicted = one_hot(outputs.argmax(1, keepdim=True), k)
-    return compute_dice(predicted, one_hot(labels.long(), k), include_background=False, ignore_empty=False)
+    predicted, true = one_hot(outputs.argmax(1, keepdim=True), k), one_hot(labels.long(), k)
+    dice = compute_dice(predicted, true, include_background=False, ignore_empty=False)
+    absent = ~(predicted.flatten(2).any(2) | true.flatten(2).any(2))[:, 1:]
+    return dice.masked_fill(absent, float("nan"))  # as pipeline.segmentation.label_scores
 
 
 def mean_dice(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean over labels 1..K-1 of ``dice_per_label`` (labels absent from both left out; 1 if all are)."""
+    """(B,) mean over labels 1..K-1 of ``dice_per_label`` (labels absent from both left out; 1 if all are,
+    e.g. a slice outside the brain)."""
     dice = dice_per_label(outputs, labels)
     return torch.nan_to_num(dice.nanmean(1), nan=1.0)
 
