@@ -182,3 +182,49 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
                         native_image.header.get_zooms())["dice_WM"] > 0.7
     assert torch.load(tmp_path / "train" / "model.pt", weights_only=True)["coder"]["classes"] == ["background", "CSF",
                                                                                                     "GM", "WM"]
+
+
+def test_summary_tables_per_fold_mean_sd_and_majority_vote_ensemble(tmp_path):
+    """Three folds' label maps of two test images: per-fold rows, mean and sd, and the ensemble
+    (majority vote) scored against the true labels, with bootstrap intervals."""
+    import json
+
+    import pandas as pd
+
+    from pipeline.segmentation import summarise
+
+    names = ["background", "a"]
+    true = np.zeros((1, 8, 8, 8), np.uint8)
+    true[0, 2:6, 2:6, 2:6] = 1
+    np.save(tmp_path / "true.npy", true)
+    shifts = {"fold-1": 1, "fold-2": 0, "fold-3": 2}  # fold-2 is exact; the vote of 1, 0, 2 shifts is 1 shift
+    fold_dirs = []
+    for fold, shift in shifts.items():
+        rows = []
+        for pid in ("sub-01", "sub-02"):
+            predicted = np.roll(true[0], shift, axis=0)
+            path = tmp_path / fold / "labels" / pid / "anat" / f"{pid}_dseg.nii.gz"
+            path.parent.mkdir(parents=True)
+            nib.save(nib.Nifti1Image(predicted, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+            rows.append({"participant_id": pid, "session": "", "image_id": pid, "subdir": pid, "split": "test",
+                         **label_scores(predicted, true[0], names, (2, 2, 2)),
+                         "true_labels": str(tmp_path / "true.npy"), "predicted_labels": str(path)})
+        predictions = pd.DataFrame(rows)
+        predictions.to_csv(tmp_path / fold / "predictions.tsv", sep="\t", index=False)
+        metrics = {"task": "segmentation", "target": "label", "classes": names, "best_epoch": 1,
+                   "spacing_mm": [2.0, 2.0, 2.0], "n": 2, "dice_a": float(predictions["dice_a"].mean()),
+                   "hd95_a": float(predictions["hd95_a"].mean())}
+        (tmp_path / fold / "metrics.json").write_text(json.dumps(metrics))
+        fold_dirs.append(tmp_path / fold)
+    result = summarise(fold_dirs, tmp_path / "summary")
+    table = pd.read_csv(tmp_path / "summary" / "metrics.tsv", sep="\t", index_col="model")
+    assert list(table.index) == ["fold-1", "fold-2", "fold-3", "mean", "sd", "ensemble"]
+    dice = {1: 0.75, 0: 1.0, 2: 0.5}  # a 4-voxel cube shifted by 0, 1, 2 voxels
+    assert table.loc["fold-3", "dice_a"] == pytest.approx(dice[2])
+    assert table.loc["mean", "dice_a"] == pytest.approx(0.75)
+    assert table.loc["sd", "dice_a"] == pytest.approx(0.25)
+    assert table.loc["ensemble", "dice_a"] == pytest.approx(dice[1])  # the voxel-wise vote: the 1-voxel shift
+    assert table.loc["ensemble", "hd95_a"] == pytest.approx(2.0)
+    assert result["ensemble"]["dice_a_ci"] == pytest.approx([0.75, 0.75])
+    assert (tmp_path / "summary" / "labels" / "sub-01" / "anat").is_dir()
+    assert (tmp_path / "summary" / "performance.png").stat().st_size > 0

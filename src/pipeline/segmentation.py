@@ -9,7 +9,7 @@ the predicted map of an image has an undefined HD95 (NaN, left out of the means)
 when only one of the two maps has it, NaN (left out) when neither has.
 
 ``fold``: one fold's model on its validation and test images → ``predictions.tsv`` (one row per
-image: ids, split, ``dice_<label>``, ``hd95_<label>``, ``dice_mean``, the true label array and
+image: ids, subdir, split, ``dice_<label>``, ``hd95_<label>``, ``dice_mean``, the true label array and
 the predicted maps), ``metrics.json`` (test set), and the predicted label maps under ``labels/``:
 uint8 NIfTI on the template grid (its affine) and on the image's native reference grid (the
 inverse transform of preprocessing, nearest label).
@@ -93,7 +93,7 @@ def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path
             warped = to_native(image, Path(row.path), inverse, interpolator="genericLabel")
             nib.save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
         rows.append({"participant_id": row.participant_id, "session": row.session, "image_id": row.image_id,
-                     **({"split": row.split} if "split" in table else {}),
+                     "subdir": row.subdir, **({"split": row.split} if "split" in table else {}),
                      **label_scores(predicted, true, names, grid.header.get_zooms()[:3]),
                      "true_labels": row.label_array, "predicted_labels": paths["template"],
                      "predicted_labels_native": paths["native"] if native else ""})
@@ -147,12 +147,11 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
         maps = [np.asarray(nib.load(p.loc[image_id, "predicted_labels"]).dataobj) for p in folds]
         voted = majority(maps, len(names))
         affine = nib.load(first["predicted_labels"]).affine
-        subdir = str(Path(first["predicted_labels"]).parent.parent.relative_to(Path(fold_dirs[0]) / "labels"))
-        path = predicted_labels(str(out_dir / "labels"), subdir, image_id)["template"]
+        path = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)["template"]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(voted, affine), path)
         rows.append({"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
-                     **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
+                     "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
                      "true_labels": first["true_labels"], "predicted_labels": path})
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
