@@ -17,6 +17,7 @@ from pipeline.template import SPACE, load_template
 
 N_SUBJECTS, SEED, RESOLUTION = 6, 3, 3.0
 TRUTH = Path("derivatives", "groundtruth")
+TISSUE = Path("derivatives", "tissue")
 
 
 def all_files(root: Path) -> dict[str, bytes]:
@@ -87,12 +88,14 @@ def test_bids_tree(dataset):
     expected = {"dataset_description.json", "README", "participants.tsv", "participants.json",
                 f"{TRUTH}/dataset_description.json", f"{TRUTH}/README",
                 f"{TRUTH}/space-{SPACE}_desc-age_mask.nii.gz", f"{TRUTH}/space-{SPACE}_desc-group_mask.nii.gz",
-                f"{TRUTH}/space-{SPACE}_desc-effects.json"}
+                f"{TRUTH}/space-{SPACE}_desc-effects.json",
+                f"{TISSUE}/dataset_description.json", f"{TISSUE}/README", f"{TISSUE}/desc-tissue_dseg.tsv"}
     recs = images(dataset)
     for rec in recs:
         rel = rec["path"].parent.relative_to(dataset)
         expected |= {f"{rel}/{rec['path'].name}", f"{rel}/{rec['stem']}_T1w.json",
-                     f"{TRUTH}/{rel}/{rec['stem']}_from-{SPACE}_to-T1w_pose.json"}
+                     f"{TRUTH}/{rel}/{rec['stem']}_from-{SPACE}_to-T1w_pose.json",
+                     f"{TISSUE}/{rel}/{rec['stem']}_desc-tissue_dseg.nii.gz"}
     assert set(all_files(dataset)) == expected
     assert {r["participant_id"] for r in recs} == set(participants["participant_id"])
 

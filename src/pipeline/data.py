@@ -22,11 +22,16 @@ def read_tsv(path: Path) -> pd.DataFrame:
                        keep_default_na=False)
 
 
-def study_table(manifest: Path, splits: Path, preproc_dir: Path, fold: str, channels: list[str] | None = None
-                ) -> pd.DataFrame:
+def study_table(manifest: Path, splits: Path, preproc_dir: Path, fold: str, channels: list[str] | None = None,
+                label: bool = False) -> pd.DataFrame:
     """One row per image: manifest columns, its ``split`` in ``fold`` (e.g. ``fold-1``) and the
-    preprocessed ``array`` path, joined by image id."""
+    preprocessed ``array`` path, joined by image id; with ``label`` (segmentation) also the
+    preprocessed ``label_array`` path."""
     table = read_tsv(manifest)
+    if label and "label" not in table.columns:
+        raise InputError(f"{manifest} has no `label` column: `task: segmentation` needs a label image per sample; "
+                         "set config `label_image` (e.g. {derivatives: derivatives/tissue, filters: {suffix: dseg}}) "
+                         "and rerun ingestion.")
     design = read_tsv(splits)
     if fold not in design.columns:
         folds = [c for c in design.columns if c.startswith("fold-")]
@@ -38,13 +43,16 @@ def study_table(manifest: Path, splits: Path, preproc_dir: Path, fold: str, chan
         raise InputError(f"{splits} has no split for images {', '.join(merged.loc[missing, 'image_id'])}; rerun the split rule.")
     if (merged["participant_id"] != merged["participant_id_split"]).any():
         raise InputError(f"{splits} and {manifest} disagree on a participant id; rerun the split rule.")
-    merged["array"] = [str(derivative_paths(preproc_dir, s, i, channels)["array"])
-                       for s, i in zip(merged["subdir"], merged["image_id"])]
+    paths = [derivative_paths(preproc_dir, s, i, channels, label) for s, i in zip(merged["subdir"], merged["image_id"])]
+    merged["array"] = [str(p["array"]) for p in paths]
+    if label:
+        merged["label_array"] = [str(p["label_array"]) for p in paths]
     return merged.drop(columns="participant_id_split")
 
 
 class TargetCoder:
-    """Maps target values to training labels and back: z-scores (regression) or class indices."""
+    """Maps target values to training labels and back: z-scores (regression) or class indices.
+    Segmentation: ``classes`` are the label names (index = label value), one network output each."""
 
     def __init__(self, task: str, classes: list[str] | None = None, mean: float = 0.0, std: float = 1.0):
         self.task, self.classes, self.mean, self.std = task, classes, mean, std
@@ -64,7 +72,7 @@ class TargetCoder:
 
     @property
     def outputs(self) -> int:
-        return len(self.classes) if self.task == "classification" else 1
+        return len(self.classes) if self.task in ("classification", "segmentation") else 1
 
     def encode(self, values) -> torch.Tensor:
         if self.task == "classification":

@@ -12,6 +12,10 @@ intensity scale, voxel size and orientation. The effects:
 The raw dataset (``participants.tsv``, ``sub-XXX/[ses-YY/]anat/*_T1w.nii[.gz]``) is what a
 study reads. ``derivatives/groundtruth`` holds the answers (effect masks, effect parameters,
 each image's pose) for validation and tests only: training must never read it.
+``derivatives/tissue`` holds a tissue segmentation of every T1w on its own grid
+(``*_desc-tissue_dseg.nii.gz``: 0 background, 1 CSF, 2 GM, 3 WM; ``desc-tissue_dseg.tsv``), the
+target of a segmentation study: the subject's template anatomy, ventricles warped for age like
+the image, seen through the same pose and grid (nearest neighbour).
 
 Usage: ``python -m pipeline.demo OUT_DIR --n-subjects 100 --seed 0 [--sim-resolution 1.5]``.
 The output is a deterministic function of the arguments (byte-identical files). Images are
@@ -47,6 +51,8 @@ VENTRICLE_GAIN_MM2 = 70.0  # displacement (mm) = gain * age_fraction * |grad smo
 GM_LOSS_AT_80 = 0.35  # fraction of grey-matter intensity lost in the cortical sphere at 80 years
 LESION_MULTIPLIER_RANGE = (0.35, 0.55)  # intensity multiplier at a lesion's core, per patient
 LESION_RADIUS_SCALE = (0.8, 1.2)  # lesion radius = nominal radius * uniform(range), per patient
+TISSUES = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}  # labels of the tissue segmentation
+TISSUE_INSIDE = 0.5  # a voxel is labelled (CSF, GM or WM, the most probable) where its brain fraction ≥ this
 MASK_THRESHOLD = 0.05  # a voxel belongs to an effect mask where |change| > this * mean brain intensity
 
 
@@ -245,6 +251,20 @@ def simulate_anatomy(anatomy: Anatomy, age: float, lesion: tuple[float, float] |
     return warp_ventricles(anatomy, image.astype(np.float32), age)
 
 
+def tissue_labels(anatomy: Anatomy, age: float) -> np.ndarray:
+    """uint8 tissue segmentation (``TISSUES``) of one subject on the simulation grid.
+
+    The template's GM and WM probabilities and its brain (T1w > 0) are warped for ``age`` like
+    the image (``warp_ventricles``); CSF = brain − GM − WM. A voxel whose brain fraction is at least
+    ``TISSUE_INSIDE`` gets the most probable of CSF, GM and WM, every other voxel 0.
+    """
+    inside = warp_ventricles(anatomy, (anatomy.t1 > 0).astype(np.float32), age)
+    gm, wm = (warp_ventricles(anatomy, p, age) for p in (anatomy.gm, anatomy.wm))
+    csf = np.clip(inside - gm - wm, 0.0, None)
+    labels = np.argmax(np.stack([csf, gm, wm]), axis=0).astype(np.uint8) + 1
+    return np.where(inside >= TISSUE_INSIDE, labels, 0).astype(np.uint8)
+
+
 def ventricle_volume_mm3(anatomy: Anatomy, age: float) -> float:
     """Volume (mm^3) of the lateral ventricles at ``age`` (the template's mask, warped)."""
     warped = warp_ventricles(anatomy, anatomy.ventricles, age)
@@ -335,6 +355,16 @@ def render_scan(volume: np.ndarray, volume_affine: np.ndarray, scan: dict, wm_le
     imag = sd * noise_rng.standard_normal(shape, dtype=np.float32)
     magnitude = np.sqrt(real * real + imag * imag)  # Rician, like a magnitude MR image
     return np.clip(np.rint(magnitude), 0, np.iinfo(np.int16).max).astype(np.int16), affine, pose
+
+
+def render_labels(labels: np.ndarray, volume_affine: np.ndarray, scan: dict) -> np.ndarray:
+    """The simulation-grid ``labels`` on the scanner grid of ``scan`` (``render_scan``'s pose and
+    grid), nearest neighbour: the segmentation of that image, voxel for voxel."""
+    pose = rigid_pose(scan["rotation_deg"], scan["translation_mm"])
+    affine, shape = scanner_grid(pose, scan["voxel_mm"], scan["orientation"])
+    m = np.linalg.inv(volume_affine) @ np.linalg.inv(pose) @ affine
+    return ndi.affine_transform(labels, m[:3, :3], m[:3, 3], output_shape=tuple(shape), order=0,
+                                mode="constant", cval=0, prefilter=False).astype(np.uint8)
 
 
 def save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -437,6 +467,17 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
         f"space-{SPACE}_desc-effects.json: the regions, effect sizes and mask volumes.\n"
         f"sub-*/[ses-*/]anat/*_from-{SPACE}_to-T1w_pose.json: 'matrix' is the 4x4 RAS+ mm transform A with\n"
         "  x_scanner = A @ [x_template, 1]; 'simulation' lists the image's other nuisance and anatomy.\n")
+    tissue = out_dir / "derivatives" / "tissue"
+    write_json(tissue / "dataset_description.json", {
+        "Name": "Tissue segmentation of the simulated brain-age demo cohort", "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative", "GeneratedBy": generated_by})
+    (tissue / "README").write_text(
+        "Tissue segmentation of every T1w on its own grid: sub-*/[ses-*/]anat/*_desc-tissue_dseg.nii.gz (uint8,\n"
+        "labels in desc-tissue_dseg.tsv). The template's GM and WM probabilities, with the subject's age warp,\n"
+        f"argmax of CSF/GM/WM where the brain fraction is at least {TISSUE_INSIDE}, seen through the image's pose\n"
+        "and grid (nearest neighbour). The target of a segmentation study (config/segmentation.yaml).\n")
+    rows = ["index\tname"] + [f"{k}\t{v}" for k, v in TISSUES.items()]
+    (tissue / "desc-tissue_dseg.tsv").write_text("\n".join(rows) + "\n")
 
 
 def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resolution: float) -> dict:
@@ -491,12 +532,15 @@ def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolutio
         rng = np.random.default_rng([seed, i])
         lesion = draw_lesion(rng) if subject["group"] == "patient" else None
         volume = simulate_anatomy(anatomy, subject["age"], lesion)
+        labels = tissue_labels(anatomy, subject["age"])
         for session, extension in zip(subject["sessions"], subject["extensions"]):
             scan = draw_scan(rng)
             data, affine, pose = render_scan(volume, anatomy.affine, scan, wm_level)
             subdir = Path(subject["participant_id"], *([session] if session else []), "anat")
             stem = "_".join([subject["participant_id"], *([session] if session else [])])
             save_nifti(data, affine, out_dir / subdir / f"{stem}_T1w{extension}")
+            save_nifti(render_labels(labels, anatomy.affine, scan), affine,
+                       out_dir / "derivatives" / "tissue" / subdir / f"{stem}_desc-tissue_dseg.nii.gz")
             write_json(out_dir / subdir / f"{stem}_T1w.json", {
                 "Manufacturer": "Simulated", "MagneticFieldStrength": 3,
                 "VoxelSize": [scan["voxel_mm"]] * 3, "Orientation": scan["orientation"]})

@@ -10,6 +10,8 @@ with 95 % bootstrap intervals), the ensemble's test ``predictions.tsv`` (the fol
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
 confusion matrix).
+Segmentation models (``task: segmentation``) are scored per label instead (Dice, HD95; predicted
+label maps as NIfTI) by ``pipeline.segmentation``, into the same files.
 """
 
 from __future__ import annotations
@@ -138,9 +140,18 @@ def with_intervals(predictions: pd.DataFrame, classes: list[str] | None, train_m
     return {**metrics, **{f"{k}_ci": v for k, v in intervals.items()}}
 
 
-def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path) -> dict:
-    """Predict one fold's validation and test images; write ``predictions.tsv`` and the test ``metrics.json``."""
+def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_dir: Path | None = None,
+                  channels: list[str] | None = None) -> dict:
+    """Predict one fold's validation and test images; write ``predictions.tsv`` and the test ``metrics.json``.
+    A segmentation model needs ``preproc_dir`` and ``channels`` (its label maps go on the preprocessed grid)."""
     model, coder, record = load_model(model_path)
+    if coder.task == "segmentation":
+        from pipeline import segmentation
+
+        if preproc_dir is None:
+            raise InputError("Evaluating a segmentation model needs the preprocessed derivatives folder (--preproc-dir).")
+        return segmentation.evaluate_fold(table, model, coder, record, Path(preproc_dir), list(channels or ["T1w"]),
+                                          out_dir)
     target = record["target"]
     predictions = predict(model, coder, table[table["split"].isin(["val", "test"])], target)
     extra = {}
@@ -179,6 +190,10 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     missing from the predictions is accounted for.
     """
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
+    if metrics[0]["task"] == "segmentation":
+        from pipeline import segmentation
+
+        return segmentation.summarise(fold_dirs, out_dir)
     task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
     dtype = {"true": str} if classes else {}
     predictions = [read_tsv(d / "predictions.tsv").astype(dtype) for d in fold_dirs]
@@ -286,8 +301,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if args.command == "fold":
-            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
-            metrics = evaluate_fold(table, args.model, args.out_dir)
+            record = torch.load(args.model, weights_only=True, map_location="cpu")  # the model says its task
+            segmentation = record["coder"]["task"] == "segmentation"
+            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels,
+                                label=segmentation)
+            metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, args.channels)
         else:
             metrics = summarise(args.fold_dirs, args.out_dir, args.excluded)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)

@@ -1,4 +1,5 @@
 """Export a finished study as a model package (layout: ``pipeline.package``): folder and ``.tar.gz``.
+Image-level models only: a segmentation study is refused (the workflow has no package rule for it).
 
 Every fold's ``model.pt`` becomes safetensors weights; the package predicts with the ensemble of
 folds exactly as the study's evaluation does (mean prediction, or mean class probabilities). The
@@ -84,6 +85,10 @@ def fold_records(train_dirs: list[Path]) -> dict[str, dict]:
     share the architecture, target, input shape and channels."""
     records = {d.name: torch.load(d / "model.pt", weights_only=True, map_location="cpu") for d in train_dirs}
     first = next(iter(records.values()))
+    if first["coder"]["task"] == "segmentation":
+        raise InputError("Model packages hold image-level models (regression, classification); a segmentation "
+                         "study (`task: segmentation`) is not exported: its fold models are "
+                         "train/fold-K/model.pt and its label maps evaluate/*/labels.")
     for fold, record in records.items():
         for key in SAME_IN_EVERY_FOLD:
             if record[key] != first[key]:

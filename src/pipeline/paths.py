@@ -10,14 +10,17 @@ from __future__ import annotations
 SPACE = "MNI152NLin2009aSym"
 
 
-def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...] | list[str] = ("T1w",)
-                 ) -> dict[str, str]:
+def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...] | list[str] = ("T1w",),
+                 label: bool = False) -> dict[str, str]:
     """Files preprocessing writes for one sample, by role.
 
     ``image_<channel>`` and ``sidecar_<channel>``: each channel on the template grid (NIfTI + JSON);
     ``array``: all channels stacked, (C, X, Y, Z) float32 ``.npy``; ``forward``/``inverse``: the
     reference channel's (the first) affine to and from the template; ``coreg_<channel>``: each
     further channel's rigid transform onto the reference; ``qc``: a PNG of the reference.
+    With ``label`` (config ``label_image``): ``label_image``, the sample's label image on the
+    template grid (uint8 NIfTI, nearest-neighbour labels), and ``label_array``, the same as a
+    (1, X, Y, Z) uint8 ``.npy``.
     """
     stem = f"{root}/{subdir}/anat/{image_id}"
     reference = channels[0]
@@ -32,12 +35,23 @@ def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...
         paths[f"sidecar_{channel}"] = f"{stem}_space-{SPACE}_desc-preproc_{channel}.json"
     for channel in channels[1:]:
         paths[f"coreg_{channel}"] = f"{stem}_from-{channel}_to-{reference}_mode-image_xfm.mat"
+    if label:
+        paths["label_image"] = f"{stem}_space-{SPACE}_desc-label_dseg.nii.gz"
+        paths["label_array"] = f"{stem}_space-{SPACE}_desc-label_dseg.npy"
     return paths
 
 
 def exclusion_record(root: str, subdir: str, image_id: str) -> str:
     """Preprocessing's record of one sample: a TSV with a header, plus one row when it was excluded."""
     return f"{root}/{subdir}/anat/{image_id}_desc-preproc_excluded.tsv"
+
+
+def predicted_labels(root: str, subdir: str, image_id: str, reference: str = "T1w") -> dict[str, str]:
+    """A segmentation model's label map of one image in template space and in the image's native
+    (reference) space."""
+    stem = f"{root}/{subdir}/anat/{image_id}"
+    return {"template": f"{stem}_space-{SPACE}_desc-predicted_dseg.nii.gz",
+            "native": f"{stem}_space-{reference}_desc-predicted_dseg.nii.gz"}
 
 
 def explanation_maps(root: str, subdir: str, image_id: str, method: str, reference: str = "T1w") -> dict[str, str]:

@@ -6,7 +6,9 @@ reference (mutual information) and carried to the template through both transfor
 template brain mask and z-score normalisation inside it, per channel. Writes per channel a
 BIDS-derivative NIfTI with a JSON sidecar; for the sample the forward and inverse transforms of
 the reference, a QC PNG and a float32 ``.npy`` array (C, X, Y, Z) in the template grid's RAS+
-voxel order, memory-mappable for training.
+voxel order, memory-mappable for training. A label image (config ``label_image``, in the
+reference image's space) is carried to the template grid by the reference's transform with
+ANTs' ``genericLabel`` interpolation (labels stay labels), as a uint8 NIfTI and (1, X, Y, Z) ``.npy``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from pipeline.errors import InputError
 from pipeline.paths import SPACE, preprocessed
 
 
-def derivative_paths(out_dir: Path, subdir: str, image_id: str, channels=None) -> dict[str, Path]:
+def derivative_paths(out_dir: Path, subdir: str, image_id: str, channels=None, label: bool = False) -> dict[str, Path]:
     """Every file preprocessing writes for one sample, by role (see ``pipeline.paths.preprocessed``)."""
-    paths = preprocessed(str(out_dir), subdir, image_id, tuple(channels or ("T1w",)))
+    paths = preprocessed(str(out_dir), subdir, image_id, tuple(channels or ("T1w",)), label)
     return {role: Path(path) for role, path in paths.items()}
 
 
@@ -85,9 +87,12 @@ def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
-               transform: str = "Affine", n4: bool = True, n4_shrink: int = 4, seed: int = 1) -> dict:
+               transform: str = "Affine", n4: bool = True, n4_shrink: int = 4, seed: int = 1,
+               label: Path | None = None) -> dict:
     """Run the chain on the ``sources`` (one per channel, reference first) into the grid of
-    ``template``; write all ``out`` files; return the reference channel's sidecar.
+    ``template``; write all ``out`` files; return the reference channel's sidecar. ``label``: the
+    sample's label image (same space as the reference), written to ``out["label_image"]`` and
+    ``out["label_array"]``.
 
     Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
@@ -131,6 +136,8 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             nib.save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
             arrays.append(data)
     np.save(out["array"], np.stack(arrays))
+    if label is not None:
+        write_label(label, fixed, mask_img.affine, out["forward"], out["label_image"], out["label_array"])
     similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
     sidecars = {}
     for channel, source in zip(channels, sources):
@@ -189,6 +196,26 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
     return sidecar
 
 
+def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_out: Path, array_out: Path) -> np.ndarray:
+    """Carry the label image ``source`` onto the grid of ``fixed`` (the template, RAS+ ``affine``)
+    with the reference's ``forward`` transform, nearest label (ANTs genericLabel); write a uint8
+    NIfTI and a (1, X, Y, Z) uint8 array. Labels must be integers in 0-255."""
+    import ants
+
+    native = nib.load(str(source))
+    values = np.asarray(native.dataobj)
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or values.min() < 0 or values.max() > 255:
+        raise InputError(f"{source}: a label image must hold integer labels 0-255 (found values "
+                         f"{float(values.min()):g} to {float(values.max()):g}, integers: "
+                         f"{bool(np.all(values == np.round(values)))}); check config `label_image`.")
+    warped = ants.apply_transforms(fixed, load_native(source), [str(forward)], interpolator="genericLabel")
+    data = np.rint(warped.numpy()).astype(np.uint8)
+    image_out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), image_out)
+    np.save(array_out, data[None])
+    return data
+
+
 def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interpolator: str = "linear") -> nib.Nifti1Image:
     """Resample a template-grid map onto the native grid of ``native_path`` (its header only is
     read) with the inverse transform; the result carries the native image's affine."""
@@ -242,6 +269,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", type=Path, required=True, help="derivatives root")
     parser.add_argument("--subdir", required=True, help="sub-X[/ses-Y]")
     parser.add_argument("--image-id", required=True, help="sub-X[_ses-Y]")
+    parser.add_argument("--label", type=Path, help="the sample's label image (config label_image)")
     parser.add_argument("--transform", default="Affine", choices=["Rigid", "Affine"])
     parser.add_argument("--no-n4", action="store_true")
     parser.add_argument("--n4-shrink", type=int, default=4)
@@ -252,12 +280,12 @@ def main(argv=None) -> None:
     parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way")
     args = parser.parse_args(argv)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ants is imported
-    out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels)
+    out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels, args.label is not None)
     with InputError.exit_cleanly():
         sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.on_error, args.excluded,
                                         template=args.template, mask=args.mask, channels=args.channels,
                                         transform=args.transform, n4=not args.no_n4, n4_shrink=args.n4_shrink,
-                                        seed=args.seed)
+                                        seed=args.seed, label=args.label)
     if sidecar is None:
         print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
         return

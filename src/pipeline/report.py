@@ -1,4 +1,5 @@
-"""One self-contained HTML report of the study: cohort, exclusions, splits, training, metrics, maps."""
+"""One self-contained HTML report of the study: cohort, exclusions, splits, training, metrics, maps.
+A segmentation study (``task: segmentation``) shows per-label Dice and HD95 and has no explanation maps."""
 
 from __future__ import annotations
 
@@ -110,10 +111,12 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
     curves = learning_curves(histories, out.parent / "learning_curves.png")
     explain = results / "explain"
     methods = config["explain"]["methods"]
-    headline = "roc_auc" if task == "classification" else "mae"
+    segmentation = task == "segmentation"
+    headline = {"classification": "roc_auc", "segmentation": "dice_mean"}.get(task, "mae")
     low, high = summary["ensemble"][f"{headline}_ci"]
+    what = "segmentation of the label image" if segmentation else f"{html.escape(task)} of <code>{html.escape(target)}</code>"
     sections = [
-        f"<h1>Study report: {html.escape(task)} of <code>{html.escape(target)}</code>, {len(folds)} fold(s)</h1>",
+        f"<h1>Study report: {what}, {len(folds)} fold(s)</h1>",
         f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b> "
         f"(95 % bootstrap interval {low:.3f}–{high:.3f}); per fold {summary['fold_mean'][headline]:.3f} ± "
         f"{summary['fold_sd'].get(headline, float('nan')):.3f} (mean ± sd).</p>",
@@ -128,12 +131,32 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         *variant_tables(results, folds),
         embed_png(curves, "Learning curves per fold"),
         "<h2>Test-set performance</h2>",
-        "<p>One row per fold's model, their mean and sd, and the ensemble (mean prediction of the folds) with "
-        "95 % bootstrap intervals over participants."
+        "<p>One row per fold's model, their mean and sd, and the ensemble ("
+        + ("voxel-wise majority vote of the folds' label maps" if segmentation else "mean prediction of the folds")
+        + ") with 95 % bootstrap intervals over participants."
         + (" <code>corrected_*</code>: after the brain-age bias correction fitted on each fold's validation "
-           "images." if task == "regression" else "") + "</p>",
+           "images." if task == "regression" else "")
+        + (" Per label (0, the background, left out): Dice, and <code>hd95_*</code>, the 95th-percentile "
+           "Hausdorff distance in mm on the template grid (mean over the images where the label is in both maps). "
+           "Predicted label maps: <code>evaluate/fold-K/labels</code> (template and native grid) and "
+           "<code>evaluate/labels</code> (the ensemble, template grid)." if segmentation else "") + "</p>",
         metrics_html(metrics),
         embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
+    ]
+    if not segmentation:
+        sections += explanation_sections(explain, methods)
+    sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
+                 "<h2>Provenance</h2>", provenance(config)]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
+                   "</head><body>" + "\n".join(sections) + "</body></html>")
+    return out
+
+
+def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
+    """The report's explanation maps, region table and ground-truth validation (image-level tasks)."""
+    sections = [
         "<h2>Explanation maps (template space, mean over folds and test subjects)</h2>",
         *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass")],
@@ -146,13 +169,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         sections += ["<h3>Validation against the simulated ground truth</h3>",
                      "<p>Share of each method's top 5 % of |attribution| inside the true effect, relative to "
                      "chance (1 = no better than chance).</p>", table_html(read_tsv(explain / "validation.tsv"))]
-    sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
-                 "<h2>Provenance</h2>", provenance(config)]
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
-                   "</head><body>" + "\n".join(sections) + "</body></html>")
-    return out
+    return sections
 
 
 def main(argv=None) -> None:

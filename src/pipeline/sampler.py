@@ -193,3 +193,27 @@ class ImageModel(nn.Module):
         outputs = torch.cat([self.network(views[i:i + self.chunk]) for i in range(0, len(views), self.chunk)])
         return aggregate(outputs, index, x.shape[0])
 
+
+
+class SegmentationModel(nn.Module):
+    """A segmentation network trained on views, applied to whole (B, C, X, Y, Z) images: (B, K,
+    X, Y, Z) logits. Whole images: the network itself; slices: every slice along the axis, stacked
+    back; patches: MONAI's sliding-window inference with the patch size and half-patch overlap
+    (overlapping logits averaged)."""
+
+    def __init__(self, network: nn.Module, sampler: Sampler, chunk: int = 64):
+        super().__init__()
+        self.network, self.sampler, self.chunk = network, sampler, chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sampler.kind == "image":
+            return self.network(x)
+        if self.sampler.kind == "patches":
+            from monai.inferers import sliding_window_inference
+
+            self.sampler.check(x.shape[2:])
+            return sliding_window_inference(x, list(self.sampler.size), self.chunk, self.network, overlap=0.5)
+        views, _ = self.sampler.prediction_views(x)  # (B * S, C, ...): image-major, slices in order
+        outputs = torch.cat([self.network(views[i:i + self.chunk]) for i in range(0, len(views), self.chunk)])
+        stacked = outputs.reshape(x.shape[0], -1, *outputs.shape[1:])  # (B, S, K, ...)
+        return stacked.movedim(1, 2 + self.sampler.axis)

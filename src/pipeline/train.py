@@ -1,6 +1,13 @@
 """Train one fold's model on the preprocessed arrays.
 
-Writes ``model.pt`` (best weights on validation loss + everything needed to use them; tensors
+Tasks: regression and classification of an image-level target, and segmentation (``task:
+segmentation``): the target is each image's preprocessed label image, read with it, augmented
+with the same draws (nearest neighbour) and cut into the same slices or patches; a segmentation
+network (``unet``) is trained with MONAI's DiceCELoss (softmax, one-hot target) and validated
+on whole images by the mean Dice of the labels other than 0 (background).
+
+Writes ``model.pt`` (best weights on validation loss, or on validation Dice for segmentation,
++ everything needed to use them; tensors
 and plain types only), ``history.tsv`` (one row per epoch, rewritten after each: losses,
 metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
 epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
@@ -40,7 +47,7 @@ from pipeline.augment import Augmentation, select
 from pipeline.data import ArrayLoader, TargetCoder, study_table
 from pipeline.errors import InputError
 from pipeline.models import REGISTRY, build_model
-from pipeline.sampler import ImageModel, Sampler, build_sampler
+from pipeline.sampler import ImageModel, Sampler, SegmentationModel, build_sampler
 
 DEFAULTS = {
     "model": "simple_cnn", "model_args": {}, "epochs": 40, "batch_size": 8, "learning_rate": 1e-3,
@@ -128,16 +135,47 @@ def image_batches(n: int, batch_size: int, generator: torch.Generator | None, wo
     return batches
 
 
+SEGMENTATION = "segmentation"
+
+
 def loss_fn(task: str):
+    if task == SEGMENTATION:
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
     return torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
 
 
 def task_loss(criterion, task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if task == SEGMENTATION:  # (B, K, *spatial) logits, (B, 1, *spatial) labels
+        return criterion(outputs.float(), targets.long())
     return criterion(outputs.float() if task == "classification" else outputs.float().squeeze(1), targets)
 
 
+def dice_per_label(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K - 1) Dice of labels 1..K-1 between the argmax of (B, K, *spatial) logits and
+    (B, 1, *spatial) labels (MONAI's compute_dice); NaN where a label is absent from both."""
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    k = outputs.shape[1]
+    predicted, true = one_hot(outputs.argmax(1, keepdim=True), k), one_hot(labels.long(), k)
+    dice = compute_dice(predicted, true, include_background=False, ignore_empty=False)
+    absent = ~(predicted.flatten(2).any(2) | true.flatten(2).any(2))[:, 1:]
+    return dice.masked_fill(absent, float("nan"))  # as pipeline.segmentation.label_scores
+
+
+def mean_dice(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over labels 1..K-1 of ``dice_per_label`` (labels absent from both left out; 1 if all are,
+    e.g. a slice outside the brain)."""
+    dice = dice_per_label(outputs, labels)
+    return torch.nan_to_num(dice.nanmean(1), nan=1.0)
+
+
 def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
-    """MAE in target units (regression) or accuracy (classification)."""
+    """MAE in target units (regression), accuracy (classification) or mean Dice (segmentation)."""
+    if coder.task == SEGMENTATION:
+        return float(mean_dice(outputs, labels).mean())
     if coder.task == "classification":
         return float((outputs.argmax(1) == labels).float().mean())
     return float(((outputs.squeeze(1) - labels).abs() * coder.std).mean())
@@ -174,13 +212,13 @@ class Trainer:
             return self.sampler
         return dataclasses.replace(self.sampler, batch_size=max(1, self.sampler.batch_size // self.process.world))
 
-    def train_epoch(self, loader: ArrayLoader, targets: torch.Tensor, batch_size: int, generator: torch.Generator,
-                    progress: bool = False) -> dict:
+    def train_epoch(self, loader: ArrayLoader, targets: torch.Tensor | None, batch_size: int,
+                    generator: torch.Generator, progress: bool = False) -> dict:
         """One optimisation pass; returns mean loss and metric over the views seen, steps, and the
-        fraction of the pass spent waiting for data."""
+        fraction of the pass spent waiting for data. ``targets`` None: the loader's label images."""
         self.model.train()
         criterion, sampler, device = loss_fn(self.coder.task), self.local_sampler(), self.process.device
-        batches = image_batches(len(targets), batch_size, generator, self.process.world)
+        batches = image_batches(len(loader.paths), batch_size, generator, self.process.world)
         # Every process draws every batch's augmentation and view seed, so generators stay in step
         # whatever each process's share; views (slices, patches, sub-batch order) come from a
         # generator per batch and process.
@@ -190,11 +228,15 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64)  # loss, metric, views
         steps, start, wait0 = 0, time.perf_counter(), loader.wait_seconds
         reads = loader.batches(b[s].tolist() for b, s in zip(batches, shares))
-        for (index, x, _), p, share, seed in tqdm(zip(reads, params, shares, view_seeds), total=len(batches),
-                                                  desc="batches", leave=False, disable=not progress, file=sys.stderr):
-            x = self.augment.apply(select(p, share), x.to(device, non_blocking=True))
+        for (index, x, lab), p, share, seed in tqdm(zip(reads, params, shares, view_seeds), total=len(batches),
+                                                    desc="batches", leave=False, disable=not progress, file=sys.stderr):
+            x = x.to(device, non_blocking=True)
+            if targets is None:  # label images: the same augmentation draw, nearest neighbour
+                x, y = self.augment.apply(select(p, share), x, lab.to(device, non_blocking=True))
+            else:
+                x, y = self.augment.apply(select(p, share), x), targets[index].to(device)
             views = torch.Generator().manual_seed(seed + self.process.rank)
-            for vx, vy in sampler.sub_batches(x, targets[index].to(device), views):
+            for vx, vy in sampler.sub_batches(x, y, views):
                 with self.autocast():
                     out = self.model(vx)
                 loss = task_loss(criterion, self.coder.task, out, vy)
@@ -211,10 +253,14 @@ class Trainer:
                 "data_wait": (loader.wait_seconds - wait0) / max(seconds, 1e-9)}
 
     @torch.no_grad()
-    def validate(self, loader: ArrayLoader, targets: torch.Tensor, batch_size: int) -> dict:
+    def validate(self, loader: ArrayLoader, targets: torch.Tensor | None, batch_size: int) -> dict:
         """Image-level loss and metric on the validation images (slice and patch models: the mean of
-        each image's view outputs); every process predicts its share, outputs are summed."""
+        each image's view outputs); every process predicts its share, outputs are summed.
+        Segmentation (``targets`` None): each image's whole label map (``SegmentationModel``), the
+        mean over images of its loss and mean Dice."""
         self.network.eval()
+        if targets is None:
+            return self.validate_segmentation(loader, batch_size)
         model = ImageModel(self.network, self.sampler)
         mine = self.process.share(torch.arange(len(targets)))
         outputs = torch.zeros(len(targets), self.coder.outputs, dtype=torch.float64)
@@ -225,12 +271,28 @@ class Trainer:
         loss = task_loss(loss_fn(self.coder.task), self.coder.task, outputs, targets)
         return {"loss": float(loss), "metric": metric(self.coder, outputs, targets)}
 
+    def validate_segmentation(self, loader: ArrayLoader, batch_size: int) -> dict:
+        model, criterion = SegmentationModel(self.network, self.sampler), loss_fn(SEGMENTATION)
+        n = len(loader.paths)
+        mine = self.process.share(torch.arange(n))
+        sums = torch.zeros(2, dtype=torch.float64)  # loss, Dice
+        for index, x, lab in loader.batches(mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)):
+            lab = lab.to(self.process.device)
+            with self.autocast():
+                out = model(x.to(self.process.device, non_blocking=True)).float()
+            for k in range(len(index)):  # per image, as evaluation scores them
+                sums += torch.tensor([float(task_loss(criterion, SEGMENTATION, out[k:k + 1], lab[k:k + 1])),
+                                      float(mean_dice(out[k:k + 1], lab[k:k + 1]).sum())], dtype=torch.float64)
+        loss, dice = (self.process.all_sum(sums) / n).tolist()
+        return {"loss": loss, "metric": dice}
+
 
 def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
     """Identifies a training run: settings, images, targets, splits and the package's code.
     A checkpoint resumes only on a match."""
     code = "".join(p.read_text() for p in sorted(Path(__file__).parent.glob("*.py")))
-    content = json.dumps(hyper, sort_keys=True) + table[["image_id", "split", "array"]].to_csv() + code
+    columns = ["image_id", "split", "array", *(["label_array"] if "label_array" in table else [])]
+    content = json.dumps(hyper, sort_keys=True) + table[columns].to_csv() + code
     return hashlib.sha256(content.encode()).hexdigest()
 
 
@@ -337,10 +399,13 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
     """Network (``initialise``d, e.g. from a model package; DDP-wrapped with several processes),
     AdamW, cosine schedule, loss scaler."""
     sampler = build_sampler(hyper["sampler"])
-    if hyper["model"] in REGISTRY and REGISTRY[hyper["model"]].task != "image":
-        raise InputError(f"Model {hyper['model']!r} is a segmentation network; config `task` "
-                         f"{coder.task!r} needs one of: "
-                         f"{', '.join(n for n, s in sorted(REGISTRY.items()) if s.task == 'image')}")
+    if hyper["model"] in REGISTRY:
+        kind = REGISTRY[hyper["model"]].task  # "image" or "segmentation"
+        wanted = SEGMENTATION if coder.task == SEGMENTATION else "image"
+        if kind != wanted:
+            what = "a segmentation network" if kind == SEGMENTATION else "an image-level (regression/classification) network"
+            raise InputError(f"config `train.model` {hyper['model']!r} is {what}; config `task: {coder.task}` needs "
+                             f"one of: {', '.join(n for n, s in sorted(REGISTRY.items()) if s.task == wanted)}")
     try:
         network = build_model(hyper["model"], in_channels, coder.outputs, sampler.spatial_dims, **hyper["model_args"])
     except (KeyError, ValueError, TypeError) as exc:
@@ -404,11 +469,19 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     if len(train_rows) < 2 or val_rows.empty:
         raise InputError(f"Fold has {len(train_rows)} training and {len(val_rows)} validation images; "
                          "training needs at least 2 and 1. Check the split.")
-    coder = TargetCoder.fit(task, train_rows[target], classes)
-    y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
     pin = process.device.type == "cuda"
-    train_loader = ArrayLoader(train_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
-    val_loader = ArrayLoader(val_rows["array"].tolist(), prefetch=hyper["prefetch"], pin_memory=pin, recycle=True)
+    if task == SEGMENTATION:
+        coder = segmentation_coder(train_rows, classes)
+        y_train = y_val = None  # the label images, read by the loaders
+        labels = {"train": train_rows["label_array"].tolist(), "val": val_rows["label_array"].tolist()}
+    else:
+        coder = TargetCoder.fit(task, train_rows[target], classes)
+        y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
+        labels = {"train": None, "val": None}
+    train_loader = ArrayLoader(train_rows["array"].tolist(), labels["train"], prefetch=hyper["prefetch"],
+                               pin_memory=pin, recycle=True)
+    val_loader = ArrayLoader(val_rows["array"].tolist(), labels["val"], prefetch=hyper["prefetch"],
+                             pin_memory=pin, recycle=True)
     shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
     if hyper["init_from"] and init is None:
         raise InputError(f"train.init_from is {hyper['init_from']!r} but no fetched package was given (--init-from).")
@@ -432,7 +505,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
                         "spatial_dims": trainer.sampler.spatial_dims},
               "sampler": sampler_config(trainer.sampler), "target": target, "coder": coder.state(),
               "input_shape": shape, "channels": list(channels or ["T1w"])}
-    name = "accuracy" if task == "classification" else "mae"
+    name = {"classification": "accuracy", SEGMENTATION: "dice"}.get(task, "mae")
     bar = tqdm(range(state["epoch"] + 1, hyper["epochs"] + 1), desc="epochs", file=sys.stderr,
                initial=state["epoch"], total=hyper["epochs"], disable=not process.main)
     for epoch in bar:
@@ -449,9 +522,11 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         bar.set_postfix(train_loss=f"{fit['loss']:.3f}", val_loss=f"{val['loss']:.3f}",
                         **{f"val_{name}": f"{val['metric']:.3f}"}, data_wait=f"{fit['data_wait']:.1%}")
         state["epoch"] = epoch
-        improved = val["loss"] < state["best_loss"]
+        # The model-selection criterion, lower is better: validation loss, or 1 - mean Dice (segmentation).
+        selection = 1.0 - val["metric"] if task == SEGMENTATION else val["loss"]
+        improved = selection < state["best_loss"]
         if improved:
-            state["best_loss"], state["best_epoch"] = val["loss"], epoch
+            state["best_loss"], state["best_epoch"] = selection, epoch
         if process.main:
             trackers.log(row, state["history"])
             if improved:
@@ -471,6 +546,21 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
                                              "sampler": sampler_config(trainer.sampler)}, process)
 
 
+def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> TargetCoder:
+    """The coder of a segmentation target: ``classes`` are the label names, index = label value
+    (config ``label_image.labels``; else "0".."K-1" with K - 1 the largest training label)."""
+    if "label_array" not in train_rows:
+        raise InputError("`task: segmentation` needs a label image per sample: set config `label_image` "
+                         "(the study table has no label arrays).")
+    largest = max(int(np.max(np.load(p, mmap_mode="r"))) for p in train_rows["label_array"])
+    if names is None:
+        names = [str(k) for k in range(max(largest, 1) + 1)]
+    if largest >= len(names):
+        raise InputError(f"The training label images hold label {largest}, but config `label_image.labels` names "
+                         f"only {len(names)} labels ({', '.join(names)}); name every label value from 0.")
+    return TargetCoder(SEGMENTATION, classes=list(names))
+
+
 def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process) -> dict:
     """Copy the best checkpoint to ``model.pt``; write history and resolved hyperparameters."""
     if process.world > 1:
@@ -485,14 +575,18 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
     return best
 
 
-def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | None, state_dict) -> torch.nn.Module:
+def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | None, state_dict,
+            segmentation: bool = False) -> torch.nn.Module:
     """A trained network in eval mode from its recorded ``architecture`` ({name, args, spatial_dims}),
     ``sampler`` and weights. Slice and patch models come wrapped in ``ImageModel``: they take whole
-    (B, C, X, Y, Z) images and return the mean of their outputs over each image's views."""
+    (B, C, X, Y, Z) images and return the mean of their outputs over each image's views.
+    ``segmentation`` networks come wrapped in ``SegmentationModel``: whole images → (B, K, X, Y, Z) logits."""
     network = build_model(architecture["name"], in_channels, outputs, architecture.get("spatial_dims", 3),
                           **architecture["args"])
     network.load_state_dict(state_dict)
     views = build_sampler(sampler)
+    if segmentation:
+        return SegmentationModel(network, views).eval()
     model = network if views.kind == "image" else ImageModel(network, views)
     return model.eval()
 
@@ -502,7 +596,7 @@ def load_model(path: Path) -> tuple[torch.nn.Module, TargetCoder, dict]:
     record = torch.load(path, weights_only=True, map_location="cpu")
     coder = TargetCoder(**record["coder"])
     model = rebuild(record["model"], record["input_shape"][0], coder.outputs, record.get("sampler"),
-                    record["state_dict"])
+                    record["state_dict"], segmentation=coder.task == SEGMENTATION)
     return model, coder, record
 
 
@@ -514,8 +608,10 @@ def main(argv=None) -> None:
     parser.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
     parser.add_argument("--channels", nargs="+", default=["T1w"], help="input channels, reference first")
     parser.add_argument("--target", required=True)
-    parser.add_argument("--task", choices=["regression", "classification"], required=True)
+    parser.add_argument("--task", choices=["regression", "classification", SEGMENTATION], required=True)
     parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
+    parser.add_argument("--labels", nargs="+", help="segmentation: label names, index = label value "
+                        "(config label_image.labels)")
     parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
@@ -523,8 +619,12 @@ def main(argv=None) -> None:
     parser.add_argument("--recipe", default="{}", help="JSON: the study's preprocessing recipe (with --init-from)")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
-        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
-        classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
+        segmentation = args.task == SEGMENTATION
+        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels, label=segmentation)
+        if segmentation:
+            classes = args.labels
+        else:
+            classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
         init = {"package": args.init_from, "recipe": json.loads(args.recipe), "fold": args.fold} if args.init_from else None
         best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
                      classes, args.channels, init)

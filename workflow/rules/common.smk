@@ -53,6 +53,17 @@ TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
 FOLD_MODEL, FOLD_HISTORY = (f"{RESULTS}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
 # Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
+# Segmentation (task: segmentation): the label image is the target; `target` only stratifies the
+# split (as a categorical column); no explanation maps and no model package.
+SEGMENTATION = config["task"] == "segmentation"
+SPLIT_TASK = "classification" if SEGMENTATION else config["task"]
+LABEL = bool(config["label_image"])  # preprocessing carries the label image to the template grid
+LABEL_NAMES = (config["label_image"] or {}).get("labels")
+if SEGMENTATION and not LABEL:
+    raise ValueError("config `task: segmentation` needs config `label_image` (the label image per sample, e.g. "
+                     "{derivatives: derivatives/tissue, filters: {suffix: dseg, desc: tissue}}).")
+if SEGMENTATION and (APPLY or config["train"]["init_from"]):
+    raise ValueError("config `task: segmentation` works without model packages: set `apply` and `train.init_from` to null.")
 
 
 def package_documents(folder):
@@ -125,12 +136,19 @@ def source_images(wildcards):
     return [row["path"], *(row[f"path_{c}"] for c in CHANNELS[1:])]
 
 
+def source_label(wildcards):
+    """The sample's label image (config label_image), looked up in the manifest; none without one."""
+    if not LABEL:
+        return []
+    return [manifest().loc[wildcards.image, "label"]]
+
+
 def preprocessed(role):
     """Input function: the preprocessed ``role`` file (e.g. ``array``, ``qc``) of every sample."""
 
     def paths(wildcards):
         rows = manifest()
-        return [preprocessed_paths(PREPROC, s, i, CHANNELS)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
+        return [preprocessed_paths(PREPROC, s, i, CHANNELS, LABEL)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
 
     return paths
 

@@ -4,10 +4,13 @@ rule evaluate:
         splits=f"{RESULTS}/splits.tsv",
         model=FOLD_MODEL,
         arrays=preprocessed("array"),
-        code=source("evaluate"),
+        labels=preprocessed("label_array") if SEGMENTATION else [],
+        code=source("evaluate", "segmentation"),
     output:
         predictions=f"{RESULTS}/evaluate/{{fold}}/predictions.tsv",
         metrics=f"{RESULTS}/evaluate/{{fold}}/metrics.json",
+        # Segmentation: the predicted label maps (template and native grid) of the validation and test images.
+        labels=[directory(f"{RESULTS}/evaluate/{{fold}}/labels")] if SEGMENTATION else [],
     params:
         preproc_dir=preproc_root,
         channels=CHANNELS,
@@ -33,12 +36,14 @@ rule evaluate_folds:
         metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
         predictions=expand(rules.evaluate.output.predictions, fold=FOLDS),
         excluded=rules.exclusions.output.excluded,
-        code=source("evaluate"),
+        labels=expand(rules.evaluate.output.labels, fold=FOLDS),
+        code=source("evaluate", "segmentation"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",
         predictions=f"{RESULTS}/evaluate/predictions.tsv",
         metrics=f"{RESULTS}/evaluate/metrics.json",
         plot=f"{RESULTS}/evaluate/performance.png",
+        labels=[directory(f"{RESULTS}/evaluate/labels")] if SEGMENTATION else [],
     params:
         fold_dirs=parents_of("metrics"),
         out_dir=parent_of("metrics"),

@@ -10,7 +10,7 @@ checkpoint ingest:
         bids_dir=BIDS,
         # Apply mode selects images only: no target is needed.
         target="--no-target" if APPLY else f"--target {shlex.quote(config['target'])}",
-        task=config["task"],
+        task=SPLIT_TASK,
         filters=json.dumps(config["bids_filters"]),
         channels=json.dumps(config["channels"]),
         sessions=config["sessions"],

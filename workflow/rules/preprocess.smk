@@ -26,11 +26,12 @@ rule grid:
 rule preprocess:
     input:
         images=source_images,
+        label=source_label,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
         code=source("preprocess", "paths", "exclusions"),
     output:
-        **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS),
+        **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS, LABEL),
         # With on_error: continue a failed sample gets one row here (and empty files above).
         excluded=exclusion_record(PREPROC, "{subdir}", "{image}"),
     params:
@@ -41,6 +42,7 @@ rule preprocess:
         n4_shrink=config["preprocess"]["n4_shrink_factor"],
         seed=config["preprocess"]["seed"],
         on_error=config["on_error"],
+        label=lambda wildcards, input: f"--label {shlex.quote(input.label[0])}" if input.label else "",
     log:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
@@ -58,7 +60,7 @@ rule preprocess:
         "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
         " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
-        " --seed {params.seed} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
+        " --seed {params.seed} {params.label} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
 
 

@@ -8,10 +8,11 @@ rule report:
         metrics=rules.evaluate_folds.output.table,
         summary=rules.evaluate_folds.output.metrics,
         performance=rules.evaluate_folds.output.plot,
-        maps=rules.explain_folds.output.pngs,
-        extremes=rules.explain_folds.output.extremes,
-        regions=rules.explain_folds.output.regions,
-        validation=rules.explain_folds.output.validation,
+        # Explanation maps are of image-level predictions: none for segmentation.
+        maps=[] if SEGMENTATION else rules.explain_folds.output.pngs,
+        extremes=[] if SEGMENTATION else rules.explain_folds.output.extremes,
+        regions=[] if SEGMENTATION else rules.explain_folds.output.regions,
+        validation=[] if SEGMENTATION else rules.explain_folds.output.validation,
         qc=preprocessed("qc"),
         code=source("report"),
     output:

@@ -7,7 +7,7 @@ rule split:
         balance=f"{RESULTS}/split_balance.tsv",
     params:
         target=config["target"],
-        task=config["task"],
+        task=SPLIT_TASK,
         test=config["split"]["test"],
         folds=config["split"]["folds"],
         val=config["split"]["val"],

@@ -5,6 +5,7 @@ rule train:
         splits=f"{RESULTS}/splits.tsv",
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
+        labels=preprocessed("label_array") if SEGMENTATION else [],
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
         code=source("train", "models", "augment", "sampler", "data", "finetune", "package"),
     output:
@@ -15,8 +16,9 @@ rule train:
         preproc_dir=preproc_root,
         channels=CHANNELS,
         out_dir=parent_of("model"),
-        target=config["target"],
+        target="label" if SEGMENTATION else config["target"],
         task=config["task"],
+        labels=f"--labels {' '.join(shlex.quote(n) for n in LABEL_NAMES)}" if SEGMENTATION and LABEL_NAMES else "",
         hyperparameters=lambda wildcards: json.dumps(variants.hyperparameters(config["train"], wildcards.get("variant"))),
         init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(recipe.compared(RECIPE)))}"
         if INIT
@@ -36,7 +38,7 @@ rule train:
         "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
         " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
         " --task {params.task} --targets {input.targets:q} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
-        " {params.init} --threads {threads} > {log:q} 2>&1"
+        " {params.labels} {params.init} --threads {threads} > {log:q} 2>&1"
 
 
 if VARIANTS:  # config train.variants: the variant with the lowest validation loss is the fold's model

@@ -1,0 +1,194 @@
+"""Evaluation of a segmentation study (``task: segmentation``), called by ``pipeline.evaluate``.
+
+Per image and label (every label but 0, the background): Dice and the 95th-percentile Hausdorff
+distance in mm (MONAI's ``compute_dice`` and ``compute_hausdorff_distance`` with the grid's voxel
+spacing) between the predicted and the preprocessed true label map on the template grid.
+``dice_mean`` is the mean Dice over labels. Test metrics are means over images with 95 %
+bootstrap intervals over participants (``evaluate.bootstrap``). A label absent from the true or
+the predicted map of an image has an undefined HD95 (NaN, left out of the means); its Dice is 0
+when only one of the two maps has it, NaN (left out) when neither has.
+
+``fold``: one fold's model on its validation and test images → ``predictions.tsv`` (one row per
+image: ids, subdir, split, ``dice_<label>``, ``hd95_<label>``, ``dice_mean``, the true label array and
+the predicted maps), ``metrics.json`` (test set), and the predicted label maps under ``labels/``:
+uint8 NIfTI on the template grid (its affine) and on the image's native reference grid (the
+inverse transform of preprocessing, nearest label).
+``summary``: per-fold rows, their mean and sd, and the ensemble (voxel-wise majority vote of the
+folds' label maps; ties go to the lowest label) with intervals → ``metrics.tsv``,
+``predictions.tsv``, ``metrics.json``, the ensemble's maps under ``labels/`` and
+``performance.png`` (per-image Dice and HD95 per label).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data import load_batch, read_tsv
+from pipeline.errors import InputError
+from pipeline.paths import predicted_labels
+from pipeline.preprocess import derivative_paths, to_native
+
+HD_PERCENTILE = 95
+
+
+def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spacing) -> dict[str, float]:
+    """Dice and HD95 (mm) of labels 1..K-1 (``names[k]`` is label k) of two (X, Y, Z) integer maps;
+    ``spacing`` is the voxel size (mm) per axis. Returns ``dice_<name>``, ``hd95_<name>`` (NaN where
+    undefined, see the module docstring) and ``dice_mean``, the mean of the defined Dice values."""
+    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.networks.utils import one_hot
+
+    k = len(names)
+    if max(int(predicted.max()), int(true.max())) >= k:
+        raise InputError(f"A label map holds label {max(int(predicted.max()), int(true.max()))}, but only {k} labels "
+                         f"are named ({', '.join(names)}).")
+    pred = one_hot(torch.as_tensor(predicted.astype(np.int64))[None, None], k)
+    ref = one_hot(torch.as_tensor(true.astype(np.int64))[None, None], k)
+    dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0]
+    in_pred, in_ref = pred.flatten(2).any(2)[0, 1:], ref.flatten(2).any(2)[0, 1:]
+    present = in_pred & in_ref  # HD95 needs the label in both
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about a label absent from one map: NaN below
+        hd = compute_hausdorff_distance(pred, ref, include_background=False, percentile=HD_PERCENTILE,
+                                        spacing=[float(s) for s in spacing])[0]
+    scores = {}
+    for i, name in enumerate(names[1:]):
+        scores[f"dice_{name}"] = float(dice[i]) if bool(in_pred[i] | in_ref[i]) else float("nan")
+        scores[f"hd95_{name}"] = float(hd[i]) if bool(present[i]) else float("nan")
+    dices = [scores[f"dice_{n}"] for n in names[1:]]
+    scores["dice_mean"] = float(np.nanmean(dices)) if not np.all(np.isnan(dices)) else float("nan")
+    return scores
+
+
+def summary_scores(predictions: pd.DataFrame) -> dict:
+    """Means over images of every ``dice_*`` and ``hd95_*`` column (HD95: over the images where defined)."""
+    columns = [c for c in predictions.columns if c.startswith(("dice_", "hd95_"))]
+    return {"n": int(len(predictions)), **{c: float(np.nanmean(predictions[c].astype(float))) for c in columns}}
+
+
+@torch.no_grad()
+def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path, channels: list[str],
+                 out_dir: Path, native: bool = True) -> pd.DataFrame:
+    """Label maps of every row of ``table`` (study rows with ``label_array``) and their scores; the
+    maps are written under ``out_dir/labels`` (template grid and, with ``native``, native grid)."""
+    rows = []
+    for row in table.itertuples():
+        grid = nib.load(str(derivative_paths(preproc_dir, row.subdir, row.image_id, channels)[f"image_{channels[0]}"]))
+        predicted = model(load_batch([row.array]))[0].argmax(0).numpy().astype(np.uint8)
+        true = np.load(row.label_array)[0]
+        paths = predicted_labels(str(out_dir / "labels"), row.subdir, row.image_id, channels[0])
+        Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
+        image = nib.Nifti1Image(predicted, grid.affine)
+        nib.save(image, paths["template"])
+        if native:
+            inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
+            warped = to_native(image, Path(row.path), inverse, interpolator="genericLabel")
+            nib.save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
+        rows.append({"participant_id": row.participant_id, "session": row.session, "image_id": row.image_id,
+                     "subdir": row.subdir, **({"split": row.split} if "split" in table else {}),
+                     **label_scores(predicted, true, names, grid.header.get_zooms()[:3]),
+                     "true_labels": row.label_array, "predicted_labels": paths["template"],
+                     "predicted_labels_native": paths["native"] if native else ""})
+    return pd.DataFrame(rows)
+
+
+def evaluate_fold(table: pd.DataFrame, model, coder, record: dict, preproc_dir: Path, channels: list[str],
+                  out_dir: Path) -> dict:
+    """Label maps and scores of one fold's validation and test images; ``predictions.tsv`` and the
+    test ``metrics.json`` (with intervals) in ``out_dir``."""
+    from pipeline.evaluate import bootstrap
+
+    if "label_array" not in table:
+        raise InputError("Evaluating a segmentation model needs the study's label images: set config `label_image`.")
+    predictions = predict_maps(model, coder.classes, table[table["split"].isin(["val", "test"])], preproc_dir,
+                               channels, out_dir)
+    test = predictions[predictions["split"] == "test"].reset_index(drop=True)
+    intervals = bootstrap(test, summary_scores)
+    grid = nib.load(str(derivative_paths(preproc_dir, table["subdir"].iloc[0], table["image_id"].iloc[0],
+                                         channels)[f"image_{channels[0]}"]))
+    metrics = {"task": coder.task, "target": record["target"], "classes": coder.classes, "best_epoch": record["epoch"],
+               "spacing_mm": [float(s) for s in grid.header.get_zooms()[:3]],
+               **summary_scores(test), **{f"{k}_ci": v for k, v in intervals.items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return metrics
+
+
+def majority(maps: list[np.ndarray], k: int) -> np.ndarray:
+    """Voxel-wise most frequent label of integer ``maps`` (ties: the lowest label)."""
+    votes = np.stack([(np.stack(maps) == label).sum(0) for label in range(k)])
+    return votes.argmax(0).astype(np.uint8)
+
+
+def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
+    """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals."""
+    from pipeline.evaluate import bootstrap
+
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
+    names, spacing = metrics[0]["classes"], metrics[0]["spacing_mm"]
+    folds = [read_tsv(d / "predictions.tsv") for d in fold_dirs]
+    folds = [p[p["split"] == "test"].set_index("image_id") for p in folds]
+    ids = sorted(folds[0].index)
+    if any(sorted(p.index) != ids for p in folds):
+        raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
+                         "rerun the evaluation of every fold.")
+    rows = []
+    for image_id in ids:
+        first = folds[0].loc[image_id]
+        maps = [np.asarray(nib.load(p.loc[image_id, "predicted_labels"]).dataobj) for p in folds]
+        voted = majority(maps, len(names))
+        affine = nib.load(first["predicted_labels"]).affine
+        path = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)["template"]
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(voted, affine), path)
+        rows.append({"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
+                     "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
+                     "true_labels": first["true_labels"], "predicted_labels": path})
+    combined = pd.DataFrame(rows)
+    fold_names = [d.name for d in fold_dirs]
+    numeric = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=fold_names)
+    overall = {**summary_scores(combined), **{f"{k}_ci": v for k, v in bootstrap(combined, summary_scores).items()}}
+    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
+    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
+    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
+    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
+                         pd.DataFrame([ensemble_row], index=["ensemble"])])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary.index.name = "model"
+    summary.to_csv(out_dir / "metrics.tsv", sep="\t")
+    combined.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
+    result = {"task": metrics[0]["task"], "target": metrics[0]["target"], "classes": names, "folds": fold_names,
+              "ensemble": overall, "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    plot(combined, names, f"Majority vote of {len(fold_names)} fold(s), test set", out_dir / "performance.png")
+    return result
+
+
+def plot(predictions: pd.DataFrame, names: list[str], title: str, png: Path) -> None:
+    """Per-image Dice and HD95 of each label (box plots with the images as points)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = names[1:]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, unit in zip(axes, ("dice", "hd95"), ("", " (mm)")):
+        values = [predictions[f"{metric}_{n}"].astype(float).dropna().to_numpy() for n in labels]
+        ax.boxplot(values, tick_labels=labels)
+        for i, v in enumerate(values, 1):
+            ax.scatter(np.full(len(v), i), v, s=10, color="k", alpha=0.6)
+        ax.set(ylabel=f"{metric.upper()}{unit}", title=f"{metric.upper()} per label: {title}")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
