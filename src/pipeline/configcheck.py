@@ -46,7 +46,10 @@ def message(error) -> list[str]:
                          f"Valid keys {level}: {', '.join(valid)}.")
         return lines
     if error.validator == "required":
-        return [f"config {'`' + where + '`' if where else ''} lacks a required key: {error.message}. "
+        missing = error.message.split("'")[1] if error.message.count("'") >= 2 else ""
+        if "default" in schema.get("properties", {}).get(missing, {}):
+            return []  # validate fills it in
+        return [f"config {'`' + where + '` ' if where else ''}lacks a required key: {error.message}. "
                 "Add it (config/README.md describes every key)."]
     if error.validator == "enum":
         return [f"config `{where}` is {error.instance!r}; choose one of: {', '.join(map(str, error.validator_value))}"

@@ -326,3 +326,13 @@ def test_study_config_has_no_problems():
     assert np.isclose(imagecheck.DEFAULT_LIMITS["max_voxel_size"],
                       yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
                       ["properties"]["image_limits"]["properties"]["max_voxel_size"]["default"])
+
+
+def test_required_keys_with_a_schema_default_may_be_left_out():
+    """`target` and `task` are required but have defaults, which Snakemake's validate fills in."""
+    configcheck.check({"bids_dir": "data/demo"})
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    schema["properties"]["target"].pop("default")
+    found = configcheck.problems({"bids_dir": "data/demo"}, schema)
+    assert [line for line in found if "required" in line] == [
+        "config lacks a required key: 'target' is a required property. Add it (config/README.md describes every key)."]
