@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import atomic
 from pipeline.atlas import atlas_on_grid
 from pipeline.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.data import load_batch, read_tsv, study_table
@@ -87,8 +88,8 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
             paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
             Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
             img = nib.Nifti1Image(data, affine)
-            nib.save(img, paths["template"])
-            nib.save(to_native(img, Path(row.path), inverse), paths["native"])
+            atomic.nib_save(img, paths["template"])
+            atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
             stacks[method].append(data)
             error = diagnostics.get("completeness_error") if method == "integrated_gradients" else None
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "subdir": row.subdir,
@@ -97,7 +98,7 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     for method, stack in stacks.items():
         write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
     index = pd.DataFrame(rows)
-    index.to_csv(out_dir / "maps.tsv", sep="\t", index=False)
+    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
     return index
 
 
@@ -115,7 +116,7 @@ def statistics(maps: np.ndarray, signed: bool) -> dict[str, np.ndarray]:
 
 def write_statistics(maps: np.ndarray, signed: bool, affine: np.ndarray, out_dir: Path, method: str) -> None:
     for name, data in statistics(maps, signed).items():
-        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
+        atomic.nib_save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
 
 
 def subject_maps(fold_dirs: list[Path], method: str, space: str) -> dict[str, nib.Nifti1Image]:
@@ -196,7 +197,7 @@ def combine_folds(template_maps: dict[str, dict[str, nib.Nifti1Image]], mask: ni
         stack = np.stack([img.get_fdata() for img in maps.values()])
         write_statistics(stack, SIGNED[method], mask.affine, out_dir, method)
         means[method] = np.abs(stack).mean(axis=0)
-    region_table(means, mask).to_csv(out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
+    atomic.to_csv(region_table(means, mask), out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
     return means
 
 
@@ -213,10 +214,10 @@ def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, 
         title = f"mean |{method}|, {images}, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
-        display.savefig(str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
+        atomic.savefig(display, str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
         display.close()
         display = plotting.plot_glass_brain(img, title=title, threshold=vmax * 0.3, vmax=vmax, cmap="inferno")
-        display.savefig(str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
+        atomic.savefig(display, str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
         display.close()
 
 
@@ -250,7 +251,7 @@ def plot_extremes(predictions: pd.DataFrame, maps: dict[str, nib.Nifti1Image], p
         plotting.plot_stat_map(img, bg_img=str(background), axes=ax, title=title, threshold=0.3 * vmax, vmax=vmax,
                                cmap="cold_hot", draw_cross=False, display_mode="ortho", cut_coords=(0, -17, 15),
                                annotate=False)
-    fig.savefig(png, dpi=80)
+    atomic.savefig(fig, png, dpi=80)
     plt.close(fig)
 
 
@@ -303,7 +304,7 @@ def main(argv=None) -> None:
             if args.groundtruth:
                 table = validation_table(args.fold_dirs, template_maps, means, mask, args.groundtruth, args.target,
                                          manifest)
-                table.to_csv(args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
+                atomic.to_csv(table, args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
                 print(table.to_string(index=False), file=sys.stderr)
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline import bidsindex
+from pipeline import atomic, bidsindex
 from pipeline.errors import InputError
 from pipeline.imagecheck import image_problems
 
@@ -593,9 +593,9 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
 def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path) -> None:
     """The three outputs: manifest and report TSVs, target JSON."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    result.manifest.to_csv(manifest, sep="\t", index=False)
-    result.report.to_csv(report, sep="\t", index=False)
-    targets.write_text(json.dumps(result.targets, indent=2) + "\n")
+    atomic.to_csv(result.manifest, manifest, sep="\t", index=False)
+    atomic.to_csv(result.report, report, sep="\t", index=False)
+    atomic.write_text(targets, json.dumps(result.targets, indent=2) + "\n")
 
 
 def main(argv=None) -> None:

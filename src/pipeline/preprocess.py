@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from pipeline import atomic
 from pipeline.errors import InputError
 from pipeline.paths import SPACE, preprocessed
 
@@ -108,8 +108,9 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                                 outprefix=f"{tmp}/ref_", aff_random_sampling_rate=0.25,
                                 aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
                                 aff_iterations=(100, 50, 25))
-        shutil.copyfile(reg["fwdtransforms"][0], out["forward"])
-        ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(out["inverse"]))
+        atomic.copyfile(reg["fwdtransforms"][0], out["forward"])
+        with atomic.path(out["inverse"]) as partial:
+            ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(partial))
         for channel, source in zip(channels, sources):
             if channel == channels[0]:
                 moving, transforms = reference, [str(out["forward"])]
@@ -117,14 +118,14 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                 moving = prepared(source, orientation, n4, n4_shrink)
                 coreg = ants.registration(fixed=reference, moving=moving, type_of_transform="Rigid",
                                           outprefix=f"{tmp}/{channel}_", aff_random_sampling_rate=0.25)
-                shutil.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
+                atomic.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
                 transforms = [str(out["forward"]), str(out[f"coreg_{channel}"])]  # applied right to left
             warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear")
             data = normalise(warped.numpy(), brain, source)
             # The template grid's own RAS+ affine: the saved image is exactly on the study grid.
-            nib.save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
+            atomic.nib_save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
             arrays.append(data)
-    np.save(out["array"], np.stack(arrays))
+    atomic.np_save(out["array"], np.stack(arrays))
     similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
     sidecars = {}
     for channel, source in zip(channels, sources):
@@ -143,7 +144,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
             "SoftwareVersions": _versions(),
         }
-        out[f"sidecar_{channel}"].write_text(json.dumps(sidecars[channel], indent=2))
+        atomic.write_text(out[f"sidecar_{channel}"], json.dumps(sidecars[channel], indent=2))
     write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
     return sidecars[channels[0]]
 
@@ -182,7 +183,7 @@ def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> 
         ax.axis("off")
     fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=80, facecolor="black")
+    atomic.savefig(fig, png, dpi=80, facecolor="black")
     plt.close(fig)
 
 
