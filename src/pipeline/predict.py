@@ -26,7 +26,7 @@ from pipeline.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.data import load_batch, read_tsv
 from pipeline.errors import InputError
 from pipeline.evaluate import correct, ensemble, predict
-from pipeline.explain import plot_group, target_index, write_statistics
+from pipeline.explain import GroupStatistics, plot_group, target_index, write_statistics
 from pipeline.paths import explanation_maps
 from pipeline.preprocess import derivative_paths, to_native
 
@@ -74,7 +74,7 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
                out_dir: Path) -> pd.DataFrame:
     """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index."""
     affine = nib.load(str(mask)).affine
-    stacks, rows = {m: [] for m in methods}, []
+    groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
     for i, row in enumerate(table.itertuples(index=False), 1):
         maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class)
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
@@ -84,11 +84,11 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
             img = nib.Nifti1Image(data, affine)
             atomic.nib_save(img, paths["template"])
             atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
-            stacks[method].append(data)
+            groups[method].add(data)
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
         print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
-    for method, stack in stacks.items():
-        write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
+    for method, group in groups.items():
+        write_statistics(group, affine, out_dir, method)
     plot_group(out_dir, template, methods, len(pkg.folds), f"{len(table)} image(s)")
     index = pd.DataFrame(rows)
     atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
