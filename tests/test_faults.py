@@ -51,11 +51,12 @@ CONFIG = {
 }
 # Compared between runs, relative to results/ (every fold's explanation maps are added; not
 # manifest.tsv, which names the dataset's folder, and the reference reads a copy).
-COMPARED = ["splits.tsv", "evaluate/metrics.json", "evaluate/predictions.tsv",
-            "evaluate/fold-1/predictions.tsv", "evaluate/fold-2/predictions.tsv"]
+COMPARED = ["splits.tsv", "evaluate/fold-1/metrics.json", "evaluate/fold-1/predictions.tsv",
+            "evaluate/fold-2/metrics.json", "evaluate/fold-2/predictions.tsv"]
 # What the interrupted study is run to: every compared file, and no more (the
-# group explanation, report and package add a minute of work the comparison does not need).
-TARGETS = ["results/evaluate/metrics.json", "results/explain/fold-1/maps.tsv", "results/explain/fold-2/maps.tsv"]
+# evaluation summary, group explanation, report and package add work the comparison does not need).
+TARGETS = [f"results/{stage}/fold-{k}/{name}" for k in (1, 2)
+           for stage, name in (("evaluate", "metrics.json"), ("explain", "maps.tsv"))]
 
 
 def env() -> dict:
@@ -229,8 +230,9 @@ def test_kill_during_training_resumes_from_checkpoint_and_matches(reference, int
     for fold in ref:
         for name, tensor in ref[fold].items():
             assert torch.equal(tensor, got[fold][name]), f"{fold} {name}"
-    assert digest(interrupted["workdir"] / "results" / "evaluate" / "metrics.json") == \
-        digest(reference / "results" / "evaluate" / "metrics.json")
+    for fold in ref:
+        assert digest(interrupted["workdir"] / "results" / "evaluate" / fold / "predictions.tsv") == \
+            digest(reference / "results" / "evaluate" / fold / "predictions.tsv")
 
 
 def test_same_config_and_seed_twice_gives_identical_metrics_and_maps(reference, interrupted):
