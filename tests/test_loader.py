@@ -48,3 +48,21 @@ def test_missing_or_mismatched_arrays_are_named(arrays, tmp_path):
     loader = ArrayLoader([paths[0], str(tmp_path / "odd.npy")])
     with pytest.raises(InputError, match="odd.npy"):
         list(loader.batches([[0, 1]]))
+
+
+def test_other_dtypes_and_truncated_files(tmp_path):
+    """A float64 or Fortran-ordered array is converted (no plain read); a file cut short is named."""
+    data = np.arange(3 * 4 * 5, dtype=np.float64).reshape(1, 3, 4, 5) / 7
+    np.save(tmp_path / "f64.npy", data)
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(data.astype(np.float32)))
+    loader = ArrayLoader([str(tmp_path / "f64.npy"), str(tmp_path / "fortran.npy")])
+    (_, images, _), = loader.batches([[0, 1]])
+    assert torch.equal(images, torch.from_numpy(np.stack([data, data]).astype(np.float32)))
+    loader.close()
+    np.save(tmp_path / "short.npy", data.astype(np.float32))
+    loader = ArrayLoader([str(tmp_path / "short.npy")])
+    with open(tmp_path / "short.npy", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 8)
+    with pytest.raises(InputError, match="short.npy is shorter"):
+        list(loader.batches([[0]]))
+    loader.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import package, recipe, registry
+from pipeline import atomic, package, recipe, registry
 from pipeline.errors import InputError
 
 SNAKEFILE = Path(__file__).resolve().parents[2] / "workflow" / "Snakefile"
@@ -76,7 +76,7 @@ def main(argv=None) -> None:
         pkg = package.load(folder)
         config = apply_config(args.bids_dir, args.output_dir, pkg, str(ref), args.participant_label, args.methods)
     config_file = args.output_dir / "config.yaml"
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {ref} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
     sys.exit(run_workflow(config_file, args.output_dir, args.cores, args.snakemake_args))
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline import atomic
+
 Params = dict[str, torch.Tensor]
 
 
@@ -346,7 +348,7 @@ def preview_grid(transform: RandomTransform, image, n: int, png: Path, seed: int
     fig.suptitle(type(transform).__name__, fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=80)
+    atomic.savefig(fig, png, dpi=80)
     plt.close(fig)
     return png
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import atomic
 from pipeline.errors import InputError
 from pipeline.fingerprint import file_stamp, listing_fingerprint, scan_tree
 
@@ -149,10 +150,8 @@ def read_pickle(path: Path):
 def write_pickle(path: Path, obj) -> None:
     """Pickle ``obj`` to ``path`` atomically (a crash never leaves a half-written cache)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(partial, "wb") as f:
+    with atomic.open_(path, "wb") as f:
         pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(partial, path)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import torch
 from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
+from pipeline import atomic
 from pipeline.data import load_batch, read_tsv, study_table
 from pipeline.errors import InputError
 from pipeline.train import load_model
@@ -163,8 +164,8 @@ def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_
     metrics = {"task": coder.task, "target": target, "classes": coder.classes, "best_epoch": record["epoch"],
                **extra, **with_intervals(test, coder.classes, coder.mean)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    atomic.to_csv(predictions, out_dir / "predictions.tsv", sep="\t", index=False)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
     return metrics
 
 
@@ -215,15 +216,15 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
                          pd.DataFrame([ensemble_row], index=["ensemble"])])
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.index.name = "model"
-    summary.to_csv(out_dir / "metrics.tsv", sep="\t")
-    combined.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
+    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
+    atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": task, "target": target, "classes": classes, "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
     if excluded is not None:
         left_out = read_tsv(excluded).fillna("")
         result["excluded"] = {stage: [r.image_id or r.participant_id for r in rows.itertuples()]
                               for stage, rows in left_out.groupby("stage", sort=False)}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     title = f"Ensemble of {len(names)} fold(s), test set"
     if classes:
         plot_classification(combined, classes, title, out_dir / "performance.png")
@@ -257,7 +258,7 @@ def plot_regression(predictions: pd.DataFrame, metrics: dict, target: str, title
     agreement.set(xlabel=f"mean of true and predicted {target}", ylabel="predicted - true",
                   title=f"Bland–Altman: bias {bias:.2f}, limits ±{spread:.2f}")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    atomic.savefig(fig, png, dpi=100)
     plt.close(fig)
 
 
@@ -279,7 +280,7 @@ def plot_classification(predictions: pd.DataFrame, classes: list[str], title: st
     pr.set_title("Precision-recall")
     confusion.set_title("Confusion matrix")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    atomic.savefig(fig, png, dpi=100)
     plt.close(fig)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline import atomic
 from pipeline.errors import InputError
-from pipeline.outputs import replacing
 
 COLUMNS = ["image_id", "participant_id", "stage", "file", "reason"]
 
@@ -42,7 +42,8 @@ def empty() -> pd.DataFrame:
 
 def write(table: pd.DataFrame, path: Path) -> None:
     """Write ``table`` (COLUMNS) as TSV, replacing ``path`` whole."""
-    with replacing(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.path(path) as tmp:
         table.reindex(columns=COLUMNS).to_csv(tmp, sep="\t", index=False)
 
 
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
             if samples.empty:
                 raise InputError(f"Every sample of {args.manifest} was excluded (see {args.out}); fix the images "
                                  "listed there.")
-        with replacing(args.samples) as tmp:
+        with atomic.path(args.samples) as tmp:
             samples.to_csv(tmp, sep="\t", index=False)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import atomic
 from pipeline.atlas import atlas_on_grid
 from pipeline.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.data import load_batch, read_tsv, study_table
@@ -62,8 +63,14 @@ def top_fraction_enrichment(attribution: np.ndarray, region: np.ndarray, brain: 
 
 
 def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
-    """The mean (C, X, Y, Z) image of the fold's training rows (integrated gradients' baseline)."""
-    return torch.stack([load_batch([path])[0] for path in table.loc[table["split"] == "train", "array"]]).mean(0)
+    """The mean (C, X, Y, Z) image of the fold's training rows (integrated gradients' baseline),
+    summed one image at a time in float64 (memory of one image, whatever the cohort)."""
+    paths = table.loc[table["split"] == "train", "array"]
+    total = None
+    for path in paths:
+        image = load_batch([path])[0].double()
+        total = image if total is None else total.add_(image)
+    return (total / len(paths)).float()
 
 
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
@@ -75,7 +82,7 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     test = table[table["split"] == "test"]
     train_mean = mean_training_image(table)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
-    stacks = {m: [] for m in methods}
+    groups = {m: GroupStatistics(SIGNED[m]) for m in methods}
     rows = []
     for i, row in enumerate(test.itertuples(index=False), 1):
         x = load_batch([row.array])
@@ -87,35 +94,70 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
             paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
             Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
             img = nib.Nifti1Image(data, affine)
-            nib.save(img, paths["template"])
-            nib.save(to_native(img, Path(row.path), inverse), paths["native"])
-            stacks[method].append(data)
+            atomic.nib_save(img, paths["template"])
+            atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
+            groups[method].add(data)
             error = diagnostics.get("completeness_error") if method == "integrated_gradients" else None
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "subdir": row.subdir,
                          "method": method, "target_index": target, "completeness_error": error, **paths})
         print(f"[{i}/{len(test)}] {row.image_id}", file=sys.stderr)
-    for method, stack in stacks.items():
-        write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
+    for method, group in groups.items():
+        write_statistics(group, affine, out_dir, method)
     index = pd.DataFrame(rows)
-    index.to_csv(out_dir / "maps.tsv", sep="\t", index=False)
+    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
     return index
 
 
-def statistics(maps: np.ndarray, signed: bool) -> dict[str, np.ndarray]:
-    """Voxel-wise group statistics of (N, X, Y, Z) maps: mean and sd of |map|, and the one-sample
-    t of the map (signed methods) or of |map|; t is 0 where the sd is 0."""
-    magnitude = np.abs(maps)
-    values = maps if signed else magnitude
-    n = len(maps)
-    sd = values.std(axis=0, ddof=1) if n > 1 else np.zeros(maps.shape[1:])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(sd > 0, values.mean(axis=0) / (sd / np.sqrt(n)), 0.0)
-    return {"mean": magnitude.mean(axis=0), "sd": magnitude.std(axis=0, ddof=1) if n > 1 else sd, "t": t}
+class GroupStatistics:
+    """Voxel-wise group statistics of maps added one at a time (Welford's running mean and sum of
+    squared deviations, float64): memory of a few maps, not of the cohort. ``result()``: mean and
+    sd of |map|, and the one-sample t of the map (``signed`` methods) or of |map|; t is 0 where the
+    sd is 0."""
+
+    def __init__(self, signed: bool):
+        self.signed, self.n = signed, 0
+        self.moments: dict[str, list[np.ndarray]] = {}  # "magnitude"/"values" -> [mean, M2]
+
+    def add(self, data: np.ndarray) -> None:
+        self.n += 1
+        series = {"magnitude": np.abs(data)}
+        if self.signed:
+            series["values"] = data
+        for key, x in series.items():
+            x = np.asarray(x, dtype=np.float64)
+            if key not in self.moments:
+                self.moments[key] = [x.copy(), np.zeros_like(x)]
+                continue
+            mean, m2 = self.moments[key]
+            delta = x - mean
+            mean += delta / self.n
+            m2 += delta * (x - mean)
+
+    def sd(self, key: str) -> np.ndarray:
+        mean, m2 = self.moments[key]
+        return np.sqrt(m2 / (self.n - 1)) if self.n > 1 else np.zeros_like(mean)
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.n == 0:
+            raise ValueError("Group statistics of no maps.")
+        key = "values" if self.signed else "magnitude"
+        sd = self.sd(key)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(sd > 0, self.moments[key][0] / (sd / np.sqrt(self.n)), 0.0)
+        return {"mean": self.moments["magnitude"][0], "sd": self.sd("magnitude"), "t": t}
 
 
-def write_statistics(maps: np.ndarray, signed: bool, affine: np.ndarray, out_dir: Path, method: str) -> None:
-    for name, data in statistics(maps, signed).items():
-        nib.save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
+def statistics(maps, signed: bool) -> dict[str, np.ndarray]:
+    """``GroupStatistics`` of an iterable of (X, Y, Z) maps (e.g. an (N, X, Y, Z) array)."""
+    group = GroupStatistics(signed)
+    for data in maps:
+        group.add(data)
+    return group.result()
+
+
+def write_statistics(group: GroupStatistics, affine: np.ndarray, out_dir: Path, method: str) -> None:
+    for name, data in group.result().items():
+        atomic.nib_save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
 
 
 def subject_maps(fold_dirs: list[Path], method: str, space: str) -> dict[str, nib.Nifti1Image]:
@@ -193,10 +235,12 @@ def combine_folds(template_maps: dict[str, dict[str, nib.Nifti1Image]], mask: ni
     out_dir.mkdir(parents=True, exist_ok=True)
     means = {}
     for method, maps in template_maps.items():
-        stack = np.stack([img.get_fdata() for img in maps.values()])
-        write_statistics(stack, SIGNED[method], mask.affine, out_dir, method)
-        means[method] = np.abs(stack).mean(axis=0)
-    region_table(means, mask).to_csv(out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
+        group = GroupStatistics(SIGNED[method])
+        for img in maps.values():
+            group.add(np.asarray(img.dataobj))
+        write_statistics(group, mask.affine, out_dir, method)
+        means[method] = group.result()["mean"]
+    atomic.to_csv(region_table(means, mask), out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
     return means
 
 
@@ -213,10 +257,10 @@ def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, 
         title = f"mean |{method}|, {images}, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
-        display.savefig(str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
+        atomic.savefig(display, str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
         display.close()
         display = plotting.plot_glass_brain(img, title=title, threshold=vmax * 0.3, vmax=vmax, cmap="inferno")
-        display.savefig(str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
+        atomic.savefig(display, str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
         display.close()
 
 
@@ -250,7 +294,7 @@ def plot_extremes(predictions: pd.DataFrame, maps: dict[str, nib.Nifti1Image], p
         plotting.plot_stat_map(img, bg_img=str(background), axes=ax, title=title, threshold=0.3 * vmax, vmax=vmax,
                                cmap="cold_hot", draw_cross=False, display_mode="ortho", cut_coords=(0, -17, 15),
                                annotate=False)
-    fig.savefig(png, dpi=80)
+    atomic.savefig(fig, png, dpi=80)
     plt.close(fig)
 
 
@@ -303,7 +347,7 @@ def main(argv=None) -> None:
             if args.groundtruth:
                 table = validation_table(args.fold_dirs, template_maps, means, mask, args.groundtruth, args.target,
                                          manifest)
-                table.to_csv(args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
+                atomic.to_csv(table, args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
                 print(table.to_string(index=False), file=sys.stderr)
 
 

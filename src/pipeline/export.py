@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pipeline import modelcard, package
+from pipeline import atomic, modelcard, package
 from pipeline.data import TargetCoder, load_batch, read_tsv, study_table
 from pipeline.errors import InputError
 from pipeline.explain import mean_training_image
@@ -58,9 +58,9 @@ def export_onnx(ensemble: Ensemble, example: torch.Tensor, path: Path) -> None:
     """
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), atomic.path(path) as tmp:
         warnings.simplefilter("ignore")  # the exporter's deprecation notice and instance-norm training-mode note
-        torch.onnx.export(ensemble.eval(), (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+        torch.onnx.export(ensemble.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["image"], output_names=["prediction"],
                           dynamic_axes={"image": {0: "batch"}, "prediction": {0: "batch"}})
 
@@ -129,7 +129,7 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
                "validation": {d.name: validation_metrics(d, records[d.name]) for d in train_dirs}}
     for name, doc in ((package.SPEC, spec), (package.RECIPE, recipe), (package.NORMALISATION, normalisation),
                       (package.METRICS, metrics)):
-        (folder / name).write_text(json.dumps(doc, indent=2, default=float) + "\n")
+        atomic.write_text(folder / name, json.dumps(doc, indent=2, default=float) + "\n")
     return spec
 
 
@@ -139,10 +139,11 @@ def write_tensors(folder: Path, records: dict, tables: dict[str, pd.DataFrame]) 
 
     (folder / "weights").mkdir()
     for fold, record in records.items():
-        save_file({k: v.contiguous() for k, v in record["state_dict"].items()}, folder / package.weights_file(fold))
+        with atomic.path(folder / package.weights_file(fold)) as tmp:
+            save_file({k: v.contiguous() for k, v in record["state_dict"].items()}, tmp)
     (folder / "statistics").mkdir()
-    save_file({fold: mean_training_image(table).contiguous() for fold, table in tables.items()},
-              folder / package.TRAIN_MEAN)
+    with atomic.path(folder / package.TRAIN_MEAN) as tmp:
+        save_file({fold: mean_training_image(table).contiguous() for fold, table in tables.items()}, tmp)
 
 
 def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, manifest: Path, splits: Path,
@@ -162,8 +163,8 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
     spec = write_documents(out_dir, records, evaluations, json.loads(summary.read_text()), train_dirs, recipe, explain)
     write_tensors(out_dir, records, tables)
     (out_dir / "grid").mkdir()
-    shutil.copyfile(template, out_dir / package.GRID_TEMPLATE)
-    shutil.copyfile(mask, out_dir / package.GRID_MASK)
+    atomic.copyfile(template, out_dir / package.GRID_TEMPLATE)
+    atomic.copyfile(mask, out_dir / package.GRID_MASK)
 
     models = [load_model(d / "model.pt")[0] for d in train_dirs]
     ensemble = Ensemble(models, [TargetCoder(**r["coder"]) for r in records.values()]).eval()
@@ -176,11 +177,11 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
                          f"test images (tolerance {ONNX_TOLERANCE}); the export is not faithful.")
     spec["onnx"] = {"file": package.ONNX, "opset": ONNX_OPSET, "input": "image", "output": "prediction",
                     "max_abs_difference": difference, "checked_on": f"{len(test_arrays)} test images"}
-    (out_dir / package.SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    atomic.write_text(out_dir / package.SPEC, json.dumps(spec, indent=2) + "\n")
 
     counts = modelcard.cohort(read_tsv(manifest), read_tsv(splits), spec["target"], spec["task"])
     metrics = json.loads((out_dir / package.METRICS).read_text())
-    (out_dir / package.CARD).write_text(modelcard.render(spec, recipe, metrics, counts, card))
+    atomic.write_text(out_dir / package.CARD, modelcard.render(spec, recipe, metrics, counts, card))
     package.write_checksums(out_dir)
     package.verify(out_dir)
     package.pack(out_dir, archive)

@@ -4,19 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import nibabel as nib
 
+from pipeline import atomic
 from pipeline.template import brain_mask_on_grid, template_on_grid
 
 
 def write_grid(resolution: float, shape: tuple[int, int, int], template_out: Path, mask_out: Path) -> None:
     """Save the template (float32, [0, 1]) and brain mask (uint8) on the ``resolution`` mm grid of ``shape``."""
     template_out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(template_on_grid(resolution, shape), template_out)
-    nib.save(brain_mask_on_grid(resolution, shape), mask_out)
+    atomic.nib_save(template_on_grid(resolution, shape), template_out)
+    atomic.nib_save(brain_mask_on_grid(resolution, shape), mask_out)
 
 
 def copy_package_grid(folder: Path, template_out: Path, mask_out: Path) -> None:
@@ -25,8 +25,8 @@ def copy_package_grid(folder: Path, template_out: Path, mask_out: Path) -> None:
 
     package.verify(folder)
     template_out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(folder / package.GRID_TEMPLATE, template_out)
-    shutil.copyfile(folder / package.GRID_MASK, mask_out)
+    atomic.copyfile(folder / package.GRID_TEMPLATE, template_out)
+    atomic.copyfile(folder / package.GRID_MASK, mask_out)
 
 
 def main(argv=None) -> None:

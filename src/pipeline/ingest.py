@@ -24,10 +24,10 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from pipeline import bidsindex
+from pipeline import atomic, bidsindex
 from pipeline.errors import InputError
 from pipeline.imagecheck import image_problems
-from pipeline.outputs import check_writable, replacing
+from pipeline.outputs import check_writable
 
 MANIFEST_COLUMNS = ["image_id", "participant_id", "session", "subdir", "path"]
 REPORT_COLUMNS = ["participant_id", "image_id", "path", "reason"]
@@ -614,7 +614,8 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
 
 def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path) -> None:
     """The three outputs: manifest and report TSVs, target JSON; each replaced whole (never half-written)."""
-    with replacing(manifest) as m, replacing(report) as r, replacing(targets) as t:
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.path(manifest) as m, atomic.path(report) as r, atomic.path(targets) as t:  # all three or none
         result.manifest.to_csv(m, sep="\t", index=False)
         result.report.to_csv(r, sep="\t", index=False)
         t.write_text(json.dumps(result.targets, indent=2) + "\n")

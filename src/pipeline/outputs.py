@@ -1,8 +1,7 @@
-"""Writing outputs safely: a folder proven writable before work starts, files replaced whole or not at all."""
+"""A results folder proven writable before work starts (files are written by ``pipeline.atomic``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -27,26 +26,3 @@ def check_writable(folder: Path, key: str = "results_dir", create: bool = True) 
         raise InputError(f"Cannot write to {folder} ({exc.strerror or exc}). Make it writable, or set `{key}` "
                          "in config to a folder you can write.") from None
     return folder
-
-
-@contextlib.contextmanager
-def replacing(path: Path):
-    """Yield a temporary path beside ``path``: renamed onto ``path`` when the block succeeds,
-    removed when it raises, so ``path`` is never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a new file's mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -27,6 +27,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from pipeline import atomic
 from pipeline.errors import InputError
 
 FORMAT = "pipeline-model-package"
@@ -60,7 +61,7 @@ def write_checksums(folder: Path) -> Path:
     """Write ``checksums.sha256`` listing every file under ``folder`` (sorted, POSIX paths)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
     lines = [f"{sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in files]
-    (folder / CHECKSUMS).write_text("".join(lines))
+    atomic.write_text(folder / CHECKSUMS, "".join(lines))
     return folder / CHECKSUMS
 
 
@@ -191,7 +192,7 @@ def pack(folder: Path, archive: Path) -> Path:
             else:
                 tar.addfile(info)
     archive.parent.mkdir(parents=True, exist_ok=True)
-    with open(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
+    with atomic.open_(archive, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as out:
         out.write(buffer.getvalue())  # no name or time in the gzip header either
     return archive
 

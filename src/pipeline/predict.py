@@ -21,12 +21,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import package
+from pipeline import atomic, package
 from pipeline.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.data import load_batch, read_tsv
 from pipeline.errors import InputError
 from pipeline.evaluate import correct, ensemble, predict
-from pipeline.explain import plot_group, target_index, write_statistics
+from pipeline.explain import GroupStatistics, plot_group, target_index, write_statistics
 from pipeline.paths import explanation_maps
 from pipeline.preprocess import derivative_paths, to_native
 
@@ -48,10 +48,10 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
         if fold in corrections:
             predictions["predicted_corrected"] = correct(predictions, **corrections[fold])
         (out_dir / fold).mkdir(parents=True, exist_ok=True)
-        predictions.to_csv(out_dir / fold / "predictions.tsv", sep="\t", index=False)
+        atomic.to_csv(predictions, out_dir / fold / "predictions.tsv", sep="\t", index=False)
     folds = [read_tsv(out_dir / fold / "predictions.tsv") for fold in pkg.folds]
     combined = ensemble(folds, pkg.spec["classes"])
-    combined.to_csv(out, sep="\t", index=False)
+    atomic.to_csv(combined, out, sep="\t", index=False)
     return combined
 
 
@@ -74,7 +74,7 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
                out_dir: Path) -> pd.DataFrame:
     """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index."""
     affine = nib.load(str(mask)).affine
-    stacks, rows = {m: [] for m in methods}, []
+    groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
     for i, row in enumerate(table.itertuples(index=False), 1):
         maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class)
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
@@ -82,16 +82,16 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
             paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
             Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
             img = nib.Nifti1Image(data, affine)
-            nib.save(img, paths["template"])
-            nib.save(to_native(img, Path(row.path), inverse), paths["native"])
-            stacks[method].append(data)
+            atomic.nib_save(img, paths["template"])
+            atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
+            groups[method].add(data)
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
         print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
-    for method, stack in stacks.items():
-        write_statistics(np.stack(stack), SIGNED[method], affine, out_dir, method)
+    for method, group in groups.items():
+        write_statistics(group, affine, out_dir, method)
     plot_group(out_dir, template, methods, len(pkg.folds), f"{len(table)} image(s)")
     index = pd.DataFrame(rows)
-    index.to_csv(out_dir / "maps.tsv", sep="\t", index=False)
+    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
     return index
 
 
@@ -119,7 +119,7 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     ]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}pre{white-space:pre-wrap}")
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Predictions</title><style>{style}</style>"
+    atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Predictions</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline import exclusions
+from pipeline import atomic, exclusions
 from pipeline.errors import InputError
 from pipeline.paths import SPACE, preprocessed
 
@@ -119,8 +118,9 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                                 outprefix=f"{tmp}/ref_", aff_random_sampling_rate=0.25,
                                 aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
                                 aff_iterations=(100, 50, 25))
-        shutil.copyfile(reg["fwdtransforms"][0], out["forward"])
-        ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(out["inverse"]))
+        atomic.copyfile(reg["fwdtransforms"][0], out["forward"])
+        with atomic.path(out["inverse"]) as partial:
+            ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(partial))
         for channel, source in zip(channels, sources):
             if channel == channels[0]:
                 moving, transforms = reference, [str(out["forward"])]
@@ -128,14 +128,14 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                 moving = prepared(source, orientation, n4, n4_shrink)
                 coreg = ants.registration(fixed=reference, moving=moving, type_of_transform="Rigid",
                                           outprefix=f"{tmp}/{channel}_", aff_random_sampling_rate=0.25)
-                shutil.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
+                atomic.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
                 transforms = [str(out["forward"]), str(out[f"coreg_{channel}"])]  # applied right to left
             warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear")
             data = normalise(warped.numpy(), brain, source)
             # The template grid's own RAS+ affine: the saved image is exactly on the study grid.
-            nib.save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
+            atomic.nib_save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
             arrays.append(data)
-    np.save(out["array"], np.stack(arrays))
+    atomic.np_save(out["array"], np.stack(arrays))
     if label is not None:
         write_label(label, fixed, mask_img.affine, out["forward"], out["label_image"], out["label_array"])
     similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
@@ -156,7 +156,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
             "SoftwareVersions": _versions(),
         }
-        out[f"sidecar_{channel}"].write_text(json.dumps(sidecars[channel], indent=2))
+        atomic.write_text(out[f"sidecar_{channel}"], json.dumps(sidecars[channel], indent=2))
     write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
     return sidecars[channels[0]]
 
@@ -189,7 +189,7 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
         exclusions.write(exclusions.record(image_id, participant, "preprocess", str(sources[0]), reason), excluded)
         for path in out.values():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
+            atomic.write_bytes(path, b"")
         return None
     if excluded is not None:
         exclusions.write(exclusions.empty(), excluded)
@@ -211,8 +211,8 @@ def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_ou
     warped = ants.apply_transforms(fixed, load_native(source), [str(forward)], interpolator="genericLabel")
     data = np.rint(warped.numpy()).astype(np.uint8)
     image_out.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), image_out)
-    np.save(array_out, data[None])
+    atomic.nib_save(nib.Nifti1Image(data, affine), image_out)
+    atomic.np_save(array_out, data[None])
     return data
 
 
@@ -250,7 +250,7 @@ def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> 
         ax.axis("off")
     fig.suptitle(title, color="white", fontsize=10)
     fig.tight_layout()
-    fig.savefig(png, dpi=80, facecolor="black")
+    atomic.savefig(fig, png, dpi=80, facecolor="black")
     plt.close(fig)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import __version__
+from pipeline import __version__, atomic
 from pipeline.data import read_tsv
 
 
@@ -42,7 +42,7 @@ def learning_curves(histories: dict[str, pd.DataFrame], png: Path) -> Path:
         ax.set(xlabel="epoch", ylabel=key, title=f"{key}: validation (solid), training (dotted)")
     axes[0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
+    atomic.savefig(fig, png, dpi=90)
     plt.close(fig)
     return png
 
@@ -149,7 +149,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
                  "<h2>Provenance</h2>", provenance(config)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
-    out.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
+    atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")
     return out
 

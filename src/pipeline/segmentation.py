@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import atomic
 from pipeline.data import load_batch, read_tsv
 from pipeline.errors import InputError
 from pipeline.paths import predicted_labels
@@ -87,11 +88,11 @@ def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path
         paths = predicted_labels(str(out_dir / "labels"), row.subdir, row.image_id, channels[0])
         Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
         image = nib.Nifti1Image(predicted, grid.affine)
-        nib.save(image, paths["template"])
+        atomic.nib_save(image, paths["template"])
         if native:
             inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
             warped = to_native(image, Path(row.path), inverse, interpolator="genericLabel")
-            nib.save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
+            atomic.nib_save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
         rows.append({"participant_id": row.participant_id, "session": row.session, "image_id": row.image_id,
                      "subdir": row.subdir, **({"split": row.split} if "split" in table else {}),
                      **label_scores(predicted, true, names, grid.header.get_zooms()[:3]),
@@ -118,8 +119,8 @@ def evaluate_fold(table: pd.DataFrame, model, coder, record: dict, preproc_dir: 
                "spacing_mm": [float(s) for s in grid.header.get_zooms()[:3]],
                **summary_scores(test), **{f"{k}_ci": v for k, v in intervals.items()}}
     out_dir.mkdir(parents=True, exist_ok=True)
-    predictions.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    atomic.to_csv(predictions, out_dir / "predictions.tsv", sep="\t", index=False)
+    atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
     return metrics
 
 
@@ -149,7 +150,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
         affine = nib.load(first["predicted_labels"]).affine
         path = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)["template"]
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        nib.save(nib.Nifti1Image(voted, affine), path)
+        atomic.nib_save(nib.Nifti1Image(voted, affine), path)
         rows.append({"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
                      "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
                      "true_labels": first["true_labels"], "predicted_labels": path})
@@ -165,11 +166,11 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
                          pd.DataFrame([ensemble_row], index=["ensemble"])])
     out_dir.mkdir(parents=True, exist_ok=True)
     summary.index.name = "model"
-    summary.to_csv(out_dir / "metrics.tsv", sep="\t")
-    combined.to_csv(out_dir / "predictions.tsv", sep="\t", index=False)
+    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
+    atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": metrics[0]["task"], "target": metrics[0]["target"], "classes": names, "folds": fold_names,
               "ensemble": overall, "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
-    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     plot(combined, names, f"Majority vote of {len(fold_names)} fold(s), test set", out_dir / "performance.png")
     return result
 
@@ -190,5 +191,5 @@ def plot(predictions: pd.DataFrame, names: list[str], title: str, png: Path) -> 
             ax.scatter(np.full(len(v), i), v, s=10, color="k", alpha=0.6)
         ax.set(ylabel=f"{metric.upper()}{unit}", title=f"{metric.upper()} per label: {title}")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    atomic.savefig(fig, png, dpi=100)
     plt.close(fig)

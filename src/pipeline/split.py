@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from pipeline import atomic
 from pipeline.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -183,8 +184,8 @@ def main(argv=None) -> None:
         splits = design(manifest, args.target, args.task, args.test, args.folds, args.val, args.seed,
                         args.bins, args.stratify)
         table = balance(splits, manifest, args.target, args.task)
-    splits.to_csv(args.out, sep="\t", index=False)
-    table.to_csv(args.balance, sep="\t", index=False)
+    atomic.to_csv(splits, args.out, sep="\t", index=False)
+    atomic.to_csv(table, args.balance, sep="\t", index=False)
     print(table.to_string(index=False), file=sys.stderr)
 
 

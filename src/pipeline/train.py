@@ -43,6 +43,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline import atomic
 from pipeline.augment import Augmentation, select
 from pipeline.data import ArrayLoader, TargetCoder, study_table
 from pipeline.errors import InputError
@@ -320,9 +321,7 @@ def set_rng_states(states: dict, generator: torch.Generator) -> None:
 
 def save_atomic(obj, path: Path) -> None:
     """torch.save through a temporary file, so a kill mid-write never leaves a truncated checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic.torch_save(obj, path)
 
 
 class Trackers:
@@ -341,7 +340,7 @@ class Trackers:
     def log(self, row: dict, history: list[dict]) -> None:
         if not self.enabled:
             return
-        pd.DataFrame(history).to_csv(self.out_dir / "history.tsv", sep="\t", index=False)
+        atomic.to_csv(pd.DataFrame(history), self.out_dir / "history.tsv", sep="\t", index=False)
         epoch = row["epoch"]
         for key, value in row.items():
             if key != "epoch":
@@ -570,8 +569,8 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
     best = torch.load(ckpt_dir / "best.pt", weights_only=True)
     if process.main:
         save_atomic(best, out_dir / "model.pt")
-        pd.DataFrame(state["history"]).to_csv(out_dir / "history.tsv", sep="\t", index=False)
-        (out_dir / "hyperparameters.json").write_text(json.dumps(hyper, indent=2))
+        atomic.to_csv(pd.DataFrame(state["history"]), out_dir / "history.tsv", sep="\t", index=False)
+        atomic.write_text(out_dir / "hyperparameters.json", json.dumps(hyper, indent=2))
     return best
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline import atomic
 from pipeline.errors import InputError
 
 TRAINED = ("model.pt", "history.tsv", "hyperparameters.json")
@@ -67,15 +67,10 @@ def select(fold_dir: Path, variants: list[str]) -> str:
     chosen = str(table.loc[table["chosen"], "variant"].iloc[0])
     source = fold_dir / f"variant-{chosen}"
     for name in TRAINED[:2]:
-        temporary = fold_dir / f".{name}.tmp"
-        shutil.copyfile(source / name, temporary)
-        temporary.replace(fold_dir / name)
+        atomic.copyfile(source / name, fold_dir / name)
     hyper = json.loads((source / "hyperparameters.json").read_text())
-    temporary = fold_dir / ".hyperparameters.json.tmp"
-    temporary.write_text(json.dumps({**hyper, "variant": chosen}, indent=2))
-    temporary.replace(fold_dir / "hyperparameters.json")
-    table.to_csv(fold_dir / ".variants.tsv.tmp", sep="\t", index=False, float_format="%.6g")
-    (fold_dir / ".variants.tsv.tmp").replace(fold_dir / "variants.tsv")
+    atomic.write_text(fold_dir / "hyperparameters.json", json.dumps({**hyper, "variant": chosen}, indent=2))
+    atomic.to_csv(table, fold_dir / "variants.tsv", sep="\t", index=False, float_format="%.6g")
     return chosen
 
 

@@ -1,0 +1,121 @@
+"""Peak memory of training and explanation against cohort size: it should follow the batch, not N.
+
+    python benchmarks/memory.py [--sizes 200 2000] [--shape 32 32 32] [--batch 8]
+
+For each size N, writes N synthetic (1, X, Y, Z) float32 volumes into a temporary folder in the
+preprocessed cache format (``.npy``, what ``pipeline.data.ArrayLoader`` memory-maps), then runs,
+each in a fresh Python process (one run):
+
+* **import**: the child imports ``pipeline.train`` and ``pipeline.explain`` and stops: the floor;
+* **train**: ``pipeline.train.train`` for one epoch (``simple_cnn``, batch ``--batch``, one
+  thread; 80 % train, 20 % validation), writing checkpoints, ``history.tsv`` and ``model.pt``;
+* **explain**: the fold's mean training image (integrated gradients' baseline), then the
+  ``gradient`` map of **every** one of the N images with the trained model, each written as a
+  template-space NIfTI and added to the group statistics (mean, sd, t), which are written at the
+  end: ``pipeline.explain.explain_fold`` without the native-space maps (those need ANTs transforms).
+
+Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. Memory-mapped file pages a process has
+read count in its RSS, so a loader that maps every image and keeps the mappings shows the cohort
+in this figure. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_cache(folder: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> Path:
+    """``n`` volumes ``img0000.npy`` … and ``table.tsv`` (image_id, split, array, age)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        path = folder / f"img{i:05d}.npy"
+        np.save(path, rng.normal(size=(1, *shape)).astype(np.float32))
+        rows.append({"image_id": f"img{i:05d}", "participant_id": f"sub-{i:05d}", "subdir": "",
+                     "split": "val" if i % 5 == 0 else "train", "array": str(path), "age": float(rng.uniform(20, 80))})
+    table = folder / "table.tsv"
+    pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
+    return table
+
+
+def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
+    import nibabel as nib
+    import torch
+
+    from pipeline import atomic
+    from pipeline.attribution import SIGNED, Settings, attribute
+    from pipeline.data import load_batch, read_tsv
+    from pipeline.explain import GroupStatistics, mean_training_image, write_statistics
+    from pipeline.train import load_model, train
+
+    if stage == "import":
+        return
+    table = read_tsv(table_path)
+    if stage == "train":
+        train(table, "age", "regression", {"epochs": 1, "batch_size": batch, "seed": 0}, out_dir, threads=1)
+        return
+    torch.set_num_threads(1)
+    model, coder, _ = load_model(out_dir / "model.pt")
+    baseline = mean_training_image(table)  # noqa: F841 - computed as explain_fold does (IG's baseline)
+    group = GroupStatistics(SIGNED["gradient"])
+    (out_dir / "maps").mkdir(exist_ok=True)
+    for row in table.itertuples(index=False):
+        maps, _ = attribute(model, load_batch([row.array]), 0, ["gradient"], Settings(), classification=False)
+        atomic.nib_save(nib.Nifti1Image(maps["gradient"], np.eye(4)), out_dir / "maps" / f"{row.image_id}.nii.gz")
+        group.add(maps["gradient"])
+    write_statistics(group, np.eye(4), out_dir, "gradient")
+
+
+def peak_rss_mib(args: list[str]) -> tuple[float, float]:
+    """(peak RSS MiB, seconds) of one child process running this script with ``args``."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen([sys.executable, __file__, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   stdout=log, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            log.seek(0)
+            raise SystemExit(f"child {args} failed with exit code {process.returncode}:\n{log.read()[-3000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - start  # Linux: KiB
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
+    parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--child", nargs=3, metavar=("STAGE", "TABLE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.batch)
+        return
+    mib = np.prod(args.shape) * 4 / 2**20
+    print(f"images {tuple(args.shape)} float32 ({mib * 1024:.0f} KiB each), batch {args.batch}, one thread\n")
+    print("| images | cache MiB | import MiB | train 1 epoch MiB | train s | explain all MiB | explain s |")
+    print("|---|---|---|---|---|---|---|")
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
+            folder = Path(tmp)
+            table = write_cache(folder, n, tuple(args.shape))
+            out = folder / "train"
+            common = ["--batch", str(args.batch)]
+            floor, _ = peak_rss_mib(["--child", "import", str(table), str(out), *common])
+            fit, fit_s = peak_rss_mib(["--child", "train", str(table), str(out), *common])
+            exp, exp_s = peak_rss_mib(["--child", "explain", str(table), str(out), *common])
+            print(f"| {n} | {n * mib:.0f} | {floor:.0f} | {fit:.0f} | {fit_s:.0f} | {exp:.0f} | {exp_s:.0f} |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""Atomic outputs: a crash mid-write leaves neither a file at the final path nor temporary litter,
+and every stage writes through pipeline.atomic."""
+
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import atomic
+
+PACKAGE = Path(atomic.__file__).parent
+
+
+class Crash(Exception):
+    pass
+
+
+def test_crash_mid_write_leaves_nothing(tmp_path):
+    final = tmp_path / "metrics.json"
+    with pytest.raises(Crash):
+        with atomic.open_(final) as f:
+            f.write('{"half": ')
+            raise Crash
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_keeps_the_previous_file(tmp_path):
+    final = tmp_path / "predictions.tsv"
+    atomic.write_text(final, "old\n")
+    with pytest.raises(Crash):
+        with atomic.path(final) as tmp:
+            tmp.write_text("new, half")
+            raise Crash
+    assert final.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["predictions.tsv"]
+
+
+def test_writer_that_writes_nothing_fails(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Nothing was written"):
+        with atomic.path(tmp_path / "x.npy"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_name_keeps_the_suffix(tmp_path):
+    for name, suffix in [("a.nii.gz", ".nii.gz"), ("qc.png", ".png"), ("x.npy", ".npy"), ("p.tar.gz", ".tar.gz"),
+                         ("README", "")]:
+        tmp = atomic.temporary_name(tmp_path / name)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".") and tmp.name.endswith(".tmp" + suffix)
+
+
+def test_library_writers_round_trip(tmp_path):
+    img = nib.Nifti1Image(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4))
+    atomic.nib_save(img, tmp_path / "map.nii.gz")
+    atomic.np_save(tmp_path / "array.npy", np.ones((1, 2, 2, 2), np.float32))
+    atomic.to_csv(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv", sep="\t", index=False)
+    assert nib.load(tmp_path / "map.nii.gz").get_fdata().sum() == 28  # gzipped: nibabel read the suffix
+    assert np.load(tmp_path / "array.npy").shape == (1, 2, 2, 2)
+    assert (tmp_path / "t.tsv").read_text() == "a\n1\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["array.npy", "map.nii.gz", "t.tsv"]
+
+
+# Calls that create an output file directly; each stage must use pipeline.atomic instead.
+DIRECT = re.compile(r"\bnib\.save\(|\bnp\.save\(|\.to_csv\([^)]|\.write_text\(|\.write_bytes\(|\btorch\.save\(|"
+                    r"\bsave_file\(|\.savefig\(|shutil\.copy|\bjson\.dump\(|\bpickle\.dump\(|ants\.write_transform\("
+                    r"|ants\.image_write\(|torch\.onnx\.export\(|open\([^)]*[\"'][wax]b?[\"']")
+
+
+def test_no_stage_writes_around_atomic():
+    """Every direct write in the package sits inside an ``atomic`` block (the temporary path or
+    file it yields): the line, or one of the two before it, names ``atomic.`` — or it is atomic.py."""
+    offenders = []
+    for module in sorted(PACKAGE.glob("*.py")):
+        if module.name == "atomic.py":
+            continue
+        lines = module.read_text().splitlines()
+        for number, line in enumerate(lines):
+            code = line.split("#")[0]
+            if DIRECT.search(code) and not code.lstrip().startswith(("\"", "'")):
+                context = "\n".join(lines[max(0, number - 2):number + 1])
+                if "atomic." not in context and "fileobj=buffer" not in code:  # tar into memory
+                    offenders.append(f"{module.name}:{number + 1}: {line.strip()}")
+    assert offenders == [], "write these through pipeline.atomic:\n" + "\n".join(offenders)
