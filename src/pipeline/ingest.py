@@ -615,10 +615,13 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
 def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path) -> None:
     """The three outputs: manifest and report TSVs, target JSON; each replaced whole (never half-written)."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.path(manifest) as m, atomic.path(report) as r, atomic.path(targets) as t:  # all three or none
-        result.manifest.to_csv(m, sep="\t", index=False)
-        result.report.to_csv(r, sep="\t", index=False)
+    # Nested: nothing is renamed into place unless all three were written.
+    with atomic.path(targets) as t:
         t.write_text(json.dumps(result.targets, indent=2) + "\n")
+        with atomic.path(report) as r:
+            result.report.to_csv(r, sep="\t", index=False)
+            with atomic.path(manifest) as m:
+                result.manifest.to_csv(m, sep="\t", index=False)
 
 
 def main(argv=None) -> None:

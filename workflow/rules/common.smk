@@ -51,6 +51,8 @@ VARIANTS = config["train"]["variants"]
 variants.check(config["train"])
 TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
 FOLD_MODEL, FOLD_HISTORY = (f"{RESULTS}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
+# With variants, a fold's model is their choice: asking for variants.tsv trains them in a finished study too.
+FOLD_CHOICE = [f"{RESULTS}/train/{{fold}}/variants.tsv"] if VARIANTS else []
 # Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 # Segmentation (task: segmentation): the label image is the target; `target` only stratifies the

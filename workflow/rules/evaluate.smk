@@ -3,6 +3,7 @@ rule evaluate:
         manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         model=FOLD_MODEL,
+        choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
         code=source("evaluate", "segmentation"),

@@ -3,6 +3,7 @@ rule explain:
         manifest=rules.exclusions.output.samples,
         splits=f"{RESULTS}/splits.tsv",
         model=FOLD_MODEL,
+        choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
         code=source("explain", "attribution", "paths"),
