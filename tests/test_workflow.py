@@ -35,7 +35,7 @@ CONFIG = {
     "preprocess": {"resolution": 5, "shape": [32, 38, 34]},
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 40, "batch_size": 4, "learning_rate": 0.003, "patience": 15},
-    "explain": {"window": 6, "stride": 3},  # groundtruth: set with bids_dir below
+    "explain": {"window": 6, "stride": 4},  # groundtruth: set with bids_dir below
 }
 
 
