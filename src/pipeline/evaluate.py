@@ -183,6 +183,27 @@ def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) ->
     return stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
 
 
+def summary_table(metrics: list[dict], names: list[str], overall: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The folds' numeric test metrics (``table``) and the summary: each fold, their mean and sd,
+    and the ensemble's ``overall`` figures with ``<metric>_ci_low``/``_ci_high`` columns."""
+    numeric = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=names)
+    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
+    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
+    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
+    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
+                         pd.DataFrame([ensemble_row], index=["ensemble"])])
+    summary.index.name = "model"
+    return table, summary
+
+
+def excluded_by_stage(excluded: Path) -> dict[str, list[str]]:
+    """``excluded.tsv`` as {stage: [image id, or participant id without an image]}."""
+    left_out = read_tsv(excluded).fillna("")
+    return {stage: [r.image_id or r.participant_id for r in rows.itertuples()]
+            for stage, rows in left_out.groupby("stage", sort=False)}
+
+
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the ensemble's with intervals; write the summary files.
 
@@ -194,7 +215,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     if metrics[0]["task"] == "segmentation":
         from pipeline import segmentation
 
-        return segmentation.summarise(fold_dirs, out_dir)
+        return segmentation.summarise(fold_dirs, out_dir, excluded)
     task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
     dtype = {"true": str} if classes else {}
     predictions = [read_tsv(d / "predictions.tsv").astype(dtype) for d in fold_dirs]
@@ -204,26 +225,17 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
         raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
                          "rerun the evaluation of every fold.")
     names = [d.name for d in fold_dirs]
-    numeric = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=names)
     combined = ensemble(predictions, classes)
     train_mean = None if classes else float(np.mean([m["train_mean"] for m in metrics]))
     overall = with_intervals(combined, classes, train_mean)
-    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
-    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
-    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
-    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
-                         pd.DataFrame([ensemble_row], index=["ensemble"])])
+    table, summary = summary_table(metrics, names, overall)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary.index.name = "model"
     atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
     atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": task, "target": target, "classes": classes, "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
     if excluded is not None:
-        left_out = read_tsv(excluded).fillna("")
-        result["excluded"] = {stage: [r.image_id or r.participant_id for r in rows.itertuples()]
-                              for stage, rows in left_out.groupby("stage", sort=False)}
+        result["excluded"] = excluded_by_stage(excluded)
     atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     title = f"Ensemble of {len(names)} fold(s), test set"
     if classes:

@@ -130,9 +130,10 @@ def majority(maps: list[np.ndarray], k: int) -> np.ndarray:
     return votes.argmax(0).astype(np.uint8)
 
 
-def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
-    """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals."""
-    from pipeline.evaluate import bootstrap
+def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
+    """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
+    ``excluded`` as in ``pipeline.evaluate.summarise``."""
+    from pipeline.evaluate import bootstrap, excluded_by_stage, summary_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     names, spacing = metrics[0]["classes"], metrics[0]["spacing_mm"]
@@ -156,20 +157,15 @@ def summarise(fold_dirs: list[Path], out_dir: Path) -> dict:
                      "true_labels": first["true_labels"], "predicted_labels": path})
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
-    numeric = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=fold_names)
     overall = {**summary_scores(combined), **{f"{k}_ci": v for k, v in bootstrap(combined, summary_scores).items()}}
-    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
-    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
-    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
-    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
-                         pd.DataFrame([ensemble_row], index=["ensemble"])])
+    table, summary = summary_table(metrics, fold_names, overall)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary.index.name = "model"
     atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
     atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": metrics[0]["task"], "target": metrics[0]["target"], "classes": names, "folds": fold_names,
               "ensemble": overall, "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
+    if excluded is not None:
+        result["excluded"] = excluded_by_stage(excluded)
     atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     plot(combined, names, f"Majority vote of {len(fold_names)} fold(s), test set", out_dir / "performance.png")
     return result
