@@ -90,13 +90,8 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
         maps, diagnostics = attribute(model, x, target, methods, settings, train_mean[None],
                                       classification=coder.task == "classification")
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
-        for method, data in maps.items():
-            paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
-            Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
-            img = nib.Nifti1Image(data, affine)
-            atomic.nib_save(img, paths["template"])
-            atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
-            groups[method].add(data)
+        written = save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups)
+        for method, paths in written.items():
             error = diagnostics.get("completeness_error") if method == "integrated_gradients" else None
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "subdir": row.subdir,
                          "method": method, "target_index": target, "completeness_error": error, **paths})
@@ -106,6 +101,23 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
     index = pd.DataFrame(rows)
     atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
     return index
+
+
+def save_image_maps(maps: dict[str, np.ndarray], row, affine: np.ndarray, inverse: Path, out_dir: Path,
+                    reference: str, groups: dict[str, "GroupStatistics"]) -> dict[str, dict[str, str]]:
+    """Write one image's ``maps`` (by method) in template space (``affine``) and, through its
+    ``inverse`` transform, on the native grid of ``row.path``; add each to its method's group
+    statistics; return the written paths by method."""
+    written = {}
+    for method, data in maps.items():
+        paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, reference)
+        Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(data, affine)
+        atomic.nib_save(img, paths["template"])
+        atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
+        groups[method].add(data)
+        written[method] = paths
+    return written
 
 
 class GroupStatistics:

@@ -26,9 +26,8 @@ from pipeline.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.data import load_batch, read_tsv
 from pipeline.errors import InputError
 from pipeline.evaluate import correct, ensemble, predict
-from pipeline.explain import GroupStatistics, plot_group, target_index, write_statistics
-from pipeline.paths import explanation_maps
-from pipeline.preprocess import derivative_paths, to_native
+from pipeline.explain import GroupStatistics, plot_group, save_image_maps, target_index, write_statistics
+from pipeline.preprocess import derivative_paths
 
 
 def image_table(manifest: Path, preproc_dir: Path, channels: list[str]) -> pd.DataFrame:
@@ -78,13 +77,7 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
     for i, row in enumerate(table.itertuples(index=False), 1):
         maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class)
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
-        for method, data in maps.items():
-            paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, channels[0])
-            Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
-            img = nib.Nifti1Image(data, affine)
-            atomic.nib_save(img, paths["template"])
-            atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
-            groups[method].add(data)
+        for method, paths in save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups).items():
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
         print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
     for method, group in groups.items():
