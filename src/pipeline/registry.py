@@ -15,7 +15,6 @@ at import: the Snakefile imports ``parse_name``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from pipeline.errors import InputError
+from pipeline.package import sha256
 
 DEFAULT = "~/.local/share/pipeline/registry"
 ENVIRONMENT = "PIPELINE_REGISTRY"
@@ -101,14 +101,6 @@ def resolve(fs, root: str, ref: Ref) -> Ref:
     return ref
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def register(source: Path, name: str, where: str) -> Ref:
     """Check the package ``source`` (a folder or its .tar.gz) and store it under ``name``; return
     the registered name with its version."""
@@ -129,7 +121,7 @@ def register(source: Path, name: str, where: str) -> Ref:
                              "under a new version.")
         fs.makedirs(target, exist_ok=True)
         fs.put_file(str(archive), f"{target}/{ARCHIVE}")
-        fs.pipe_file(f"{target}/{ARCHIVE}.sha256", f"{file_sha256(archive)}  {ARCHIVE}\n".encode())
+        fs.pipe_file(f"{target}/{ARCHIVE}.sha256", f"{sha256(archive)}  {ARCHIVE}\n".encode())
     return ref
 
 
@@ -151,7 +143,7 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
         archive = Path(tmp) / ARCHIVE
         fs.get_file(source, str(archive))
         expected = fs.cat_file(f"{source}.sha256").decode().split()[0]
-        if file_sha256(archive) != expected:
+        if sha256(archive) != expected:
             raise InputError(f"{source}: sha256 checksum mismatch with {source}.sha256; the registry copy is "
                              "corrupt or was tampered with. Refusing it.")
         folder = package.unpack(archive, Path(tmp) / "unpacked")
