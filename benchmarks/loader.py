@@ -13,8 +13,10 @@ cache filled):
   one reused batch array (B, 1, X, Y, Z), the least any batch loader does;
 * this loader: ``pipeline.data.ArrayLoader`` (memory-mapped arrays, a read-ahead thread),
   without augmentation and with ``pipeline.augment`` random affine (rotation 5°, scaling 0.05,
-  translation 2 voxels) + Gaussian noise (sd 0.05), applied to each batch as one tensor operation
-  on the CPU, and on the GPU when there is one (as training does);
+  translation 2 voxels) + Gaussian noise (sd 0.05), applied to each batch as training does: on
+  the CPU, resampled by ``pipeline.resample``'s kernel; on the GPU when there is one, by torch;
+  and, to show what the kernel gains, the same draws resampled on the CPU by torch's
+  ``F.affine_grid`` + ``F.grid_sample``;
 * MONAI: ``PersistentDataset`` (LoadImaged + EnsureChannelFirstd cached as .pt, warm) +
   ``RandAffined`` (same ranges, bilinear) + ``RandGaussianNoised``, torch DataLoader;
 * TorchIO: ``SubjectsDataset`` of ``ScalarImage`` (.nii) + ``RandomAffine`` + ``RandomNoise``,
@@ -38,8 +40,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from pipeline.augment import Augmentation
+from pipeline.augment import Augmentation, affine_theta
 from pipeline.data import ArrayLoader
 
 AFFINE = {"rotation": 5.0, "scaling": 0.05, "translation": 2.0}
@@ -95,7 +98,21 @@ def bare_batch_read(npy, batch):
     return one_pass
 
 
-def this_loader(npy, batch, augment: bool = False, device: str = "cpu"):
+def torch_resampled(aug: Augmentation, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``aug`` with its affine resampled by torch's ``F.affine_grid`` + ``F.grid_sample``."""
+    params = aug.sample(x.shape[0], generator)
+    draw = params["affine"]
+    theta = affine_theta(draw["rotation"], draw["scaling"], draw["translation"], x.shape[2:], draw["shear"],
+                         draw["flip"])
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    for name, transform in aug.transforms().items():
+        if name != "affine":
+            x = transform.apply(params[name], x)
+    return x
+
+
+def this_loader(npy, batch, augment: bool = False, device: str = "cpu", torch_resampling: bool = False):
     """A pass maker, as in training: one loader for the run (recycled buffers on the CPU; pinned
     memory and asynchronous copies to a GPU), one ``batches`` pass per epoch."""
     cuda = device == "cuda"
@@ -106,7 +123,9 @@ def this_loader(npy, batch, augment: bool = False, device: str = "cpu"):
     def one_pass():
         for _, x, _ in loader.batches(batches_of(len(npy), batch)):
             x = x.to(device, non_blocking=True)
-            yield aug(x, generator) if augment else x
+            if augment:
+                x = torch_resampled(aug, x, generator) if torch_resampling else aug(x, generator)
+            yield x
         if cuda:
             torch.cuda.synchronize()
     return one_pass
@@ -190,6 +209,8 @@ def main(argv=None) -> None:
             "bare .npy memmap read into a batch array": bare_batch_read(npy, b),
             "this loader, no augmentation": this_loader(npy, b),
             "this loader + random affine + noise": this_loader(npy, b, augment=True),
+            "this loader + random affine (torch affine_grid + grid_sample) + noise": this_loader(
+                npy, b, augment=True, torch_resampling=True),
             "this loader + random affine + noise, on the GPU": (this_loader(npy, b, True, "cuda")
                                                                  if torch.cuda.is_available() else None),
             "MONAI PersistentDataset (warm) + RandAffined + RandGaussianNoised": lambda: monai_loader(

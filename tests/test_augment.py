@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pipeline.augment import (Augmentation, RandomAffine, RandomBiasField, RandomGamma, RandomGhosting,
-                              RandomIntensity, RandomNoise, RandomSmoothing, affine_grid, affine_theta, main, select)
+                              RandomIntensity, RandomNoise, RandomSmoothing, affine_theta, main, select)
 
 
 def identity_affine(batch: int, translation=None) -> dict:
@@ -168,11 +168,3 @@ def test_rotation_matrix_is_orthonormal():
     theta = affine_theta(torch.tensor([[0.1, -0.2, 0.3]]), torch.ones(1, 3), torch.zeros(1, 3), (8, 8, 8))
     r = theta[0, :, :3]
     assert torch.allclose(r @ r.T, torch.eye(3), atol=1e-6)
-
-
-def test_affine_grid_equals_torchs():
-    params = RandomAffine(10, 0.1, 2, 0.1, (0,)).sample(3, torch.Generator().manual_seed(0))
-    theta = affine_theta(params["rotation"], params["scaling"], params["translation"], (5, 6, 7), params["shear"],
-                         params["flip"])
-    expected = torch.nn.functional.affine_grid(theta, [3, 1, 5, 6, 7], align_corners=False)
-    assert torch.allclose(affine_grid(theta, (5, 6, 7)), expected, atol=1e-6)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import atomic
+from pipeline.resample import affine_resample, over_threads
 
 Params = dict[str, torch.Tensor]
 
@@ -103,18 +104,16 @@ class RandomAffine(RandomTransform):
     def apply(self, params, image, label=None):
         theta = affine_theta(params["rotation"], params["scaling"], params["translation"], image.shape[2:],
                              params.get("shear"), params.get("flip"))
-        grid = affine_grid(theta.to(image.device, image.dtype), image.shape[2:])
-        out = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        out = affine_resample(image, theta)
         if label is None:
             return out
-        lab = F.grid_sample(label.to(image.dtype), grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        return out, lab.round().to(label.dtype)
+        return out, affine_resample(label.to(image.dtype), theta, "nearest").round().to(label.dtype)
 
 
 @dataclass(frozen=True)
 class RandomNoise(IntensityTransform):
     """Additive Gaussian noise of standard deviation ``sd`` (z-score units); one seed per image,
-    so an image's noise does not depend on the batch it is in."""
+    so an image's noise does not depend on the batch it is in (nor on the thread that draws it)."""
 
     sd: float = 0.05
 
@@ -123,9 +122,14 @@ class RandomNoise(IntensityTransform):
 
     def transform(self, params, image):
         noise = torch.empty_like(image)
-        for i, seed in enumerate(params["seed"].tolist()):
-            noise[i].normal_(0.0, self.sd, generator=torch.Generator(device=image.device).manual_seed(seed))
-        return noise.add_(image)
+        seeds = params["seed"].tolist()
+
+        def draw(first, stop):
+            for i in range(first, stop):
+                generator = torch.Generator(device=image.device).manual_seed(seeds[i])
+                noise[i].normal_(0.0, self.sd, generator=generator).add_(image[i])
+        over_threads(draw, len(seeds), image.device.type == "cpu")
+        return noise
 
 
 @dataclass(frozen=True)
@@ -310,18 +314,6 @@ def affine_theta(rotation: torch.Tensor, scaling: torch.Tensor, translation: tor
     size = torch.tensor(list(shape), dtype=translation.dtype)
     shift = (2 * translation / size).flip(1)  # voxels → normalised [-1, 1] units, (Z, Y, X) order
     return torch.cat([matrix, shift.unsqueeze(2).to(matrix.dtype)], dim=2)
-
-
-def affine_grid(theta: torch.Tensor, shape) -> torch.Tensor:
-    """``F.affine_grid(theta, (B, C, *shape), align_corners=False)`` for (B, 3, 4) ``theta``: the
-    (B, X, Y, Z, 3) sampling grid, built as a sum of three broadcast outer products (one pass over
-    the output, a few times faster on CPU than the batched matrix product)."""
-    def centres(n):  # voxel centres in normalised [-1, 1] coordinates
-        return (torch.arange(n, device=theta.device, dtype=theta.dtype) * 2 + 1) / n - 1
-    t = theta.transpose(1, 2)[:, None, None, None]  # (B, 1, 1, 1, 4, 3): rows x, y, z, offset
-    first, second, last = (centres(n) for n in shape)  # tensor dims X, Y, Z ↔ grid z, y, x
-    return (t[..., 3, :] + last.view(-1, 1) * t[..., 0, :] + second.view(-1, 1, 1) * t[..., 1, :]
-            + first.view(-1, 1, 1, 1) * t[..., 2, :])
 
 
 def preview_grid(transform: RandomTransform, image, n: int, png: Path, seed: int = 0, axis: int = 2) -> Path:
