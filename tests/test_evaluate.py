@@ -101,3 +101,43 @@ def test_classification_ensemble_averages_probabilities():
              for p, q in (("patient", 0.9), ("control", 0.4))]
     combined = ensemble(folds, ["control", "patient"])
     assert combined.loc[0, "p_patient"] == pytest.approx(0.65) and combined.loc[0, "predicted"] == "patient"
+
+
+def test_metrics_undefined_for_a_single_test_image_or_class_are_nan_with_the_reason():
+    one = regression_metrics([40.0], [43.0], train_mean=50)
+    assert one["mae"] == pytest.approx(3) and one["n"] == 1
+    assert np.isnan(one["pearson_r"]) and np.isnan(one["r2"])
+    assert one["undefined"] == ["r2, pearson_r: 1 test image(s); they need at least 2"]
+    constant = regression_metrics([40.0, 60.0], [50.0, 50.0], train_mean=50)
+    assert np.isnan(constant["pearson_r"]) and "all equal" in constant["undefined"][0]
+    assert "undefined" not in regression_metrics([20, 40, 60], [22, 38, 63], train_mean=50)
+    classes = ["control", "patient"]
+    only_patients = classification_metrics(["patient", "patient"], np.array([[0.2, 0.8], [0.6, 0.4]]), classes)
+    assert only_patients["accuracy"] == pytest.approx(0.5) and np.isnan(only_patients["roc_auc"])
+    assert only_patients["undefined"] == ["roc_auc: the test images hold only class(es) ['patient'] of "
+                                          "['control', 'patient']"]
+
+
+def test_summary_of_a_single_test_participant(tmp_path):
+    folds = []
+    for name, predicted in [("fold-1", 43.0), ("fold-2", 45.0)]:
+        d = tmp_path / name
+        d.mkdir()
+        rows = pd.DataFrame({"participant_id": ["sub-1", "sub-2"], "session": "", "image_id": ["sub-1", "sub-2"],
+                             "split": ["val", "test"], "true": [30.0, 40.0], "predicted": [31.0, predicted]})
+        rows.to_csv(d / "predictions.tsv", sep="\t", index=False)
+        metrics = {"task": "regression", "target": "age", "classes": None, "best_epoch": 1,
+                   **regression_metrics([40.0], [predicted], 50.0)}
+        (d / "metrics.json").write_text(json.dumps(metrics))
+        folds.append(d)
+    result = summarise(folds, tmp_path / "summary")
+    assert result["ensemble"]["mae"] == pytest.approx(4.0)
+    assert result["ensemble"]["mae_ci"] == pytest.approx([4.0, 4.0])
+    assert np.isnan(result["ensemble"]["pearson_r"]) and "1 test image" in result["ensemble"]["undefined"][0]
+    table = pd.read_csv(tmp_path / "summary" / "metrics.tsv", sep="\t", index_col="model")
+    assert table.at["ensemble", "mae"] == pytest.approx(4.0) and np.isnan(table.at["ensemble", "pearson_r"])
+
+
+def test_bias_correction_of_a_single_validation_image_names_the_fix():
+    with pytest.raises(InputError, match=r"1 image\(s\) with 1 value\(s\).*split.folds"):
+        bias_correction(pd.DataFrame({"true": [30.0], "predicted": [33.0]}))

@@ -70,13 +70,23 @@ def correct(predictions: pd.DataFrame, slope: float, intercept: float) -> pd.Ser
 
 
 def regression_metrics(true, predicted, train_mean: float) -> dict:
-    """MAE, RMSE, R², Pearson r, and the MAE of always predicting the training mean."""
+    """MAE, RMSE, R², Pearson r, and the MAE of always predicting the training mean. R² and r need
+    two images and varying values: where they are undefined they are NaN and ``undefined`` says why."""
     true, predicted = np.asarray(true, float), np.asarray(predicted, float)
     baseline = skm.mean_absolute_error(true, np.full_like(true, train_mean))
     mae = skm.mean_absolute_error(true, predicted)
-    return {"n": int(true.size), "mae": mae, "rmse": float(np.sqrt(skm.mean_squared_error(true, predicted))),
-            "r2": skm.r2_score(true, predicted), "pearson_r": float(pearsonr(true, predicted)[0]),
-            "train_mean": float(train_mean), "baseline_mae": baseline, "mae_ratio_to_baseline": mae / baseline}
+    metrics = {"n": int(true.size), "mae": mae, "rmse": float(np.sqrt(skm.mean_squared_error(true, predicted))),
+               "r2": float("nan"), "pearson_r": float("nan"), "train_mean": float(train_mean),
+               "baseline_mae": baseline, "mae_ratio_to_baseline": mae / baseline if baseline else float("nan")}
+    undefined = []
+    if true.size < 2:
+        undefined.append(f"r2, pearson_r: {true.size} test image(s); they need at least 2")
+    elif np.ptp(true) == 0 or np.ptp(predicted) == 0:
+        undefined.append("r2, pearson_r: the true or the predicted values are all equal")
+    else:
+        metrics["r2"] = skm.r2_score(true, predicted)
+        metrics["pearson_r"] = float(pearsonr(true, predicted)[0])
+    return {**metrics, "undefined": undefined} if undefined else metrics
 
 
 def classification_metrics(true, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -84,20 +94,33 @@ def classification_metrics(true, probabilities: np.ndarray, classes: list[str]) 
     true = np.asarray(true).astype(str)
     predicted = np.asarray(classes)[probabilities.argmax(1)]
     binary = len(classes) == 2
-    if binary:
+    present = sorted(set(true.tolist()))
+    auc, undefined = float("nan"), []
+    if len(present) < len(classes):
+        undefined.append(f"roc_auc: the test images hold only class(es) {present} of {classes}")
+    elif binary:
         auc = skm.roc_auc_score(true == classes[1], probabilities[:, 1])
-        f1 = skm.f1_score(true, predicted, pos_label=classes[1])
     else:
         auc = skm.roc_auc_score(true, probabilities, multi_class="ovr", labels=classes)
-        f1 = skm.f1_score(true, predicted, average="macro")
-    return {"n": int(true.size), "accuracy": skm.accuracy_score(true, predicted),
-            "balanced_accuracy": skm.balanced_accuracy_score(true, predicted), "roc_auc": auc, "f1": f1}
+    with warnings.catch_warnings():  # balanced accuracy of a class absent from ``true`` warns
+        warnings.simplefilter("ignore")
+        balanced = skm.balanced_accuracy_score(true, predicted)
+        f1 = (skm.f1_score(true, predicted, pos_label=classes[1], zero_division=0.0) if binary
+              else skm.f1_score(true, predicted, average="macro", zero_division=0.0))
+    metrics = {"n": int(true.size), "accuracy": skm.accuracy_score(true, predicted), "balanced_accuracy": balanced,
+               "roc_auc": auc, "f1": f1}
+    return {**metrics, "undefined": undefined} if undefined else metrics
 
 
 def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
     """(slope, intercept) of predicted = slope * true + intercept on validation predictions; the
     corrected prediction is (predicted - intercept) / slope (brain-age bias correction)."""
-    slope, intercept = np.polyfit(validation["true"].astype(float), validation["predicted"].astype(float), 1)
+    true = validation["true"].astype(float)
+    if true.nunique() < 2:
+        raise InputError(f"The bias correction needs validation images with at least 2 different targets; this fold's "
+                         f"validation split has {len(true)} image(s) with {true.nunique()} value(s). Give the "
+                         "validation split more participants (config `split.folds`, `split.val`).")
+    slope, intercept = np.polyfit(true, validation["predicted"].astype(float), 1)
     if abs(slope) < 1e-3:
         raise InputError("The validation predictions do not vary with the target (slope of predicted on true "
                          f"{slope:.2g}); the bias correction is undefined. Train longer or check the model.")
@@ -130,8 +153,10 @@ def bootstrap(predictions: pd.DataFrame, score, samples: int = BOOTSTRAP_SAMPLES
                 draws.append(score(predictions.iloc[rows]))
             except ValueError:  # e.g. one class only: ROC AUC undefined
                 continue
-    table = pd.DataFrame(draws).drop(columns=list(NOT_BOOTSTRAPPED), errors="ignore")
-    return {k: [float(np.nanpercentile(table[k], 2.5)), float(np.nanpercentile(table[k], 97.5))] for k in table}
+    table = pd.DataFrame(draws).drop(columns=list(NOT_BOOTSTRAPPED) + ["undefined"], errors="ignore")
+    with warnings.catch_warnings():  # a metric undefined in every draw: [NaN, NaN]
+        warnings.simplefilter("ignore")
+        return {k: [float(np.nanpercentile(table[k], 2.5)), float(np.nanpercentile(table[k], 97.5))] for k in table}
 
 
 def with_intervals(predictions: pd.DataFrame, classes: list[str] | None, train_mean: float | None) -> dict:

@@ -141,6 +141,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
            "Predicted label maps: <code>evaluate/fold-K/labels</code> (template and native grid) and "
            "<code>evaluate/labels</code> (the ensemble, template grid)." if segmentation else "") + "</p>",
         metrics_html(metrics),
+        *[f"<p>Undefined (left empty): {html.escape(why)}.</p>" for why in summary["ensemble"].get("undefined", [])],
         embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
     ]
     if not segmentation:
