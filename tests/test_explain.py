@@ -9,7 +9,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 from pipeline import attribution
 from pipeline.atlas import atlas_on_grid
 from pipeline.errors import InputError
-from pipeline.explain import region_table, statistics, top_fraction_enrichment
+from pipeline.explain import FoldMeanMaps, region_table, statistics, top_fraction_enrichment
 from pipeline.grid import write_grid
 from pipeline.models import build_model
 
@@ -155,3 +155,30 @@ def test_region_table_ranks_the_region_holding_the_attribution_first(grid_mask):
     table = region_table({"occlusion": mean}, grid_mask)
     assert table.iloc[0]["region"] == "right temporal white matter" and table.iloc[0]["occlusion_rank"] == 1
     assert table["voxels"].sum() == (labels > 0).sum()
+
+
+def write_fold_maps(fold_dir, images: dict[str, float], affine) -> None:
+    """A fold's maps.tsv and constant template-space occlusion maps (value per image id)."""
+    fold_dir.mkdir(parents=True)
+    rows = ["image_id\tmethod\ttemplate\tnative"]
+    for image_id, value in images.items():
+        path = fold_dir / f"{image_id}_occlusion.nii.gz"
+        nib.save(nib.Nifti1Image(np.full((3, 4, 5), value, np.float32), affine), path)
+        rows.append(f"{image_id}\tocclusion\t{path}\t{path}")
+    (fold_dir / "maps.tsv").write_text("\n".join(rows) + "\n")
+
+
+def test_fold_mean_maps_average_each_image_over_folds_and_read_only_what_is_asked(tmp_path):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_fold_maps(tmp_path / "fold-1", {"sub-1": 1.0, "sub-2": 10.0}, affine)
+    write_fold_maps(tmp_path / "fold-2", {"sub-2": 20.0, "sub-1": 3.0}, affine)  # other row order: joined by id
+    maps = FoldMeanMaps([tmp_path / "fold-1", tmp_path / "fold-2"], "occlusion", "template")
+    assert list(maps) == ["sub-1", "sub-2"] and len(maps) == 2
+    (tmp_path / "fold-2" / "sub-2_occlusion.nii.gz").unlink()  # not read until asked for
+    np.testing.assert_array_equal(maps["sub-1"].get_fdata(), 2.0)
+    np.testing.assert_array_equal(maps["sub-1"].affine, affine)
+    with pytest.raises(FileNotFoundError):
+        maps["sub-2"]
+    write_fold_maps(tmp_path / "fold-3", {"sub-1": 5.0}, affine)
+    with pytest.raises(InputError, match="different test images"):
+        FoldMeanMaps([tmp_path / "fold-1", tmp_path / "fold-3"], "occlusion", "template")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -172,16 +173,31 @@ def write_statistics(group: GroupStatistics, affine: np.ndarray, out_dir: Path, 
         atomic.nib_save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
 
 
-def subject_maps(fold_dirs: list[Path], method: str, space: str) -> dict[str, nib.Nifti1Image]:
-    """Each test image's ``space`` ("template" or "native") map of ``method``, averaged over folds."""
-    indexes = [read_tsv(d / "maps.tsv") for d in fold_dirs]
-    out = {}
-    for image_id in indexes[0].loc[indexes[0]["method"] == method, "image_id"]:
-        images = [nib.load(ix.loc[(ix["image_id"] == image_id) & (ix["method"] == method), space].item())
-                  for ix in indexes]
+class FoldMeanMaps(Mapping):
+    """Each test image's ``space`` ("template" or "native") map of ``method``, averaged over the
+    folds, by image id; read from the folds' files when asked for, so that going through them all
+    holds one image's maps at a time, not the test set's."""
+
+    def __init__(self, fold_dirs: list[Path], method: str, space: str):
+        indexes = [read_tsv(d / "maps.tsv") for d in fold_dirs]
+        self.paths = {}  # image id -> that image's map from each fold
+        for ix in indexes:
+            for image_id, path in ix.loc[ix["method"] == method, ["image_id", space]].itertuples(index=False):
+                self.paths.setdefault(image_id, []).append(path)
+        if any(len(paths) != len(indexes) for paths in self.paths.values()):
+            raise InputError(f"The folds' {method} maps are of different test images ({', '.join(map(str, fold_dirs))}); "
+                             "rerun the explanation of every fold.")
+
+    def __getitem__(self, image_id: str) -> nib.Nifti1Image:
+        images = [nib.load(p) for p in self.paths[image_id]]
         mean = np.mean([np.asarray(img.dataobj, dtype=np.float32) for img in images], axis=0)
-        out[image_id] = nib.Nifti1Image(mean, images[0].affine)
-    return out
+        return nib.Nifti1Image(mean, images[0].affine)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.DataFrame:
@@ -197,7 +213,7 @@ def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.Data
     return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
 
 
-def validation_table(fold_dirs: list[Path], template_maps: dict[str, dict[str, nib.Nifti1Image]],
+def validation_table(fold_dirs: list[Path], template_maps: dict[str, Mapping[str, nib.Nifti1Image]],
                      means: dict[str, np.ndarray], mask: nib.Nifti1Image, truth_dir: Path, target: str,
                      manifest: pd.DataFrame) -> pd.DataFrame:
     """Enrichment of each method's top 5 % in the true effect mask of ``target`` (a simulated cohort's
@@ -231,7 +247,7 @@ def validation_table(fold_dirs: list[Path], template_maps: dict[str, dict[str, n
                      "enrichment": np.mean([top_fraction_enrichment(img.get_fdata(), truth, brain)
                                             for img in maps.values()]), "chance": chance})
         scores, chances = [], []
-        for image_id, native in subject_maps(fold_dirs, method, "native").items():
+        for image_id, native in FoldMeanMaps(fold_dirs, method, "native").items():
             region, inside = native_truth(image_id, native)
             scores.append(top_fraction_enrichment(native.get_fdata(), region, inside))
             chances.append(region[inside].mean())
@@ -240,7 +256,7 @@ def validation_table(fold_dirs: list[Path], template_maps: dict[str, dict[str, n
     return pd.DataFrame(rows)
 
 
-def combine_folds(template_maps: dict[str, dict[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
+def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
                   ) -> dict[str, np.ndarray]:
     """Group statistics over subjects of the fold-averaged ``template_maps`` (method -> image id ->
     map); write them and the region table. Returns each method's mean |attribution| map."""
@@ -283,7 +299,7 @@ def prediction_error(predictions: pd.DataFrame) -> np.ndarray:
     return (predictions["predicted"].astype(float) - predictions["true"].astype(float)).abs().to_numpy()
 
 
-def plot_extremes(predictions: pd.DataFrame, maps: dict[str, nib.Nifti1Image], preproc_dir: Path, channels: list[str],
+def plot_extremes(predictions: pd.DataFrame, maps: Mapping[str, nib.Nifti1Image], preproc_dir: Path, channels: list[str],
                   method: str, png: Path, n: int = 3) -> None:
     """The ``n`` best and ``n`` worst predicted test images (``predictions`` with their ``subdir``):
     each one's fold-mean ``method`` map (``maps``, by image id) over its preprocessed reference image."""
@@ -349,7 +365,7 @@ def main(argv=None) -> None:
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
             mask = nib.load(str(args.mask))
-            template_maps = {m: subject_maps(args.fold_dirs, m, "template") for m in args.methods}
+            template_maps = {m: FoldMeanMaps(args.fold_dirs, m, "template") for m in args.methods}
             means = combine_folds(template_maps, mask, args.out_dir)
             plot_group(args.out_dir, args.template, args.methods, len(args.fold_dirs))
             manifest = read_tsv(args.manifest)
