@@ -12,7 +12,12 @@ each in a fresh Python process (one run):
 * **explain**: the fold's mean training image (integrated gradients' baseline), then the
   ``gradient`` map of **every** one of the N images with the trained model, each written as a
   template-space NIfTI and added to the group statistics (mean, sd, t), which are written at the
-  end: ``pipeline.explain.explain_fold`` without the native-space maps (those need ANTs transforms).
+  end: ``pipeline.explain.explain_fold`` without the native-space maps (those need ANTs transforms);
+* **group**: what the group step over folds (``python -m pipeline.explain group``) does with those
+  maps, given as two folds' ``maps.tsv``: the fold-mean map of every image through
+  ``pipeline.explain.FoldMeanMaps`` into the group statistics, then a second pass over them (the
+  validation table's per-subject enrichment); and **group, maps held**: the same with every
+  fold-mean map kept in a dict first, as the group step did before ``FoldMeanMaps``.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. Memory-mapped file pages a process has
 read count in its RSS, so a loader that maps every image and keeps the mappings shows the cohort
@@ -55,12 +60,33 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
     from pipeline import atomic
     from pipeline.attribution import SIGNED, Settings, attribute
     from pipeline.data import load_batch, read_tsv
-    from pipeline.explain import GroupStatistics, mean_training_image, write_statistics
+    import pandas as pd
+
+    from pipeline.explain import FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment, write_statistics
     from pipeline.train import load_model, train
 
     if stage == "import":
         return
     table = read_tsv(table_path)
+    if stage in ("group", "group-held"):
+        folds = []
+        for name in ("fold-1", "fold-2"):
+            folds.append(out_dir / name)
+            folds[-1].mkdir(exist_ok=True)
+            paths = [str(out_dir / "maps" / f"{i}.nii.gz") for i in table["image_id"]]
+            atomic.to_csv(pd.DataFrame({"image_id": table["image_id"], "method": "gradient", "template": paths,
+                                        "native": paths}), folds[-1] / "maps.tsv", sep="\t", index=False)
+        maps = FoldMeanMaps(folds, "gradient", "template")
+        if stage == "group-held":
+            maps = dict(maps)
+        group = GroupStatistics(SIGNED["gradient"])
+        for img in maps.values():
+            group.add(np.asarray(img.dataobj))
+        write_statistics(group, np.eye(4), out_dir, "gradient")
+        top = group.result()["mean"] > 0
+        brain = np.ones_like(top)
+        np.mean([top_fraction_enrichment(img.get_fdata(), top, brain) for img in maps.values()])
+        return
     if stage == "train":
         train(table, "age", "regression", {"epochs": 1, "batch_size": batch, "seed": 0}, out_dir, threads=1)
         return
@@ -102,8 +128,9 @@ def main(argv=None) -> None:
         return
     mib = np.prod(args.shape) * 4 / 2**20
     print(f"images {tuple(args.shape)} float32 ({mib * 1024:.0f} KiB each), batch {args.batch}, one thread\n")
-    print("| images | cache MiB | import MiB | train 1 epoch MiB | train s | explain all MiB | explain s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| images | cache MiB | import MiB | train 1 epoch MiB | train s | explain all MiB | explain s "
+          "| group MiB | group s | group, maps held MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
             folder = Path(tmp)
@@ -113,8 +140,10 @@ def main(argv=None) -> None:
             floor, _ = peak_rss_mib(["--child", "import", str(table), str(out), *common])
             fit, fit_s = peak_rss_mib(["--child", "train", str(table), str(out), *common])
             exp, exp_s = peak_rss_mib(["--child", "explain", str(table), str(out), *common])
-            print(f"| {n} | {n * mib:.0f} | {floor:.0f} | {fit:.0f} | {fit_s:.0f} | {exp:.0f} | {exp_s:.0f} |",
-                  flush=True)
+            group, group_s = peak_rss_mib(["--child", "group", str(table), str(out), *common])
+            held, _ = peak_rss_mib(["--child", "group-held", str(table), str(out), *common])
+            print(f"| {n} | {n * mib:.0f} | {floor:.0f} | {fit:.0f} | {fit_s:.0f} | {exp:.0f} | {exp_s:.0f} "
+                  f"| {group:.0f} | {group_s:.0f} | {held:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

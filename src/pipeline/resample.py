@@ -10,8 +10,8 @@ functions, so augmentation runs on a GPU where there is one.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,16 @@ def index_matrices(theta: torch.Tensor, shape) -> np.ndarray:
     return (reverse @ matrix @ reverse)[:, :3].contiguous().numpy()
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"contract"})
-def _resample(source, matrices, out, nearest, first, stop):  # pragma: no cover - compiled
+@cache
+def kernel():
+    """The compiled kernel (numba imported and the machine code loaded from its cache on first use:
+    processes that never resample on the CPU do not pay numba's memory)."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True, fastmath={"contract"})(resample_slabs)
+
+
+def resample_slabs(source, matrices, out, nearest, first, stop):
     """Output slabs ``first`` to ``stop`` (of ``batch * nx``, slab = (image, i)) of ``out``."""
     batch, channels, nx, ny, nz = source.shape
     for task in range(first, stop):
@@ -90,7 +98,8 @@ def affine_resample(image: torch.Tensor, theta: torch.Tensor, mode: str = "bilin
     source = image.contiguous().numpy()
     out = np.empty_like(source)
     matrices, nearest = index_matrices(theta, image.shape[2:]), mode == "nearest"
-    over_threads(lambda first, stop: _resample(source, matrices, out, nearest, first, stop),
+    resample = kernel()
+    over_threads(lambda first, stop: resample(source, matrices, out, nearest, first, stop),
                  image.shape[0] * image.shape[2])
     return torch.from_numpy(out)
 
