@@ -41,7 +41,10 @@ def kernel():
     processes that never resample on the CPU do not pay numba's memory)."""
     import numba
 
-    return numba.njit(cache=True, nogil=True, fastmath={"contract"})(resample_slabs)
+    try:
+        return numba.njit(cache=True, nogil=True, fastmath={"contract"})(resample_slabs)
+    except RuntimeError:  # no writable cache folder (set NUMBA_CACHE_DIR): compile in each process
+        return numba.njit(nogil=True, fastmath={"contract"})(resample_slabs)
 
 
 def resample_slabs(source, matrices, out, nearest, first, stop):
