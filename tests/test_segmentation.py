@@ -180,6 +180,14 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     truth = np.asarray(nib.load(tissue_path(study["bids"], Path(native_image.get_filename()))).dataobj)
     assert label_scores(np.asarray(native_map.dataobj), truth, segstudy.LABEL_IMAGE["labels"],
                         native_image.header.get_zooms())["dice_WM"] > 0.7
+    # The ensemble (here of one fold) votes on the native grid too: the fold's native map comes back.
+    from pipeline.segmentation import summarise
+
+    summarise([tmp_path / "evaluate"], tmp_path / "summary")
+    ensemble = pd.read_csv(tmp_path / "summary" / "predictions.tsv", sep="\t", keep_default_na=False)
+    voted = nib.load(ensemble.set_index("image_id").loc[row["image_id"], "predicted_labels_native"])
+    assert np.allclose(voted.affine, native_map.affine)
+    np.testing.assert_array_equal(np.asarray(voted.dataobj), np.asarray(native_map.dataobj))
     assert torch.load(tmp_path / "train" / "model.pt", weights_only=True)["coder"]["classes"] == ["background", "CSF",
                                                                                                     "GM", "WM"]
 
@@ -206,9 +214,12 @@ def test_summary_tables_per_fold_mean_sd_and_majority_vote_ensemble(tmp_path):
             path = tmp_path / fold / "labels" / pid / "anat" / f"{pid}_dseg.nii.gz"
             path.parent.mkdir(parents=True)
             nib.save(nib.Nifti1Image(predicted, np.diag([2.0, 2.0, 2.0, 1.0])), path)
+            native = path.with_name(f"{pid}_space-T1w_dseg.nii.gz")  # a native grid: other shape and affine
+            nib.save(nib.Nifti1Image(np.roll(np.pad(true[0], 1), shift, axis=1), np.diag([1.0, 1.5, 1.0, 1.0])), native)
             rows.append({"participant_id": pid, "session": "", "image_id": pid, "subdir": pid, "split": "test",
                          **label_scores(predicted, true[0], names, (2, 2, 2)),
-                         "true_labels": str(tmp_path / "true.npy"), "predicted_labels": str(path)})
+                         "true_labels": str(tmp_path / "true.npy"), "predicted_labels": str(path),
+                         "predicted_labels_native": str(native)})
         predictions = pd.DataFrame(rows)
         predictions.to_csv(tmp_path / fold / "predictions.tsv", sep="\t", index=False)
         metrics = {"task": "segmentation", "target": "label", "classes": names, "best_epoch": 1,
@@ -226,7 +237,12 @@ def test_summary_tables_per_fold_mean_sd_and_majority_vote_ensemble(tmp_path):
     assert table.loc["ensemble", "dice_a"] == pytest.approx(dice[1])  # the voxel-wise vote: the 1-voxel shift
     assert table.loc["ensemble", "hd95_a"] == pytest.approx(2.0)
     assert result["ensemble"]["dice_a_ci"] == pytest.approx([0.75, 0.75])
-    assert (tmp_path / "summary" / "labels" / "sub-01" / "anat").is_dir()
+    ensemble = pd.read_csv(tmp_path / "summary" / "predictions.tsv", sep="\t").set_index("image_id")
+    native = nib.load(ensemble.loc["sub-01", "predicted_labels_native"])  # the vote on the native grid
+    np.testing.assert_array_equal(native.affine, np.diag([1.0, 1.5, 1.0, 1.0]))
+    np.testing.assert_array_equal(np.asarray(native.dataobj), np.roll(np.pad(true[0], 1), 1, axis=1))
+    template = nib.load(ensemble.loc["sub-01", "predicted_labels"])
+    np.testing.assert_array_equal(np.asarray(template.dataobj), np.roll(true[0], 1, axis=0))
     assert (tmp_path / "summary" / "performance.png").stat().st_size > 0
 
 

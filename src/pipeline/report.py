@@ -139,7 +139,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         + (" Per label (0, the background, left out): Dice, and <code>hd95_*</code>, the 95th-percentile "
            "Hausdorff distance in mm on the template grid (mean over the images where the label is in both maps). "
            "Predicted label maps: <code>evaluate/fold-K/labels</code> (template and native grid) and "
-           "<code>evaluate/labels</code> (the ensemble, template grid)." if segmentation else "") + "</p>",
+           "<code>evaluate/labels</code> (the ensemble, template and native grid)." if segmentation else "") + "</p>",
         metrics_html(metrics),
         *[f"<p>Undefined (left empty): {html.escape(why)}.</p>" for why in summary["ensemble"].get("undefined", [])],
         embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),

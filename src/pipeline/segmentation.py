@@ -15,8 +15,9 @@ uint8 NIfTI on the template grid (its affine) and on the image's native referenc
 inverse transform of preprocessing, nearest label).
 ``summary``: per-fold rows, their mean and sd, and the ensemble (voxel-wise majority vote of the
 folds' label maps; ties go to the lowest label) with intervals → ``metrics.tsv``,
-``predictions.tsv``, ``metrics.json``, the ensemble's maps under ``labels/`` and
-``performance.png`` (per-image Dice and HD95 per label).
+``predictions.tsv``, ``metrics.json``, the ensemble's maps under ``labels/`` (template grid, and
+native grid: the vote of the folds' native-grid maps) and ``performance.png`` (per-image Dice and
+HD95 per label).
 """
 
 from __future__ import annotations
@@ -130,6 +131,19 @@ def majority(maps: list[np.ndarray], k: int) -> np.ndarray:
     return votes.argmax(0).astype(np.uint8)
 
 
+def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: str) -> np.ndarray:
+    """Write the majority vote of the folds' label maps of ``image_id`` (paths in ``column``, one
+    grid) to ``path``; return it."""
+    images = [nib.load(p.loc[image_id, column]) for p in folds]
+    if any(img.shape != images[0].shape or not np.allclose(img.affine, images[0].affine) for img in images):
+        raise InputError(f"The folds' label maps of {image_id} ({column}) are on different grids; "
+                         "rerun the evaluation of every fold.")
+    voted = majority([np.asarray(img.dataobj) for img in images], k)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic.nib_save(nib.Nifti1Image(voted, images[0].affine), path)
+    return voted
+
+
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
     ``excluded`` as in ``pipeline.evaluate.summarise``."""
@@ -143,18 +157,19 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     if any(sorted(p.index) != ids for p in folds):
         raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
                          "rerun the evaluation of every fold.")
+    native = all("predicted_labels_native" in p and (p["predicted_labels_native"].fillna("") != "").all() for p in folds)
     rows = []
     for image_id in ids:
         first = folds[0].loc[image_id]
-        maps = [np.asarray(nib.load(p.loc[image_id, "predicted_labels"]).dataobj) for p in folds]
-        voted = majority(maps, len(names))
-        affine = nib.load(first["predicted_labels"]).affine
-        path = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)["template"]
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        atomic.nib_save(nib.Nifti1Image(voted, affine), path)
-        rows.append({"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
-                     "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
-                     "true_labels": first["true_labels"], "predicted_labels": path})
+        paths = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)
+        voted = vote(folds, image_id, "predicted_labels", len(names), paths["template"])
+        row = {"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
+               "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
+               "true_labels": first["true_labels"], "predicted_labels": paths["template"]}
+        if native:  # the folds' native-grid maps, voted on that grid
+            vote(folds, image_id, "predicted_labels_native", len(names), paths["native"])
+            row["predicted_labels_native"] = paths["native"]
+        rows.append(row)
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
     overall = {**summary_scores(combined), **{f"{k}_ci": v for k, v in bootstrap(combined, summary_scores).items()}}
