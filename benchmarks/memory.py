@@ -62,7 +62,8 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
     from pipeline.data import load_batch, read_tsv
     import pandas as pd
 
-    from pipeline.explain import FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment, write_statistics
+    from pipeline.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
+                                  write_statistics)
     from pipeline.train import load_model, train
 
     if stage == "import":

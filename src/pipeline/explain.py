@@ -185,7 +185,8 @@ class FoldMeanMaps(Mapping):
             for image_id, path in ix.loc[ix["method"] == method, ["image_id", space]].itertuples(index=False):
                 self.paths.setdefault(image_id, []).append(path)
         if any(len(paths) != len(indexes) for paths in self.paths.values()):
-            raise InputError(f"The folds' {method} maps are of different test images ({', '.join(map(str, fold_dirs))}); "
+            folds = ", ".join(map(str, fold_dirs))
+            raise InputError(f"The folds' {method} maps are of different test images ({folds}); "
                              "rerun the explanation of every fold.")
 
     def __getitem__(self, image_id: str) -> nib.Nifti1Image:
@@ -299,8 +300,8 @@ def prediction_error(predictions: pd.DataFrame) -> np.ndarray:
     return (predictions["predicted"].astype(float) - predictions["true"].astype(float)).abs().to_numpy()
 
 
-def plot_extremes(predictions: pd.DataFrame, maps: Mapping[str, nib.Nifti1Image], preproc_dir: Path, channels: list[str],
-                  method: str, png: Path, n: int = 3) -> None:
+def plot_extremes(predictions: pd.DataFrame, maps: Mapping[str, nib.Nifti1Image], preproc_dir: Path,
+                  channels: list[str], method: str, png: Path, n: int = 3) -> None:
     """The ``n`` best and ``n`` worst predicted test images (``predictions`` with their ``subdir``):
     each one's fold-mean ``method`` map (``maps``, by image id) over its preprocessed reference image."""
     import matplotlib

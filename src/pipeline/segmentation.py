@@ -157,7 +157,8 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     if any(sorted(p.index) != ids for p in folds):
         raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
                          "rerun the evaluation of every fold.")
-    native = all("predicted_labels_native" in p and (p["predicted_labels_native"].fillna("") != "").all() for p in folds)
+    native = all("predicted_labels_native" in p and (p["predicted_labels_native"].fillna("") != "").all()
+                 for p in folds)
     rows = []
     for image_id in ids:
         first = folds[0].loc[image_id]
