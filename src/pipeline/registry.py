@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from pipeline import package
 from pipeline.errors import InputError
-from pipeline.package import sha256
 
 DEFAULT = "~/.local/share/pipeline/registry"
 ENVIRONMENT = "PIPELINE_REGISTRY"
@@ -104,8 +104,6 @@ def resolve(fs, root: str, ref: Ref) -> Ref:
 def register(source: Path, name: str, where: str) -> Ref:
     """Check the package ``source`` (a folder or its .tar.gz) and store it under ``name``; return
     the registered name with its version."""
-    from pipeline import package
-
     ref = parse_name(name)
     fs, root = open_registry(where)
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +119,7 @@ def register(source: Path, name: str, where: str) -> Ref:
                              "under a new version.")
         fs.makedirs(target, exist_ok=True)
         fs.put_file(str(archive), f"{target}/{ARCHIVE}")
-        fs.pipe_file(f"{target}/{ARCHIVE}.sha256", f"{sha256(archive)}  {ARCHIVE}\n".encode())
+        fs.pipe_file(f"{target}/{ARCHIVE}.sha256", f"{package.sha256(archive)}  {ARCHIVE}\n".encode())
     return ref
 
 
@@ -129,8 +127,6 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
     """Download, check and unpack ``name``; return its resolved name and the package folder
     (``dest``, default ``models/<owner>/<name>/<version>``). A folder already there is checked
     and reused (registered versions never change)."""
-    from pipeline import package
-
     fs, root = open_registry(where)
     ref = resolve(fs, root, parse_name(name))
     dest = Path(dest or Path("models") / ref.owner / ref.name / ref.version)
@@ -143,7 +139,7 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
         archive = Path(tmp) / ARCHIVE
         fs.get_file(source, str(archive))
         expected = fs.cat_file(f"{source}.sha256").decode().split()[0]
-        if sha256(archive) != expected:
+        if package.sha256(archive) != expected:
             raise InputError(f"{source}: sha256 checksum mismatch with {source}.sha256; the registry copy is "
                              "corrupt or was tampered with. Refusing it.")
         folder = package.unpack(archive, Path(tmp) / "unpacked")
