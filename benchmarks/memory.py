@@ -57,11 +57,11 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
     import nibabel as nib
     import torch
 
+    import pandas as pd
+
     from pipeline import atomic
     from pipeline.attribution import SIGNED, Settings, attribute
     from pipeline.data import load_batch, read_tsv
-    import pandas as pd
-
     from pipeline.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
                                   write_statistics)
     from pipeline.train import load_model, train
@@ -70,13 +70,12 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
         return
     table = read_tsv(table_path)
     if stage in ("group", "group-held"):
-        folds = []
-        for name in ("fold-1", "fold-2"):
-            folds.append(out_dir / name)
-            folds[-1].mkdir(exist_ok=True)
-            paths = [str(out_dir / "maps" / f"{i}.nii.gz") for i in table["image_id"]]
-            atomic.to_csv(pd.DataFrame({"image_id": table["image_id"], "method": "gradient", "template": paths,
-                                        "native": paths}), folds[-1] / "maps.tsv", sep="\t", index=False)
+        paths = [str(out_dir / "maps" / f"{i}.nii.gz") for i in table["image_id"]]
+        index = pd.DataFrame({"image_id": table["image_id"], "method": "gradient", "template": paths, "native": paths})
+        folds = [out_dir / "fold-1", out_dir / "fold-2"]
+        for fold in folds:
+            fold.mkdir(exist_ok=True)
+            atomic.to_csv(index, fold / "maps.tsv", sep="\t", index=False)
         maps = FoldMeanMaps(folds, "gradient", "template")
         if stage == "group-held":
             maps = dict(maps)
