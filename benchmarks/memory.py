@@ -1,6 +1,6 @@
 """Peak memory of training and explanation against cohort size: it should follow the batch, not N.
 
-    python benchmarks/memory.py [--sizes 200 2000] [--shape 32 32 32] [--batch 8]
+    python benchmarks/memory.py [--sizes 200 2000] [--shape 32 32 32] [--batch 8] [--stages ...] [--linear-mb 2000]
 
 For each size N, writes N synthetic (1, X, Y, Z) float32 volumes into a temporary folder in the
 preprocessed cache format (``.npy``, what ``pipeline.data.ArrayLoader`` memory-maps), then runs,
@@ -17,7 +17,10 @@ each in a fresh Python process (one run):
   maps, given as two folds' ``maps.tsv``: the fold-mean map of every image through
   ``pipeline.explain.FoldMeanMaps`` into the group statistics, then a second pass over them (the
   validation table's per-subject enrichment); and **group, maps held**: the same with every
-  fold-mean map kept in a dict first, as the group step did before ``FoldMeanMaps``.
+  fold-mean map kept in a dict first, as the group step did before ``FoldMeanMaps``;
+* **linear**: the fold's linear baseline, ``pipeline.linear.run`` (ridge on every voxel of the
+  images, 70 % train, 20 % validation, 10 % test), with ``--linear-mb`` as its memory budget: the
+  block size it chose is printed beside its peak.
 
 Peak RSS is the child's ``ru_maxrss`` from ``os.wait4``. Memory-mapped file pages a process has
 read count in its RSS, so a loader that maps every image and keeps the mappings shows the cohort
@@ -46,14 +49,15 @@ def write_cache(folder: Path, n: int, shape: tuple[int, int, int], seed: int = 0
     for i in range(n):
         path = folder / f"img{i:05d}.npy"
         np.save(path, rng.normal(size=(1, *shape)).astype(np.float32))
-        rows.append({"image_id": f"img{i:05d}", "participant_id": f"sub-{i:05d}", "subdir": "",
-                     "split": "val" if i % 5 == 0 else "train", "array": str(path), "age": float(rng.uniform(20, 80))})
+        split = "val" if i % 5 == 0 else "test" if i % 10 == 1 else "train"
+        rows.append({"image_id": f"img{i:05d}", "participant_id": f"sub-{i:05d}", "session": "", "subdir": "",
+                     "split": split, "array": str(path), "age": float(rng.uniform(20, 80))})
     table = folder / "table.tsv"
     pd.DataFrame(rows).to_csv(table, sep="\t", index=False)
     return table
 
 
-def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
+def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: float) -> None:
     import nibabel as nib
     import torch
 
@@ -69,6 +73,13 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
     if stage == "import":
         return
     table = read_tsv(table_path)
+    if stage == "linear":
+        from pipeline import linear
+
+        mask = np.ones(np.load(table["array"].iloc[0], mmap_mode="r").shape[1:], dtype=bool)
+        record = linear.run(table, "fold-1", "age", "regression", mask, out_dir / "linear", memory_mb=linear_mb)
+        print(f"block size {record['downsample']}, {record['features']} features, rank {record['rank']}")
+        return
     if stage in ("group", "group-held"):
         paths = [str(out_dir / "maps" / f"{i}.nii.gz") for i in table["image_id"]]
         index = pd.DataFrame({"image_id": table["image_id"], "method": "gradient", "template": paths, "native": paths})
@@ -102,8 +113,12 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int) -> None:
     write_statistics(group, np.eye(4), out_dir, "gradient")
 
 
-def peak_rss_mib(args: list[str]) -> tuple[float, float]:
-    """(peak RSS MiB, seconds) of one child process running this script with ``args``."""
+STAGES = {"import": "import", "train": "train 1 epoch", "explain": "explain all", "group": "group",
+          "group-held": "group, maps held", "linear": "linear baseline"}
+
+
+def peak_rss_mib(args: list[str]) -> tuple[float, float, str]:
+    """(peak RSS MiB, seconds, the last line it printed) of one child process running this script with ``args``."""
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen([sys.executable, __file__, *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -113,7 +128,9 @@ def peak_rss_mib(args: list[str]) -> tuple[float, float]:
         if process.returncode:
             log.seek(0)
             raise SystemExit(f"child {args} failed with exit code {process.returncode}:\n{log.read()[-3000:]}")
-    return usage.ru_maxrss / 1024, time.perf_counter() - start  # Linux: KiB
+        log.seek(0)
+        lines = [line for line in log.read().splitlines() if line.startswith("block size")]
+    return usage.ru_maxrss / 1024, time.perf_counter() - start, lines[-1] if lines else ""  # Linux: KiB
 
 
 def main(argv=None) -> None:
@@ -121,29 +138,29 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 2000])
     parser.add_argument("--shape", type=int, nargs=3, default=[32, 32, 32])
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--linear-mb", type=float, default=2000, help="the linear baseline's memory budget")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "TABLE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.batch)
+        child(args.child[0], Path(args.child[1]), Path(args.child[2]), args.batch, args.linear_mb)
         return
     mib = np.prod(args.shape) * 4 / 2**20
-    print(f"images {tuple(args.shape)} float32 ({mib * 1024:.0f} KiB each), batch {args.batch}, one thread\n")
-    print("| images | cache MiB | import MiB | train 1 epoch MiB | train s | explain all MiB | explain s "
-          "| group MiB | group s | group, maps held MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"images {tuple(args.shape)} float32 ({mib * 1024:.0f} KiB each), batch {args.batch}, one thread, "
+          f"linear baseline budget {args.linear_mb:g} MB\n")
+    print("| images | cache MiB | " + " | ".join(f"{STAGES[s]} MiB | {STAGES[s]} s" for s in args.stages) + " |")
+    print("|---|---|" + "---|---|" * len(args.stages))
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="memory-bench-") as tmp:
             folder = Path(tmp)
             table = write_cache(folder, n, tuple(args.shape))
             out = folder / "train"
-            common = ["--batch", str(args.batch)]
-            floor, _ = peak_rss_mib(["--child", "import", str(table), str(out), *common])
-            fit, fit_s = peak_rss_mib(["--child", "train", str(table), str(out), *common])
-            exp, exp_s = peak_rss_mib(["--child", "explain", str(table), str(out), *common])
-            group, group_s = peak_rss_mib(["--child", "group", str(table), str(out), *common])
-            held, _ = peak_rss_mib(["--child", "group-held", str(table), str(out), *common])
-            print(f"| {n} | {n * mib:.0f} | {floor:.0f} | {fit:.0f} | {fit_s:.0f} | {exp:.0f} | {exp_s:.0f} "
-                  f"| {group:.0f} | {group_s:.0f} | {held:.0f} |", flush=True)
+            common = ["--batch", str(args.batch), "--linear-mb", str(args.linear_mb)]
+            cells = []
+            for stage in args.stages:  # explain and group read what train and explain wrote
+                peak, seconds, said = peak_rss_mib(["--child", stage, str(table), str(out), *common])
+                cells.append(f"{peak:.0f}{f' ({said})' if said else ''} | {seconds:.0f}")
+            print(f"| {n} | {n * mib:.0f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

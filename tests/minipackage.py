@@ -19,7 +19,8 @@ from pipeline.train import train
 SHAPE = (16, 16, 16)
 HYPER = {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "model_args": {"channels": [4, 8]}}
 RECIPE = recipe.from_config({"resolution": 4, "shape": list(SHAPE), "transform": "Affine", "n4": True,
-                             "n4_shrink_factor": 4, "seed": 1}, {"T1w": {"suffix": "T1w"}}, {"datatype": "anat"})
+                             "n4_shrink_factor": 4, "seed": 1, "antialias": True}, {"T1w": {"suffix": "T1w"}},
+                            {"datatype": "anat"})
 EXPLAIN = {"methods": ["occlusion", "gradient"], "window": 4, "stride": 4, "gradcam_layer": "features.1"}
 
 

@@ -17,7 +17,7 @@ RESOLUTION, SHAPE = 6, (32, 32, 32)
 LABEL_IMAGE = {"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"},
                "labels": ["background", "CSF", "GM", "WM"]}
 HYPER = {"model": "unet", "model_args": {"features": [16, 16, 32, 64, 128, 16]}, "epochs": 25, "batch_size": 2,
-         "learning_rate": 0.01, "patience": 25, "seed": 0,
+         "learning_rate": 0.01, "weight_decay": 0.0001, "patience": 25, "seed": 0, "ema": 0.0,
          "sampler": {"kind": "slices", "axis": 2, "per_image": 16, "batch_size": 8},
          "augmentation": {"rotation": 0, "scaling": 0, "translation": 0, "noise": 0, "intensity": 0}}
 

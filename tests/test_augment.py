@@ -79,9 +79,12 @@ def test_a_subset_of_draws_reproduces_those_images():
     assert torch.allclose(aug.apply(select(params, slice(2, 4)), x[2:]), whole[2:], atol=1e-6)
 
 
-def test_flip_is_off_by_default():
-    assert Augmentation().flip == () and "affine" in Augmentation().transforms()
-    params = Augmentation().sample(50, torch.Generator().manual_seed(0))
+def test_augmentation_is_off_by_default_and_flip_stays_off_when_others_are_on():
+    assert Augmentation().transforms() == {}
+    assert Augmentation().apply(Augmentation().sample(2, torch.Generator()), torch.ones(2, 1, 4, 4, 4)).eq(1).all()
+    rotating = Augmentation(rotation=5)
+    assert rotating.flip == () and "affine" in rotating.transforms()
+    params = rotating.sample(50, torch.Generator().manual_seed(0))
     assert (params["affine"]["flip"] == 1).all()
     flipped = Augmentation(flip=[0]).sample(50, torch.Generator().manual_seed(0))["affine"]["flip"]
     assert set(flipped[:, 0].tolist()) == {-1.0, 1.0} and (flipped[:, 1:] == 1).all()

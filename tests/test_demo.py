@@ -286,3 +286,38 @@ def test_ground_truth_masks(dataset):
     assert in_age_mask_near([-38, -25, 0], 5) == 0  # nothing in the left temporal white matter
     vent = regions["lateral ventricles"]
     assert 1.6 < vent["volume_mm3_at_age_80"] / vent["volume_mm3_at_age_20"] < 2.5
+
+
+def test_focal_lesion_option_puts_a_small_jittered_lesion_in_deep_grey_matter(tmp_path):
+    """--lesion-site deep-gm: each patient's lesion, 25-40 % darker at its core, sits at its own
+    jittered centre in the right putamen; controls are not darker there."""
+    lesion = demo.Lesion.from_options("deep-gm", 5.0, (0.25, 0.40), 3.0)
+    dataset = demo.make_demo(tmp_path / "bids", n_subjects=6, seed=SEED, sim_resolution=RESOLUTION, lesion=lesion)
+    effects = json.loads((dataset / TRUTH / f"space-{SPACE}_desc-effects.json").read_text())
+    group = next(e for e in effects["Effects"] if e["effect"] == "group")
+    assert group["name"].startswith("right putamen") and group["centre_jitter_mm"] == 3.0
+    assert group["core_intensity_multiplier_range"] == [0.6, 0.75] and group["radius_mm_range"] == [4.0, 6.0]
+    template = load_template("GM")
+    ijk = np.rint(np.linalg.solve(template.affine[:3, :3], np.array(group["centre_mm"]) - template.affine[:3, 3]))
+    assert np.asarray(template.dataobj)[tuple(ijk.astype(int))] > 0.5  # grey matter at the nominal centre
+    centres = {}
+    for rec in images(dataset):
+        simulation = rec["pose"]["simulation"]
+        if simulation["group"] == "control":
+            assert simulation["lesion_centre_mm"] is None
+            continue
+        centre = np.array(simulation["lesion_centre_mm"])
+        assert np.all(np.abs(centre - group["centre_mm"]) <= 3.0) and 0.6 <= simulation["lesion_core_multiplier"] <= 0.75
+        assert centres.setdefault(rec["participant_id"], tuple(centre)) == tuple(centre)  # sessions share it
+        img = nib.load(rec["path"])
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        to_voxel = np.linalg.inv(img.affine) @ np.array(rec["pose"]["matrix"])
+
+        def at(point):
+            return data[tuple(np.rint(to_voxel[:3, :3] @ point + to_voxel[:3, 3]).astype(int))]
+
+        mirror = centre * [-1, 1, 1]  # the left putamen: the same tissue, no lesion
+        assert at(centre) < 0.9 * at(mirror), rec["stem"]
+    assert len(set(centres.values())) == len(centres) >= 2  # every patient's own centre
+    with pytest.raises(InputError, match="--lesion-contrast"):
+        demo.Lesion.from_options("deep-gm", 5.0, (0.5, 0.2))

@@ -23,9 +23,9 @@ def brain_like(channels: int, shape=(13, 11, 9), seed=0) -> torch.Tensor:
     return x * inside
 
 
-def small_model(channels: int, outputs: int = 3):
+def small_model(channels: int, outputs: int = 3, norm: str = "batch"):
     torch.manual_seed(0)
-    return build_model("simple_cnn", channels, outputs, channels=(4, 8)).eval()
+    return build_model("simple_cnn", channels, outputs, channels=(4, 8), norm=norm).eval()
 
 
 @pytest.mark.parametrize("channels, window, stride", [(1, 4, 3), (2, 5, 2), (1, 3, 3)])
@@ -85,7 +85,7 @@ def test_integrated_gradients_equal_captum_and_report_completeness():
 def test_integrated_gradients_from_zero_are_degenerate_under_instance_norm():
     """Why the default baseline is the training mean: instance norm makes f(a * x) = f(x), so the
     path from 0 carries almost no signal and completeness fails."""
-    model, x = small_model(1), brain_like(1)
+    model, x = small_model(1, norm="instance"), brain_like(1)
     _, from_zero = attribution.integrated_gradients(model, x, 2, steps=32, baseline=0.0)
     _, from_image = attribution.integrated_gradients(model, x, 2, steps=32, baseline=0.5 * brain_like(1, seed=5))
     assert from_zero > 0.5 and from_zero > 3 * from_image

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import REGISTRY, build_model, main
+from pipeline.models import REGISTRY, build_model, main, recorded_args, resolved_args
 
 # Small widths keep every architecture's test to a fraction of a second; layouts are the defaults'.
 SMALL = {
@@ -58,10 +58,28 @@ def test_sfcn_has_the_papers_layout():
     assert [c.kernel_size for c in convs] == [(3, 3, 3)] * 5 + [(1, 1, 1)] * 2
 
 
-def test_simple_cnn_defaults_to_instance_norm():
+def test_simple_cnn_defaults_to_batch_norm_and_old_records_keep_instance_norm():
     model = build_model("simple_cnn", 1, 1)
-    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
-    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm3d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+    recorded = resolved_args("simple_cnn", {"channels": [4, 8]})
+    assert recorded["norm"] == "batch" and recorded["dropout"] == 0.0 and recorded["channels"] == [4, 8]
+    old = recorded_args("simple_cnn", {"channels": [4, 8]})  # a model recorded before the defaults changed
+    legacy = build_model("simple_cnn", 1, 1, **old)
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in legacy.modules()) and old["dropout"] == 0.2
+    assert recorded_args("simple_cnn", recorded) == recorded  # a new record is taken as it is
+
+
+def test_pooling_heads_read_features_anywhere_or_by_place():
+    x = torch.zeros(2, 1, 16, 20, 16)
+    x[0, 0, 2:5, 2:5, 2:5] = 3.0
+    for pool in ("avg", "max", "grid"):
+        model = build_model("simple_cnn", 1, 2, channels=[4, 8], pool=pool).eval()
+        assert model(x).shape == (2, 2)
+    grid = build_model("simple_cnn", 1, 1, channels=[4, 8], pool="grid", grid=[2, 3, 2])
+    assert grid.head[-1].in_features == 8 * 2 * 3 * 2
+    with pytest.raises(KeyError, match="Unknown pool"):
+        build_model("simple_cnn", 1, 1, pool="sum")
 
 
 def test_vgg_defaults_to_vgg19_and_alexnet_to_its_kernels():

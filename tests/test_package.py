@@ -33,7 +33,9 @@ def test_export_writes_every_file_with_its_checksum(mini_study):
     assert set(listed) == set(written) - {package.CHECKSUMS}
     assert all(listed[name] == package.sha256(folder / name) for name in listed)
     pkg = package.load(folder)
-    assert pkg.spec["architecture"] == {"name": "simple_cnn", "args": {"channels": [4, 8]}, "spatial_dims": 3}
+    architecture = pkg.spec["architecture"]  # every argument recorded, defaults included
+    assert (architecture["name"], architecture["spatial_dims"]) == ("simple_cnn", 3)
+    assert architecture["args"] == {**architecture["args"], "channels": [4, 8], "norm": "batch", "dropout": 0.0}
     assert pkg.spec["sampler"]["kind"] == "image"
     assert (pkg.spec["task"], pkg.spec["target"], pkg.spec["classes"]) == ("regression", "age", None)
     assert pkg.spec["input"] == {**pkg.spec["input"], "shape": [1, 16, 16, 16], "channels": ["T1w"]}

@@ -97,6 +97,26 @@ def test_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(study, t
     assert h[0]["val_loss"].tolist() == h[1]["val_loss"].tolist()
 
 
+def test_weight_averaging_saves_the_average_and_resumes_exactly(study, tmp_path):
+    """train.ema: the saved model is the moving average of the weights (BatchNorm statistics
+    included), validated as such, and a killed run resumes to the same average."""
+    table, _ = study
+    hyper = {**SMALL, "epochs": 4, "ema": 0.9, "model_args": {**SMALL["model_args"], "norm": "batch"}}
+    train(table, "age", "regression", hyper, tmp_path / "whole")
+    with pytest.raises(Killed):
+        train(table, "age", "regression", hyper, tmp_path / "killed", on_epoch_end=kill_after(2))
+    train(table, "age", "regression", hyper, tmp_path / "killed")
+    assert_same_weights(weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "killed" / "model.pt"))
+    last = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
+    averaged = {k.removeprefix("module."): v for k, v in last["averaged"].items() if k.startswith("module.")}
+    assert averaged.keys() == last["model"].keys()
+    assert not all(torch.equal(averaged[k], last["model"][k]) for k in averaged)  # the average, not the weights
+    assert any("running_mean" in k for k in averaged)
+    model, coder, record = load_model(tmp_path / "whole" / "model.pt")
+    best = pd.read_csv(tmp_path / "whole" / "history.tsv", sep="\t")["val_loss"].min()
+    assert record["val_loss"] == pytest.approx(best)
+
+
 def test_changed_settings_do_not_resume(study, tmp_path, capsys):
     table, _ = study
     train(table, "age", "regression", {**SMALL, "epochs": 1}, tmp_path / "run")
@@ -182,9 +202,11 @@ def test_mlflow_tracking_writes_a_local_run(study, tmp_path):
 
 
 def test_two_process_ddp_on_cpu_matches_one_process(study, tmp_path):
-    """torchrun, 2 processes, gloo: each trains on half of every batch; DDP averages gradients."""
+    """torchrun, 2 processes, gloo: each trains on half of every batch; DDP averages gradients.
+    Instance norm: BatchNorm's statistics are each process's half batch on CPU (SyncBatchNorm,
+    which pools them, needs CUDA), so BatchNorm networks match only on GPUs."""
     table, (manifest, splits, preproc) = study
-    hyper = {**SMALL, "model_args": {"channels": [4, 8], "dropout": 0.0}, "epochs": 2}
+    hyper = {**SMALL, "model_args": {"channels": [4, 8], "dropout": 0.0, "norm": "instance"}, "epochs": 2}
     single = train(table, "age", "regression", hyper, tmp_path / "single")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}

@@ -109,6 +109,12 @@ def test_every_stage_wrote_its_outputs(study):
         assert set(predictions.loc[predictions["split"] == "val", "image_id"]) == set(
             splits.loc[splits[fold] == "val", "image_id"])
         assert set(pd.read_csv(results / "explain" / fold / "maps.tsv", sep="\t")["image_id"]) == test_images
+        baseline = pd.read_csv(results / "linear" / fold / "predictions.tsv", sep="\t")
+        assert set(baseline.loc[baseline["split"] == "test", "image_id"]) == test_images
+        assert "findings" in json.loads((results / "train" / fold / "diagnostics.json").read_text())
+    comparison = pd.read_csv(results / "evaluate" / "comparison.tsv", sep="\t")
+    assert set(comparison["model"]) == {"fold-1", "fold-2", "ensemble"}
+    assert {"deep", "linear", "difference", "difference_ci_low", "difference_ci_high", "verdict"} <= set(comparison)
     ensemble = pd.read_csv(results / "evaluate" / "predictions.tsv", sep="\t")
     assert set(ensemble["image_id"]) == test_images
     table = pd.read_csv(results / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
@@ -222,7 +228,7 @@ def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
     finally:
         write_config(study)
     assert jobs["preprocess"] == n_images
-    assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain"))
+    assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain", "linear"))
     assert all(jobs[stage] == 1 for stage in ("evaluate_folds", "explain_folds", "report", "package"))
 
 

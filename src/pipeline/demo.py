@@ -7,7 +7,10 @@ intensity scale, voxel size and orientation. The effects:
 * age: the lateral ventricles enlarge (a smooth backward warp; volume about doubles from 20
   to 80 years) and grey matter darkens in one cortical sphere (left superior parietal /
   precuneus, up to 35 % at 80 years);
-* group: patients carry a focal hypointense lesion in the right temporal white matter.
+* group: patients carry a focal hypointense lesion, by default in the right temporal white
+  matter (about 2 cm across, 45-65 % darker at its core); ``--lesion-site deep-gm
+  --lesion-radius 5 --lesion-contrast 0.25 0.40 --lesion-jitter 3`` makes the hard case instead:
+  a 1 cm lesion in the right putamen, 25-40 % darker, its centre jittered ±3 mm per patient.
 
 The raw dataset (``participants.tsv``, ``sub-XXX/[ses-YY/]anat/*_T1w.nii[.gz]``) is what a
 study reads. ``derivatives/groundtruth`` holds the answers (effect masks, effect parameters,
@@ -49,8 +52,6 @@ VENTRICLE_BOX_MM = ((-30.0, 30.0), (-45.0, 25.0), (0.0, 35.0))
 VENTRICLE_SIGMA_MM = 5.0  # smoothing of the ventricle mask whose gradient drives the warp
 VENTRICLE_GAIN_MM2 = 70.0  # displacement (mm) = gain * age_fraction * |grad smoothed mask| (1/mm)
 GM_LOSS_AT_80 = 0.35  # fraction of grey-matter intensity lost in the cortical sphere at 80 years
-LESION_MULTIPLIER_RANGE = (0.35, 0.55)  # intensity multiplier at a lesion's core, per patient
-LESION_RADIUS_SCALE = (0.8, 1.2)  # lesion radius = nominal radius * uniform(range), per patient
 TISSUES = {0: "background", 1: "CSF", 2: "GM", 3: "WM"}  # labels of the tissue segmentation
 TISSUE_INSIDE = 0.5  # a voxel is labelled (CSF, GM or WM, the most probable) where its brain fraction ≥ this
 MASK_THRESHOLD = 0.05  # a voxel belongs to an effect mask where |change| > this * mean brain intensity
@@ -67,7 +68,61 @@ class Sphere:
 
 
 CORTEX = Sphere("left superior parietal / precuneus", (-20.0, -65.0, 50.0), 20.0, 3.0)
-LESION = Sphere("right temporal white matter", (38.0, -25.0, 0.0), 10.0, 1.5)
+LESION_SITES = {  # where patients' lesions sit (nominal centre and radius; --lesion-site)
+    "temporal-wm": Sphere("right temporal white matter", (38.0, -25.0, 0.0), 10.0, 1.5),
+    "deep-gm": Sphere("right putamen (deep grey matter)", (25.0, 2.0, 0.0), 5.0, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Lesion:
+    """The patients' lesion: its ``site`` (nominal centre, radius and edge), each patient's radius
+    as the nominal one times uniform(``radius_scale``), the intensity ``multiplier`` at its core
+    (uniform in the range: 0.6 is 40 % darker) and the centre's ``jitter_mm`` (uniform ±mm per axis)."""
+
+    site: Sphere = LESION_SITES["temporal-wm"]
+    radius_scale: tuple[float, float] = (0.8, 1.2)
+    multiplier: tuple[float, float] = (0.35, 0.55)
+    jitter_mm: float = 0.0
+
+    @classmethod
+    def from_options(cls, site: str = "temporal-wm", radius_mm: float | None = None,
+                     contrast: tuple[float, float] | None = None, jitter_mm: float = 0.0) -> "Lesion":
+        """The lesion of the command-line options; ``contrast`` is the range of the fraction of
+        intensity lost at the core (e.g. (0.25, 0.40)); None keeps the default lesion's."""
+        if site not in LESION_SITES:
+            raise InputError(f"--lesion-site must be one of {sorted(LESION_SITES)}, not {site!r}.")
+        sphere = LESION_SITES[site]
+        if radius_mm is not None:
+            if not 1 <= radius_mm <= 30:
+                raise InputError(f"--lesion-radius must be between 1 and 30 mm, got {radius_mm}.")
+            sphere = Sphere(sphere.name, sphere.centre_mm, float(radius_mm), sphere.edge_mm)
+        multiplier = cls.multiplier
+        if contrast is not None:
+            low, high = contrast
+            if not 0 < low <= high < 1:
+                raise InputError(f"--lesion-contrast needs 0 < LOW <= HIGH < 1, got {low} {high}.")
+            multiplier = (round(1.0 - high, 6), round(1.0 - low, 6))
+        if not 0 <= jitter_mm <= 20:
+            raise InputError(f"--lesion-jitter must be between 0 and 20 mm, got {jitter_mm}.")
+        return cls(sphere, cls.radius_scale, multiplier, float(jitter_mm))
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """One patient's lesion: radius_mm, multiplier and centre_mm (jittered when jitter_mm > 0)."""
+        radius = self.site.radius_mm * rng.uniform(*self.radius_scale)
+        multiplier = rng.uniform(*self.multiplier)
+        centre = np.asarray(self.site.centre_mm)
+        if self.jitter_mm:  # drawn only then: the default cohort's random stream is unchanged
+            centre = centre + rng.uniform(-self.jitter_mm, self.jitter_mm, 3)
+        return {"radius_mm": float(round(radius, 2)), "multiplier": float(round(multiplier, 3)),
+                "centre_mm": [round(float(v), 3) for v in centre]}
+
+    def largest(self) -> dict:
+        """The largest and strongest lesion at the nominal centre, its radius grown by the jitter's
+        reach: its effect covers every patient's lesion (the ground-truth mask)."""
+        reach = self.jitter_mm * np.sqrt(3)
+        return {"radius_mm": self.site.radius_mm * self.radius_scale[1] + reach, "multiplier": self.multiplier[0],
+                "centre_mm": list(self.site.centre_mm)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,7 +140,7 @@ class Anatomy:
     crop: tuple[slice, slice, slice]  # the box around the ventricles where the warp acts
     push: np.ndarray  # (3, *crop shape) backward-warp displacement in voxels at age 80
     cortex_weight: np.ndarray  # GM probability * smooth cortical sphere, in [0, 1]
-    lesion_distance: np.ndarray  # distance to the lesion centre (mm)
+    coordinates: list[np.ndarray]  # open-grid world coordinates x, y, z (mm), broadcastable to the grid
 
     @property
     def resolution(self) -> float:
@@ -212,12 +267,10 @@ def load_anatomy(resolution: float = 1.5) -> Anatomy:
     x, y, z = world_coordinates(affine, shape)
     cortex_distance = np.sqrt((x - CORTEX.centre_mm[0]) ** 2 + (y - CORTEX.centre_mm[1]) ** 2
                               + (z - CORTEX.centre_mm[2]) ** 2)
-    lesion_distance = np.sqrt((x - LESION.centre_mm[0]) ** 2 + (y - LESION.centre_mm[1]) ** 2
-                              + (z - LESION.centre_mm[2]) ** 2)
     cortex_weight = gm * sphere_weight(cortex_distance, CORTEX.radius_mm, CORTEX.edge_mm)
     return Anatomy(affine=affine, t1=t1, gm=gm, wm=wm, ventricles=ventricles, crop=crop,
                    push=push.astype(np.float32), cortex_weight=cortex_weight.astype(np.float32),
-                   lesion_distance=lesion_distance.astype(np.float32))
+                   coordinates=[x, y, z])
 
 
 def age_fraction(age: float) -> float:
@@ -239,15 +292,17 @@ def warp_ventricles(anatomy: Anatomy, volume: np.ndarray, age: float, order: int
     return out
 
 
-def simulate_anatomy(anatomy: Anatomy, age: float, lesion: tuple[float, float] | None = None) -> np.ndarray:
+def simulate_anatomy(anatomy: Anatomy, age: float, lesion: dict | None = None, edge_mm: float = 1.5) -> np.ndarray:
     """Noise-free T1w intensity in template space (simulation grid, [0, 1]) of one subject.
 
-    ``lesion`` is (radius_mm, intensity multiplier at its core) for patients, None for controls.
+    ``lesion`` ({radius_mm, multiplier, centre_mm}, ``Lesion.draw``) for patients, None for controls;
+    ``edge_mm``: the width of the lesion's smooth edge.
     """
     image = anatomy.t1 * (1.0 - GM_LOSS_AT_80 * age_fraction(age) * anatomy.cortex_weight)
     if lesion is not None:
-        radius, multiplier = lesion
-        image *= 1.0 - (1.0 - multiplier) * sphere_weight(anatomy.lesion_distance, radius, LESION.edge_mm)
+        distance = np.sqrt(sum((c - m) ** 2 for c, m in zip(anatomy.coordinates, lesion["centre_mm"])))
+        weight = sphere_weight(distance.astype(np.float32), lesion["radius_mm"], edge_mm)
+        image *= 1.0 - (1.0 - lesion["multiplier"]) * weight
     return warp_ventricles(anatomy, image.astype(np.float32), age)
 
 
@@ -276,17 +331,17 @@ def mean_brain_intensity(anatomy: Anatomy) -> float:
     return float(anatomy.t1[anatomy.gm + anatomy.wm > 0.5].mean())
 
 
-def effect_masks(anatomy: Anatomy, template_shape) -> dict[str, np.ndarray]:
+def effect_masks(anatomy: Anatomy, template_shape, lesion: Lesion = Lesion()) -> dict[str, np.ndarray]:
     """uint8 masks on the 1 mm template grid of where the age and group effects change the image.
 
-    Age: noise-free 80- vs 20-year-old control; group: the largest, strongest lesion vs none.
+    Age: noise-free 80- vs 20-year-old control; group: ``lesion.largest()`` vs none.
     A voxel is in a mask where |change| > ``MASK_THRESHOLD`` * mean brain intensity.
     """
     threshold = MASK_THRESHOLD * mean_brain_intensity(anatomy)
     young = simulate_anatomy(anatomy, AGE_RANGE[0])
     changes = {
         "age": np.abs(simulate_anatomy(anatomy, AGE_RANGE[1]) - young),
-        "group": np.abs(simulate_anatomy(anatomy, AGE_RANGE[0], max_lesion()) - young),
+        "group": np.abs(simulate_anatomy(anatomy, AGE_RANGE[0], lesion.largest(), lesion.site.edge_mm) - young),
     }
     masks = {}
     for name, change in changes.items():
@@ -297,18 +352,7 @@ def effect_masks(anatomy: Anatomy, template_shape) -> dict[str, np.ndarray]:
     return masks
 
 
-def max_lesion() -> tuple[float, float]:
-    """(radius_mm, multiplier) of the largest and strongest lesion a patient can have."""
-    return LESION.radius_mm * LESION_RADIUS_SCALE[1], LESION_MULTIPLIER_RANGE[0]
-
-
 # ----------------------------------------------------------------------------- scanner
-
-def draw_lesion(rng: np.random.Generator) -> tuple[float, float]:
-    """(radius_mm, multiplier) of one patient's lesion."""
-    radius = LESION.radius_mm * rng.uniform(*LESION_RADIUS_SCALE)
-    return float(round(radius, 2)), float(round(rng.uniform(*LESION_MULTIPLIER_RANGE), 3))
-
 
 def draw_scan(rng: np.random.Generator) -> dict:
     """Random scanner nuisance of one image: pose, voxel size, orientation, bias, noise, scale."""
@@ -433,7 +477,7 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: float) -> None:
+def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: float, lesion: Lesion) -> None:
     """Write the raw dataset's top-level files and the ground-truth derivative's description/README."""
     generated_by = [{"Name": GENERATOR, "Version": __version__,
                      "Description": f"Simulated from the {SPACE} template; seed {seed}, "
@@ -444,7 +488,7 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
     atomic.write_text(out_dir / "README",
         f"Simulated T1w brain-age cohort ({len(cohort)} participants) generated by `python -m {GENERATOR}`.\n"
         f"Each image is the {SPACE} template with an age effect (ventricle enlargement, grey-matter loss in\n"
-        f"the {CORTEX.name}) and, for patients, a lesion in the {LESION.name}, seen under a random\n"
+        f"the {CORTEX.name}) and, for patients, a lesion in the {lesion.site.name}, seen under a random\n"
         "rigid pose, bias field, Rician noise, intensity scale, voxel size and orientation.\n"
         "derivatives/groundtruth holds the true effect masks and poses: for validation only.\n")
     rows = ["participant_id\tage\tsex\tgroup"] + [
@@ -455,7 +499,7 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
         "age": {"Description": "Age at scan (all sessions of a participant share it).", "Units": "years"},
         "sex": {"Description": "Sex.", "Levels": {"M": "male", "F": "female"}},
         "group": {"Description": "Diagnostic group.",
-                  "Levels": {"patient": f"has a lesion in the {LESION.name}", "control": "healthy control"}}})
+                  "Levels": {"patient": f"has a lesion in the {lesion.site.name}", "control": "healthy control"}}})
     truth = out_dir / "derivatives" / "groundtruth"
     write_json(truth / "dataset_description.json", {
         "Name": "Ground truth of the simulated brain-age demo cohort", "BIDSVersion": BIDS_VERSION,
@@ -480,7 +524,7 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
     atomic.write_text(tissue / "desc-tissue_dseg.tsv", "\n".join(rows) + "\n")
 
 
-def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resolution: float) -> dict:
+def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resolution: float, lesion: Lesion) -> dict:
     """Content of the effects JSON: the regions, effect sizes and mask volumes (mm^3)."""
     centroid = ndi.center_of_mass(anatomy.ventricles)
     centroid_mm = anatomy.affine[:3, :3] @ np.array(centroid) + anatomy.affine[:3, 3]
@@ -498,10 +542,12 @@ def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resoluti
             {"effect": "age", "name": CORTEX.name, "kind": "grey-matter intensity loss",
              "centre_mm": list(CORTEX.centre_mm), "radius_mm": CORTEX.radius_mm, "edge_mm": CORTEX.edge_mm,
              "intensity_multiplier": f"1 - {GM_LOSS_AT_80} * (age-20)/60 * GM probability"},
-            {"effect": "group", "name": LESION.name, "kind": "focal hypointense lesion (patients only)",
-             "centre_mm": list(LESION.centre_mm), "radius_mm": LESION.radius_mm, "edge_mm": LESION.edge_mm,
-             "radius_mm_range": [LESION.radius_mm * s for s in LESION_RADIUS_SCALE],
-             "core_intensity_multiplier_range": list(LESION_MULTIPLIER_RANGE)},
+            {"effect": "group", "name": lesion.site.name, "kind": "focal hypointense lesion (patients only)",
+             "centre_mm": list(lesion.site.centre_mm), "radius_mm": lesion.site.radius_mm,
+             "edge_mm": lesion.site.edge_mm,
+             "radius_mm_range": [lesion.site.radius_mm * s for s in lesion.radius_scale],
+             "core_intensity_multiplier_range": list(lesion.multiplier),
+             **({"centre_jitter_mm": lesion.jitter_mm} if lesion.jitter_mm else {})},
         ],
         "Masks": {
             name: {"file": f"space-{SPACE}_desc-{name}_mask.nii.gz",
@@ -512,26 +558,27 @@ def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resoluti
 
 
 def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolution: float = 1.5,
-              overwrite: bool = False) -> Path:
-    """Write the simulated BIDS cohort (and its ground truth) to ``out_dir``; return ``out_dir``."""
+              overwrite: bool = False, lesion: Lesion = Lesion()) -> Path:
+    """Write the simulated BIDS cohort (and its ground truth) to ``out_dir``; return ``out_dir``.
+    ``lesion``: the patients' lesion (the default is the demo's temporal white-matter one)."""
     out_dir = Path(out_dir)
     cohort = draw_cohort(n_subjects, seed)
     anatomy = load_anatomy(sim_resolution)  # before touching out_dir: fail early
     prepare_out_dir(out_dir, overwrite)
-    dataset_files(out_dir, cohort, seed, sim_resolution)
+    dataset_files(out_dir, cohort, seed, sim_resolution, lesion)
 
     template = load_template("T1w")
-    masks = effect_masks(anatomy, template.shape)
+    masks = effect_masks(anatomy, template.shape, lesion)
     truth = out_dir / "derivatives" / "groundtruth"
     for name, mask in masks.items():
         save_nifti(mask, template.affine, truth / f"space-{SPACE}_desc-{name}_mask.nii.gz")
-    write_json(truth / f"space-{SPACE}_desc-effects.json", effects_description(anatomy, masks, sim_resolution))
+    write_json(truth / f"space-{SPACE}_desc-effects.json", effects_description(anatomy, masks, sim_resolution, lesion))
 
     wm_level = float(np.median(anatomy.t1[anatomy.wm > 0.9]))
     for i, subject in enumerate(cohort):
         rng = np.random.default_rng([seed, i])
-        lesion = draw_lesion(rng) if subject["group"] == "patient" else None
-        volume = simulate_anatomy(anatomy, subject["age"], lesion)
+        drawn = lesion.draw(rng) if subject["group"] == "patient" else None
+        volume = simulate_anatomy(anatomy, subject["age"], drawn, lesion.site.edge_mm)
         labels = tissue_labels(anatomy, subject["age"])
         for session, extension in zip(subject["sessions"], subject["extensions"]):
             scan = draw_scan(rng)
@@ -551,8 +598,10 @@ def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolutio
                 "convention": "x_scanner = matrix @ [x_template, 1] (RAS+ mm); rotation Rz @ Ry @ Rx about "
                               "rotation_centre_mm, then translation",
                 "simulation": {"age": subject["age"], "group": subject["group"],
-                               "lesion_radius_mm": lesion[0] if lesion else None,
-                               "lesion_core_multiplier": lesion[1] if lesion else None,
+                               "lesion_radius_mm": drawn["radius_mm"] if drawn else None,
+                               "lesion_core_multiplier": drawn["multiplier"] if drawn else None,
+                               **({"lesion_centre_mm": drawn["centre_mm"] if drawn else None}
+                                  if lesion.jitter_mm else {}),
                                **{k: v for k, v in scan.items() if k not in ("rotation_deg", "translation_mm")}},
             })
     return out_dir
@@ -566,10 +615,19 @@ def main(argv=None) -> None:
     parser.add_argument("--sim-resolution", type=float, default=1.5,
                         help="isotropic grid (mm) on which the anatomy is simulated")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo in OUT_DIR")
+    lesion = parser.add_argument_group("patients' lesion (default: the temporal white-matter lesion)")
+    lesion.add_argument("--lesion-site", choices=sorted(LESION_SITES), default="temporal-wm")
+    lesion.add_argument("--lesion-radius", type=float, metavar="MM", help="nominal radius (each patient's: "
+                        "x uniform(0.8, 1.2)); default: the site's (temporal-wm 10, deep-gm 5)")
+    lesion.add_argument("--lesion-contrast", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="range of the fraction of intensity lost at the core (default 0.45 0.65)")
+    lesion.add_argument("--lesion-jitter", type=float, default=0.0, metavar="MM",
+                        help="each patient's lesion centre moves uniform(±MM) per axis (default 0)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     with InputError.exit_cleanly():
-        make_demo(args.out_dir, args.n_subjects, args.seed, args.sim_resolution, args.overwrite)
+        chosen = Lesion.from_options(args.lesion_site, args.lesion_radius, args.lesion_contrast, args.lesion_jitter)
+        make_demo(args.out_dir, args.n_subjects, args.seed, args.sim_resolution, args.overwrite, chosen)
     print(f"wrote {args.n_subjects} simulated participants to {args.out_dir} "
           f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

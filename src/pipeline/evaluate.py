@@ -9,7 +9,10 @@ predicted on true age on the validation images, inverted) gives ``predicted_corr
 with 95 % bootstrap intervals), the ensemble's test ``predictions.tsv`` (the folds' mean prediction
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
-confusion matrix).
+confusion matrix). With the folds' linear baselines (``pipeline.linear``): ``comparison.tsv``,
+deep against linear per fold and for the ensembles, paired (``pipeline.compare``), the linear
+ensemble in ``metrics.json``; with the folds' training folders: ``diagnostics.json``, every
+finding of ``pipeline.diagnostics`` with its sentence.
 Segmentation models (``task: segmentation``) are scored per label instead (Dice, HD95; predicted
 label maps as NIfTI) by ``pipeline.segmentation``, into the same files.
 """
@@ -229,12 +232,55 @@ def excluded_by_stage(excluded: Path) -> dict[str, list[str]]:
             for stage, rows in left_out.groupby("stage", sort=False)}
 
 
-def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
+def test_predictions(fold_dirs: list[Path], classes: list[str] | None) -> list[pd.DataFrame]:
+    """Each fold's test predictions (``predictions.tsv`` rows of split ``test``, without the column)."""
+    dtype = {"true": str} if classes else {}
+    predictions = [read_tsv(d / "predictions.tsv").astype(dtype) for d in fold_dirs]
+    return [p[p["split"] == "test"].drop(columns="split") for p in predictions]
+
+
+def against_linear(deep: dict[str, pd.DataFrame], linear_dirs: list[Path], task: str, classes: list[str] | None,
+                   train_mean: float | None) -> tuple[pd.DataFrame, dict, list[str]]:
+    """(comparison table, the linear ensemble's metrics, reasons of skipped folds) against the
+    folds' linear baselines; folds the baseline skipped are left out of the ensemble."""
+    from pipeline import compare
+
+    records = {d.name: json.loads((d / "metrics.json").read_text()) for d in linear_dirs}
+    skipped = [r["skipped"] for r in records.values() if "skipped" in r]
+    fitted = [d for d in linear_dirs if "skipped" not in records[d.name]]
+    linear = dict(zip([d.name for d in fitted], test_predictions(fitted, classes)))
+    overall = {}
+    if linear:
+        linear["ensemble"] = ensemble(list(linear.values()), classes)
+        overall = with_intervals(linear["ensemble"], classes, train_mean)
+        overall["folds"] = [d.name for d in fitted]
+    means = {name: records[name].get("train_mean") for name in records}
+    means["ensemble"] = train_mean
+    if len(fitted) < len(linear_dirs):  # an ensemble over fewer folds is not the deep ensemble's peer
+        linear.pop("ensemble", None)
+    return compare.comparison_tables(deep, linear, task, classes, means), overall, skipped
+
+
+def study_diagnostics(train_dirs: list[Path], comparison: pd.DataFrame, task: str, skipped: list[str]) -> dict:
+    """Every fold's training findings (its ``diagnostics.json``) and the comparison's findings."""
+    from pipeline import compare, diagnostics
+
+    folds = {}
+    for d in train_dirs:
+        path = d / "diagnostics.json"
+        folds[d.name] = json.loads(path.read_text())["findings"] if path.exists() else []
+    return {"folds": folds, "study": diagnostics.compared(compare.headline(comparison, task), task, skipped)}
+
+
+def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None,
+              linear_dirs: list[Path] | None = None, train_dirs: list[Path] | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the ensemble's with intervals; write the summary files.
 
     ``excluded`` (``excluded.tsv``): the samples left out before the split are listed under
     ``excluded`` (image id, or participant id without an image, by stage), so that a sample
-    missing from the predictions is accounted for.
+    missing from the predictions is accounted for. ``linear_dirs``: the folds' linear baselines,
+    compared with the deep model (``comparison.tsv``); ``train_dirs``: the folds' training
+    folders, whose diagnostics are gathered with the comparison's (``diagnostics.json``).
     """
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     if metrics[0]["task"] == "segmentation":
@@ -242,9 +288,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
 
         return segmentation.summarise(fold_dirs, out_dir, excluded)
     task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
-    dtype = {"true": str} if classes else {}
-    predictions = [read_tsv(d / "predictions.tsv").astype(dtype) for d in fold_dirs]
-    predictions = [p[p["split"] == "test"].drop(columns="split") for p in predictions]
+    predictions = test_predictions(fold_dirs, classes)
     ids = [sorted(p["image_id"]) for p in predictions]
     if any(i != ids[0] for i in ids):
         raise InputError(f"The folds predicted different test images ({', '.join(map(str, fold_dirs))}); "
@@ -261,6 +305,13 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
     if excluded is not None:
         result["excluded"] = excluded_by_stage(excluded)
+    if linear_dirs:
+        deep = {**dict(zip(names, predictions)), "ensemble": combined}
+        comparison, result["linear"], skipped = against_linear(deep, linear_dirs, task, classes, train_mean)
+        result["comparison"] = comparison.to_dict(orient="records")
+        atomic.to_csv(comparison, out_dir / "comparison.tsv", sep="\t", index=False)
+        found = study_diagnostics(train_dirs or [], comparison, task, skipped)
+        atomic.write_text(out_dir / "diagnostics.json", json.dumps(found, indent=2, default=float))
     atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
     title = f"Ensemble of {len(names)} fold(s), test set"
     if classes:
@@ -336,6 +387,8 @@ def main(argv=None) -> None:
     summary.add_argument("fold_dirs", type=Path, nargs="+", help="the folds' evaluation folders")
     summary.add_argument("--out-dir", type=Path, required=True)
     summary.add_argument("--excluded", type=Path, help="excluded.tsv: listed in metrics.json")
+    summary.add_argument("--linear", type=Path, nargs="*", help="the folds' linear baseline folders")
+    summary.add_argument("--train", type=Path, nargs="*", help="the folds' training folders (their diagnostics)")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if args.command == "fold":
@@ -345,7 +398,7 @@ def main(argv=None) -> None:
                                 label=segmentation)
             metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, args.channels)
         else:
-            metrics = summarise(args.fold_dirs, args.out_dir, args.excluded)
+            metrics = summarise(args.fold_dirs, args.out_dir, args.excluded, args.linear, args.train)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)
 
 

@@ -125,7 +125,8 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
                      "bias_correction": {fold: {"slope": m["correction_slope"], "intercept": m["correction_intercept"]}
                                          for fold, m in evaluations.items() if "correction_slope" in m}}
     metrics = {"test": {"ensemble": summary["ensemble"], "fold_mean": summary["fold_mean"], "fold_sd": summary["fold_sd"],
-                        "folds": evaluations},
+                        "folds": evaluations,
+                        **{k: summary[k] for k in ("linear", "comparison") if k in summary}},
                "validation": {d.name: validation_metrics(d, records[d.name]) for d in train_dirs}}
     for name, doc in ((package.SPEC, spec), (package.RECIPE, recipe), (package.NORMALISATION, normalisation),
                       (package.METRICS, metrics)):

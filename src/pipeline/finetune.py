@@ -23,7 +23,7 @@ from torch import nn
 from pipeline import package, recipe
 from pipeline.data import TargetCoder
 from pipeline.errors import InputError
-from pipeline.models import build_model
+from pipeline.models import build_model, recorded_args, resolved_args
 
 
 def source_fold(fold: str, folds: list[str]) -> str:
@@ -33,12 +33,17 @@ def source_fold(fold: str, folds: list[str]) -> str:
 
 
 def check_architecture(spec: dict, name: str, args: dict, channels: list[str], where: Path) -> None:
-    theirs = (spec["architecture"]["name"], spec["architecture"]["args"], spec["input"]["channels"])
-    ours = (name, args, list(channels))
-    if theirs != ours:
-        raise InputError(f"train.init_from: the package {where} is {theirs[0]} {theirs[1]} on channels {theirs[2]}, "
-                         f"this study {ours[0]} {ours[1]} on channels {ours[2]}. Set `train.model`, "
-                         "`train.model_args` and `channels` to the package's.")
+    """The package's network (its recorded arguments, defaults filled in) must be the study's; the
+    message names the arguments that differ."""
+    package_name, package_args = spec["architecture"]["name"], spec["architecture"]["args"]
+    theirs = resolved_args(package_name, recorded_args(package_name, package_args))
+    ours = resolved_args(name, args)
+    if (package_name, theirs, spec["input"]["channels"]) != (name, ours, list(channels)):
+        differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        shown = [{k: side.get(k) for k in differ} for side in (theirs, ours)]
+        raise InputError(f"train.init_from: the package {where} is {package_name} {shown[0]} on channels "
+                         f"{spec['input']['channels']}, this study {name} {shown[1]} on channels {list(channels)}. "
+                         "Set `train.model`, `train.model_args` and `channels` to the package's.")
 
 
 def check_preprocessing(theirs: dict, ours: dict, where: Path) -> None:

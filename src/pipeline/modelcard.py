@@ -59,6 +59,22 @@ def metric_lines(metrics: dict, task: str) -> list[str]:
     return lines
 
 
+def comparison_lines(metrics: dict) -> list[str]:
+    """The ensemble against the linear baseline on the same test images (paired difference)."""
+    rows = [r for r in metrics["test"].get("comparison", []) if r["model"] == "ensemble"]
+    if not rows:
+        return []
+    model = metrics["test"].get("linear", {}).get("model", "linear")
+    lines = ["", f"Against a linear baseline ({model} regression fitted per fold to the same preprocessed images "
+             "and splits, its ensemble over folds), on the same test images; difference = deep − linear with "
+             "its 95 % bootstrap interval over participants:", "",
+             "| metric | deep | linear | difference (95 % interval) | verdict |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['metric']} | {r['deep']:.3f} | {r['linear']:.3f} | {r['difference']:+.3f} "
+                     f"({r['difference_ci_low']:+.3f} to {r['difference_ci_high']:+.3f}) | {r['verdict']} |")
+    return lines
+
+
 def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: dict) -> str:
     """The card's Markdown. ``card`` is config ``package`` (``intended_use``, ``limitations``)."""
     task, target, channels = spec["task"], spec["target"], spec["input"]["channels"]
@@ -82,7 +98,7 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
         counts.to_markdown(index=False), "",
         "## Performance", "",
         f"Held-out test set ({test['participants']} participants, {test['images']} images):", "",
-        *metric_lines(metrics, task), "",
+        *metric_lines(metrics, task), *comparison_lines(metrics), "",
         "Validation (each fold's best epoch): " + "; ".join(
             f"{fold}: loss {v['val_loss']:.4f} at epoch {v['best_epoch']}" for fold, v in validation.items()) + ".", "",
         "## Inputs and preprocessing", "",

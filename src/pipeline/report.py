@@ -95,6 +95,38 @@ def variant_tables(results: Path, folds: list[str]) -> list[str]:
             table_html(joined[["fold", *[c for c in joined.columns if c != "fold"]]])]
 
 
+def diagnostics_html(evaluate: Path) -> list[str]:
+    """The study's learning diagnostics (``evaluate/diagnostics.json``), one sentence each, by fold."""
+    path = evaluate / "diagnostics.json"
+    if not path.exists():
+        return []
+    found = json.loads(path.read_text())
+    items = [f"<li><b>study</b>: {html.escape(f['message'])}</li>" for f in found["study"]]
+    items += [f"<li><b>{html.escape(fold)}</b>: {html.escape(f['message'])}</li>"
+              for fold, findings in found["folds"].items() for f in findings]
+    if not items:
+        return ["<h2>Diagnostics</h2>", "<p>No warning: every fold fitted its training data without its "
+                "validation loss diverging, and the deep ensemble is not worse than the linear baseline.</p>"]
+    return ["<h2>Diagnostics</h2>", "<ul class='warn'>", *items, "</ul>"]
+
+
+def comparison_html(evaluate: Path, summary: dict) -> list[str]:
+    """Deep model against the linear baseline on the same test images (``comparison.tsv``)."""
+    path = evaluate / "comparison.tsv"
+    if not path.exists():
+        return []
+    table = read_tsv(path)
+    linear = summary.get("linear", {})
+    described = (f" ({html.escape(linear['model'])})" if "model" in linear else "")
+    return ["<h2>Deep model against a linear baseline</h2>",
+            f"<p>A linear model{described} fitted per fold to the same preprocessed images and splits "
+            "(ridge or L2 logistic regression on the brain voxels, penalty chosen on each fold's validation "
+            "images; <code>linear/fold-K</code>). <code>difference</code> is deep − linear on the same test "
+            "images, with its 95 % bootstrap interval over participants; the verdict names a winner only where "
+            "the interval excludes 0.</p>",
+            table_html(table) if len(table) else "<p>No fold could be compared (see Diagnostics).</p>"]
+
+
 def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
     """Write the HTML report from the files of a finished study under ``results``."""
     # excluded.tsv: ingest's and preprocessing's exclusions (a study from before it: ingest's report).
@@ -120,6 +152,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b> "
         f"(95 % bootstrap interval {low:.3f}–{high:.3f}); per fold {summary['fold_mean'][headline]:.3f} ± "
         f"{summary['fold_sd'].get(headline, float('nan')):.3f} (mean ± sd).</p>",
+        *diagnostics_html(results / "evaluate"),
         "<h2>Cohort and split balance</h2>",
         "<p>Participants, images and the target's distribution in each split of each fold. "
         "The test participants are the same in every fold; no participant is in two splits.</p>",
@@ -143,13 +176,15 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         metrics_html(metrics),
         *[f"<p>Undefined (left empty): {html.escape(why)}.</p>" for why in summary["ensemble"].get("undefined", [])],
         embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
+        *comparison_html(results / "evaluate", summary),
     ]
     if not segmentation:
         sections += explanation_sections(explain, methods)
     sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
                  "<h2>Provenance</h2>", provenance(config)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}")
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             ".warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 6px 6px 24px}")
     atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")
     return out

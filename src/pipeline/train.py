@@ -11,6 +11,7 @@ Writes ``model.pt`` (best weights on validation loss, or on validation Dice for 
 and plain types only), ``history.tsv`` (one row per epoch, rewritten after each: losses,
 metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
 epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
+``diagnostics.json`` (``pipeline.diagnostics.training``: did the network fit, did validation diverge),
 TensorBoard logs, an MLflow file store with ``tracking: mlflow``, and ``checkpoints/last.pt``
 and ``best.pt``. An interrupted run resumes exactly from ``last.pt`` (weights, optimizer,
 scheduler, loss scaler, every RNG state, epoch, early-stopping state) when settings, data and
@@ -47,13 +48,13 @@ from pipeline import atomic
 from pipeline.augment import Augmentation, select
 from pipeline.data import ArrayLoader, TargetCoder, study_table
 from pipeline.errors import InputError
-from pipeline.models import REGISTRY, build_model
+from pipeline.models import REGISTRY, build_model, recorded_args, resolved_args
 from pipeline.sampler import ImageModel, Sampler, SegmentationModel, build_sampler
 
 DEFAULTS = {
-    "model": "simple_cnn", "model_args": {}, "epochs": 40, "batch_size": 8, "learning_rate": 1e-3,
-    "weight_decay": 1e-4, "patience": 10, "seed": 0, "augmentation": {}, "sampler": {"kind": "image"},
-    "amp": False, "tracking": "none", "prefetch": 2, "init_from": None, "freeze": False,
+    "model": "simple_cnn", "model_args": {}, "epochs": 100, "batch_size": 4, "learning_rate": 1e-3,
+    "weight_decay": 0.01, "patience": 30, "seed": 0, "augmentation": {}, "sampler": {"kind": "image"},
+    "amp": False, "tracking": "none", "prefetch": 2, "init_from": None, "freeze": False, "ema": 0.98,
 }
 
 
@@ -201,6 +202,12 @@ class Trainer:
     augment: Augmentation
     process: Process
     amp: bool
+    averaged: torch.nn.Module | None = None  # exponential moving average of the weights (train.ema)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The network that is validated and saved: the weights' moving average when there is one."""
+        return self.network if self.averaged is None else self.averaged.module
 
     def autocast(self):
         if self.amp and self.process.device.type == "cuda":
@@ -245,6 +252,8 @@ class Trainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if self.averaged is not None:
+                    self.averaged.update_parameters(self.network)
                 sums += torch.tensor([float(loss.detach()) * len(vy), metric_sum(self.coder, out, vy), len(vy)],
                                      dtype=torch.float64)
                 steps += 1
@@ -259,10 +268,10 @@ class Trainer:
         each image's view outputs); every process predicts its share, outputs are summed.
         Segmentation (``targets`` None): each image's whole label map (``SegmentationModel``), the
         mean over images of its loss and mean Dice."""
-        self.network.eval()
+        self.evaluated.eval()
         if targets is None:
             return self.validate_segmentation(loader, batch_size)
-        model = ImageModel(self.network, self.sampler)
+        model = ImageModel(self.evaluated, self.sampler)
         mine = self.process.share(torch.arange(len(targets)))
         outputs = torch.zeros(len(targets), self.coder.outputs, dtype=torch.float64)
         for index, x, _ in loader.batches(mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)):
@@ -273,7 +282,7 @@ class Trainer:
         return {"loss": float(loss), "metric": metric(self.coder, outputs, targets)}
 
     def validate_segmentation(self, loader: ArrayLoader, batch_size: int) -> dict:
-        model, criterion = SegmentationModel(self.network, self.sampler), loss_fn(SEGMENTATION)
+        model, criterion = SegmentationModel(self.evaluated, self.sampler), loss_fn(SEGMENTATION)
         n = len(loader.paths)
         mine = self.process.share(torch.arange(n))
         sums = torch.zeros(2, dtype=torch.float64)  # loss, Dice
@@ -425,7 +434,12 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
     amp = bool(hyper["amp"]) and process.device.type == "cuda"
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp)
     augmentation = Augmentation(**hyper["augmentation"])
-    return Trainer(model, network, optimizer, scheduler, scaler, coder, sampler, augmentation, process, amp)
+    averaged = None
+    if hyper["ema"]:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        averaged = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(hyper["ema"]), use_buffers=True)
+    return Trainer(model, network, optimizer, scheduler, scaler, coder, sampler, augmentation, process, amp, averaged)
 
 
 def resume(trainer: Trainer, last: Path, run_id: str, generator: torch.Generator, state: dict) -> dict:
@@ -440,6 +454,8 @@ def resume(trainer: Trainer, last: Path, run_id: str, generator: torch.Generator
     trainer.optimizer.load_state_dict(saved["optimizer"])
     trainer.scheduler.load_state_dict(saved["scheduler"])
     trainer.scaler.load_state_dict(saved["scaler"])
+    if trainer.averaged is not None:
+        trainer.averaged.load_state_dict(saved["averaged"])
     set_rng_states(saved["rng"], generator)
     print(f"resuming from {last} after epoch {saved['state']['epoch']}", file=sys.stderr)
     return saved["state"]
@@ -448,7 +464,8 @@ def resume(trainer: Trainer, last: Path, run_id: str, generator: torch.Generator
 def checkpoint(trainer: Trainer, run_id: str, generator: torch.Generator, state: dict) -> dict:
     return {"fingerprint": run_id, "model": trainer.network.state_dict(), "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(),
-            "rng": rng_states(generator), "state": state}
+            "rng": rng_states(generator), "state": state,
+            **({"averaged": trainer.averaged.state_dict()} if trainer.averaged is not None else {})}
 
 
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
@@ -500,7 +517,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     last = ckpt_dir / "last.pt"
     state = resume(trainer, last, run_id, generator, state)
     trackers = Trackers(out_dir, hyper, state, enabled=process.main)
-    record = {"model": {"name": hyper["model"], "args": hyper["model_args"],
+    record = {"model": {"name": hyper["model"], "args": resolved_args(hyper["model"], hyper["model_args"]),
                         "spatial_dims": trainer.sampler.spatial_dims},
               "sampler": sampler_config(trainer.sampler), "target": target, "coder": coder.state(),
               "input_shape": shape, "channels": list(channels or ["T1w"])}
@@ -529,7 +546,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         if process.main:
             trackers.log(row, state["history"])
             if improved:
-                save_atomic({**record, "state_dict": trainer.network.state_dict(), "epoch": epoch,
+                save_atomic({**record, "state_dict": trainer.evaluated.state_dict(), "epoch": epoch,
                              "val_loss": val["loss"]}, ckpt_dir / "best.pt")
             save_atomic(checkpoint(trainer, run_id, generator, state), last)
         if on_epoch_end is not None:
@@ -541,8 +558,10 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     trackers.close()
     train_loader.close()
     val_loader.close()
+    majority = float(train_rows[target].astype(str).value_counts(normalize=True).max()) \
+        if task == "classification" else None
     return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper,
-                                             "sampler": sampler_config(trainer.sampler)}, process)
+                                             "sampler": sampler_config(trainer.sampler)}, process, majority)
 
 
 def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> TargetCoder:
@@ -560,8 +579,12 @@ def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> Tar
     return TargetCoder(SEGMENTATION, classes=list(names))
 
 
-def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process) -> dict:
-    """Copy the best checkpoint to ``model.pt``; write history and resolved hyperparameters."""
+def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process,
+           majority: float | None = None) -> dict:
+    """Copy the best checkpoint to ``model.pt``; write history, resolved hyperparameters and the
+    training diagnostics (``majority``: the most frequent training class's share)."""
+    from pipeline import diagnostics
+
     if process.world > 1:
         import torch.distributed as dist
 
@@ -571,6 +594,8 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
         save_atomic(best, out_dir / "model.pt")
         atomic.to_csv(pd.DataFrame(state["history"]), out_dir / "history.tsv", sep="\t", index=False)
         atomic.write_text(out_dir / "hyperparameters.json", json.dumps(hyper, indent=2))
+        findings = diagnostics.training(pd.DataFrame(state["history"]), hyper["task"], majority)
+        atomic.write_text(out_dir / "diagnostics.json", json.dumps({"findings": findings}, indent=2))
     return best
 
 
@@ -581,7 +606,7 @@ def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | 
     (B, C, X, Y, Z) images and return the mean of their outputs over each image's views.
     ``segmentation`` networks come wrapped in ``SegmentationModel``: whole images → (B, K, X, Y, Z) logits."""
     network = build_model(architecture["name"], in_channels, outputs, architecture.get("spatial_dims", 3),
-                          **architecture["args"])
+                          **recorded_args(architecture["name"], architecture["args"]))
     network.load_state_dict(state_dict)
     views = build_sampler(sampler)
     if segmentation:

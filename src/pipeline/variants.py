@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline import atomic
 from pipeline.errors import InputError
 
-TRAINED = ("model.pt", "history.tsv", "hyperparameters.json")
+TRAINED = ("model.pt", "history.tsv", "diagnostics.json", "hyperparameters.json")
 
 
 def hyperparameters(train: dict, variant: str | None) -> dict:
@@ -61,12 +61,12 @@ def summary(fold_dir: Path, variants: list[str]) -> pd.DataFrame:
 
 
 def select(fold_dir: Path, variants: list[str]) -> str:
-    """Copy the best variant's model, history and hyperparameters into ``fold_dir``; write
+    """Copy the best variant's model, history, diagnostics and hyperparameters into ``fold_dir``; write
     ``variants.tsv``; return the chosen variant's name."""
     table = summary(fold_dir, variants)
     chosen = str(table.loc[table["chosen"], "variant"].iloc[0])
     source = fold_dir / f"variant-{chosen}"
-    for name in TRAINED[:2]:
+    for name in TRAINED[:3]:
         atomic.copyfile(source / name, fold_dir / name)
     hyper = json.loads((source / "hyperparameters.json").read_text())
     atomic.write_text(fold_dir / "hyperparameters.json", json.dumps({**hyper, "variant": chosen}, indent=2))

@@ -38,16 +38,24 @@ rule evaluate_folds:
         predictions=expand(rules.evaluate.output.predictions, fold=FOLDS),
         excluded=rules.exclusions.output.excluded,
         labels=expand(rules.evaluate.output.labels, fold=FOLDS),
-        code=source("evaluate", "segmentation"),
+        # Regression and classification: each fold's linear baseline and training diagnostics.
+        linear=[] if SEGMENTATION else expand(rules.linear.output.metrics, fold=FOLDS),
+        linear_predictions=[] if SEGMENTATION else expand(rules.linear.output.predictions, fold=FOLDS),
+        diagnostics=[] if SEGMENTATION else expand(f"{RESULTS}/train/{{fold}}/diagnostics.json", fold=FOLDS),
+        code=source("evaluate", "segmentation", "compare", "diagnostics"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",
         predictions=f"{RESULTS}/evaluate/predictions.tsv",
         metrics=f"{RESULTS}/evaluate/metrics.json",
         plot=f"{RESULTS}/evaluate/performance.png",
         labels=[directory(f"{RESULTS}/evaluate/labels")] if SEGMENTATION else [],
+        comparison=[] if SEGMENTATION else f"{RESULTS}/evaluate/comparison.tsv",
+        diagnostics=[] if SEGMENTATION else f"{RESULTS}/evaluate/diagnostics.json",
     params:
         fold_dirs=parents_of("metrics"),
         out_dir=parent_of("metrics"),
+        linear_dirs=parents_of("linear"),
+        train_dirs=parents_of("diagnostics"),
     log:
         f"{RESULTS}/logs/evaluate/summary.log",
     benchmark:
@@ -60,4 +68,4 @@ rule evaluate_folds:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.evaluate summary {params.fold_dirs:q} --excluded {input.excluded:q}"
-        " --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --linear {params.linear_dirs:q} --train {params.train_dirs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -40,6 +40,7 @@ rule preprocess:
         transform=config["preprocess"]["transform"],
         n4="" if config["preprocess"]["n4"] else "--no-n4",
         n4_shrink=config["preprocess"]["n4_shrink_factor"],
+        antialias="" if config["preprocess"]["antialias"] else "--no-antialias",
         seed=config["preprocess"]["seed"],
         on_error=config["on_error"],
         label=lambda wildcards, input: f"--label {shlex.quote(input.label[0])}" if input.label else "",
@@ -60,7 +61,7 @@ rule preprocess:
         "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
         " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
-        " --seed {params.seed} {params.label} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
+        " --seed {params.seed} {params.antialias} {params.label} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
 
 

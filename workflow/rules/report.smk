@@ -8,6 +8,8 @@ rule report:
         metrics=rules.evaluate_folds.output.table,
         summary=rules.evaluate_folds.output.metrics,
         performance=rules.evaluate_folds.output.plot,
+        comparison=rules.evaluate_folds.output.comparison,
+        diagnostics=rules.evaluate_folds.output.diagnostics,
         # Explanation maps are of image-level predictions: none for segmentation.
         maps=[] if SEGMENTATION else rules.explain_folds.output.pngs,
         extremes=[] if SEGMENTATION else rules.explain_folds.output.extremes,

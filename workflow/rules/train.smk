@@ -7,10 +7,11 @@ rule train:
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
-        code=source("train", "models", "augment", "sampler", "data", "finetune", "package"),
+        code=source("train", "models", "augment", "sampler", "data", "finetune", "package", "diagnostics"),
     output:
         model=f"{RESULTS}/train/{TRAIN_RUN}/model.pt",
         history=f"{RESULTS}/train/{TRAIN_RUN}/history.tsv",
+        diagnostics=f"{RESULTS}/train/{TRAIN_RUN}/diagnostics.json",
         hyperparameters=f"{RESULTS}/train/{TRAIN_RUN}/hyperparameters.json",
     params:
         preproc_dir=preproc_root,
@@ -51,6 +52,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
         output:
             model=f"{RESULTS}/train/{{fold}}/model.pt",
             history=f"{RESULTS}/train/{{fold}}/history.tsv",
+            diagnostics=f"{RESULTS}/train/{{fold}}/diagnostics.json",
             hyperparameters=f"{RESULTS}/train/{{fold}}/hyperparameters.json",
             variants=f"{RESULTS}/train/{{fold}}/variants.tsv",
         params:
