@@ -2,8 +2,8 @@
 
 One image of the demo's default study grid (the MNI152 template at 4 mm, 40 x 48 x 40 voxels,
 z-scored inside the brain mask, 0 outside, as preprocessing writes it), the default network
-(``simple_cnn``), occlusion windows of 8 voxels every 4 (the demo's ``explain`` settings), one
-run, side by side:
+(``simple_cnn``), occlusion windows of 8 voxels every 4 (the demo's stride; its window is now 6,
+which evaluates as many windows per image), one run, side by side:
 
 * **pipeline**: ``pipeline.attribution.occlusion`` (equal to captum's map; windows that cannot
   change the input are counted but not evaluated);

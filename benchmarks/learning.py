@@ -66,7 +66,7 @@ def prepare(work: Path, cohort: dict) -> dict[bool, Path]:
 
 
 def score(predictions, task: str, classes):
-    from pipeline.evaluate import with_intervals
+    from pipeline.metrics import with_intervals
 
     metrics = with_intervals(predictions, classes, float(predictions["true"].mean()) if not classes else None)
     name = "roc_auc" if classes else "mae"

@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.evaluate import bias_correction, bootstrap, classification_metrics, ensemble, regression_metrics, summarise
+from pipeline.evaluate import bias_correction, ensemble, summarise
+from pipeline.metrics import classification_metrics, regression_metrics
 
 
 def test_regression_metrics_on_a_hand_computed_case():
@@ -37,21 +38,6 @@ def test_bias_correction_inverts_a_regression_to_the_mean():
     np.testing.assert_allclose((validation["predicted"] - intercept) / slope, true)
     with pytest.raises(InputError, match="bias correction"):
         bias_correction(pd.DataFrame({"true": true, "predicted": np.full(5, 50.0)}))
-
-
-def test_bootstrap_resamples_participants_and_brackets_the_estimate():
-    rng = np.random.default_rng(0)
-    rows = [{"participant_id": f"sub-{i // 2}", "true": t, "predicted": t + e}
-            for i, (t, e) in enumerate(zip(rng.uniform(20, 80, 60), rng.normal(0, 5, 60)))]
-    table = pd.DataFrame(rows)
-    mae = (table["predicted"] - table["true"]).abs().mean()
-    intervals = bootstrap(table, lambda p: {"mae": (p["predicted"] - p["true"]).abs().mean(), "n": len(p)},
-                          samples=300)
-    low, high = intervals["mae"]
-    assert low < mae < high and high - low < 3 and "n" not in intervals
-    seen = []
-    bootstrap(table, lambda p: seen.append(p["participant_id"].value_counts()) or {"x": 0.0}, samples=20)
-    assert all((counts % 2 == 0).all() for counts in seen)  # both images of a drawn participant come along
 
 
 def fold_dir(root, name, predicted, task="regression"):

@@ -26,7 +26,7 @@ SIGNED = {"occlusion": True, "gradient": False, "smoothgrad": False, "integrated
 class Settings:
     """Settings of every method (config ``explain``); intensities in z-score units."""
 
-    window: int = 8
+    window: int = 6
     stride: int = 4
     baseline: float = 0.0
     smoothgrad_samples: int = 16

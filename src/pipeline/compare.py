@@ -11,11 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline import metrics
 from pipeline.errors import InputError
 
-# Per task: the compared metrics, the headline first, and whether lower is better.
-METRICS = {"regression": (["mae", "rmse", "r2", "pearson_r"], {"mae": True, "rmse": True}),
-           "classification": (["roc_auc", "balanced_accuracy", "accuracy"], {})}
 KEYS = ["participant_id", "session", "image_id", "true"]
 
 
@@ -37,35 +35,22 @@ def side(paired: pd.DataFrame, which: str, classes: list[str] | None) -> pd.Data
     return paired[[k for k in KEYS if k in paired]].assign(**{c: paired[prefix + c] for c in columns})
 
 
-def differences(paired: pd.DataFrame, task: str, classes: list[str] | None, train_mean: float | None) -> dict:
-    """Both models' metrics and deep − linear, for every compared metric."""
-    from pipeline.evaluate import scores
-
-    names = METRICS[task][0]
-    deep, linear = (scores(side(paired, w, classes), classes, train_mean) for w in ("deep", "linear"))
-    out = {}
-    for name in names:
-        out[f"deep_{name}"], out[f"linear_{name}"] = deep[name], linear[name]
-        out[f"difference_{name}"] = deep[name] - linear[name]
-    return out
-
-
 def compare(deep: pd.DataFrame, linear: pd.DataFrame, task: str, classes: list[str] | None,
             train_mean: float | None) -> pd.DataFrame:
-    """Rows per compared metric: deep, linear, difference, its 95 % interval and the verdict."""
-    from pipeline.evaluate import bootstrap
-
+    """Rows per metric: deep, linear, difference, its 95 % interval and the verdict. Each bootstrap
+    draw weighs both models' predictions by the same participants."""
     paired = paired_table(deep, linear, classes)
-    point = differences(paired, task, classes, train_mean)
-    intervals = bootstrap(paired, lambda p: {k: v for k, v in differences(p, task, classes, train_mean).items()
-                                             if k.startswith("difference_")})
-    names, lower_better = METRICS[task]
+    sides = [side(paired, which, classes) for which in ("deep", "linear")]
+    point = [metrics.scores(p, classes, train_mean) for p in sides]
+    weights = metrics.participant_weights(paired["participant_id"])
+    deep_draws, linear_draws = (metrics.draws(p, classes, train_mean, weights) for p in sides)
     rows = []
-    for name in names:
-        low, high = intervals.get(f"difference_{name}", [float("nan"), float("nan")])
-        rows.append({"metric": name, "deep": point[f"deep_{name}"], "linear": point[f"linear_{name}"],
-                     "difference": point[f"difference_{name}"], "difference_ci_low": low, "difference_ci_high": high,
-                     "verdict": verdict(low, high, lower_better.get(name, False))})
+    for metric in metrics.METRICS[task]:
+        name = metric.name
+        low, high = metrics.intervals({name: deep_draws[name] - linear_draws[name]})[name]
+        rows.append({"metric": name, "deep": point[0][name], "linear": point[1][name],
+                     "difference": point[0][name] - point[1][name], "difference_ci_low": low,
+                     "difference_ci_high": high, "verdict": verdict(low, high, metric.lower_is_better)})
     return pd.DataFrame(rows)
 
 
@@ -92,6 +77,6 @@ def comparison_tables(deep: dict[str, pd.DataFrame], linear: dict[str, pd.DataFr
 
 def headline(table: pd.DataFrame, task: str) -> dict | None:
     """The ensemble's headline row (MAE or ROC AUC) as a dict, or None without a comparison."""
-    name = METRICS[task][0][0]
+    name = metrics.HEADLINE[task]
     rows = table[(table["model"] == "ensemble") & (table["metric"] == name)]
     return rows.iloc[0].to_dict() if len(rows) else None

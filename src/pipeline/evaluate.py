@@ -22,22 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 from pipeline import atomic
 from pipeline.data import load_batch, read_tsv, study_table
 from pipeline.errors import InputError
+from pipeline.metrics import with_intervals
 from pipeline.train import load_model
-
-BOOTSTRAP_SAMPLES = 1000
-NOT_BOOTSTRAPPED = {"n", "train_mean", "best_epoch", "correction_slope", "correction_intercept"}
 
 
 @torch.no_grad()
@@ -72,49 +68,6 @@ def correct(predictions: pd.DataFrame, slope: float, intercept: float) -> pd.Ser
     return (predictions["predicted"] - intercept) / slope
 
 
-def regression_metrics(true, predicted, train_mean: float) -> dict:
-    """MAE, RMSE, R², Pearson r, and the MAE of always predicting the training mean. R² and r need
-    two images and varying values: where they are undefined they are NaN and ``undefined`` says why."""
-    true, predicted = np.asarray(true, float), np.asarray(predicted, float)
-    baseline = skm.mean_absolute_error(true, np.full_like(true, train_mean))
-    mae = skm.mean_absolute_error(true, predicted)
-    metrics = {"n": int(true.size), "mae": mae, "rmse": float(np.sqrt(skm.mean_squared_error(true, predicted))),
-               "r2": float("nan"), "pearson_r": float("nan"), "train_mean": float(train_mean),
-               "baseline_mae": baseline, "mae_ratio_to_baseline": mae / baseline if baseline else float("nan")}
-    undefined = []
-    if true.size < 2:
-        undefined.append(f"r2, pearson_r: {true.size} test image(s); they need at least 2")
-    elif np.ptp(true) == 0 or np.ptp(predicted) == 0:
-        undefined.append("r2, pearson_r: the true or the predicted values are all equal")
-    else:
-        metrics["r2"] = skm.r2_score(true, predicted)
-        metrics["pearson_r"] = float(pearsonr(true, predicted)[0])
-    return {**metrics, "undefined": undefined} if undefined else metrics
-
-
-def classification_metrics(true, probabilities: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, balanced accuracy, ROC AUC and F1 (binary: positive class = ``classes[1]``; else macro)."""
-    true = np.asarray(true).astype(str)
-    predicted = np.asarray(classes)[probabilities.argmax(1)]
-    binary = len(classes) == 2
-    present = sorted(set(true.tolist()))
-    auc, undefined = float("nan"), []
-    if len(present) < len(classes):
-        undefined.append(f"roc_auc: the test images hold only class(es) {present} of {classes}")
-    elif binary:
-        auc = skm.roc_auc_score(true == classes[1], probabilities[:, 1])
-    else:
-        auc = skm.roc_auc_score(true, probabilities, multi_class="ovr", labels=classes)
-    with warnings.catch_warnings():  # balanced accuracy of a class absent from ``true`` warns
-        warnings.simplefilter("ignore")
-        balanced = skm.balanced_accuracy_score(true, predicted)
-        f1 = (skm.f1_score(true, predicted, pos_label=classes[1], zero_division=0.0) if binary
-              else skm.f1_score(true, predicted, average="macro", zero_division=0.0))
-    metrics = {"n": int(true.size), "accuracy": skm.accuracy_score(true, predicted), "balanced_accuracy": balanced,
-               "roc_auc": auc, "f1": f1}
-    return {**metrics, "undefined": undefined} if undefined else metrics
-
-
 def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
     """(slope, intercept) of predicted = slope * true + intercept on validation predictions; the
     corrected prediction is (predicted - intercept) / slope (brain-age bias correction)."""
@@ -128,45 +81,6 @@ def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
         raise InputError("The validation predictions do not vary with the target (slope of predicted on true "
                          f"{slope:.2g}); the bias correction is undefined. Train longer or check the model.")
     return float(slope), float(intercept)
-
-
-def scores(predictions: pd.DataFrame, classes: list[str] | None, train_mean: float | None) -> dict:
-    """The metrics of a predictions table (regression: raw and, when present, bias-corrected)."""
-    if classes:
-        return classification_metrics(predictions["true"], predictions[[f"p_{c}" for c in classes]].to_numpy(), classes)
-    metrics = regression_metrics(predictions["true"], predictions["predicted"], train_mean)
-    if "predicted_corrected" in predictions:
-        corrected = regression_metrics(predictions["true"], predictions["predicted_corrected"], train_mean)
-        metrics.update({f"corrected_{k}": corrected[k] for k in ("mae", "rmse", "r2", "pearson_r")})
-    return metrics
-
-
-def bootstrap(predictions: pd.DataFrame, score, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, list[float]]:
-    """95 % percentile intervals of every metric ``score`` computes, resampling participants (all
-    images of a drawn participant come along) with replacement; undefined resamples are skipped."""
-    groups = predictions.groupby("participant_id").indices
-    ids = np.array(sorted(groups))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(samples):
-        rows = np.concatenate([groups[p] for p in rng.choice(ids, len(ids), replace=True)])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                draws.append(score(predictions.iloc[rows]))
-            except ValueError:  # e.g. one class only: ROC AUC undefined
-                continue
-    table = pd.DataFrame(draws).drop(columns=list(NOT_BOOTSTRAPPED) + ["undefined"], errors="ignore")
-    with warnings.catch_warnings():  # a metric undefined in every draw: [NaN, NaN]
-        warnings.simplefilter("ignore")
-        return {k: [float(np.nanpercentile(table[k], 2.5)), float(np.nanpercentile(table[k], 97.5))] for k in table}
-
-
-def with_intervals(predictions: pd.DataFrame, classes: list[str] | None, train_mean: float | None) -> dict:
-    """Metrics plus ``<metric>_ci`` = [low, high] for each bootstrapped one."""
-    metrics = scores(predictions, classes, train_mean)
-    intervals = bootstrap(predictions, lambda p: scores(p, classes, train_mean))
-    return {**metrics, **{f"{k}_ci": v for k, v in intervals.items()}}
 
 
 def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_dir: Path | None = None,

@@ -39,6 +39,7 @@ import pandas as pd
 from pipeline import atomic
 from pipeline.data import TargetCoder, open_array, study_table
 from pipeline.errors import InputError
+from pipeline.metrics import with_intervals
 
 PENALTIES = np.logspace(-6, 2, 17)  # relative to the mean squared singular value of the training features
 MIN_TRAIN_PER_CLASS, MIN_VAL_PER_CLASS = 2, 1
@@ -257,8 +258,6 @@ class Skipped(InputError):
 def run(table: pd.DataFrame, fold: str, target: str, task: str, mask: np.ndarray, out_dir: Path,
         classes: list[str] | None = None, memory_mb: float = 2000) -> dict:
     """Fit one fold and write its files; a fold that cannot be fitted records why (``skipped``)."""
-    from pipeline.evaluate import with_intervals
-
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         predictions, record, validation = fit_fold(table, fold, target, task, mask, classes, memory_mb)

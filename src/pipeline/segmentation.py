@@ -4,7 +4,7 @@ Per image and label (every label but 0, the background): Dice and the 95th-perce
 distance in mm (MONAI's ``compute_dice`` and ``compute_hausdorff_distance`` with the grid's voxel
 spacing) between the predicted and the preprocessed true label map on the template grid.
 ``dice_mean`` is the mean Dice over labels. Test metrics are means over images with 95 %
-bootstrap intervals over participants (``evaluate.bootstrap``). A label absent from the true or
+bootstrap intervals over participants (``metrics.mean_intervals``). A label absent from the true or
 the predicted map of an image has an undefined HD95 (NaN, left out of the means); its Dice is 0
 when only one of the two maps has it, NaN (left out) when neither has.
 
@@ -23,6 +23,7 @@ HD95 per label).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +34,7 @@ import torch
 from pipeline import atomic
 from pipeline.data import load_batch, read_tsv
 from pipeline.errors import InputError
+from pipeline.metrics import mean_intervals
 from pipeline.paths import predicted_labels
 from pipeline.preprocess import derivative_paths, to_native
 
@@ -70,10 +72,17 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
     return scores
 
 
+def score_columns(predictions: pd.DataFrame) -> list[str]:
+    """The per-image score columns: every ``dice_*`` and ``hd95_*``."""
+    return [c for c in predictions.columns if c.startswith(("dice_", "hd95_"))]
+
+
 def summary_scores(predictions: pd.DataFrame) -> dict:
     """Means over images of every ``dice_*`` and ``hd95_*`` column (HD95: over the images where defined)."""
-    columns = [c for c in predictions.columns if c.startswith(("dice_", "hd95_"))]
-    return {"n": int(len(predictions)), **{c: float(np.nanmean(predictions[c].astype(float))) for c in columns}}
+    with warnings.catch_warnings():  # a label never in both maps: its HD95 mean is NaN
+        warnings.simplefilter("ignore")
+        return {"n": int(len(predictions)),
+                **{c: float(np.nanmean(predictions[c].astype(float))) for c in score_columns(predictions)}}
 
 
 @torch.no_grad()
@@ -106,14 +115,12 @@ def evaluate_fold(table: pd.DataFrame, model, coder, record: dict, preproc_dir: 
                   out_dir: Path) -> dict:
     """Label maps and scores of one fold's validation and test images; ``predictions.tsv`` and the
     test ``metrics.json`` (with intervals) in ``out_dir``."""
-    from pipeline.evaluate import bootstrap
-
     if "label_array" not in table:
         raise InputError("Evaluating a segmentation model needs the study's label images: set config `label_image`.")
     predictions = predict_maps(model, coder.classes, table[table["split"].isin(["val", "test"])], preproc_dir,
                                channels, out_dir)
     test = predictions[predictions["split"] == "test"].reset_index(drop=True)
-    intervals = bootstrap(test, summary_scores)
+    intervals = mean_intervals(test, score_columns(test))
     grid = nib.load(str(derivative_paths(preproc_dir, table["subdir"].iloc[0], table["image_id"].iloc[0],
                                          channels)[f"image_{channels[0]}"]))
     metrics = {"task": coder.task, "target": record["target"], "classes": coder.classes, "best_epoch": record["epoch"],
@@ -147,7 +154,7 @@ def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: st
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
     ``excluded`` as in ``pipeline.evaluate.summarise``."""
-    from pipeline.evaluate import bootstrap, excluded_by_stage, summary_table
+    from pipeline.evaluate import excluded_by_stage, summary_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     names, spacing = metrics[0]["classes"], metrics[0]["spacing_mm"]
@@ -173,7 +180,8 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
         rows.append(row)
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
-    overall = {**summary_scores(combined), **{f"{k}_ci": v for k, v in bootstrap(combined, summary_scores).items()}}
+    overall = {**summary_scores(combined),
+               **{f"{k}_ci": v for k, v in mean_intervals(combined, score_columns(combined)).items()}}
     table, summary = summary_table(metrics, fold_names, overall)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
