@@ -28,9 +28,9 @@ import time
 import numpy as np
 import torch
 
-from pipeline.attribution import occlusion, window_starts
-from pipeline.models import build_model
-from pipeline.template import brain_mask_on_grid, template_on_grid
+from pipeline.results.attribution import occlusion, window_starts
+from pipeline.learning.models import build_model
+from pipeline.intake.template import brain_mask_on_grid, template_on_grid
 
 RESOLUTION, SHAPE, WINDOW, STRIDE = 4.0, (40, 48, 40), 8, 4
 

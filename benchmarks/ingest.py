@@ -35,7 +35,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline import bidsindex, ingest
+from pipeline.intake import bidsindex
+from pipeline.intake import ingest
 
 
 def write_tree(root: Path, n_subjects: int) -> Path:

@@ -66,7 +66,7 @@ def prepare(work: Path, cohort: dict) -> dict[bool, Path]:
 
 
 def score(predictions, task: str, classes):
-    from pipeline.metrics import with_intervals
+    from pipeline.results.metrics import with_intervals
 
     metrics = with_intervals(predictions, classes, float(predictions["true"].mean()) if not classes else None)
     name = "roc_auc" if classes else "mae"
@@ -77,9 +77,9 @@ def deep_row(results: Path, cohort: dict, hyper: dict, classes, work: Path) -> t
     """Each fold's test metric, the ensemble's (value, interval) and the training minutes."""
     import pandas as pd
 
-    from pipeline.data import study_table
-    from pipeline.evaluate import ensemble, predict
-    from pipeline.train import load_model, train
+    from pipeline.intake.study import study_table
+    from pipeline.results.evaluate import ensemble, predict
+    from pipeline.learning.train import load_model, train
 
     folds, tests, start = [], [], time.perf_counter()
     for k in range(1, cohort["folds"] + 1):
@@ -100,9 +100,10 @@ def linear_row(results: Path, cohort: dict, classes, work: Path) -> tuple[list, 
     import nibabel as nib
     import numpy as np
 
-    from pipeline import linear
-    from pipeline.data import read_tsv, study_table
-    from pipeline.evaluate import ensemble
+    from pipeline.learning import linear
+    from pipeline.common.tables import read_tsv
+    from pipeline.intake.study import study_table
+    from pipeline.results.evaluate import ensemble
 
     mask = np.asarray(nib.load(next((results / "grid").glob("*desc-brain_mask.nii.gz"))).dataobj) > 0
     folds, tests = [], []

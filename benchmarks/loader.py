@@ -42,8 +42,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import Augmentation, affine_theta
-from pipeline.data import ArrayLoader
+from pipeline.learning.augment import Augmentation, affine_theta
+from pipeline.learning.loader import ArrayLoader
 
 AFFINE = {"rotation": 5.0, "scaling": 0.05, "translation": 2.0}
 NOISE = 0.05

@@ -63,18 +63,19 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
 
     import pandas as pd
 
-    from pipeline import atomic
-    from pipeline.attribution import SIGNED, Settings, attribute
-    from pipeline.data import load_batch, read_tsv
-    from pipeline.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
+    from pipeline.common import atomic
+    from pipeline.results.attribution import SIGNED, Settings, attribute
+    from pipeline.common.tables import read_tsv
+    from pipeline.learning.loader import load_batch
+    from pipeline.results.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
                                   write_statistics)
-    from pipeline.train import load_model, train
+    from pipeline.learning.train import load_model, train
 
     if stage == "import":
         return
     table = read_tsv(table_path)
     if stage == "linear":
-        from pipeline import linear
+        from pipeline.learning import linear
 
         mask = np.ones(np.load(table["array"].iloc[0], mmap_mode="r").shape[1:], dtype=bool)
         record = linear.run(table, "fold-1", "age", "regression", mask, out_dir / "linear", memory_mb=linear_mb)

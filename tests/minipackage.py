@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from pipeline import recipe
-from pipeline.data import study_table
-from pipeline.evaluate import evaluate_fold, summarise
-from pipeline.export import export
-from pipeline.preprocess import derivative_paths
-from pipeline.train import train
+from pipeline.intake import recipe
+from pipeline.intake.study import study_table
+from pipeline.results.evaluate import evaluate_fold, summarise
+from pipeline.sharing.export import export
+from pipeline.common.paths import derivative_paths
+from pipeline.learning.train import train
 
 SHAPE = (16, 16, 16)
 HYPER = {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "model_args": {"channels": [4, 8]}}

@@ -7,11 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline import ingest
+from pipeline.intake import ingest
 from pipeline.demo import make_demo
-from pipeline.grid import write_grid
-from pipeline.preprocess import derivative_paths, preprocess
-from pipeline.split import design
+from pipeline.intake.grid import write_grid
+from pipeline.common.paths import derivative_paths
+from pipeline.intake.preprocess import preprocess
+from pipeline.intake.split import design
 
 RESOLUTION, SHAPE = 6, (32, 32, 32)
 LABEL_IMAGE = {"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"},

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import package
-from pipeline.apply import SNAKEFILE, apply_config
-from pipeline.ingest import ingest, main as ingest_main
+from pipeline.sharing import package
+from pipeline.sharing.apply import SNAKEFILE, apply_config
+from pipeline.intake.ingest import ingest, main as ingest_main
 
 
 def test_ingest_without_a_target_keeps_every_image(small_bids, tmp_path):

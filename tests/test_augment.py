@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.augment import (Augmentation, RandomAffine, RandomBiasField, RandomGamma, RandomGhosting,
+from pipeline.learning.augment import (Augmentation, RandomAffine, RandomBiasField, RandomGamma, RandomGhosting,
                               RandomIntensity, RandomNoise, RandomSmoothing, affine_theta, main, select)
 
 

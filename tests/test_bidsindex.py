@@ -6,8 +6,8 @@ import time
 import pytest
 from conftest import tree_digest, write_tree
 
-from pipeline import bidsindex
-from pipeline.errors import InputError
+from pipeline.intake import bidsindex
+from pipeline.common.errors import InputError
 
 RULES = bidsindex.entity_rules(("bids",))
 TRICKY = [

@@ -12,8 +12,8 @@ import pytest
 from scipy import ndimage as ndi
 
 from pipeline import demo
-from pipeline.errors import InputError
-from pipeline.template import SPACE, load_template
+from pipeline.common.errors import InputError
+from pipeline.intake.template import SPACE, load_template
 
 N_SUBJECTS, SEED, RESOLUTION = 6, 3, 3.0
 TRUTH = Path("derivatives", "groundtruth")

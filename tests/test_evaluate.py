@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.evaluate import bias_correction, ensemble, summarise
-from pipeline.metrics import classification_metrics, regression_metrics
+from pipeline.common.errors import InputError
+from pipeline.results.evaluate import bias_correction, ensemble, summarise
+from pipeline.results.metrics import classification_metrics, regression_metrics
 
 
 def test_regression_metrics_on_a_hand_computed_case():

@@ -6,12 +6,12 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Occlusion, Saliency
 
-from pipeline import attribution
-from pipeline.atlas import atlas_on_grid
-from pipeline.errors import InputError
-from pipeline.explain import FoldMeanMaps, region_table, statistics, top_fraction_enrichment
-from pipeline.grid import write_grid
-from pipeline.models import build_model
+from pipeline.results import attribution
+from pipeline.results.atlas import atlas_on_grid
+from pipeline.common.errors import InputError
+from pipeline.results.explain import FoldMeanMaps, region_table, statistics, top_fraction_enrichment
+from pipeline.intake.grid import write_grid
+from pipeline.learning.models import build_model
 
 
 def brain_like(channels: int, shape=(13, 11, 9), seed=0) -> torch.Tensor:

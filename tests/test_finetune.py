@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from minipackage import HYPER, RECIPE
-from pipeline import package
-from pipeline.data import study_table
-from pipeline.errors import InputError
-from pipeline.finetune import freeze, head_keys, source_fold
-from pipeline.models import build_model
-from pipeline.train import train
+from pipeline.sharing import package
+from pipeline.intake.study import study_table
+from pipeline.common.errors import InputError
+from pipeline.learning.finetune import freeze, head_keys, source_fold
+from pipeline.learning.models import build_model
+from pipeline.learning.train import train
 
 HEAD = {"head.3.weight", "head.3.bias"}  # simple_cnn's Linear
 
@@ -102,8 +102,8 @@ def test_the_workflow_fetches_the_package_to_start_from(mini_study, small_bids, 
 
     import yaml
 
-    from pipeline import registry
-    from pipeline.apply import SNAKEFILE
+    from pipeline.sharing import registry
+    from pipeline.sharing.apply import SNAKEFILE
 
     registry.register(mini_study / "package" / "model", "lab/brainage:3", str(tmp_path / "registry"))
     config = {"bids_dir": str(small_bids), "target": "age", "task": "regression", "results_dir": "results",

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import tiny_nifti
 
-from pipeline import imagecheck
+from pipeline.intake import imagecheck
 
 
 def broken(tmp_path, name, content: bytes):

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import tiny_nifti, tree_digest, write_tree
 
-from pipeline import ingest
-from pipeline.errors import InputError
+from pipeline.intake import ingest
+from pipeline.common.errors import InputError
 
 FILTERS = {"suffix": "T1w", "datatype": "anat", "extension": [".nii", ".nii.gz"]}
 
@@ -83,7 +83,7 @@ def test_cli_fails_with_message_not_traceback(small_bids, tmp_path, capsys):
 
 
 def test_tree_fingerprint_follows_files_not_touches(small_bids):
-    from pipeline.fingerprint import tree_fingerprint
+    from pipeline.common.fingerprint import tree_fingerprint
 
     image = small_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     listing, stamped = tree_fingerprint(small_bids, mtimes=False), tree_fingerprint(small_bids)

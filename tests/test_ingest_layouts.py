@@ -10,8 +10,8 @@ import re
 import pytest
 from conftest import tiny_nifti, tree_digest, write_tree
 
-from pipeline import ingest
-from pipeline.errors import InputError
+from pipeline.intake import ingest
+from pipeline.common.errors import InputError
 
 
 def ds001(root):

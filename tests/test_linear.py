@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from pipeline import compare, diagnostics, linear
-from pipeline.evaluate import summarise
+from pipeline.results import compare
+from pipeline.results import diagnostics
+from pipeline.learning import linear
+from pipeline.results.evaluate import summarise
 
 GRID = (8, 10, 8)
 

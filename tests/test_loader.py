@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import ArrayLoader, load_batch
-from pipeline.errors import InputError
+from pipeline.learning.loader import ArrayLoader, load_batch
+from pipeline.common.errors import InputError
 
 
 @pytest.fixture

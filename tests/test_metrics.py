@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics
+from pipeline.results import metrics
 
 
 def table(task: str, n: int = 24, classes=("a", "b"), seed: int = 0) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.models import REGISTRY, build_model, main, recorded_args, resolved_args
+from pipeline.learning.models import REGISTRY, build_model, main, recorded_args, resolved_args
 
 # Small widths keep every architecture's test to a fraction of a second; layouts are the defaults'.
 SMALL = {

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from minipackage import spec
-from pipeline import package
-from pipeline.data import load_batch, read_tsv
-from pipeline.errors import InputError
-from pipeline.export import ONNX_TOLERANCE, Ensemble
+from pipeline.sharing import package
+from pipeline.common.tables import read_tsv
+from pipeline.learning.loader import load_batch
+from pipeline.common.errors import InputError
+from pipeline.sharing.export import ONNX_TOLERANCE, Ensemble
 
 
 @pytest.fixture

@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import package, registry
-from pipeline.data import load_batch, read_tsv
+from pipeline.sharing import package
+from pipeline.sharing import registry
+from pipeline.common.tables import read_tsv
+from pipeline.learning.loader import load_batch
 from pipeline.demo import make_demo
-from pipeline.export import ONNX_TOLERANCE, Ensemble
+from pipeline.sharing.export import ONNX_TOLERANCE, Ensemble
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import pytest
 from scipy.ndimage import center_of_mass
 from scipy.spatial.transform import Rotation
 
-from pipeline import grid, preprocess
-from pipeline.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
+from pipeline.intake import grid
+from pipeline.intake import preprocess
+from pipeline.intake.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
 
 RES, SHAPE = 6.0, (26, 32, 28)
 

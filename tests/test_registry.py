@@ -9,9 +9,10 @@ import uuid
 
 import pytest
 
-from pipeline import package, registry
-from pipeline.errors import InputError
-from pipeline.models import main as models_main
+from pipeline.sharing import package
+from pipeline.sharing import registry
+from pipeline.common.errors import InputError
+from pipeline.learning.models import main as models_main
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.augment import RandomAffine, affine_theta
-from pipeline.resample import affine_resample, over_threads
+from pipeline.learning.augment import RandomAffine, affine_theta
+from pipeline.learning.resample import affine_resample, over_threads
 
 
 def draws(batch: int, shape, seed: int = 0, **ranges):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.sampler import ImageModel, PatchSampler, Sampler, SliceSampler, aggregate, build_sampler
+from pipeline.learning.sampler import ImageModel, PatchSampler, Sampler, SliceSampler, aggregate, build_sampler
 
 
 def coded_images(n=4, shape=(6, 7, 5)) -> torch.Tensor:

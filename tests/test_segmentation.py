@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import TargetCoder, study_table
+from pipeline.intake.study import study_table
+from pipeline.learning.coder import TargetCoder
 from pipeline.demo import TISSUES, make_demo
-from pipeline.errors import InputError
-from pipeline.grid import write_grid
-from pipeline.preprocess import derivative_paths, preprocess, write_label
-from pipeline.segmentation import label_scores, majority
-from pipeline.template import template_on_grid
-from pipeline.train import Process, build_trainer, resolve
+from pipeline.common.errors import InputError
+from pipeline.intake.grid import write_grid
+from pipeline.common.paths import derivative_paths
+from pipeline.intake.preprocess import preprocess, write_label
+from pipeline.results.segmentation import label_scores, majority
+from pipeline.intake.template import template_on_grid
+from pipeline.learning.train import Process, build_trainer, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -150,8 +152,8 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     split → 2D unet on slices → evaluation. GM and WM Dice ≥ 0.8 on the test split."""
     import segstudy
 
-    from pipeline.evaluate import evaluate_fold
-    from pipeline.train import train
+    from pipeline.results.evaluate import evaluate_fold
+    from pipeline.learning.train import train
 
     start = time.perf_counter()
     study = segstudy.build(tmp_path)
@@ -181,7 +183,7 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     assert label_scores(np.asarray(native_map.dataobj), truth, segstudy.LABEL_IMAGE["labels"],
                         native_image.header.get_zooms())["dice_WM"] > 0.7
     # The ensemble (here of one fold) votes on the native grid too: the fold's native map comes back.
-    from pipeline.segmentation import summarise
+    from pipeline.results.segmentation import summarise
 
     summarise([tmp_path / "evaluate"], tmp_path / "summary")
     ensemble = pd.read_csv(tmp_path / "summary" / "predictions.tsv", sep="\t", keep_default_na=False)
@@ -199,7 +201,7 @@ def test_summary_tables_per_fold_mean_sd_and_majority_vote_ensemble(tmp_path):
 
     import pandas as pd
 
-    from pipeline.segmentation import summarise
+    from pipeline.results.segmentation import summarise
 
     names = ["background", "a"]
     true = np.zeros((1, 8, 8, 8), np.uint8)
@@ -249,7 +251,7 @@ def test_summary_tables_per_fold_mean_sd_and_majority_vote_ensemble(tmp_path):
 @pytest.mark.parametrize("sampler", [{"kind": "image"}, {"kind": "slices", "axis": 0}, {"kind": "slices", "axis": 2},
                                      {"kind": "patches", "size": [4, 4, 4]}])
 def test_segmentation_model_reassembles_whole_label_maps_from_views(sampler):
-    from pipeline.sampler import SegmentationModel, build_sampler
+    from pipeline.learning.sampler import SegmentationModel, build_sampler
 
     class TwoClasses(torch.nn.Module):  # logits (x, -x): a voxel-wise network on any view
         def forward(self, x):
@@ -268,7 +270,7 @@ def test_segmentation_trains_on_patches_and_slices_with_augmented_labels(tmp_pat
     the images, whole-image validation Dice recorded, the model rebuilt for whole images."""
     import pandas as pd
 
-    from pipeline.train import load_model, train
+    from pipeline.learning.train import load_model, train
 
     rng = np.random.default_rng(0)
     rows = []

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.errors import InputError
-from pipeline.split import balance, check_design, design, fold_columns
+from pipeline.common.errors import InputError
+from pipeline.intake.split import balance, check_design, design, fold_columns
 
 
 def manifest(n=50, sessions_every=5, seed=0):

@@ -13,11 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.data import load_batch, study_table
-from pipeline.evaluate import predict
-from pipeline.preprocess import derivative_paths
-from pipeline.sampler import ImageModel
-from pipeline.train import image_batches, load_model, train
+from pipeline.intake.study import study_table
+from pipeline.learning.loader import load_batch
+from pipeline.results.evaluate import predict
+from pipeline.common.paths import derivative_paths
+from pipeline.learning.sampler import ImageModel
+from pipeline.learning.train import image_batches, load_model, train
 
 SMALL = {"model": "simple_cnn", "model_args": {"channels": [4, 8], "dropout": 0.2}, "batch_size": 4,
          "epochs": 3, "learning_rate": 0.01, "patience": 10, "seed": 3,
@@ -178,7 +179,7 @@ def test_amp_on_cuda_trains(study, tmp_path):
 
 
 def test_unknown_model_is_an_input_error(study, tmp_path):
-    from pipeline.errors import InputError
+    from pipeline.common.errors import InputError
 
     table, _ = study
     with pytest.raises(InputError, match="resnet18"):

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from minipackage import HYPER, write_cohort
-from pipeline import variants
-from pipeline.data import study_table
-from pipeline.errors import InputError
-from pipeline.train import train
+from pipeline.learning import variants
+from pipeline.intake.study import study_table
+from pipeline.common.errors import InputError
+from pipeline.learning.train import train
 
 
 def test_hyperparameters_apply_a_variants_overrides_and_drop_the_variant_table():

@@ -21,8 +21,8 @@ import pytest
 import yaml
 
 from pipeline.demo import make_demo
-from pipeline.explain import top_fraction_enrichment
-from pipeline.template import SPACE, resample_to_grid
+from pipeline.results.explain import top_fraction_enrichment
+from pipeline.intake.template import SPACE, resample_to_grid
 
 pytestmark = pytest.mark.slow
 

@@ -39,9 +39,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from pipeline import __version__, atomic
-from pipeline.errors import InputError
-from pipeline.template import BRAIN_CENTRE_MM, SPACE, load_template, resample_to_grid
+from pipeline import __version__
+from pipeline.common import atomic
+from pipeline.common.errors import InputError
+from pipeline.intake.template import BRAIN_CENTRE_MM, SPACE, load_template, resample_to_grid
 
 BIDS_VERSION = "1.9.0"
 GENERATOR = "pipeline.demo"

@@ -21,8 +21,11 @@ import yaml
 from builders import (BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_image, good_dataset, is_root,
                       noise, save)
 
-from pipeline import configcheck, exclusions, imagecheck, ingest
-from pipeline.errors import InputError
+from pipeline.common import configcheck
+from pipeline.intake import exclusions
+from pipeline.intake import imagecheck
+from pipeline.intake import ingest
+from pipeline.common.errors import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ["sub-01", "sub-02", "sub-03"]
@@ -275,7 +278,7 @@ def negative_batch_size(c):
 
 
 def unknown_model(c):
-    from pipeline.models import REGISTRY
+    from pipeline.learning.models import REGISTRY
 
     c["train"]["model"] = "resnet1000"
     return r"`train\.model` is 'resnet1000'; choose one of: " + ", ".join(REGISTRY)
@@ -315,7 +318,7 @@ def test_config_faults_are_reported_together():
 
 
 def test_model_choices_are_the_registry():
-    from pipeline.models import REGISTRY
+    from pipeline.learning.models import REGISTRY
 
     schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
     assert schema["properties"]["train"]["properties"]["model"]["enum"] == list(REGISTRY)

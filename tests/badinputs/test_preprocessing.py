@@ -11,8 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import exclusions, grid, imagecheck, preprocess
-from pipeline.errors import InputError
+from pipeline.intake import exclusions
+from pipeline.intake import grid
+from pipeline.intake import imagecheck
+from pipeline.intake import preprocess
+from pipeline.common.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,7 @@ def test_excluded_tsv_gathers_both_stages_and_samples_tsv_drops_them(tmp_path):
 
 
 def test_report_shows_an_excluded_samples_empty_qc_as_a_note(tmp_path):
-    from pipeline.report import embed_png
+    from pipeline.results.report import embed_png
 
     (tmp_path / "sub-04_desc-qc_T1w.png").write_bytes(b"")
     assert "excluded" in embed_png(tmp_path / "sub-04_desc-qc_T1w.png", "sub-04") and "<img" not in embed_png(
@@ -109,7 +112,7 @@ def test_report_shows_an_excluded_samples_empty_qc_as_a_note(tmp_path):
 def test_evaluation_summary_lists_the_excluded_samples(tmp_path):
     from test_evaluate import fold_dir
 
-    from pipeline.evaluate import summarise
+    from pipeline.results.evaluate import summarise
 
     folds = [fold_dir(tmp_path, f"fold-{k}", [0.0, 22.0, 38.0, 64.0, 76.0]) for k in (1, 2)]
     table = pd.concat([exclusions.record("", "sub-9", "ingest", "", "participant has no image ..."),

@@ -15,7 +15,7 @@ import yaml
 from builders import BAD, GOOD_IDS, bad_image, good_dataset
 from test_preprocessing import spike
 
-from pipeline import exclusions
+from pipeline.intake import exclusions
 
 REPO = Path(__file__).resolve().parents[2]
 

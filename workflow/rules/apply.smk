@@ -8,7 +8,7 @@ rule predict:
         manifest=rules.exclusions.output.samples,
         arrays=preprocessed("array"),
         package=PACKAGE_INPUT,
-        code=source("predict", "evaluate", "package"),
+        code=code("predict"),
     output:
         predictions=f"{RESULTS}/predictions.tsv",
         folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
@@ -40,7 +40,7 @@ rule predict_maps:
         mask=rules.grid.output.mask,
         template=rules.grid.output.template,
         package=PACKAGE_INPUT,
-        code=source("predict", "explain", "attribution", "paths"),
+        code=code("predict"),
     output:
         index=f"{RESULTS}/explain/maps.tsv",
         maps=directory(f"{RESULTS}/explain/maps"),
@@ -78,7 +78,7 @@ rule predict_report:
         pngs=rules.predict_maps.output.pngs,
         qc=preprocessed("qc"),
         package=PACKAGE_INPUT,
-        code=source("predict", "report"),
+        code=code("predict"),
     output:
         report(f"{RESULTS}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:

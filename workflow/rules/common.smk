@@ -14,13 +14,17 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # imports its standard-library-only modules (paths, fingerprints) from there too.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
-from pipeline import configcheck, recipe, registry, variants
-from pipeline.outputs import check_writable
-from pipeline.fingerprint import tree_fingerprint
-from pipeline.package import files as package_files
-from pipeline.paths import SPACE, exclusion_record, explanation_maps, group_map
-from pipeline.paths import preprocessed as preprocessed_paths
-from pipeline.snakemake_compat import fix_group_components
+from pipeline.common import configcheck
+from pipeline.common.codegraph import code_of
+from pipeline.common.fingerprint import tree_fingerprint
+from pipeline.common.outputs import check_writable
+from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, group_map
+from pipeline.common.paths import preprocessed as preprocessed_paths
+from pipeline.common.snakemake_compat import fix_group_components
+from pipeline.intake import recipe
+from pipeline.learning import variants
+from pipeline.sharing import registry
+from pipeline.sharing.package import files as package_files
 
 # Every config problem at once, each naming its key and what to set (then validate fills in defaults).
 configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
@@ -92,9 +96,10 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9]+",
 
 
-def source(*modules):
-    """Source files of the package modules a job runs; listed as inputs, editing them reruns the job."""
-    return [str(SRC / f"{m}.py") for m in modules]
+def code(command):
+    """The code ``python -m pipeline.<command>`` runs: its module and every package module it imports
+    (pipeline.common.codegraph). Listed as inputs: editing one of them reruns the jobs that run it."""
+    return [str(path) for path in code_of(f"pipeline.{command}")]
 
 
 def ingest_tables(wildcards):

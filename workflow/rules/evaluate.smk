@@ -6,7 +6,7 @@ rule evaluate:
         choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
-        code=source("evaluate", "segmentation"),
+        code=code("evaluate"),
     output:
         predictions=f"{RESULTS}/evaluate/{{fold}}/predictions.tsv",
         metrics=f"{RESULTS}/evaluate/{{fold}}/metrics.json",
@@ -42,7 +42,7 @@ rule evaluate_folds:
         linear=[] if SEGMENTATION else expand(rules.linear.output.metrics, fold=FOLDS),
         linear_predictions=[] if SEGMENTATION else expand(rules.linear.output.predictions, fold=FOLDS),
         diagnostics=[] if SEGMENTATION else expand(f"{RESULTS}/train/{{fold}}/diagnostics.json", fold=FOLDS),
-        code=source("evaluate", "segmentation", "compare", "diagnostics"),
+        code=code("evaluate"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",
         predictions=f"{RESULTS}/evaluate/predictions.tsv",

@@ -6,7 +6,7 @@ rule explain:
         choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=source("explain", "attribution", "paths"),
+        code=code("explain"),
     output:
         index=f"{RESULTS}/explain/{{fold}}/maps.tsv",
         maps=directory(f"{RESULTS}/explain/{{fold}}/maps"),
@@ -45,7 +45,7 @@ rule explain_folds:
         arrays=preprocessed("array"),
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=source("explain", "atlas", "paths"),
+        code=code("explain"),
     output:
         group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
         regions=f"{RESULTS}/explain/regions.tsv",

@@ -1,7 +1,7 @@
 checkpoint ingest:
     input:
         tables=ingest_tables,
-        code=source("ingest", "bidsindex", "imagecheck", "fingerprint", "outputs"),
+        code=code("ingest"),
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",

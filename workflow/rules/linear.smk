@@ -6,7 +6,7 @@ rule linear:
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=source("linear", "data", "evaluate"),
+        code=code("linear"),
     output:
         predictions=f"{RESULTS}/linear/{{fold}}/predictions.tsv",
         metrics=f"{RESULTS}/linear/{{fold}}/metrics.json",

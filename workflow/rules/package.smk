@@ -9,7 +9,7 @@ rule package:
         arrays=preprocessed("array"),
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=source("export", "package", "modelcard", "recipe"),
+        code=code("export"),
     output:
         files=[f"{RESULTS}/package/model/{name}" for name in package_files(FOLDS)],
         archive=f"{RESULTS}/package/model.tar.gz",

@@ -1,6 +1,6 @@
 rule grid:
     input:
-        code=source("grid", "template"),
+        code=code("grid"),
         package=[f"{APPLY['package']}/checksums.sha256"] if APPLY else [],
     output:
         template=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_T1w.nii.gz",
@@ -29,7 +29,7 @@ rule preprocess:
         label=source_label,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=source("preprocess", "paths", "exclusions"),
+        code=code("preprocess"),
     output:
         **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS, LABEL),
         # With on_error: continue a failed sample gets one row here (and empty files above).
@@ -70,7 +70,7 @@ rule exclusions:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
         records=exclusion_records,
-        code=source("exclusions", "outputs"),
+        code=code("exclusions"),
     output:
         excluded=f"{RESULTS}/excluded.tsv",
         samples=f"{RESULTS}/samples.tsv",

@@ -16,7 +16,7 @@ rule report:
         regions=[] if SEGMENTATION else rules.explain_folds.output.regions,
         validation=[] if SEGMENTATION else rules.explain_folds.output.validation,
         qc=preprocessed("qc"),
-        code=source("report"),
+        code=code("report"),
     output:
         report(
             f"{RESULTS}/report.html",

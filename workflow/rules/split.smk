@@ -1,7 +1,7 @@
 rule split:
     input:
         manifest=rules.exclusions.output.samples,
-        code=source("split"),
+        code=code("split"),
     output:
         splits=f"{RESULTS}/splits.tsv",
         balance=f"{RESULTS}/split_balance.tsv",

@@ -7,7 +7,7 @@ rule train:
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
-        code=source("train", "models", "augment", "sampler", "data", "finetune", "package", "diagnostics"),
+        code=code("train"),
     output:
         model=f"{RESULTS}/train/{TRAIN_RUN}/model.pt",
         history=f"{RESULTS}/train/{TRAIN_RUN}/history.tsv",
@@ -48,7 +48,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
         input:
             histories=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
             models=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
-            code=source("variants"),
+            code=code("variants"),
         output:
             model=f"{RESULTS}/train/{{fold}}/model.pt",
             history=f"{RESULTS}/train/{{fold}}/history.tsv",

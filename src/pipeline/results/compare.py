@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipeline import metrics
-from pipeline.errors import InputError
+from pipeline.results import metrics
+from pipeline.common.errors import InputError
 
 KEYS = ["participant_id", "session", "image_id", "true"]
 

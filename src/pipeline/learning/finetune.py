@@ -20,10 +20,11 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline import package, recipe
-from pipeline.data import TargetCoder
-from pipeline.errors import InputError
-from pipeline.models import build_model, recorded_args, resolved_args
+from pipeline.sharing import package
+from pipeline.intake import recipe
+from pipeline.learning.coder import TargetCoder
+from pipeline.common.errors import InputError
+from pipeline.learning.models import build_model, recorded_args, resolved_args
 
 
 def source_fold(fold: str, folds: list[str]) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from pipeline.template import template_on_grid
+from pipeline.intake.template import template_on_grid
 
 TISSUES = ("grey matter", "white matter", "CSF")
 VENTRICLE_BOX_MM = ((-30.0, 30.0), (-45.0, 25.0), (0.0, 35.0))  # (x, y, z) ranges, MNI mm

@@ -31,12 +31,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import atomic
-from pipeline.data import load_batch, read_tsv
-from pipeline.errors import InputError
-from pipeline.metrics import mean_intervals
-from pipeline.paths import predicted_labels
-from pipeline.preprocess import derivative_paths, to_native
+from pipeline.common import atomic
+from pipeline.common.tables import read_tsv
+from pipeline.learning.loader import load_batch
+from pipeline.common.errors import InputError
+from pipeline.results.metrics import mean_intervals
+from pipeline.common.paths import predicted_labels
+from pipeline.common.paths import derivative_paths
+from pipeline.intake.preprocess import to_native
 
 HD_PERCENTILE = 95
 
@@ -154,7 +156,7 @@ def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: st
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
     ``excluded`` as in ``pipeline.evaluate.summarise``."""
-    from pipeline.evaluate import excluded_by_stage, summary_table
+    from pipeline.results.evaluate import excluded_by_stage, summary_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     names, spacing = metrics[0]["classes"], metrics[0]["spacing_mm"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from pipeline.split import SPLITS
+from pipeline.intake.split import SPLITS
 
 INTENDED_USE = ("Research use: predicting `{target}` ({task}) from {channels} brain MRI of adults like those in "
                 "the training data, prepared with this package's preprocessing recipe. Not a medical device; "

@@ -13,7 +13,7 @@ package prepares new images with it.
 
 from __future__ import annotations
 
-from pipeline.paths import SPACE
+from pipeline.common.paths import SPACE
 
 TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.template)"
 # Keys that must be equal for images to be prepared the same way. The registration seed is not

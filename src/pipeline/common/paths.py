@@ -7,6 +7,8 @@ Standard library only: the Snakefile imports it to declare the same paths as out
 
 from __future__ import annotations
 
+from pathlib import Path
+
 SPACE = "MNI152NLin2009aSym"
 
 
@@ -64,3 +66,9 @@ def explanation_maps(root: str, subdir: str, image_id: str, method: str, referen
 def group_map(root: str, method: str, statistic: str = "mean") -> str:
     """A group-level map of ``method`` in template space."""
     return f"{root}/group_space-{SPACE}_desc-{method}_{statistic}.nii.gz"
+
+
+def derivative_paths(out_dir, subdir: str, image_id: str, channels=None, label: bool = False) -> dict[str, Path]:
+    """``preprocessed`` as Paths, under the derivatives folder ``out_dir``."""
+    paths = preprocessed(str(out_dir), subdir, image_id, tuple(channels or ("T1w",)), label)
+    return {role: Path(path) for role, path in paths.items()}

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import atomic
-from pipeline.errors import InputError
-from pipeline.fingerprint import file_stamp, listing_fingerprint, scan_tree
+from pipeline.common import atomic
+from pipeline.common.errors import InputError
+from pipeline.common.fingerprint import file_stamp, listing_fingerprint, scan_tree
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
 CACHE_VERSION = 1

@@ -27,8 +27,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from pipeline import atomic
-from pipeline.errors import InputError
+from pipeline.common import atomic
+from pipeline.common.errors import InputError
 
 FORMAT = "pipeline-model-package"
 FORMAT_VERSION = 1
@@ -152,13 +152,13 @@ class Package:
         return load_file(self.folder / TRAIN_MEAN)[fold][None]
 
     def coder(self, fold: str):
-        from pipeline.data import TargetCoder
+        from pipeline.learning.coder import TargetCoder
 
         return TargetCoder(**self.normalisation["target"][fold])
 
     def model(self, fold: str):
         """One fold's network in eval mode, weights loaded."""
-        from pipeline.train import rebuild
+        from pipeline.learning.train import rebuild
 
         return rebuild(self.spec["architecture"], self.spec["input"]["shape"][0], self.spec["outputs"],
                        self.spec.get("sampler"), self.state_dict(fold))

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline import package
-from pipeline.errors import InputError
+from pipeline.sharing import package
+from pipeline.common.errors import InputError
 
 DEFAULT = "~/.local/share/pipeline/registry"
 ENVIRONMENT = "PIPELINE_REGISTRY"

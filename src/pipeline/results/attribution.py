@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 
-from pipeline.errors import InputError
+from pipeline.common.errors import InputError
 
 METHODS = ("occlusion", "gradient", "smoothgrad", "integrated_gradients", "gradcam")
 SIGNED = {"occlusion": True, "gradient": False, "smoothgrad": False, "integrated_gradients": True, "gradcam": True}

@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.paths import SPACE  # noqa: F401  (re-exported)
+from pipeline.common.paths import SPACE  # noqa: F401  (re-exported)
 
 _FILES = {
     "T1w": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.common.errors import InputError
 
 
 def check_writable(folder: Path, key: str = "results_dir", create: bool = True) -> Path:

@@ -14,8 +14,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.bidsindex import read_pickle, write_pickle
-from pipeline.fingerprint import MISSING, file_stamp
+from pipeline.intake.bidsindex import read_pickle, write_pickle
+from pipeline.common.fingerprint import MISSING, file_stamp
 
 HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
 CACHE_VERSION = 2

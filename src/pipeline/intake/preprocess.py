@@ -1,0 +1,318 @@
+"""Fixed preprocessing of one sample (one or more channels) into the study's template grid (antspyx).
+
+Per channel: reorient → N4 bias correction. The reference channel (the first) is registered
+(rigid or affine) to the template grid; every further channel is rigidly co-registered to the
+reference (mutual information) and carried to the template through both transforms, smoothed
+first where the grid is coarser than the image (anti-aliasing: without it a 4 mm grid samples a
+2 mm image's noise at every fourth voxel instead of averaging it). Then the template brain mask
+and z-score normalisation inside it, per channel. Writes per channel a
+BIDS-derivative NIfTI with a JSON sidecar; for the sample the forward and inverse transforms of
+the reference, a QC PNG and a float32 ``.npy`` array (C, X, Y, Z) in the template grid's RAS+
+voxel order, memory-mappable for training. A label image (config ``label_image``, in the
+reference image's space) is carried to the template grid by the reference's transform with
+ANTs' ``genericLabel`` interpolation (labels stay labels), as a uint8 NIfTI and (1, X, Y, Z) ``.npy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.common import atomic
+from pipeline.intake import exclusions
+from pipeline.common.errors import InputError
+from pipeline.common.paths import SPACE, derivative_paths
+
+
+def load_native(path: Path):
+    """Read a 3D image with ANTs, failing with a message that names the file."""
+    import ants
+
+    try:
+        nib_img = nib.load(str(path))
+        if len(nib_img.shape) not in (3, 4) or (len(nib_img.shape) == 4 and nib_img.shape[3] != 1):
+            raise InputError(f"{path}: expected a 3D image, got shape {nib_img.shape}.")
+        return ants.image_read(str(path), dimension=3)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read this NIfTI ({type(exc).__name__}: {exc}). Replace or exclude it.") from exc
+
+
+def ants_image(data: np.ndarray, affine: np.ndarray):
+    """An in-memory ANTs image (LPS physical space) of a 3D array with a (4, 4) RAS+ mm ``affine``."""
+    import ants
+
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    to_lps = np.diag([-1.0, -1.0, 1.0])
+    return ants.from_numpy(np.asarray(data, dtype=np.float32), origin=list(to_lps @ affine[:3, 3]),
+                           spacing=list(zooms), direction=to_lps @ (affine[:3, :3] / zooms))
+
+
+def normalise(data: np.ndarray, mask: np.ndarray, source: Path) -> np.ndarray:
+    """Z-score ``data`` with the mean and sd inside ``mask``; 0 outside the mask."""
+    inside = data[mask > 0]
+    sd = inside.std()
+    if not np.isfinite(sd) or sd == 0:
+        raise InputError(f"{source}: the image is constant or not finite inside the template brain mask after "
+                         "registration; check the image (or its registration in the QC PNG) and exclude it.")
+    return np.where(mask > 0, (data - inside.mean()) / sd, 0.0).astype(np.float32)
+
+
+def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
+    """A channel read, reoriented to the template's axes, bias-corrected and scaled to ~[0, 1]."""
+    import ants
+
+    image = ants.reorient_image2(load_native(source), orientation)
+    if n4:
+        image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
+                                              convergence={"iters": [50, 50, 30], "tol": 1e-6})
+    scale = float(np.percentile(image.numpy(), 99))
+    if not np.isfinite(scale) or scale <= 0:
+        raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation{' and N4' if n4 else ''} "
+                         "(an empty or mostly-background image), so it cannot be scaled or registered; check the "
+                         "image and replace it, or leave the participant out (participants.exclude).")
+    return image / scale  # the template's intensity range
+
+
+def antialias_sigmas(image_spacing, grid_spacing: float) -> list[float]:
+    """Per-axis Gaussian sigma (mm) that smooths an image of ``image_spacing`` (mm) for sampling
+    on a grid of ``grid_spacing``: its FWHM makes up the difference, sqrt(grid² - voxel²); 0 along
+    axes whose voxels are already as coarse as the grid."""
+    fwhm = np.sqrt(np.clip(grid_spacing ** 2 - np.square(np.asarray(image_spacing, dtype=float)), 0.0, None))
+    return [float(v) for v in fwhm / (2 * np.sqrt(2 * np.log(2)))]
+
+
+def antialiased(image, grid_spacing: float):
+    """``image`` smoothed by ``antialias_sigmas`` before resampling (unchanged where all are 0)."""
+    import ants
+
+    sigmas = antialias_sigmas(image.spacing, grid_spacing)
+    if not any(sigmas):
+        return image
+    return ants.smooth_image(image, sigmas, sigma_in_physical_coordinates=True)
+
+
+def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
+               transform: str = "Affine", n4: bool = True, n4_shrink: int = 4, seed: int = 1,
+               label: Path | None = None, antialias: bool = True) -> dict:
+    """Run the chain on the ``sources`` (one per channel, reference first) into the grid of
+    ``template``; write all ``out`` files; return the reference channel's sidecar. ``label``: the
+    sample's label image (same space as the reference), written to ``out["label_image"]`` and
+    ``out["label_array"]``. ``antialias``: smooth each channel before resampling onto a coarser grid.
+
+    Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
+    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
+    """
+    import ants
+
+    channels = list(channels)
+    if len(sources) != len(channels):
+        raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
+    if seed < 1:
+        raise InputError(f"The registration seed must be a positive integer (ANTs reads 0 as 'seed from the "
+                         f"clock'), got {seed}; set `preprocess.seed` in config.")
+    ants.config.set_ants_deterministic(True, seed)  # passes --random-seed to antsRegistration
+    fixed = ants.image_read(str(template))
+    mask_img = nib.load(str(mask))
+    brain = mask_img.get_fdata() > 0
+    orientation = ants.get_orientation(fixed)
+    for path in out.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    reference = prepared(sources[0], orientation, n4, n4_shrink)
+    arrays = []
+    with tempfile.TemporaryDirectory() as tmp:  # ANTs writes its transforms under outprefix
+        reg = ants.registration(fixed=fixed, moving=reference, type_of_transform=transform,
+                                outprefix=f"{tmp}/ref_", aff_random_sampling_rate=0.25,
+                                aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
+                                aff_iterations=(100, 50, 25))
+        atomic.copyfile(reg["fwdtransforms"][0], out["forward"])
+        with atomic.path(out["inverse"]) as partial:
+            ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(partial))
+        for channel, source in zip(channels, sources):
+            if channel == channels[0]:
+                moving, transforms = reference, [str(out["forward"])]
+            else:
+                moving = prepared(source, orientation, n4, n4_shrink)
+                coreg = ants.registration(fixed=reference, moving=moving, type_of_transform="Rigid",
+                                          outprefix=f"{tmp}/{channel}_", aff_random_sampling_rate=0.25)
+                atomic.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
+                transforms = [str(out["forward"]), str(out[f"coreg_{channel}"])]  # applied right to left
+            if antialias:
+                moving = antialiased(moving, max(fixed.spacing))
+            warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear")
+            data = normalise(warped.numpy(), brain, source)
+            # The template grid's own RAS+ affine: the saved image is exactly on the study grid.
+            atomic.nib_save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
+            arrays.append(data)
+    atomic.np_save(out["array"], np.stack(arrays))
+    if label is not None:
+        write_label(label, fixed, mask_img.affine, out["forward"], out["label_image"], out["label_array"])
+    similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
+    sidecars = {}
+    for channel, source in zip(channels, sources):
+        steps = ["reorient", *(["N4BiasFieldCorrection"] if n4 else [])]
+        if channel != channels[0]:
+            steps.append(f"ants.registration:Rigid to {channels[0]}")
+        steps.append(f"ants.registration:{transform} to template")
+        if antialias:
+            steps.append("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))")
+        steps += ["template brain mask", "z-score inside mask"]
+        sidecars[channel] = {
+            "Sources": [str(source)],
+            "Channel": channel,
+            "SpatialReference": {"space": SPACE, "grid": str(template)},
+            "Steps": steps,
+            "Parameters": {"transform": transform, "n4": n4, "n4_shrink_factor": n4_shrink, "seed": seed,
+                           "antialias": antialias},
+            "QC": {"correlation_with_template": round(similarity, 4)} if channel == channels[0] else {},
+            "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
+                           **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
+            "SoftwareVersions": _versions(),
+        }
+        atomic.write_text(out[f"sidecar_{channel}"], json.dumps(sidecars[channel], indent=2))
+    write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
+    return sidecars[channels[0]]
+
+
+def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
+                          excluded: Path | None = None, **settings) -> dict | None:
+    """``preprocess`` one sample; when it fails (unreadable data, registration error, an image
+    unusable in the template grid) no partial output is left behind.
+
+    ``on_error: stop`` raises InputError naming the image and the failure. ``continue`` writes
+    the failure as one row of ``excluded`` (``pipeline.exclusions`` columns), leaves every ``out``
+    file empty (zero bytes: Snakemake needs its declared outputs, and an empty file fails loudly
+    where a made-up image would not) and returns None; a success writes ``excluded`` with its
+    header only. ``settings`` are ``preprocess``'s.
+    """
+    try:
+        sidecar = preprocess(sources, out=out, **settings)
+    except MemoryError:
+        raise  # the job's memory, not the sample: let Snakemake fail (and retry) it
+    except Exception as exc:  # ANTs raises RuntimeError and others; every other failure excludes the sample
+        for path in out.values():
+            path.unlink(missing_ok=True)
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = (detail if isinstance(exc, InputError) else
+                  f"preprocessing failed ({type(exc).__name__}: {detail}); check the image (or its registration), "
+                  "or leave the participant out (participants.exclude)")
+        if on_error == "stop" or excluded is None:
+            raise InputError(f"{sources[0]} ({image_id}): {reason}" if not isinstance(exc, InputError) else reason) from exc
+        participant = image_id.split("_")[0]
+        exclusions.write(exclusions.record(image_id, participant, "preprocess", str(sources[0]), reason), excluded)
+        for path in out.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_bytes(path, b"")
+        return None
+    if excluded is not None:
+        exclusions.write(exclusions.empty(), excluded)
+    return sidecar
+
+
+def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_out: Path, array_out: Path) -> np.ndarray:
+    """Carry the label image ``source`` onto the grid of ``fixed`` (the template, RAS+ ``affine``)
+    with the reference's ``forward`` transform, nearest label (ANTs genericLabel); write a uint8
+    NIfTI and a (1, X, Y, Z) uint8 array. Labels must be integers in 0-255."""
+    import ants
+
+    native = nib.load(str(source))
+    values = np.asarray(native.dataobj)
+    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)) or values.min() < 0 or values.max() > 255:
+        raise InputError(f"{source}: a label image must hold integer labels 0-255 (found values "
+                         f"{float(values.min()):g} to {float(values.max()):g}, integers: "
+                         f"{bool(np.all(values == np.round(values)))}); check config `label_image`.")
+    warped = ants.apply_transforms(fixed, load_native(source), [str(forward)], interpolator="genericLabel")
+    data = np.rint(warped.numpy()).astype(np.uint8)
+    image_out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.nib_save(nib.Nifti1Image(data, affine), image_out)
+    atomic.np_save(array_out, data[None])
+    return data
+
+
+def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interpolator: str = "linear") -> nib.Nifti1Image:
+    """Resample a template-grid map onto the native grid of ``native_path`` (its header only is
+    read) with the inverse transform; the result carries the native image's affine."""
+    import ants
+
+    native = nib.load(str(native_path))
+    grid = ants_image(np.zeros(native.shape[:3], dtype=np.float32), native.affine)
+    moving = ants_image(np.asarray(map_img.dataobj, dtype=np.float32), map_img.affine)
+    warped = ants.apply_transforms(grid, moving, [str(inverse)], interpolator=interpolator)
+    return nib.Nifti1Image(warped.numpy().astype(np.float32), native.affine)
+
+
+def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> None:
+    """Sagittal, coronal and axial slices through the brain centre of the preprocessed image (on
+    the template grid, RAS+) with the template brain outline in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.intake.template import BRAIN_CENTRE_MM
+
+    brain = np.asarray(mask.dataobj) > 0
+    centre = np.rint(np.linalg.solve(mask.affine[:3, :3], BRAIN_CENTRE_MM - mask.affine[:3, 3])).astype(int)
+    views = [("sagittal", lambda a: a[centre[0]]), ("coronal", lambda a: a[:, centre[1]]),
+             ("axial", lambda a: a[:, :, centre[2]])]
+    fig, axes = plt.subplots(1, 3, figsize=(9, 3.2), facecolor="black")
+    for ax, (name, cut) in zip(axes, views):
+        ax.imshow(cut(data).T, origin="lower", cmap="gray", vmin=-2, vmax=3)  # x/y right and up: RAS+ axes
+        ax.contour(cut(brain).T.astype(float), levels=[0.5], colors="r", linewidths=0.8)
+        ax.set_title(name, color="white", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, color="white", fontsize=10)
+    fig.tight_layout()
+    atomic.savefig(fig, png, dpi=80, facecolor="black")
+    plt.close(fig)
+
+
+def _versions() -> dict:
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("antspyx", "nibabel", "numpy", "pipeline")}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("sources", type=Path, nargs="+", help="native images, one per channel, reference first")
+    parser.add_argument("--channels", nargs="+", default=["T1w"], help="channel names, in the order of SOURCES")
+    parser.add_argument("--template", type=Path, required=True, help="template on the study grid (NIfTI)")
+    parser.add_argument("--mask", type=Path, required=True, help="brain mask on the study grid (NIfTI)")
+    parser.add_argument("--out-dir", type=Path, required=True, help="derivatives root")
+    parser.add_argument("--subdir", required=True, help="sub-X[/ses-Y]")
+    parser.add_argument("--image-id", required=True, help="sub-X[_ses-Y]")
+    parser.add_argument("--label", type=Path, help="the sample's label image (config label_image)")
+    parser.add_argument("--transform", default="Affine", choices=["Rigid", "Affine"])
+    parser.add_argument("--no-n4", action="store_true")
+    parser.add_argument("--n4-shrink", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=1, help="registration seed, >= 1")
+    parser.add_argument("--no-antialias", action="store_true", help="resample without smoothing first")
+    parser.add_argument("--threads", type=int, default=1, help="ITK threads (1 is reproducible)")
+    parser.add_argument("--on-error", choices=["continue", "stop"], default="stop",
+                        help="continue: a failure writes --excluded and exits 0; stop: exits 2 with the message")
+    parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way")
+    args = parser.parse_args(argv)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ants is imported
+    out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels, args.label is not None)
+    with InputError.exit_cleanly():
+        sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.on_error, args.excluded,
+                                        template=args.template, mask=args.mask, channels=args.channels,
+                                        transform=args.transform, n4=not args.no_n4, n4_shrink=args.n4_shrink,
+                                        seed=args.seed, label=args.label, antialias=not args.no_antialias)
+    if sidecar is None:
+        print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
+        return
+    print(json.dumps(sidecar["QC"]), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

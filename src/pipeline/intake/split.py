@@ -1,0 +1,193 @@
+"""Study design: a held-out test set plus k-fold cross-validation on the rest, by participant.
+
+Writes ``splits.tsv``: one row per image (image_id, participant_id) and one column per fold
+(``fold-1`` … ``fold-k``) holding ``train``, ``val`` or ``test``. Test participants are the
+same in every fold; each other participant is in ``val`` in exactly one fold (with one fold,
+a ``val`` fraction is split off instead). Assignment is by participant (all sessions of a
+person share a split), stratified by the target (quantile bins for regression) and optional
+further columns, and deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+from sklearn.model_selection import StratifiedKFold, train_test_split
+
+from pipeline.common import atomic
+from pipeline.common.errors import InputError
+
+SPLITS = ("train", "val", "test")
+MIN_STRATUM = 2  # a stratum smaller than this is merged into others (train_test_split needs 2)
+
+
+def fold_columns(folds: int) -> list[str]:
+    """``['fold-1', …, 'fold-k']``."""
+    return [f"fold-{k}" for k in range(1, folds + 1)]
+
+
+def participant_table(manifest: pd.DataFrame, target: str, task: str, stratify: list[str]) -> pd.DataFrame:
+    """One row per participant: the target (mean over sessions for regression, the most frequent
+    class for classification) and the further stratification columns (first value)."""
+    missing = [c for c in [target, *stratify] if c not in manifest.columns]
+    if missing:
+        raise InputError(f"The manifest has no column(s) {missing} to stratify by; available: "
+                         f"{', '.join(manifest.columns)}. Check `target` and `split.stratify` in config.")
+    grouped = manifest.groupby("participant_id", sort=True)
+    if task == "regression":
+        values = grouped[target].agg(lambda v: v.astype(float).mean())
+    else:
+        values = grouped[target].agg(lambda v: v.astype(str).mode().iloc[0])
+    table = pd.DataFrame({target: values})
+    for column in stratify:
+        table[column] = grouped[column].first().astype(str)
+    return table
+
+
+def strata(participants: pd.DataFrame, target: str, task: str, bins: int, stratify: list[str],
+           smallest: int) -> pd.Series:
+    """A stratum label per participant: target class or quantile bin, joined with the further
+    columns. Strata with fewer than ``smallest`` members are pooled, so every stratum can be split."""
+    if task == "classification":
+        labels = participants[target].astype(str)
+    else:
+        labels = pd.qcut(participants[target].astype(float), q=bins, labels=False, duplicates="drop").astype(str)
+    for column in stratify:
+        labels = labels + "|" + participants[column]
+    counts = labels.value_counts()
+    rare = labels.isin(counts[counts < smallest].index)
+    if rare.any():
+        labels = labels.where(~rare, "pooled")
+        if (labels == "pooled").sum() < smallest:  # still too small: join the largest stratum
+            labels = labels.replace("pooled", labels[~rare].value_counts().idxmax() if (~rare).any() else "pooled")
+    return labels
+
+
+def hold_out(ids: pd.Index, labels: pd.Series, fraction: float, seed: int) -> tuple[list, list]:
+    """Split ``ids`` into (rest, held-out ``fraction``), stratified where the strata allow it."""
+    n_out = round(fraction * len(ids))
+    if not 0 < n_out < len(ids):
+        raise InputError(f"A {fraction:.0%} split of {len(ids)} participants leaves an empty part; "
+                         "use more participants or change the fractions in config `split`.")
+    enough = labels.nunique() <= min(n_out, len(ids) - n_out)
+    if not enough:
+        print(f"warning: {labels.nunique()} strata cannot all be represented in a split of {n_out}; "
+              "splitting without stratification", file=sys.stderr)
+    rest, out = train_test_split(list(ids), test_size=n_out, random_state=seed,
+                                 stratify=labels.loc[ids] if enough else None)
+    return sorted(rest), sorted(out)
+
+
+def design(manifest: pd.DataFrame, target: str, task: str, test: float, folds: int, val: float, seed: int,
+           bins: int = 5, stratify: tuple[str, ...] = ()) -> pd.DataFrame:
+    """The study design of ``manifest``: one row per image with one split column per fold."""
+    stratify = list(stratify)
+    participants = participant_table(manifest, target, task, stratify)
+    if len(participants) < 3:
+        raise InputError(f"Only {len(participants)} participants in the manifest; a train/val/test design "
+                         "needs at least 3.")
+    labels = strata(participants, target, task, bins, stratify, MIN_STRATUM)
+    rest, test_ids = hold_out(participants.index, labels, test, seed)
+    assignment = pd.DataFrame(index=participants.index, columns=fold_columns(folds), dtype=object)
+    assignment.loc[test_ids] = "test"
+    if folds == 1:
+        rest_labels = strata(participants.loc[rest], target, task, bins, stratify, MIN_STRATUM)
+        train_ids, val_ids = hold_out(pd.Index(rest), rest_labels, val / (1 - test), seed)
+        assignment.loc[train_ids, "fold-1"] = "train"
+        assignment.loc[val_ids, "fold-1"] = "val"
+    else:
+        if len(rest) < folds:
+            raise InputError(f"{len(rest)} participants outside the test set cannot make {folds} folds; "
+                             "lower `split.folds` or `split.test`.")
+        rest_labels = strata(participants.loc[rest], target, task, bins, stratify, folds)
+        kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for column, (_, val_index) in zip(fold_columns(folds), kfold.split(rest, rest_labels.loc[rest])):
+            assignment.loc[rest, column] = "train"
+            assignment.loc[[rest[i] for i in val_index], column] = "val"
+    splits = manifest[["image_id", "participant_id"]].join(assignment, on="participant_id")
+    check_design(splits)
+    return splits
+
+
+def check_design(splits: pd.DataFrame) -> None:
+    """Fail on a leak or a broken design, naming the participants and folds involved.
+
+    Every image has a split in every fold; a participant's images share one split per fold; test
+    participants are the same in all folds; no fold has an empty train, val or test part; with
+    several folds every non-test participant is validated exactly once.
+    """
+    columns = [c for c in splits.columns if c.startswith("fold-")]
+    if not columns:
+        raise InputError("The splits table has no fold column (fold-1, …); rerun the split rule.")
+    for column in columns:
+        unassigned = splits.loc[~splits[column].isin(SPLITS), "image_id"].tolist()
+        if unassigned:
+            raise InputError(f"Images without a split in {column}: {', '.join(unassigned)}.")
+        per_participant = splits.groupby("participant_id")[column].nunique()
+        leaked = per_participant[per_participant > 1].index.tolist()
+        if leaked:
+            raise InputError(f"Participants in more than one split of {column} (data leak): {', '.join(leaked)}.")
+        empty = [s for s in SPLITS if not (splits[column] == s).any()]
+        if empty:
+            raise InputError(f"{column} has an empty {' and '.join(empty)} part; use more participants or "
+                             "change `split` in config.")
+    is_test = splits[columns].eq("test")
+    mixed = splits.loc[is_test.any(axis=1) & ~is_test.all(axis=1), "participant_id"].unique().tolist()
+    if mixed:
+        raise InputError(f"Participants tested in some folds and trained on in others (data leak): {', '.join(mixed)}.")
+    if len(columns) > 1:
+        times = splits.loc[~is_test.all(axis=1)].drop_duplicates("participant_id").set_index("participant_id")
+        validated = times[columns].eq("val").sum(axis=1)
+        wrong = validated[validated != 1]
+        if len(wrong):
+            raise InputError(f"Participants validated {sorted(set(wrong))} times instead of once across folds: "
+                             f"{', '.join(wrong.index)}.")
+
+
+def balance(splits: pd.DataFrame, manifest: pd.DataFrame, target: str, task: str) -> pd.DataFrame:
+    """Target distribution per fold and split: participants, images, and class counts or mean/sd/range."""
+    table = manifest.merge(splits.drop(columns="participant_id"), on="image_id")
+    rows = []
+    for column in [c for c in splits.columns if c.startswith("fold-")]:
+        for name in SPLITS:
+            part = table[table[column] == name]
+            row = {"fold": column, "split": name, "participants": part["participant_id"].nunique(), "images": len(part)}
+            if task == "classification":
+                row.update(part[target].astype(str).value_counts().sort_index().to_dict())
+            else:
+                values = part[target].astype(float)
+                row.update({"mean": round(values.mean(), 2), "sd": round(values.std(), 2),
+                            "min": values.min(), "max": values.max()})
+            rows.append(row)
+    return pd.DataFrame(rows).fillna(0)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--task", choices=["regression", "classification"], required=True)
+    parser.add_argument("--test", type=float, default=0.2, help="fraction of participants held out")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds on the rest")
+    parser.add_argument("--val", type=float, default=0.2, help="validation fraction when --folds 1")
+    parser.add_argument("--bins", type=int, default=5, help="quantile bins of a regression target")
+    parser.add_argument("--stratify", nargs="*", default=[], help="further columns to stratify by")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="splits.tsv")
+    parser.add_argument("--balance", type=Path, required=True, help="balance table (TSV)")
+    args = parser.parse_args(argv)
+    manifest = pd.read_csv(args.manifest, sep="\t", dtype=str, keep_default_na=False)
+    with InputError.exit_cleanly():
+        splits = design(manifest, args.target, args.task, args.test, args.folds, args.val, args.seed,
+                        args.bins, args.stratify)
+        table = balance(splits, manifest, args.target, args.task)
+    atomic.to_csv(splits, args.out, sep="\t", index=False)
+    atomic.to_csv(table, args.balance, sep="\t", index=False)
+    print(table.to_string(index=False), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

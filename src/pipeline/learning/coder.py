@@ -1,0 +1,49 @@
+"""The target coder: target values to network outputs and back (z-scores or class indices)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.common.errors import InputError
+
+
+class TargetCoder:
+    """Maps target values to training labels and back: z-scores (regression) or class indices.
+    Segmentation: ``classes`` are the label names (index = label value), one network output each."""
+
+    def __init__(self, task: str, classes: list[str] | None = None, mean: float = 0.0, std: float = 1.0):
+        self.task, self.classes, self.mean, self.std = task, classes, mean, std
+
+    @classmethod
+    def fit(cls, task: str, train_values: pd.Series, classes: list[str] | None = None) -> "TargetCoder":
+        """Regression: mean/sd of the training values only. Classification: the recorded class list
+        (``classes``, from ingestion's targets.json), else the sorted training classes."""
+        if task == "classification":
+            known = sorted(train_values.astype(str).unique()) if classes is None else list(classes)
+            unknown = sorted(set(train_values.astype(str)) - set(known))
+            if unknown:
+                raise InputError(f"Target values {unknown} are not in the recorded class list {known}; rerun ingestion.")
+            return cls(task, classes=known)
+        values = train_values.astype(float)
+        return cls(task, mean=float(values.mean()), std=float(values.std()) or 1.0)
+
+    @property
+    def outputs(self) -> int:
+        return len(self.classes) if self.task in ("classification", "segmentation") else 1
+
+    def encode(self, values) -> torch.Tensor:
+        if self.task == "classification":
+            index = {c: i for i, c in enumerate(self.classes)}
+            return torch.tensor([index[str(v)] for v in values], dtype=torch.long)
+        return torch.tensor((np.asarray(values, dtype=np.float32) - self.mean) / self.std, dtype=torch.float32)
+
+    def decode(self, outputs: torch.Tensor) -> np.ndarray:
+        """Network outputs (B, outputs) → predictions in target units, or class probabilities (B, K)."""
+        if self.task == "classification":
+            return torch.softmax(outputs.float(), dim=1).numpy()
+        return outputs.float().squeeze(1).numpy() * self.std + self.mean
+
+    def state(self) -> dict:
+        return {"task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}

@@ -1,0 +1,224 @@
+"""One self-contained HTML report of the study: cohort, exclusions, splits, training, metrics, maps.
+A segmentation study (``task: segmentation``) shows per-label Dice and HD95 and has no explanation maps."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import __version__
+from pipeline.common import atomic
+from pipeline.common.locations import REPOSITORY
+from pipeline.common.tables import read_tsv
+
+
+def embed_png(path: Path, alt: str) -> str:
+    """A PNG inlined as a figure; an empty file (the QC of a sample preprocessing excluded) as a note."""
+    if Path(path).stat().st_size == 0:
+        return f"<p>{html.escape(alt)}: no image (the sample was excluded; see excluded.tsv).</p>"
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+def learning_curves(histories: dict[str, pd.DataFrame], png: Path) -> Path:
+    """Train and validation loss (and metric) per epoch, one line pair per fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(histories.values()))
+    metric = [c for c in first.columns if c.startswith("val_") and c != "val_loss"][0].removeprefix("val_")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (fold, history), colour in zip(histories.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 9):
+        for ax, key in zip(axes, ["loss", metric]):
+            ax.plot(history["epoch"], history[f"train_{key}"].astype(float), color=colour, ls=":", lw=1)
+            ax.plot(history["epoch"], history[f"val_{key}"].astype(float), color=colour, label=fold)
+    for ax, key in zip(axes, ["loss", metric]):
+        ax.set(xlabel="epoch", ylabel=key, title=f"{key}: validation (solid), training (dotted)")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    atomic.savefig(fig, png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def table_html(table: pd.DataFrame, index: bool = False) -> str:
+    return table.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="")
+
+
+def metrics_html(metrics: pd.DataFrame) -> str:
+    """The metrics table with each ensemble interval shown as [low, high] under its metric."""
+    shown = metrics[[c for c in metrics.columns if not c.endswith(("_ci_low", "_ci_high"))]].copy().astype(object)
+    for column in shown.columns:
+        low, high = f"{column}_ci_low", f"{column}_ci_high"
+        if low in metrics:
+            value = metrics.at["ensemble", column]
+            shown.at["ensemble", column] = f"{value:.3f} [{metrics.at['ensemble', low]:.3f}, {metrics.at['ensemble', high]:.3f}]"
+    return shown.to_html(float_format=lambda v: f"{v:.3f}", na_rep="")
+
+
+def provenance(config: dict) -> str:
+    """Package versions, the code's git commit and the study's configuration."""
+    from importlib.metadata import version
+
+    packages = ["pipeline", "torch", "antspyx", "monai", "captum", "nibabel", "nilearn", "pybids", "snakemake",
+                "scikit-learn", "numpy", "pandas"]
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = version(name)
+        except Exception:  # not installed
+            versions[name] = "not installed"
+    repo = REPOSITORY
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    described = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "") \
+        if commit.returncode == 0 else "not a git checkout"
+    return (f"<p>Code: {html.escape(described)}</p>"
+            + table_html(pd.DataFrame(list(versions.items()), columns=["package", "version"]))
+            + f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>")
+
+
+def variant_tables(results: Path, folds: list[str]) -> list[str]:
+    """With train.variants: each fold's variants.tsv (best validation loss per variant, the chosen one)."""
+    tables = {fold: results / "train" / fold / "variants.tsv" for fold in folds}
+    if not all(t.exists() for t in tables.values()):
+        return []
+    joined = pd.concat([read_tsv(t).assign(fold=fold) for fold, t in tables.items()])
+    return ["<h3>Hyperparameter variants (chosen by validation loss)</h3>",
+            table_html(joined[["fold", *[c for c in joined.columns if c != "fold"]]])]
+
+
+def diagnostics_html(evaluate: Path) -> list[str]:
+    """The study's learning diagnostics (``evaluate/diagnostics.json``), one sentence each, by fold."""
+    path = evaluate / "diagnostics.json"
+    if not path.exists():
+        return []
+    found = json.loads(path.read_text())
+    items = [f"<li><b>study</b>: {html.escape(f['message'])}</li>" for f in found["study"]]
+    items += [f"<li><b>{html.escape(fold)}</b>: {html.escape(f['message'])}</li>"
+              for fold, findings in found["folds"].items() for f in findings]
+    if not items:
+        return ["<h2>Diagnostics</h2>", "<p>No warning: every fold fitted its training data without its "
+                "validation loss diverging, and the deep ensemble is not worse than the linear baseline.</p>"]
+    return ["<h2>Diagnostics</h2>", "<ul class='warn'>", *items, "</ul>"]
+
+
+def comparison_html(evaluate: Path, summary: dict) -> list[str]:
+    """Deep model against the linear baseline on the same test images (``comparison.tsv``)."""
+    path = evaluate / "comparison.tsv"
+    if not path.exists():
+        return []
+    table = read_tsv(path)
+    linear = summary.get("linear", {})
+    described = (f" ({html.escape(linear['model'])})" if "model" in linear else "")
+    return ["<h2>Deep model against a linear baseline</h2>",
+            f"<p>A linear model{described} fitted per fold to the same preprocessed images and splits "
+            "(ridge or L2 logistic regression on the brain voxels, penalty chosen on each fold's validation "
+            "images; <code>linear/fold-K</code>). <code>difference</code> is deep − linear on the same test "
+            "images, with its 95 % bootstrap interval over participants; the verdict names a winner only where "
+            "the interval excludes 0.</p>",
+            table_html(table) if len(table) else "<p>No fold could be compared (see Diagnostics).</p>"]
+
+
+def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
+    """Write the HTML report from the files of a finished study under ``results``."""
+    # excluded.tsv: ingest's and preprocessing's exclusions (a study from before it: ingest's report).
+    excluded = results / "excluded.tsv"
+    exclusions = read_tsv(excluded if excluded.exists() else results / "ingest_report.tsv")
+    balance = read_tsv(results / "split_balance.tsv")
+    summary = json.loads((results / "evaluate" / "metrics.json").read_text())
+    metrics = pd.read_csv(results / "evaluate" / "metrics.tsv", sep="\t", index_col="model")
+    folds = summary["folds"]
+    histories = {fold: read_tsv(results / "train" / fold / "history.tsv") for fold in folds}
+    hyper = json.loads((results / "train" / folds[0] / "hyperparameters.json").read_text())
+    target, task = summary["target"], summary["task"]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curves = learning_curves(histories, out.parent / "learning_curves.png")
+    explain = results / "explain"
+    methods = config["explain"]["methods"]
+    segmentation = task == "segmentation"
+    headline = {"classification": "roc_auc", "segmentation": "dice_mean"}.get(task, "mae")
+    low, high = summary["ensemble"][f"{headline}_ci"]
+    what = "segmentation of the label image" if segmentation else f"{html.escape(task)} of <code>{html.escape(target)}</code>"
+    sections = [
+        f"<h1>Study report: {what}, {len(folds)} fold(s)</h1>",
+        f"<p>Test-set {headline} of the ensemble of folds: <b>{summary['ensemble'][headline]:.3f}</b> "
+        f"(95 % bootstrap interval {low:.3f}–{high:.3f}); per fold {summary['fold_mean'][headline]:.3f} ± "
+        f"{summary['fold_sd'].get(headline, float('nan')):.3f} (mean ± sd).</p>",
+        *diagnostics_html(results / "evaluate"),
+        "<h2>Cohort and split balance</h2>",
+        "<p>Participants, images and the target's distribution in each split of each fold. "
+        "The test participants are the same in every fold; no participant is in two splits.</p>",
+        table_html(balance),
+        f"<h2>Excluded ({len(exclusions)})</h2>",
+        "<p>Samples and participants left out, at which stage and why (<code>excluded.tsv</code>).</p>",
+        table_html(exclusions) if len(exclusions) else "<p>None.</p>",
+        "<h2>Training</h2>", f"<pre>{html.escape(json.dumps(hyper, indent=2))}</pre>",
+        *variant_tables(results, folds),
+        embed_png(curves, "Learning curves per fold"),
+        "<h2>Test-set performance</h2>",
+        "<p>One row per fold's model, their mean and sd, and the ensemble ("
+        + ("voxel-wise majority vote of the folds' label maps" if segmentation else "mean prediction of the folds")
+        + ") with 95 % bootstrap intervals over participants."
+        + (" <code>corrected_*</code>: after the brain-age bias correction fitted on each fold's validation "
+           "images." if task == "regression" else "")
+        + (" Per label (0, the background, left out): Dice, and <code>hd95_*</code>, the 95th-percentile "
+           "Hausdorff distance in mm on the template grid (mean over the images where the label is in both maps). "
+           "Predicted label maps: <code>evaluate/fold-K/labels</code> (template and native grid) and "
+           "<code>evaluate/labels</code> (the ensemble, template and native grid)." if segmentation else "") + "</p>",
+        metrics_html(metrics),
+        *[f"<p>Undefined (left empty): {html.escape(why)}.</p>" for why in summary["ensemble"].get("undefined", [])],
+        embed_png(results / "evaluate" / "performance.png", "Test-set performance of the ensemble"),
+        *comparison_html(results / "evaluate", summary),
+    ]
+    if not segmentation:
+        sections += explanation_sections(explain, methods)
+    sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
+                 "<h2>Provenance</h2>", provenance(config)]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+             ".warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 6px 6px 24px}")
+    atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
+                   "</head><body>" + "\n".join(sections) + "</body></html>")
+    return out
+
+
+def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
+    """The report's explanation maps, region table and ground-truth validation (image-level tasks)."""
+    sections = [
+        "<h2>Explanation maps (template space, mean over folds and test subjects)</h2>",
+        *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
+          for v in ("slices", "glass")],
+        embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
+        "<h3>Regions ranked by mean |attribution| (relative to the brain mean)</h3>",
+        "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.atlas).</p>",
+        table_html(read_tsv(explain / "regions.tsv").head(12)),
+    ]
+    if (explain / "validation.tsv").exists():
+        sections += ["<h3>Validation against the simulated ground truth</h3>",
+                     "<p>Share of each method's top 5 % of |attribution| inside the true effect, relative to "
+                     "chance (1 = no better than chance).</p>", table_html(read_tsv(explain / "validation.tsv"))]
+    return sections
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, required=True)
+    parser.add_argument("--qc", type=Path, nargs="*", default=[])
+    parser.add_argument("--config", default="{}", help="the study's configuration (JSON), for the provenance")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    print(f"report: {build_report(args.results, args.out, args.qc, json.loads(args.config)).resolve()}")
+
+
+if __name__ == "__main__":
+    main()

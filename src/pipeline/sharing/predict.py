@@ -1,0 +1,167 @@
+"""Apply a model package to preprocessed images (the workflow's apply mode, ``pipeline.apply``).
+
+``predictions``: every fold's predictions (``fold-K/predictions.tsv``: participant_id, session,
+image_id, predicted [, predicted_corrected] [, p_<class>]) and their ensemble
+(``predictions.tsv``), computed exactly as the study's evaluation computes them.
+``maps``: per image and method, the mean over folds of the attribution maps in template space and
+in the image's native space (``maps/sub-X/…``, indexed in ``maps.tsv``), and each method's group
+mean |map| with PNGs. ``report``: one HTML page of predictions, maps, QC and the package's card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.common import atomic
+from pipeline.sharing import package
+from pipeline.results.attribution import METHODS, SIGNED, Settings, attribute
+from pipeline.common.tables import read_tsv
+from pipeline.learning.loader import load_batch
+from pipeline.common.errors import InputError
+from pipeline.results.evaluate import correct, ensemble, predict
+from pipeline.results.explain import GroupStatistics, plot_group, save_image_maps, target_index, write_statistics
+from pipeline.common.paths import derivative_paths
+
+
+def image_table(manifest: Path, preproc_dir: Path, channels: list[str]) -> pd.DataFrame:
+    """The manifest's rows with each image's preprocessed ``array`` path."""
+    table = read_tsv(manifest)
+    table["array"] = [str(derivative_paths(preproc_dir, s, i, channels)["array"])
+                      for s, i in zip(table["subdir"], table["image_id"])]
+    return table
+
+
+def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out: Path) -> pd.DataFrame:
+    """Write each fold's predictions (``out_dir/fold-K/predictions.tsv``) and their ensemble (``out``),
+    read back from the TSVs as ``pipeline.evaluate.summarise`` does, so the numbers equal the study's."""
+    corrections = pkg.normalisation.get("bias_correction", {})
+    for fold in pkg.folds:
+        predictions = predict(pkg.model(fold), pkg.coder(fold), table, None)
+        if fold in corrections:
+            predictions["predicted_corrected"] = correct(predictions, **corrections[fold])
+        (out_dir / fold).mkdir(parents=True, exist_ok=True)
+        atomic.to_csv(predictions, out_dir / fold / "predictions.tsv", sep="\t", index=False)
+    folds = [read_tsv(out_dir / fold / "predictions.tsv") for fold in pkg.folds]
+    combined = ensemble(folds, pkg.spec["classes"])
+    atomic.to_csv(combined, out, sep="\t", index=False)
+    return combined
+
+
+def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
+                   target_class: str | None) -> dict[str, np.ndarray]:
+    """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (each
+    attributing its own predicted class unless ``target_class`` is given, as the study does)."""
+    sums = {m: 0.0 for m in methods}
+    for fold in pkg.folds:
+        model, coder = pkg.model(fold), pkg.coder(fold)
+        target = target_index(model, x, coder, target_class)
+        maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold))
+        for method, data in maps.items():
+            sums[method] = sums[method] + data
+    return {m: (s / len(pkg.folds)).astype(np.float32) for m, s in sums.items()}
+
+
+def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, channels: list[str], mask: Path,
+               template: Path, methods: list[str], settings: Settings, target_class: str | None,
+               out_dir: Path) -> pd.DataFrame:
+    """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index."""
+    affine = nib.load(str(mask)).affine
+    groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
+    for i, row in enumerate(table.itertuples(index=False), 1):
+        maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class)
+        inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
+        for method, paths in save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups).items():
+            rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
+        print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
+    for method, group in groups.items():
+        write_statistics(group, affine, out_dir, method)
+    plot_group(out_dir, template, methods, len(pkg.folds), f"{len(table)} image(s)")
+    index = pd.DataFrame(rows)
+    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
+    return index
+
+
+def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir: Path, methods: list[str],
+                 qc_pngs: list[Path], config: dict, out: Path) -> Path:
+    """One HTML page: the package, the predictions, group maps, QC images and provenance."""
+    from pipeline.results.report import embed_png, provenance, table_html
+
+    spec, test = pkg.spec, pkg.metrics["test"]["ensemble"]
+    headline = "roc_auc" if spec["task"] == "classification" else "mae"
+    table = read_tsv(predictions)
+    sections = [
+        f"<h1>Predictions of {html.escape(spec['task'])} of <code>{html.escape(spec['target'])}</code> "
+        f"by {html.escape(name)}</h1>",
+        f"<p>{len(table)} images of {table['participant_id'].nunique()} participants; the {html.escape(spec['ensemble'])} "
+        f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. The package's own "
+        f"test-set {headline}: {test[headline]:.3f}.</p>",
+        "<h2>Predictions</h2>", table_html(table),
+        "<h2>Explanation maps (template space, mean over folds and images)</h2>",
+        *[embed_png(explain_dir / f"group_desc-{m}_{v}.png", f"Mean |{m}| ({v})") for m in methods
+          for v in ("slices", "glass")],
+        "<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
+        "<h2>Model card</h2>", f"<pre>{html.escape((pkg.folder / package.CARD).read_text())}</pre>",
+        "<h2>Provenance</h2>", provenance(config),
+    ]
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}pre{white-space:pre-wrap}")
+    atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Predictions</title><style>{style}</style>"
+                   "</head><body>" + "\n".join(sections) + "</body></html>")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for command in ("predictions", "maps"):
+        sub = commands.add_parser(command)
+        sub.add_argument("--package", type=Path, required=True, help="fetched model package folder")
+        sub.add_argument("--manifest", type=Path, required=True)
+        sub.add_argument("--preproc-dir", type=Path, required=True)
+        sub.add_argument("--channels", nargs="+", default=["T1w"])
+        sub.add_argument("--out-dir", type=Path, required=True)
+    commands.choices["predictions"].add_argument("--predictions", type=Path, required=True,
+                                                 help="the ensemble's predictions (TSV) to write")
+    maps = commands.choices["maps"]
+    maps.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
+    maps.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
+    maps.add_argument("--methods", nargs="+", default=["occlusion", "gradient"], choices=METHODS)
+    maps.add_argument("--settings", default="{}", help="JSON of pipeline.attribution.Settings fields")
+    maps.add_argument("--target-class", help="class to explain (default: each fold's predicted class)")
+    maps.add_argument("--threads", type=int, default=1)
+    report = commands.add_parser("report")
+    report.add_argument("--package", type=Path, required=True)
+    report.add_argument("--name", required=True, help="the package's registry name, for the title")
+    report.add_argument("--predictions", type=Path, required=True)
+    report.add_argument("--explain-dir", type=Path, required=True)
+    report.add_argument("--methods", nargs="+", required=True)
+    report.add_argument("--qc", type=Path, nargs="*", default=[])
+    report.add_argument("--config", default="{}", help="the run's configuration (JSON), for the provenance")
+    report.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    with InputError.exit_cleanly():
+        pkg = package.load(args.package)
+        if args.command == "report":
+            build_report(pkg, args.name, args.predictions, args.explain_dir, args.methods, args.qc,
+                         json.loads(args.config), args.out)
+            return
+        table = image_table(args.manifest, args.preproc_dir, args.channels)
+        if args.command == "predictions":
+            print(predict_folds(pkg, table, args.out_dir, args.predictions).to_string(index=False), file=sys.stderr)
+        else:
+            torch.set_num_threads(args.threads)
+            write_maps(pkg, table, args.preproc_dir, args.channels, args.mask, args.template, args.methods,
+                       Settings(**json.loads(args.settings)), args.target_class, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
