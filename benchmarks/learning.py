@@ -79,7 +79,8 @@ def deep_row(results: Path, cohort: dict, hyper: dict, classes, work: Path) -> t
 
     from pipeline.intake.study import study_table
     from pipeline.results.evaluate import ensemble, predict
-    from pipeline.learning.train import load_model, train
+    from pipeline.learning.saved import load_model
+    from pipeline.learning.train import train
 
     folds, tests, start = [], [], time.perf_counter()
     for k in range(1, cohort["folds"] + 1):

@@ -69,7 +69,8 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
     from pipeline.learning.loader import load_batch
     from pipeline.results.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
                                   write_statistics)
-    from pipeline.learning.train import load_model, train
+    from pipeline.learning.saved import load_model
+    from pipeline.learning.train import train
 
     if stage == "import":
         return

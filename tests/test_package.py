@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from minipackage import spec
+from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package
 from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
@@ -52,7 +53,7 @@ def test_weights_are_each_folds_trained_weights(mini_study):
         exported = pkg.state_dict(fold)
         assert exported.keys() == record["state_dict"].keys()
         assert all(torch.equal(exported[k], record["state_dict"][k]) for k in exported)
-        assert pkg.coder(fold).state() == record["coder"]
+        assert package_coder(pkg, fold).state() == record["coder"]
 
 
 def test_archive_holds_the_folder_and_is_reproducible(mini_study, tmp_path):
@@ -77,7 +78,7 @@ def test_onnx_ensemble_matches_pytorch(mini_study):
 
     folder = mini_study / "package" / "model"
     pkg = package.load(folder)
-    ensemble = Ensemble([pkg.model(f) for f in pkg.folds], [pkg.coder(f) for f in pkg.folds]).eval()
+    ensemble = Ensemble([package_model(pkg, f) for f in pkg.folds], [package_coder(pkg, f) for f in pkg.folds]).eval()
     arrays = sorted(str(p) for p in (mini_study / "derivatives").rglob("*.npy"))
     x = load_batch(arrays)
     session = onnxruntime.InferenceSession(str(folder / package.ONNX), providers=["CPUExecutionProvider"])
@@ -95,7 +96,7 @@ def test_ensemble_is_the_studys_ensemble(mini_study):
     pkg = package.load(mini_study / "package" / "model")
     study = read_tsv(mini_study / "evaluate" / "predictions.tsv")
     arrays = [str(next((mini_study / "derivatives").rglob(f"{i}_*.npy"))) for i in study["image_id"]]
-    ensemble = Ensemble([pkg.model(f) for f in pkg.folds], [pkg.coder(f) for f in pkg.folds]).eval()
+    ensemble = Ensemble([package_model(pkg, f) for f in pkg.folds], [package_coder(pkg, f) for f in pkg.folds]).eval()
     with torch.no_grad():
         predicted = torch.cat([ensemble(load_batch([a])) for a in arrays])[:, 0].numpy()
     np.testing.assert_allclose(predicted, study["predicted"], rtol=1e-6)
@@ -110,7 +111,7 @@ def test_loading_never_unpickles(mini_study, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     pkg = package.load(mini_study / "package" / "model")
     for fold in pkg.folds:
-        assert pkg.model(fold)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1)
+        assert package_model(pkg, fold)(torch.zeros(1, 1, 16, 16, 16)).shape == (1, 1)
 
 
 def test_a_tampered_weight_file_is_refused(copy):

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package
 from pipeline.sharing import registry
 from pipeline.common.tables import read_tsv
@@ -59,7 +60,7 @@ def study(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def applied(study) -> Path:
     url = f"file://{study / 'registry'}"
-    run(study, "pipeline.models", "register", "results/package/model.tar.gz", "--name", "lab/brainage", "--registry", url)
+    run(study, "pipeline.registry", "register", "results/package/model.tar.gz", "--name", "lab/brainage", "--registry", url)
     splits = read_tsv(study / "results" / "splits.tsv")
     labels = sorted(splits.loc[splits["fold-1"] == "test", "participant_id"].str.removeprefix("sub-").unique())
     run(study, "pipeline.apply", "demo", "applied", "participant", "--model", "lab/brainage", "--registry", url,
@@ -103,7 +104,7 @@ def test_onnx_matches_pytorch_on_the_demo(applied):
 
     folder = next((applied / "models").rglob(package.SPEC)).parent
     pkg = package.load(folder)
-    ensemble = Ensemble([pkg.model(f) for f in pkg.folds], [pkg.coder(f) for f in pkg.folds]).eval()
+    ensemble = Ensemble([package_model(pkg, f) for f in pkg.folds], [package_coder(pkg, f) for f in pkg.folds]).eval()
     x = load_batch(sorted(str(p) for p in (applied / "derivatives").rglob("*.npy")))
     session = onnxruntime.InferenceSession(str(folder / package.ONNX), providers=["CPUExecutionProvider"])
     with torch.no_grad():

@@ -12,7 +12,7 @@ import pytest
 from pipeline.sharing import package
 from pipeline.sharing import registry
 from pipeline.common.errors import InputError
-from pipeline.learning.models import main as models_main
+from pipeline.sharing.registry import main as registry_main
 
 
 @pytest.fixture
@@ -40,9 +40,9 @@ def test_register_and_fetch_through_an_fsspec_url(mini_study, memory_registry, t
 def test_a_folder_is_the_default_registry(mini_study, tmp_path, monkeypatch):
     monkeypatch.setenv(registry.ENVIRONMENT, str(tmp_path / "shared"))
     monkeypatch.chdir(tmp_path)
-    models_main(["register", str(mini_study / "package" / "model"), "--name", "lab/brainage:1.0"])
+    registry_main(["register", str(mini_study / "package" / "model"), "--name", "lab/brainage:1.0"])
     assert (tmp_path / "shared" / "lab" / "brainage" / "1.0" / registry.ARCHIVE).is_file()
-    models_main(["fetch", "lab/brainage"])
+    registry_main(["fetch", "lab/brainage"])
     assert tree(tmp_path / "models" / "lab" / "brainage" / "1.0") == tree(mini_study / "package" / "model")
 
 
@@ -113,6 +113,6 @@ def test_registering_a_pickle_posing_as_weights_is_refused(mini_study, tmp_path,
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        models_main(["fetch", "lab/none", "--registry", str(tmp_path)])
+        registry_main(["fetch", "lab/none", "--registry", str(tmp_path)])
     assert exit_info.value.code == 2
     assert "ERROR: No package lab/none" in capsys.readouterr().err

@@ -24,7 +24,9 @@ from pipeline.common.paths import derivative_paths
 from pipeline.intake.preprocess import preprocess, write_label
 from pipeline.results.segmentation import label_scores, majority
 from pipeline.intake.template import template_on_grid
-from pipeline.learning.train import Process, build_trainer, resolve
+from pipeline.learning.process import Process
+from pipeline.learning.train import resolve
+from pipeline.learning.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -270,7 +272,8 @@ def test_segmentation_trains_on_patches_and_slices_with_augmented_labels(tmp_pat
     the images, whole-image validation Dice recorded, the model rebuilt for whole images."""
     import pandas as pd
 
-    from pipeline.learning.train import load_model, train
+    from pipeline.learning.saved import load_model
+    from pipeline.learning.train import train
 
     rng = np.random.default_rng(0)
     rows = []

@@ -18,7 +18,9 @@ from pipeline.learning.loader import load_batch
 from pipeline.results.evaluate import predict
 from pipeline.common.paths import derivative_paths
 from pipeline.learning.sampler import ImageModel
-from pipeline.learning.train import image_batches, load_model, train
+from pipeline.learning.process import image_batches
+from pipeline.learning.saved import load_model
+from pipeline.learning.train import train
 
 SMALL = {"model": "simple_cnn", "model_args": {"channels": [4, 8], "dropout": 0.2}, "batch_size": 4,
          "epochs": 3, "learning_rate": 0.01, "patience": 10, "seed": 3,

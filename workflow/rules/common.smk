@@ -78,7 +78,7 @@ def package_documents(folder):
         spec, package_recipe = (json.loads((Path(folder) / name).read_text()) for name in ("spec.json", "preprocessing.json"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"apply.package {folder} is not a readable model package ({exc}); fetch one with "
-                         "python -m pipeline.models fetch, or run python -m pipeline.apply.") from exc
+                         "python -m pipeline.registry fetch, or run python -m pipeline.apply.") from exc
     differences = recipe.mismatches(package_recipe, RECIPE)
     if differences:
         raise ValueError(f"config `preprocess`/`channels` differ from the recipe of apply.package {folder}: "

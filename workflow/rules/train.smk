@@ -75,6 +75,8 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
 if INIT:  # config train.init_from: fetch the package to start from
 
     rule fetch_init:
+        input:
+            code=code("registry"),
         output:
             # The package's own manifest stands for its folder (a directory output would gain a
             # .snakemake_timestamp file, which the package's checksums rightly refuse).
@@ -94,5 +96,5 @@ if INIT:  # config train.init_from: fetch the package to start from
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "rm -rf {params.folder:q} && python -m pipeline.models fetch {params.name:q} --registry {params.registry:q}"
+            "rm -rf {params.folder:q} && python -m pipeline.registry fetch {params.name:q} --registry {params.registry:q}"
             " --out {params.folder:q} > {log:q} 2>&1"

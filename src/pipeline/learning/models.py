@@ -4,8 +4,7 @@ Classifiers and regressors map a (B, C, *spatial) batch to (B, outputs); segment
 map it to (B, K, *spatial). ``spatial_dims`` is 3 for whole images and patches, 2 for slices.
 ResNet, DenseNet and U-Net are MONAI's implementations; SFCN, the simple CNN, AlexNet and VGG
 (the layouts of ANTsPyNet's, which nitrain serves) are written here. ``python -m pipeline.models
---list`` prints the registry; ``register`` and ``fetch`` put trained model packages into a
-registry and get them back (``pipeline.registry``).
+--list`` prints the registry. (Trained model packages have their own registry: ``pipeline.registry``.)
 """
 
 from __future__ import annotations
@@ -261,18 +260,12 @@ def unet(in_channels: int, outputs: int, spatial_dims: int = 3, features=(32, 32
 
 
 def main(argv=None) -> None:
-    from pipeline.sharing import registry
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--list", action="store_true", help="list registered models: name, dims, description")
-    registry.add_commands(parser.add_subparsers(dest="command"))  # register / fetch model packages
-    args = parser.parse_args(argv)
-    if args.command:
-        registry.run_command(args)
-    elif args.list:
-        for name, spec in sorted(REGISTRY.items()):
-            dims = "/".join(f"{d}D" for d in spec.dims)
-            print(f"{name:<12} {dims:<6} {spec.task:<13} {spec.description}")
+    parser.add_argument("--list", action="store_true", help="list registered networks: name, dims, task, description")
+    parser.parse_args(argv)
+    for name, spec in sorted(REGISTRY.items()):
+        dims = "/".join(f"{d}D" for d in spec.dims)
+        print(f"{name:<12} {dims:<6} {spec.task:<13} {spec.description}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from pipeline.intake.study import study_table
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.metrics import with_intervals
-from pipeline.learning.train import load_model
+from pipeline.results.summary import excluded_by_stage, summary_table
+from pipeline.learning.saved import load_model
 
 
 @torch.no_grad()
@@ -125,27 +126,6 @@ def ensemble(fold_predictions: list[pd.DataFrame], classes: list[str] | None) ->
         return mean
     columns = [c for c in ("predicted", "predicted_corrected") if c in stacked]
     return stacked.groupby(keys, sort=True, dropna=False)[columns].mean().reset_index()
-
-
-def summary_table(metrics: list[dict], names: list[str], overall: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The folds' numeric test metrics (``table``) and the summary: each fold, their mean and sd,
-    and the ensemble's ``overall`` figures with ``<metric>_ci_low``/``_ci_high`` columns."""
-    numeric = [k for k, v in metrics[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    table = pd.DataFrame([{k: m[k] for k in numeric} for m in metrics], index=names)
-    ensemble_row = {k: v for k, v in overall.items() if k in table.columns}
-    ensemble_row.update({f"{k}_low": v[0] for k, v in overall.items() if k.endswith("_ci")})
-    ensemble_row.update({f"{k}_high": v[1] for k, v in overall.items() if k.endswith("_ci")})
-    summary = pd.concat([table, table.mean().to_frame("mean").T, table.std().to_frame("sd").T,
-                         pd.DataFrame([ensemble_row], index=["ensemble"])])
-    summary.index.name = "model"
-    return table, summary
-
-
-def excluded_by_stage(excluded: Path) -> dict[str, list[str]]:
-    """``excluded.tsv`` as {stage: [image id, or participant id without an image]}."""
-    left_out = read_tsv(excluded).fillna("")
-    return {stage: [r.image_id or r.participant_id for r in rows.itertuples()]
-            for stage, rows in left_out.groupby("stage", sort=False)}
 
 
 def test_predictions(fold_dirs: list[Path], classes: list[str] | None) -> list[pd.DataFrame]:

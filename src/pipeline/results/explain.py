@@ -38,7 +38,7 @@ from pipeline.common.paths import SPACE, explanation_maps, group_map
 from pipeline.common.paths import derivative_paths
 from pipeline.intake.preprocess import to_native
 from pipeline.intake.template import resample_to_grid
-from pipeline.learning.train import load_model
+from pipeline.learning.saved import load_model
 
 STATISTICS = ("mean", "sd", "t")
 

@@ -156,7 +156,7 @@ def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: st
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
     ``excluded`` as in ``pipeline.evaluate.summarise``."""
-    from pipeline.results.evaluate import excluded_by_stage, summary_table
+    from pipeline.results.summary import excluded_by_stage, summary_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]
     names, spacing = metrics[0]["classes"], metrics[0]["spacing_mm"]

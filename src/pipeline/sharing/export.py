@@ -30,7 +30,7 @@ from pipeline.learning.coder import TargetCoder
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.explain import mean_training_image
-from pipeline.learning.train import load_model
+from pipeline.learning.saved import load_model
 
 ONNX_TOLERANCE = 1e-4
 ONNX_OPSET = 17

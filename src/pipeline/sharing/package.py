@@ -1,5 +1,7 @@
 """A model package: a folder of JSON, safetensors and NIfTI files, checked before anything is loaded.
 
+The file format only: a fold's network is built from it by ``pipeline.learning.saved``.
+
 Layout (every path relative to the package folder)::
 
     spec.json               architecture, task, target, classes, input shape and channels, folds
@@ -70,7 +72,7 @@ def read_checksums(folder: Path) -> dict[str, str]:
     path = folder / CHECKSUMS
     if not path.is_file():
         raise InputError(f"{folder} is not a model package: it has no {CHECKSUMS}. Export one with the "
-                         "workflow's `package` rule, or fetch one with `python -m pipeline.models fetch`.")
+                         "workflow's `package` rule, or fetch one with `python -m pipeline.registry fetch`.")
     listed = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         digest, _, name = line.partition("  ")
@@ -151,17 +153,6 @@ class Package:
 
         return load_file(self.folder / TRAIN_MEAN)[fold][None]
 
-    def coder(self, fold: str):
-        from pipeline.learning.coder import TargetCoder
-
-        return TargetCoder(**self.normalisation["target"][fold])
-
-    def model(self, fold: str):
-        """One fold's network in eval mode, weights loaded."""
-        from pipeline.learning.train import rebuild
-
-        return rebuild(self.spec["architecture"], self.spec["input"]["shape"][0], self.spec["outputs"],
-                       self.spec.get("sampler"), self.state_dict(fold))
 
 
 def load(folder: Path) -> Package:

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from pipeline.common import atomic
+from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package
 from pipeline.results.attribution import METHODS, SIGNED, Settings, attribute
 from pipeline.common.tables import read_tsv
@@ -45,7 +46,7 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
     read back from the TSVs as ``pipeline.evaluate.summarise`` does, so the numbers equal the study's."""
     corrections = pkg.normalisation.get("bias_correction", {})
     for fold in pkg.folds:
-        predictions = predict(pkg.model(fold), pkg.coder(fold), table, None)
+        predictions = predict(package_model(pkg, fold), package_coder(pkg, fold), table, None)
         if fold in corrections:
             predictions["predicted_corrected"] = correct(predictions, **corrections[fold])
         (out_dir / fold).mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], se
     attributing its own predicted class unless ``target_class`` is given, as the study does)."""
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
-        model, coder = pkg.model(fold), pkg.coder(fold)
+        model, coder = package_model(pkg, fold), package_coder(pkg, fold)
         target = target_index(model, x, coder, target_class)
         maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold))
         for method, data in maps.items():

@@ -15,6 +15,7 @@ at import: the Snakefile imports ``parse_name``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -93,7 +94,7 @@ def resolve(fs, root: str, ref: Ref) -> Ref:
     if ref.version is None:
         if not known:
             raise InputError(f"No package {ref} in the registry {root}; register one with "
-                             "`python -m pipeline.models register PACKAGE --name OWNER/NAME[:VERSION]`.")
+                             "`python -m pipeline.registry register PACKAGE --name OWNER/NAME[:VERSION]`.")
         return ref._replace(version=known[-1])
     if ref.version not in known:
         raise InputError(f"No version {ref.version!r} of {ref.owner}/{ref.name} in the registry {root}; "
@@ -148,8 +149,10 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
     return ref, dest
 
 
-def add_commands(commands) -> None:
-    """Add ``register`` and ``fetch`` to an argparse subparsers object (``python -m pipeline.models``)."""
+def main(argv=None) -> None:
+    """``python -m pipeline.registry register PACKAGE --name owner/name[:version]`` and ``fetch NAME``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
     registry_help = f"registry folder or fsspec URL (default: ${ENVIRONMENT}, else {DEFAULT})"
     register_cmd = commands.add_parser("register", help="put a model package into the registry")
     register_cmd.add_argument("package", type=Path, help="package folder or .tar.gz (results/package/model)")
@@ -159,10 +162,7 @@ def add_commands(commands) -> None:
     fetch_cmd.add_argument("name", help="owner/name[:version] (default version: the highest)")
     fetch_cmd.add_argument("--out", type=Path, help="folder to unpack into (default: models/OWNER/NAME/VERSION)")
     fetch_cmd.add_argument("--registry", help=registry_help)
-
-
-def run_command(args) -> None:
-    """Run a ``register`` or ``fetch`` command parsed by ``add_commands``."""
+    args = parser.parse_args(argv)
     where = location(args.registry)
     with InputError.exit_cleanly():
         if args.command == "register":
@@ -172,3 +172,7 @@ def run_command(args) -> None:
             ref, folder = fetch(args.name, where, args.out)
             print(f"fetched {ref} from {where}", file=sys.stderr)
             print(folder)
+
+
+if __name__ == "__main__":
+    main()

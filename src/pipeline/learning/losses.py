@@ -1,0 +1,58 @@
+"""Losses and per-epoch metrics of training: MSE or cross-entropy, DiceCE and Dice for segmentation."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.learning.coder import TargetCoder
+
+
+SEGMENTATION = "segmentation"
+
+
+def loss_fn(task: str):
+    if task == SEGMENTATION:
+        from monai.losses import DiceCELoss
+
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    return torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
+
+
+def task_loss(criterion, task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if task == SEGMENTATION:  # (B, K, *spatial) logits, (B, 1, *spatial) labels
+        return criterion(outputs.float(), targets.long())
+    return criterion(outputs.float() if task == "classification" else outputs.float().squeeze(1), targets)
+
+
+def dice_per_label(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K - 1) Dice of labels 1..K-1 between the argmax of (B, K, *spatial) logits and
+    (B, 1, *spatial) labels (MONAI's compute_dice); NaN where a label is absent from both."""
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    k = outputs.shape[1]
+    predicted, true = one_hot(outputs.argmax(1, keepdim=True), k), one_hot(labels.long(), k)
+    dice = compute_dice(predicted, true, include_background=False, ignore_empty=False)
+    absent = ~(predicted.flatten(2).any(2) | true.flatten(2).any(2))[:, 1:]
+    return dice.masked_fill(absent, float("nan"))  # as pipeline.segmentation.label_scores
+
+
+def mean_dice(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean over labels 1..K-1 of ``dice_per_label`` (labels absent from both left out; 1 if all are,
+    e.g. a slice outside the brain)."""
+    dice = dice_per_label(outputs, labels)
+    return torch.nan_to_num(dice.nanmean(1), nan=1.0)
+
+
+def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """MAE in target units (regression), accuracy (classification) or mean Dice (segmentation)."""
+    if coder.task == SEGMENTATION:
+        return float(mean_dice(outputs, labels).mean())
+    if coder.task == "classification":
+        return float((outputs.argmax(1) == labels).float().mean())
+    return float(((outputs.squeeze(1) - labels).abs() * coder.std).mean())
+
+
+def metric_sum(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Sum over views of the metric (absolute errors in target units, or correct predictions)."""
+    return metric(coder, outputs.detach().float(), labels) * len(labels)

@@ -1,0 +1,51 @@
+"""A trained model on disk (``model.pt``, or a fold of a model package) as a network again.
+
+``model.pt`` holds tensors and plain types only; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.learning.coder import TargetCoder
+from pipeline.learning.losses import SEGMENTATION
+from pipeline.learning.models import build_model, recorded_args
+from pipeline.learning.sampler import ImageModel, SegmentationModel, build_sampler
+
+
+def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | None, state_dict,
+            segmentation: bool = False) -> torch.nn.Module:
+    """A trained network in eval mode from its recorded ``architecture`` ({name, args, spatial_dims}),
+    ``sampler`` and weights. Slice and patch models come wrapped in ``ImageModel``: they take whole
+    (B, C, X, Y, Z) images and return the mean of their outputs over each image's views.
+    ``segmentation`` networks come wrapped in ``SegmentationModel``: whole images → (B, K, X, Y, Z) logits."""
+    network = build_model(architecture["name"], in_channels, outputs, architecture.get("spatial_dims", 3),
+                          **recorded_args(architecture["name"], architecture["args"]))
+    network.load_state_dict(state_dict)
+    views = build_sampler(sampler)
+    if segmentation:
+        return SegmentationModel(network, views).eval()
+    model = network if views.kind == "image" else ImageModel(network, views)
+    return model.eval()
+
+
+def load_model(path: Path) -> tuple[torch.nn.Module, TargetCoder, dict]:
+    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code)."""
+    record = torch.load(path, weights_only=True, map_location="cpu")
+    coder = TargetCoder(**record["coder"])
+    model = rebuild(record["model"], record["input_shape"][0], coder.outputs, record.get("sampler"),
+                    record["state_dict"], segmentation=coder.task == SEGMENTATION)
+    return model, coder, record
+
+
+def package_coder(pkg, fold: str) -> TargetCoder:
+    """The target coder of one fold of a model package (``pipeline.sharing.package.Package``)."""
+    return TargetCoder(**pkg.normalisation["target"][fold])
+
+
+def package_model(pkg, fold: str) -> torch.nn.Module:
+    """One fold of a model package as a network in eval mode, its weights loaded."""
+    return rebuild(pkg.spec["architecture"], pkg.spec["input"]["shape"][0], pkg.spec["outputs"],
+                   pkg.spec.get("sampler"), pkg.state_dict(fold))
