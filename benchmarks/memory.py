@@ -67,8 +67,9 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
     from pipeline.results.attribution import SIGNED, Settings, attribute
     from pipeline.common.tables import read_tsv
     from pipeline.learning.loader import load_batch
-    from pipeline.results.explain import (FoldMeanMaps, GroupStatistics, mean_training_image, top_fraction_enrichment,
-                                  write_statistics)
+    from pipeline.results.explain import mean_training_image
+    from pipeline.results.maps import FoldMeanMaps, GroupStatistics, write_statistics
+    from pipeline.results.validation import top_fraction_enrichment
     from pipeline.learning.saved import load_model
     from pipeline.learning.train import train
 

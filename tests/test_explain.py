@@ -9,7 +9,8 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 from pipeline.results import attribution
 from pipeline.results.atlas import atlas_on_grid
 from pipeline.common.errors import InputError
-from pipeline.results.explain import FoldMeanMaps, region_table, statistics, top_fraction_enrichment
+from pipeline.results.maps import FoldMeanMaps, region_table, statistics
+from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.grid import write_grid
 from pipeline.learning.models import build_model
 

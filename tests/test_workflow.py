@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from pipeline.demo import make_demo
-from pipeline.results.explain import top_fraction_enrichment
+from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.template import SPACE, resample_to_grid
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,8 @@ from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.evaluate import correct, ensemble, predict
-from pipeline.results.explain import GroupStatistics, plot_group, save_image_maps, target_index, write_statistics
+from pipeline.results.mapfigures import plot_group
+from pipeline.results.maps import GroupStatistics, save_image_maps, target_index, write_statistics
 from pipeline.common.paths import derivative_paths
 
 
