@@ -46,7 +46,7 @@ def preprocessed(tmp_path_factory, study_grid):
     d = tmp_path_factory.mktemp("pre")
     pose = posed_subject(d / "sub-01_T1w.nii", rotation_deg=(8, -6, 5), translation_mm=(7, -5, 9))
     out = preprocess.derivative_paths(d / "out", "sub-01", "sub-01")
-    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, transform="Affine")
+    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, settings={"transform": "Affine"})
     return d / "sub-01_T1w.nii", pose, out, sidecar
 
 
@@ -142,6 +142,6 @@ def test_preprocessing_is_reproducible(preprocessed, study_grid, tmp_path):
     """Same image, same seed, one ITK thread (set in conftest): identical arrays and transforms."""
     source, _, out, _ = preprocessed
     again = preprocess.derivative_paths(tmp_path / "again", "sub-01", "sub-01")
-    preprocess.preprocess([source], *study_grid, again, transform="Affine")
+    preprocess.preprocess([source], *study_grid, again, settings={"transform": "Affine"})
     np.testing.assert_array_equal(np.load(again["array"]), np.load(out["array"]))
     assert again["forward"].read_bytes() == out["forward"].read_bytes()

@@ -16,6 +16,7 @@ shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; 
 sys.path.insert(0, str(SRC.parent))
 from pipeline.common import configcheck
 from pipeline.common.codegraph import code_of
+from pipeline.common.config import stage_config
 from pipeline.common.fingerprint import tree_fingerprint
 from pipeline.common.outputs import check_writable
 from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, group_map

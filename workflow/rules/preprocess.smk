@@ -7,8 +7,7 @@ rule grid:
         mask=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_desc-brain_mask.nii.gz",
     params:
         # Apply mode copies the package's grid: new images meet the very grid of the training images.
-        grid=f"--from-package {shlex.quote(APPLY['package'])}" if APPLY else
-        f"--resolution {config['preprocess']['resolution']} --shape {' '.join(map(str, config['preprocess']['shape']))}",
+        config=stage_config(config, ["preprocess"], package=APPLY["package"] if APPLY else None),
     log:
         f"{RESULTS}/logs/grid.log",
     benchmark:
@@ -20,7 +19,8 @@ rule grid:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.grid {params.grid} --template {output.template:q} --mask {output.mask:q} > {log:q} 2>&1"
+        "python -m pipeline.grid --config {params.config:q} --template {output.template:q} --mask {output.mask:q}"
+        " > {log:q} 2>&1"
 
 
 rule preprocess:
@@ -36,14 +36,7 @@ rule preprocess:
         excluded=exclusion_record(PREPROC, "{subdir}", "{image}"),
     params:
         out_dir=lambda w, output: output.array[: output.array.index(f"/{w.subdir}/anat/")],
-        channels=CHANNELS,
-        transform=config["preprocess"]["transform"],
-        n4="" if config["preprocess"]["n4"] else "--no-n4",
-        n4_shrink=config["preprocess"]["n4_shrink_factor"],
-        antialias="" if config["preprocess"]["antialias"] else "--no-antialias",
-        seed=config["preprocess"]["seed"],
-        on_error=config["on_error"],
-        label=lambda wildcards, input: f"--label {shlex.quote(input.label[0])}" if input.label else "",
+        config=stage_config(config, ["preprocess", "channels", "on_error"]),
     log:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
@@ -58,10 +51,9 @@ rule preprocess:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.preprocess {input.images:q} --channels {params.channels} --template {input.template:q}"
-        " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir}"
-        " --image-id {wildcards.image} --transform {params.transform} {params.n4} --n4-shrink {params.n4_shrink}"
-        " --seed {params.seed} {params.antialias} {params.label} --threads {threads} --on-error {params.on_error} --excluded {output.excluded:q}"
+        "python -m pipeline.preprocess {input.images:q} --config {params.config:q} --template {input.template:q}"
+        " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
+        " --label {input.label:q} --threads {threads} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
 
 

@@ -6,14 +6,7 @@ rule split:
         splits=f"{RESULTS}/splits.tsv",
         balance=f"{RESULTS}/split_balance.tsv",
     params:
-        target=config["target"],
-        task=SPLIT_TASK,
-        test=config["split"]["test"],
-        folds=config["split"]["folds"],
-        val=config["split"]["val"],
-        bins=config["split"]["bins"],
-        stratify=config["split"]["stratify"],
-        seed=config["split"]["seed"],
+        config=stage_config(config, ["target", "split"], task=SPLIT_TASK),
     log:
         f"{RESULTS}/logs/split.log",
     benchmark:
@@ -25,7 +18,5 @@ rule split:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.split {input.manifest:q} --target {params.target:q} --task {params.task}"
-        " --test {params.test} --folds {params.folds} --val {params.val} --bins {params.bins}"
-        " --stratify {params.stratify:q} --seed {params.seed} --out {output.splits:q}"
+        "python -m pipeline.split {input.manifest:q} --config {params.config:q} --out {output.splits:q}"
         " --balance {output.balance:q} > {log:q} 2>&1"

@@ -15,15 +15,15 @@ rule train:
         hyperparameters=f"{RESULTS}/train/{TRAIN_RUN}/hyperparameters.json",
     params:
         preproc_dir=preproc_root,
-        channels=CHANNELS,
         out_dir=parent_of("model"),
-        target="label" if SEGMENTATION else config["target"],
-        task=config["task"],
-        labels=f"--labels {' '.join(shlex.quote(n) for n in LABEL_NAMES)}" if SEGMENTATION and LABEL_NAMES else "",
-        hyperparameters=lambda wildcards: json.dumps(variants.hyperparameters(config["train"], wildcards.get("variant"))),
-        init=f"--init-from {shlex.quote(INIT_DIR)} --recipe {shlex.quote(json.dumps(recipe.compared(RECIPE)))}"
-        if INIT
-        else "",
+        config=lambda wildcards: stage_config(
+            config,
+            ["task", "channels"],
+            target="label" if SEGMENTATION else config["target"],
+            train=variants.hyperparameters(config["train"], wildcards.get("variant")),
+            labels=LABEL_NAMES if SEGMENTATION else None,
+            init={"package": INIT_DIR, "recipe": recipe.compared(RECIPE)} if INIT else None,
+        ),
     log:
         f"{RESULTS}/logs/train/{TRAIN_RUN}.log",
     benchmark:
@@ -36,10 +36,9 @@ rule train:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
-        " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --target {params.target:q}"
-        " --task {params.task} --targets {input.targets:q} --hyperparameters {params.hyperparameters:q} --out-dir {params.out_dir:q}"
-        " {params.labels} {params.init} --threads {threads} > {log:q} 2>&1"
+        "python -m pipeline.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --targets {input.targets:q}"
+        " --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 if VARIANTS:  # config train.variants: the variant with the lowest validation loss is the fold's model

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config
 from pipeline.intake.template import brain_mask_on_grid, template_on_grid
 
 
@@ -30,22 +31,18 @@ def copy_package_grid(folder: Path, template_out: Path, mask_out: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--resolution", type=float, help="isotropic voxel size, mm (with --shape)")
-    source.add_argument("--from-package", type=Path, help="copy the grid of this model package folder")
-    parser.add_argument("--shape", type=int, nargs=3, help="grid shape in voxels")
+    add_config(parser)  # preprocess (resolution, shape); package: a model package folder whose grid to copy, or null
     parser.add_argument("--template", type=Path, required=True)
     parser.add_argument("--mask", type=Path, required=True)
     args = parser.parse_args(argv)
-    if args.from_package:
+    if args.config.get("package"):  # apply mode: the package's own grid
         from pipeline.common.errors import InputError
 
         with InputError.exit_cleanly():
-            copy_package_grid(args.from_package, args.template, args.mask)
-    elif args.shape is None:
-        parser.error("--resolution needs --shape")
+            copy_package_grid(Path(args.config["package"]), args.template, args.mask)
     else:
-        write_grid(args.resolution, tuple(args.shape), args.template, args.mask)
+        grid = args.config["preprocess"]
+        write_grid(float(grid["resolution"]), tuple(grid["shape"]), args.template, args.mask)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.common import atomic
+from pipeline.common import atomic, config
+from pipeline.common.cli import add_config, channel_names
 from pipeline.intake import exclusions
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
+from pipeline.intake.recipe import sidecar_steps
 
 
 def load_native(path: Path):
@@ -101,18 +103,20 @@ def antialiased(image, grid_spacing: float):
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
-               transform: str = "Affine", n4: bool = True, n4_shrink: int = 4, seed: int = 1,
-               label: Path | None = None, antialias: bool = True) -> dict:
-    """Run the chain on the ``sources`` (one per channel, reference first) into the grid of
-    ``template``; write all ``out`` files; return the reference channel's sidecar. ``label``: the
-    sample's label image (same space as the reference), written to ``out["label_image"]`` and
-    ``out["label_array"]``. ``antialias``: smooth each channel before resampling onto a coarser grid.
+               settings: dict | None = None, label: Path | None = None) -> dict:
+    """Run the chain (``pipeline.intake.recipe.STEPS``) on the ``sources`` (one per channel,
+    reference first) into the grid of ``template``; write all ``out`` files; return the reference
+    channel's sidecar. ``settings``: config ``preprocess`` (what it leaves out: the schema's
+    defaults). ``label``: the sample's label image (same space as the reference), written to
+    ``out["label_image"]`` and ``out["label_array"]``.
 
     Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
     """
     import ants
 
+    settings = config.resolved(["preprocess"], settings or {})
+    transform, n4, n4_shrink, seed, antialias = (settings[k] for k in PARAMETERS)
     channels = list(channels)
     if len(sources) != len(channels):
         raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
@@ -158,20 +162,13 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     similarity = float(np.corrcoef(arrays[0][brain], fixed.numpy()[brain])[0, 1])
     sidecars = {}
     for channel, source in zip(channels, sources):
-        steps = ["reorient", *(["N4BiasFieldCorrection"] if n4 else [])]
-        if channel != channels[0]:
-            steps.append(f"ants.registration:Rigid to {channels[0]}")
-        steps.append(f"ants.registration:{transform} to template")
-        if antialias:
-            steps.append("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))")
-        steps += ["template brain mask", "z-score inside mask"]
+        steps = sidecar_steps(settings, channels, channel)
         sidecars[channel] = {
             "Sources": [str(source)],
             "Channel": channel,
             "SpatialReference": {"space": SPACE, "grid": str(template)},
             "Steps": steps,
-            "Parameters": {"transform": transform, "n4": n4, "n4_shrink_factor": n4_shrink, "seed": seed,
-                           "antialias": antialias},
+            "Parameters": {k: settings[k] for k in PARAMETERS},
             "QC": {"correlation_with_template": round(similarity, 4)} if channel == channels[0] else {},
             "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
@@ -180,6 +177,9 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
         atomic.write_text(out[f"sidecar_{channel}"], json.dumps(sidecars[channel], indent=2))
     write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
     return sidecars[channels[0]]
+
+
+PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias")  # the sidecar's, in order
 
 
 def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
@@ -284,30 +284,25 @@ def _versions() -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("sources", type=Path, nargs="+", help="native images, one per channel, reference first")
-    parser.add_argument("--channels", nargs="+", default=["T1w"], help="channel names, in the order of SOURCES")
+    add_config(parser)  # preprocess, channels (in the order of SOURCES), on_error
     parser.add_argument("--template", type=Path, required=True, help="template on the study grid (NIfTI)")
     parser.add_argument("--mask", type=Path, required=True, help="brain mask on the study grid (NIfTI)")
     parser.add_argument("--out-dir", type=Path, required=True, help="derivatives root")
     parser.add_argument("--subdir", required=True, help="sub-X[/ses-Y]")
     parser.add_argument("--image-id", required=True, help="sub-X[_ses-Y]")
-    parser.add_argument("--label", type=Path, help="the sample's label image (config label_image)")
-    parser.add_argument("--transform", default="Affine", choices=["Rigid", "Affine"])
-    parser.add_argument("--no-n4", action="store_true")
-    parser.add_argument("--n4-shrink", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=1, help="registration seed, >= 1")
-    parser.add_argument("--no-antialias", action="store_true", help="resample without smoothing first")
+    parser.add_argument("--label", type=Path, nargs="*", default=[],
+                        help="the sample's label image (config label_image), or nothing")
     parser.add_argument("--threads", type=int, default=1, help="ITK threads (1 is reproducible)")
-    parser.add_argument("--on-error", choices=["continue", "stop"], default="stop",
-                        help="continue: a failure writes --excluded and exits 0; stop: exits 2 with the message")
-    parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way")
+    parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way; with on_error: "
+                        "continue a failure is written there and the command exits 0")
     args = parser.parse_args(argv)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # before ants is imported
-    out = derivative_paths(args.out_dir, args.subdir, args.image_id, args.channels, args.label is not None)
+    names, label = channel_names(args.config), (args.label[0] if args.label else None)
+    out = derivative_paths(args.out_dir, args.subdir, args.image_id, names, label is not None)
     with InputError.exit_cleanly():
-        sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.on_error, args.excluded,
-                                        template=args.template, mask=args.mask, channels=args.channels,
-                                        transform=args.transform, n4=not args.no_n4, n4_shrink=args.n4_shrink,
-                                        seed=args.seed, label=args.label, antialias=not args.no_antialias)
+        sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.config["on_error"], args.excluded,
+                                        template=args.template, mask=args.mask, channels=names,
+                                        settings=args.config["preprocess"], label=label)
     if sidecar is None:
         print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
         return

@@ -13,6 +13,8 @@ package prepares new images with it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pipeline.common.paths import SPACE
 
 TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.template)"
@@ -23,21 +25,60 @@ COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor
 INTRODUCED = {"antialias": False}
 
 
-def steps(channels: list[str], transform: str, n4: bool, n4_shrink: int, seed: int,
-          antialias: bool = False) -> list[str]:
-    """The preprocessing chain of ``pipeline.preprocess``, in words, in order."""
-    chain = ["read each channel (ANTs), reorient to the template's axes"]
-    if n4:
-        chain.append(f"N4 bias-field correction (shrink factor {n4_shrink})")
-    chain.append("divide by the image's 99th intensity percentile")
-    chain += [f"rigid co-registration of {c} to {channels[0]} (ANTs)" for c in channels[1:]]
-    chain += [f"ANTs {transform} registration of {channels[0]} to the template (seed {seed}, one ITK thread)",
-              *(["Gaussian anti-aliasing of every channel where the grid is coarser than its voxels "
-                 "(FWHM sqrt(grid^2 - voxel^2) per axis)"] if antialias else []),
-              "linear resampling of every channel onto the template grid (grid/template.nii.gz)",
-              "z-score each channel inside the template brain mask (grid/brain_mask.nii.gz); 0 outside",
-              "stack the channels: a (C, X, Y, Z) float32 array"]
+@dataclass(frozen=True)
+class Step:
+    """One step of the preprocessing chain (``pipeline.intake.preprocess`` runs them in this order).
+
+    ``key``: the config ``preprocess`` key that turns it on (None: always); ``recipe``: the step in
+    words for the recipe and the model card (``{reference}``, ``{channel}`` and the preprocess
+    keys filled in); ``further``: done once per channel after the reference; ``sidecar``: the
+    entries it adds to each channel's sidecar ``Steps`` (``further_only``: only in those channels')."""
+
+    name: str
+    recipe: str
+    sidecar: tuple[str, ...] = ()
+    key: str | None = None
+    further: bool = False
+    further_only: bool = False
+
+
+STEPS = (
+    Step("reorient", "read each channel (ANTs), reorient to the template's axes", ("reorient",)),
+    Step("n4", "N4 bias-field correction (shrink factor {n4_shrink_factor})", ("N4BiasFieldCorrection",), key="n4"),
+    Step("scale", "divide by the image's 99th intensity percentile"),
+    Step("coregister", "rigid co-registration of {channel} to {reference} (ANTs)",
+         ("ants.registration:Rigid to {reference}",), further=True, further_only=True),
+    Step("register", "ANTs {transform} registration of {reference} to the template (seed {seed}, one ITK thread)",
+         ("ants.registration:{transform} to template",)),
+    Step("antialias", "Gaussian anti-aliasing of every channel where the grid is coarser than its voxels "
+         "(FWHM sqrt(grid^2 - voxel^2) per axis)", ("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))",),
+         key="antialias"),
+    Step("resample", "linear resampling of every channel onto the template grid (grid/template.nii.gz)"),
+    Step("normalise", "z-score each channel inside the template brain mask (grid/brain_mask.nii.gz); 0 outside",
+         ("template brain mask", "z-score inside mask")),
+    Step("stack", "stack the channels: a (C, X, Y, Z) float32 array"),
+)
+
+
+def active(settings: dict) -> list[Step]:
+    """The steps that run with config ``preprocess`` ``settings``."""
+    return [step for step in STEPS if step.key is None or settings[step.key]]
+
+
+def steps(settings: dict, channels: list[str]) -> list[str]:
+    """The preprocessing chain, in words, in order (the recipe's ``steps``)."""
+    chain = []
+    for step in active(settings):
+        targets = channels[1:] if step.further else [None]
+        chain += [step.recipe.format(reference=channels[0], channel=c, **settings) for c in targets]
     return chain
+
+
+def sidecar_steps(settings: dict, channels: list[str], channel: str) -> list[str]:
+    """The ``Steps`` of ``channel``'s sidecar."""
+    further = channel != channels[0]
+    return [entry.format(reference=channels[0], **settings) for step in active(settings)
+            if further or not step.further_only for entry in step.sidecar]
 
 
 def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
@@ -55,8 +96,7 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
         "antialias": bool(preprocess["antialias"]),
         "channels": names,
         "selection": {"bids_filters": bids_filters, "channels": channels},
-        "steps": steps(names, preprocess["transform"], preprocess["n4"], preprocess["n4_shrink_factor"],
-                       preprocess["seed"], preprocess["antialias"]),
+        "steps": steps(preprocess, names),
         "normalisation": "per image and channel: z-score inside the template brain mask, 0 outside",
     }
 

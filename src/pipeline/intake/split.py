@@ -18,6 +18,7 @@ import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
 
 SPLITS = ("train", "val", "test")
@@ -168,22 +169,16 @@ def balance(splits: pd.DataFrame, manifest: pd.DataFrame, target: str, task: str
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("manifest", type=Path)
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--task", choices=["regression", "classification"], required=True)
-    parser.add_argument("--test", type=float, default=0.2, help="fraction of participants held out")
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds on the rest")
-    parser.add_argument("--val", type=float, default=0.2, help="validation fraction when --folds 1")
-    parser.add_argument("--bins", type=int, default=5, help="quantile bins of a regression target")
-    parser.add_argument("--stratify", nargs="*", default=[], help="further columns to stratify by")
-    parser.add_argument("--seed", type=int, default=0)
+    add_config(parser)  # target, task (regression or classification), split
     parser.add_argument("--out", type=Path, required=True, help="splits.tsv")
     parser.add_argument("--balance", type=Path, required=True, help="balance table (TSV)")
     args = parser.parse_args(argv)
+    target, task, split = args.config["target"], args.config["task"], args.config["split"]
     manifest = pd.read_csv(args.manifest, sep="\t", dtype=str, keep_default_na=False)
     with InputError.exit_cleanly():
-        splits = design(manifest, args.target, args.task, args.test, args.folds, args.val, args.seed,
-                        args.bins, args.stratify)
-        table = balance(splits, manifest, args.target, args.task)
+        splits = design(manifest, target, task, split["test"], split["folds"], split["val"], split["seed"],
+                        split["bins"], split["stratify"])
+        table = balance(splits, manifest, target, task)
     atomic.to_csv(splits, args.out, sep="\t", index=False)
     atomic.to_csv(table, args.balance, sep="\t", index=False)
     print(table.to_string(index=False), file=sys.stderr)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.common import atomic
+from pipeline.common.config import defaults
 from pipeline.learning.resample import affine_resample, over_threads
 
 Params = dict[str, torch.Tensor]
@@ -237,6 +238,10 @@ class RandomGhosting(IntensityTransform):
         return torch.fft.ifftn(spectrum, dim=(2, 3, 4)).real.to(image.dtype)
 
 
+def _default(key: str):
+    return defaults(["train", "augmentation", key])
+
+
 @dataclass(frozen=True)
 class Augmentation(RandomTransform):
     """The study's augmentation (config `train.augmentation`): ranges of the random draws, 0 (or
@@ -247,17 +252,17 @@ class Augmentation(RandomTransform):
     ghosting (max k-space plane attenuation, 0-1). Everything is off by default (the measured
     recipe of docs/benchmarks.md, *Learning*)."""
 
-    rotation: float = 0.0
-    scaling: float = 0.0
-    translation: float = 0.0
-    shear: float = 0.0
-    flip: tuple[int, ...] = field(default=())
-    noise: float = 0.0
-    intensity: float = 0.0
-    smoothing: float = 0.0
-    bias_field: float = 0.0
-    gamma: float = 0.0
-    ghosting: float = 0.0
+    rotation: float = _default("rotation")
+    scaling: float = _default("scaling")
+    translation: float = _default("translation")
+    shear: float = _default("shear")
+    flip: tuple[int, ...] = field(default=tuple(_default("flip")))
+    noise: float = _default("noise")
+    intensity: float = _default("intensity")
+    smoothing: float = _default("smoothing")
+    bias_field: float = _default("bias_field")
+    gamma: float = _default("gamma")
+    ghosting: float = _default("ghosting")
 
     def __post_init__(self):
         object.__setattr__(self, "flip", tuple(self.flip))

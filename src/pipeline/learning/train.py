@@ -39,7 +39,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.common import atomic
+from pipeline.common import atomic, config
+from pipeline.common.cli import add_config, add_fold, channel_names
 from pipeline.common.errors import InputError
 from pipeline.intake.study import study_table
 from pipeline.learning.checkpoints import checkpoint, fingerprint, resume, save_atomic
@@ -51,19 +52,11 @@ from pipeline.learning.process import Process, seed_everything
 from pipeline.learning.tracking import Trackers
 from pipeline.learning.trainer import build_trainer, sampler_config
 
-DEFAULTS = {
-    "model": "simple_cnn", "model_args": {}, "epochs": 100, "batch_size": 4, "learning_rate": 1e-3,
-    "weight_decay": 0.01, "patience": 30, "seed": 0, "augmentation": {}, "sampler": {"kind": "image"},
-    "amp": False, "tracking": "none", "prefetch": 2, "init_from": None, "freeze": False, "ema": 0.98,
-}
-
-
 def resolve(hyper: dict) -> dict:
-    """Hyperparameters with defaults filled in; unknown keys are an error naming them."""
-    unknown = set(hyper) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"Unknown training setting(s) {sorted(unknown)} in config `train`; known: {sorted(DEFAULTS)}")
-    resolved = {**DEFAULTS, **hyper}
+    """Config ``train`` with the schema's defaults filled in (one variant's: without ``variants``);
+    unknown keys are an error naming them."""
+    resolved = config.resolved(["train"], hyper)
+    resolved.pop("variants", None)
     if resolved["tracking"] not in ("none", "mlflow"):
         raise InputError(f"config `train.tracking` must be 'none' or 'mlflow', not {resolved['tracking']!r}")
     return resolved
@@ -202,32 +195,25 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--splits", type=Path, required=True)
-    parser.add_argument("--preproc-dir", type=Path, required=True)
-    parser.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
-    parser.add_argument("--channels", nargs="+", default=["T1w"], help="input channels, reference first")
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--task", choices=["regression", "classification", SEGMENTATION], required=True)
+    add_fold(parser)
+    # target ("label" for segmentation), task, channels, train (this variant's settings), labels
+    # (segmentation: label names, index = label value), init ({package, recipe} to fine-tune from, or null)
+    add_config(parser)
     parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
-    parser.add_argument("--labels", nargs="+", help="segmentation: label names, index = label value "
-                        "(config label_image.labels)")
-    parser.add_argument("--hyperparameters", default="{}", help="JSON dict (config `train`)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
-    parser.add_argument("--init-from", type=Path, help="fetched model package to start from (train.init_from)")
-    parser.add_argument("--recipe", default="{}", help="JSON: the study's preprocessing recipe (with --init-from)")
     args = parser.parse_args(argv)
+    cfg, names = args.config, channel_names(args.config)
     with InputError.exit_cleanly():
-        segmentation = args.task == SEGMENTATION
-        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels, label=segmentation)
+        segmentation = cfg["task"] == SEGMENTATION
+        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
         if segmentation:
-            classes = args.labels
+            classes = cfg.get("labels")
         else:
             classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
-        init = {"package": args.init_from, "recipe": json.loads(args.recipe), "fold": args.fold} if args.init_from else None
-        best = train(table, args.target, args.task, json.loads(args.hyperparameters), args.out_dir, args.threads,
-                     classes, args.channels, init)
+        init = cfg.get("init")
+        init = {"package": Path(init["package"]), "recipe": init["recipe"], "fold": args.fold} if init else None
+        best = train(table, cfg["target"], cfg["task"], cfg["train"], args.out_dir, args.threads, classes, names, init)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

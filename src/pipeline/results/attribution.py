@@ -16,24 +16,29 @@ import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
 
+from pipeline.common.config import defaults
 from pipeline.common.errors import InputError
 
 METHODS = ("occlusion", "gradient", "smoothgrad", "integrated_gradients", "gradcam")
 SIGNED = {"occlusion": True, "gradient": False, "smoothgrad": False, "integrated_gradients": True, "gradcam": True}
 
 
+def _default(key: str):
+    return defaults(["explain", key])
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Settings of every method (config ``explain``); intensities in z-score units."""
+    """Settings of every method (config ``explain``; defaults: the schema's); intensities in z-score units."""
 
-    window: int = 6
-    stride: int = 4
-    baseline: float = 0.0
-    smoothgrad_samples: int = 16
-    smoothgrad_noise: float = 0.3
-    ig_steps: int = 32
-    ig_baseline: str | float = "train_mean"
-    gradcam_layer: str = "features.2"
+    window: int = _default("window")
+    stride: int = _default("stride")
+    baseline: float = _default("baseline")
+    smoothgrad_samples: int = _default("smoothgrad_samples")
+    smoothgrad_noise: float = _default("smoothgrad_noise")
+    ig_steps: int = _default("ig_steps")
+    ig_baseline: str | float = _default("ig_baseline")
+    gradcam_layer: str = _default("gradcam_layer")
     seed: int = 0
 
 

@@ -1,0 +1,70 @@
+"""The study's configuration: the schema (``workflow/schemas/config.schema.yaml``) is the one home
+of every key, its meaning and its default.
+
+The workflow validates the config and fills in the defaults (Snakemake's ``validate``); every
+stage receives, with ``--config``, the resolved keys it reads as one JSON object
+(``stage_config``). Code that is called without the workflow (a test, a notebook) fills its
+section from the same schema with ``resolved``, never from defaults of its own.
+
+>>> resolved(["train"], {"epochs": 3})["epochs"], resolved(["train"], {})["batch_size"] > 0
+(3, True)
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+
+from pipeline.common.errors import InputError
+from pipeline.common.locations import SCHEMA
+
+
+@functools.lru_cache(maxsize=1)
+def schema() -> dict:
+    import yaml
+
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+def section(path: list[str]) -> dict:
+    """The schema of the config section at ``path`` (e.g. ``["train"]``, ``["train", "augmentation"]``)."""
+    node = schema()
+    for key in path:
+        node = node["properties"][key]
+    return node
+
+
+def fill(node: dict, value: dict) -> dict:
+    """``value`` with every missing key that has a schema default filled in, nested objects too
+    (what Snakemake's ``validate(..., set_default=True)`` does)."""
+    out = dict(value)
+    for key, prop in node.get("properties", {}).items():
+        if key not in out and "default" in prop:
+            out[key] = copy.deepcopy(prop["default"])
+        if isinstance(out.get(key), dict) and "properties" in prop:
+            out[key] = fill(prop, out[key])
+    return out
+
+
+def resolved(path: list[str], given: dict) -> dict:
+    """The config section at ``path`` from ``given`` and the schema's defaults; a key the schema does
+    not know is an error that names it and the known ones."""
+    node = section(path)
+    known = set(node.get("properties", {}))
+    unknown = sorted(set(given) - known)
+    if unknown and node.get("additionalProperties") is False:
+        raise InputError(f"Unknown setting(s) {unknown} in config `{'.'.join(path)}`; known: {sorted(known)}")
+    return fill(node, given)
+
+
+def defaults(path: list[str]):
+    """The default of the key at ``path`` (a whole section filled from its parts' defaults)."""
+    node = section(path)
+    return fill(node, copy.deepcopy(node.get("default", {}))) if "properties" in node else node.get("default")
+
+
+def stage_config(config: dict, keys: list[str], **derived) -> str:
+    """The JSON a stage's ``--config`` receives: the config's ``keys`` and the workflow's ``derived``
+    values (decisions the Snakefile makes, e.g. apply mode's task)."""
+    return json.dumps({**{k: config[k] for k in keys}, **derived}, sort_keys=True)

@@ -1,0 +1,166 @@
+"""Explanation maps as files and as statistics: one image's maps written in template and native
+space, group statistics accumulated one map at a time, fold-mean maps read on demand, the region table.
+
+Shared by the study's explain stage and apply mode's ``predict maps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.common import atomic
+from pipeline.common.errors import InputError
+from pipeline.common.paths import explanation_maps, group_map
+from pipeline.common.tables import read_tsv
+from pipeline.intake.preprocess import to_native
+from pipeline.results.atlas import atlas_on_grid
+from pipeline.results.attribution import SIGNED
+
+
+STATISTICS = ("mean", "sd", "t")
+
+
+def target_index(model, x: torch.Tensor, coder, target_class: str | None = None) -> int:
+    """Output to attribute: 0 for regression; for classification ``target_class`` (a class name)
+    or, when None, the predicted class."""
+    if coder.task != "classification":
+        return 0
+    if target_class is not None:
+        if target_class not in coder.classes:
+            raise InputError(f"`explain.target_class` {target_class!r} is not a class of the model "
+                             f"({', '.join(coder.classes)}).")
+        return coder.classes.index(target_class)
+    with torch.no_grad():
+        return int(model(x).argmax(1))
+
+
+def save_image_maps(maps: dict[str, np.ndarray], row, affine: np.ndarray, inverse: Path, out_dir: Path,
+                    reference: str, groups: dict[str, "GroupStatistics"]) -> dict[str, dict[str, str]]:
+    """Write one image's ``maps`` (by method) in template space (``affine``) and, through its
+    ``inverse`` transform, on the native grid of ``row.path``; add each to its method's group
+    statistics; return the written paths by method."""
+    written = {}
+    for method, data in maps.items():
+        paths = explanation_maps(str(out_dir / "maps"), row.subdir, row.image_id, method, reference)
+        Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
+        img = nib.Nifti1Image(data, affine)
+        atomic.nib_save(img, paths["template"])
+        atomic.nib_save(to_native(img, Path(row.path), inverse), paths["native"])
+        groups[method].add(data)
+        written[method] = paths
+    return written
+
+
+class GroupStatistics:
+    """Voxel-wise group statistics of maps added one at a time (Welford's running mean and sum of
+    squared deviations, float64): memory of a few maps, not of the cohort. ``result()``: mean and
+    sd of |map|, and the one-sample t of the map (``signed`` methods) or of |map|; t is 0 where the
+    sd is 0."""
+
+    def __init__(self, signed: bool):
+        self.signed, self.n = signed, 0
+        self.moments: dict[str, list[np.ndarray]] = {}  # "magnitude"/"values" -> [mean, M2]
+
+    def add(self, data: np.ndarray) -> None:
+        self.n += 1
+        series = {"magnitude": np.abs(data)}
+        if self.signed:
+            series["values"] = data
+        for key, x in series.items():
+            x = np.asarray(x, dtype=np.float64)
+            if key not in self.moments:
+                self.moments[key] = [x.copy(), np.zeros_like(x)]
+                continue
+            mean, m2 = self.moments[key]
+            delta = x - mean
+            mean += delta / self.n
+            m2 += delta * (x - mean)
+
+    def sd(self, key: str) -> np.ndarray:
+        mean, m2 = self.moments[key]
+        return np.sqrt(m2 / (self.n - 1)) if self.n > 1 else np.zeros_like(mean)
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.n == 0:
+            raise ValueError("Group statistics of no maps.")
+        key = "values" if self.signed else "magnitude"
+        sd = self.sd(key)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(sd > 0, self.moments[key][0] / (sd / np.sqrt(self.n)), 0.0)
+        return {"mean": self.moments["magnitude"][0], "sd": self.sd("magnitude"), "t": t}
+
+
+def statistics(maps, signed: bool) -> dict[str, np.ndarray]:
+    """``GroupStatistics`` of an iterable of (X, Y, Z) maps (e.g. an (N, X, Y, Z) array)."""
+    group = GroupStatistics(signed)
+    for data in maps:
+        group.add(data)
+    return group.result()
+
+
+def write_statistics(group: GroupStatistics, affine: np.ndarray, out_dir: Path, method: str) -> None:
+    for name, data in group.result().items():
+        atomic.nib_save(nib.Nifti1Image(data.astype(np.float32), affine), group_map(str(out_dir), method, name))
+
+
+class FoldMeanMaps(Mapping):
+    """Each test image's ``space`` ("template" or "native") map of ``method``, averaged over the
+    folds, by image id; read from the folds' files when asked for, so that going through them all
+    holds one image's maps at a time, not the test set's."""
+
+    def __init__(self, fold_dirs: list[Path], method: str, space: str):
+        indexes = [read_tsv(d / "maps.tsv") for d in fold_dirs]
+        self.paths = {}  # image id -> that image's map from each fold
+        for ix in indexes:
+            for image_id, path in ix.loc[ix["method"] == method, ["image_id", space]].itertuples(index=False):
+                self.paths.setdefault(image_id, []).append(path)
+        if any(len(paths) != len(indexes) for paths in self.paths.values()):
+            folds = ", ".join(map(str, fold_dirs))
+            raise InputError(f"The folds' {method} maps are of different test images ({folds}); "
+                             "rerun the explanation of every fold.")
+
+    def __getitem__(self, image_id: str) -> nib.Nifti1Image:
+        images = [nib.load(p) for p in self.paths[image_id]]
+        mean = np.mean([np.asarray(img.dataobj, dtype=np.float32) for img in images], axis=0)
+        return nib.Nifti1Image(mean, images[0].affine)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.DataFrame:
+    """Atlas regions ranked by each method's mean |attribution|, relative to the brain's mean."""
+    labels, names = atlas_on_grid(mask)
+    brain = labels > 0
+    table = pd.DataFrame({"region": names, "voxels": np.bincount(labels[brain], minlength=len(names) + 1)[1:]})
+    for method, mean in means.items():
+        per_region = np.bincount(labels[brain], weights=mean[brain], minlength=len(names) + 1)[1:] / table["voxels"]
+        table[f"{method}_relative"] = per_region / mean[brain].mean()
+        table[f"{method}_rank"] = table[f"{method}_relative"].rank(ascending=False, method="min").astype(int)
+    first = next(iter(means))
+    return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
+
+
+def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
+                  ) -> dict[str, np.ndarray]:
+    """Group statistics over subjects of the fold-averaged ``template_maps`` (method -> image id ->
+    map); write them and the region table. Returns each method's mean |attribution| map."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    means = {}
+    for method, maps in template_maps.items():
+        group = GroupStatistics(SIGNED[method])
+        for img in maps.values():
+            group.add(np.asarray(img.dataobj))
+        write_statistics(group, mask.affine, out_dir, method)
+        means[method] = group.result()["mean"]
+    atomic.to_csv(region_table(means, mask), out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
+    return means
