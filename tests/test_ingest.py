@@ -8,6 +8,9 @@ import pytest
 from conftest import tiny_nifti, tree_digest, write_tree
 
 from pipeline.intake import ingest
+from pipeline.intake import reportrows
+from pipeline.intake import selection
+from pipeline.intake import tables
 from pipeline.common.errors import InputError
 
 FILTERS = {"suffix": "T1w", "datatype": "anat", "extension": [".nii", ".nii.gz"]}
@@ -46,7 +49,7 @@ def test_duplicate_participant_rows_are_an_error(small_bids):
     tsv = small_bids / "participants.tsv"
     tsv.write_text(tsv.read_text() + "sub-01\t30\tcontrol\n")
     with pytest.raises(InputError, match="row 3 .*row 7"):
-        ingest.read_participants(small_bids)
+        tables.read_participants(small_bids)
 
 
 def test_include_exclude_accept_ids_with_or_without_prefix(small_bids):
@@ -187,7 +190,7 @@ def acquisitions(root):
 def test_image_ids_carry_the_entities_that_tell_a_participants_images_apart(tmp_path):
     manifest, _, _ = ingest.ingest(acquisitions(tmp_path / "ds"), "age", "regression")
     assert manifest["image_id"].tolist() == ["sub-01_acq-fast", "sub-01_acq-slow", "sub-02", "sub-03"]
-    assert manifest["image_id"].str.fullmatch(ingest.IMAGE_ID.pattern).all()
+    assert manifest["image_id"].str.fullmatch(selection.IMAGE_ID.pattern).all()
 
 
 def test_absent_entity_list_and_regex_filters(tmp_path):
@@ -226,7 +229,7 @@ def test_sessions_tsv_targets_joined_by_participant_and_session(small_bids):
     (small_bids / "sub-04" / "sub-04_sessions.tsv").write_text("session_id\tage\nses-01\t41\n")
     manifest, report, targets = ingest.ingest(small_bids, "age", "regression", target_source="sessions")
     assert dict(zip(manifest["image_id"], manifest["age"])) == {"sub-03_ses-01": "70.5", "sub-03_ses-02": "72.5"}
-    assert manifest.columns.tolist() == ingest.MANIFEST_COLUMNS + ["age", "group"]  # participants' other columns follow
+    assert manifest.columns.tolist() == selection.MANIFEST_COLUMNS + ["age", "group"]  # participants' other columns follow
     reasons = dict(zip(report["image_id"], report["reason"]))
     assert reasons["sub-01"] == "no sub-01/sub-01_sessions.tsv (target_source: sessions)"
     assert reasons["sub-04"] == "image has no session, so it has no row in a sessions.tsv (target_source: sessions)"
@@ -264,7 +267,7 @@ def test_non_bids_pattern_and_table_give_the_same_manifest(tmp_path):
     root = non_bids_folder(tmp_path / "raw")
     spec = {"pattern": "images/{id}_t1.nii.gz", "table": "demographics.csv", "id_column": "subject"}
     manifest, report, targets = ingest.ingest(root, "age", "regression", non_bids=spec)
-    assert manifest.columns.tolist() == ingest.MANIFEST_COLUMNS + ["subject", "age", "dx"]
+    assert manifest.columns.tolist() == selection.MANIFEST_COLUMNS + ["subject", "age", "dx"]
     assert manifest[["image_id", "participant_id", "session", "subdir", "subject", "age"]].values.tolist() == [
         ["sub-002S0295", "sub-002S0295", "", "sub-002S0295", "002_S_0295", "71"],
         ["sub-002S0413", "sub-002S0413", "", "sub-002S0413", "002_S_0413", "80"]]
@@ -308,7 +311,7 @@ def test_cli_writes_manifest_report_and_targets(small_bids, tmp_path):
                  "--manifest", str(out / "manifest.tsv"), "--report", str(out / "report.tsv"), "--targets", str(out / "t.json")])
     manifest = pd.read_csv(out / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert manifest["image_id"].tolist() == ["sub-01", "sub-02", "sub-03_ses-02"]
-    assert pd.read_csv(out / "report.tsv", sep="\t").columns.tolist() == ingest.REPORT_COLUMNS
+    assert pd.read_csv(out / "report.tsv", sep="\t").columns.tolist() == reportrows.REPORT_COLUMNS
     assert json.loads((out / "t.json").read_text()) == {"target": "group", "task": "classification",
                                                         "source": "participants.tsv", "classes": ["control", "patient"]}
     assert tree_digest(small_bids) == before
