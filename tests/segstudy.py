@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from pipeline.intake import ingest
-from pipeline.demo import make_demo
+from pipeline.demo.cohort import make_demo
 from pipeline.intake.grid import write_grid
 from pipeline.common.paths import derivative_paths
 from pipeline.intake.preprocess import preprocess

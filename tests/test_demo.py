@@ -11,7 +11,11 @@ import pandas as pd
 import pytest
 from scipy import ndimage as ndi
 
-from pipeline import demo
+from pipeline.demo.__main__ import main
+from pipeline.demo.anatomy import load_anatomy, sim_grid, ventricle_volume_mm3, world_coordinates
+from pipeline.demo.cohort import make_demo
+from pipeline.demo.lesion import Lesion
+from pipeline.demo.scanner import resample_to_scanner, rigid_pose
 from pipeline.common.errors import InputError
 from pipeline.intake.template import SPACE, load_template
 
@@ -41,7 +45,7 @@ def images(root: Path) -> list[dict]:
 def coarse_template_grid(resolution: float = 3.0) -> tuple[np.ndarray, tuple]:
     """(affine, shape) of a coarse RAS+ grid with the template's origin."""
     template = load_template("T1w")
-    return demo.sim_grid(resolution, template.shape, template.affine)
+    return sim_grid(resolution, template.shape, template.affine)
 
 
 def back_to_template(image: dict, affine: np.ndarray, shape) -> np.ndarray:
@@ -55,18 +59,18 @@ def back_to_template(image: dict, affine: np.ndarray, shape) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return demo.make_demo(tmp_path_factory.mktemp("demo") / "bids", n_subjects=N_SUBJECTS, seed=SEED,
-                          sim_resolution=RESOLUTION)
+    return make_demo(tmp_path_factory.mktemp("demo") / "bids", n_subjects=N_SUBJECTS, seed=SEED,
+                     sim_resolution=RESOLUTION)
 
 
 @pytest.fixture(scope="module")
 def coarse(dataset):
     """Template T1, brain mask, ground-truth masks and every image, all on a 3 mm template grid."""
     affine, shape = coarse_template_grid()
-    template = demo.load_anatomy(3.0)
+    template = load_anatomy(3.0)
     masks = {name: nib.load(dataset / TRUTH / f"space-{SPACE}_desc-{name}_mask.nii.gz") for name in ("age", "group")}
-    on_grid = {name: demo.resample_to_scanner(np.asarray(m.dataobj, dtype=np.float32), m.affine, np.eye(4),
-                                              affine, shape) > 0.5 for name, m in masks.items()}
+    on_grid = {name: resample_to_scanner(np.asarray(m.dataobj, dtype=np.float32), m.affine, np.eye(4),
+                                         affine, shape) > 0.5 for name, m in masks.items()}
     recs = images(dataset)
     for rec in recs:
         rec["template_space"] = back_to_template(rec, affine, shape)
@@ -133,15 +137,15 @@ def test_sessions_share_anatomy_not_scanner(dataset):
 
 
 def test_deterministic_and_overwrite(dataset, tmp_path):
-    other = demo.make_demo(tmp_path / "bids", n_subjects=N_SUBJECTS, seed=SEED + 1, sim_resolution=RESOLUTION)
+    other = make_demo(tmp_path / "bids", n_subjects=N_SUBJECTS, seed=SEED + 1, sim_resolution=RESOLUTION)
     first, different = all_files(dataset), all_files(other)
     assert first["participants.tsv"] != different["participants.tsv"]
     changed = [k for k in first if k.endswith(("_T1w.nii", "_T1w.nii.gz")) and first[k] != different.get(k)]
     assert changed
 
     with pytest.raises(InputError, match="not empty"):
-        demo.make_demo(other, n_subjects=N_SUBJECTS, seed=SEED, sim_resolution=RESOLUTION)
-    demo.make_demo(other, n_subjects=N_SUBJECTS, seed=SEED, sim_resolution=RESOLUTION, overwrite=True)
+        make_demo(other, n_subjects=N_SUBJECTS, seed=SEED, sim_resolution=RESOLUTION)
+    make_demo(other, n_subjects=N_SUBJECTS, seed=SEED, sim_resolution=RESOLUTION, overwrite=True)
     again = all_files(other)
     assert set(again) == set(first)
     assert [k for k in first if first[k] != again[k]] == []
@@ -150,14 +154,14 @@ def test_deterministic_and_overwrite(dataset, tmp_path):
 def test_refuses_foreign_or_nonempty_dir(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("keep me")
     with pytest.raises(SystemExit) as exit_info:
-        demo.main([str(tmp_path), "--n-subjects", "4", "--sim-resolution", "4"])
+        main([str(tmp_path), "--n-subjects", "4", "--sim-resolution", "4"])
     assert exit_info.value.code == 2
     assert "not empty" in capsys.readouterr().err
     with pytest.raises(InputError, match="not written by pipeline.demo"):
-        demo.make_demo(tmp_path, n_subjects=4, sim_resolution=4, overwrite=True)
+        make_demo(tmp_path, n_subjects=4, sim_resolution=4, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     with pytest.raises(InputError, match="at least 2"):
-        demo.make_demo(tmp_path / "new", n_subjects=1)
+        make_demo(tmp_path / "new", n_subjects=1)
     assert not (tmp_path / "new").exists()
 
 
@@ -182,7 +186,7 @@ def test_pose_matches_rotation_and_translation(dataset):
     for rec in images(dataset):
         pose = rec["pose"]
         matrix = np.array(pose["matrix"])
-        expected = demo.rigid_pose(pose["rotation_deg"], pose["translation_mm"], pose["rotation_centre_mm"])
+        expected = rigid_pose(pose["rotation_deg"], pose["translation_mm"], pose["rotation_centre_mm"])
         np.testing.assert_allclose(matrix, expected, atol=1e-8)
         np.testing.assert_allclose(matrix[:3, :3] @ matrix[:3, :3].T, np.eye(3), atol=1e-8)
         assert np.all(np.abs(pose["rotation_deg"]) <= 10) and np.all(np.abs(pose["translation_mm"]) <= 10)
@@ -247,12 +251,12 @@ def test_patients_darker_in_group_mask(coarse):
 
 
 def test_ventricles_grow_with_age(coarse):
-    anatomy = demo.load_anatomy(RESOLUTION)
-    volumes = [demo.ventricle_volume_mm3(anatomy, age) for age in (20, 50, 80)]
+    anatomy = load_anatomy(RESOLUTION)
+    volumes = [ventricle_volume_mm3(anatomy, age) for age in (20, 50, 80)]
     assert volumes[0] < volumes[1] < volumes[2]
     assert 1.6 < volumes[2] / volumes[0] < 2.5
     # In the images: the ventricular part of the age mask darkens with age.
-    x, y, z = demo.world_coordinates(coarse["affine"], coarse["shape"])
+    x, y, z = world_coordinates(coarse["affine"], coarse["shape"])
     central = coarse["masks"]["age"] & (np.abs(x) < 30) & (y > -45) & (y < 25) & (z > 0) & (z < 35)
     assert central.sum() > 50
     ages = [rec["pose"]["simulation"]["age"] for rec in coarse["images"]]
@@ -291,8 +295,8 @@ def test_ground_truth_masks(dataset):
 def test_focal_lesion_option_puts_a_small_jittered_lesion_in_deep_grey_matter(tmp_path):
     """--lesion-site deep-gm: each patient's lesion, 25-40 % darker at its core, sits at its own
     jittered centre in the right putamen; controls are not darker there."""
-    lesion = demo.Lesion.from_options("deep-gm", 5.0, (0.25, 0.40), 3.0)
-    dataset = demo.make_demo(tmp_path / "bids", n_subjects=6, seed=SEED, sim_resolution=RESOLUTION, lesion=lesion)
+    lesion = Lesion.from_options("deep-gm", 5.0, (0.25, 0.40), 3.0)
+    dataset = make_demo(tmp_path / "bids", n_subjects=6, seed=SEED, sim_resolution=RESOLUTION, lesion=lesion)
     effects = json.loads((dataset / TRUTH / f"space-{SPACE}_desc-effects.json").read_text())
     group = next(e for e in effects["Effects"] if e["effect"] == "group")
     assert group["name"].startswith("right putamen") and group["centre_jitter_mm"] == 3.0
@@ -320,4 +324,4 @@ def test_focal_lesion_option_puts_a_small_jittered_lesion_in_deep_grey_matter(tm
         assert at(centre) < 0.9 * at(mirror), rec["stem"]
     assert len(set(centres.values())) == len(centres) >= 2  # every patient's own centre
     with pytest.raises(InputError, match="--lesion-contrast"):
-        demo.Lesion.from_options("deep-gm", 5.0, (0.5, 0.2))
+        Lesion.from_options("deep-gm", 5.0, (0.5, 0.2))

@@ -22,7 +22,7 @@ from pipeline.sharing import package
 from pipeline.sharing import registry
 from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
-from pipeline.demo import make_demo
+from pipeline.demo.cohort import make_demo
 from pipeline.sharing.export import ONNX_TOLERANCE, Ensemble
 
 pytestmark = pytest.mark.slow

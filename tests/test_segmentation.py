@@ -17,7 +17,8 @@ import torch
 
 from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
-from pipeline.demo import TISSUES, make_demo
+from pipeline.demo.anatomy import TISSUES
+from pipeline.demo.cohort import make_demo
 from pipeline.common.errors import InputError
 from pipeline.intake.grid import write_grid
 from pipeline.common.paths import derivative_paths

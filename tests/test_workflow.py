@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.demo import make_demo
+from pipeline.demo.cohort import make_demo
 from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.template import SPACE, resample_to_grid
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.demo import make_demo
+from pipeline.demo.cohort import make_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
