@@ -65,8 +65,11 @@ def write_tree(root: Path, n_subjects: int) -> Path:
 
 def run_ingest(root: Path, out: Path) -> int:
     """``python -m pipeline.ingest`` in this process (stderr captured); the manifest's row count."""
-    argv = [str(root), "--target", "age", "--task", "regression", "--no-check-data", "--cache-dir", str(out / "cache"),
-            "--manifest", str(out / "manifest.tsv"), "--report", str(out / "report.tsv"), "--targets", str(out / "t.json")]
+    from pipeline.common import config
+
+    keys = config.resolved([], {"bids_dir": str(root), "target": "age", "task": "regression", "check_data": False})
+    argv = ["--config", json.dumps(keys), "--cache-dir", str(out / "cache"), "--manifest", str(out / "manifest.tsv"),
+            "--report", str(out / "report.tsv"), "--targets", str(out / "t.json")]
     with contextlib.redirect_stderr(io.StringIO()):
         ingest.main(argv)
     return sum(1 for _ in open(out / "manifest.tsv")) - 1

@@ -10,6 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from pipeline.common import config as study_config
+
 # ITK reads its thread count once, when ants is first imported: one thread makes registration
 # reproducible (tests compare repeated runs).
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
@@ -93,3 +95,8 @@ def mini_study(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mini_study")
     build(root)
     return root
+
+
+def stage_config(**keys) -> str:
+    """A stage's ``--config`` as the workflow passes it: ``keys`` and the schema's defaults."""
+    return json.dumps(study_config.resolved([], {"bids_dir": "unused", "target": "age", "task": "regression", **keys}))

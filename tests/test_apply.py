@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from conftest import stage_config
 from pipeline.sharing import package
 from pipeline.sharing.apply import SNAKEFILE, apply_config
 from pipeline.intake.ingest import ingest, main as ingest_main
@@ -22,8 +23,8 @@ def test_ingest_without_a_target_keeps_every_image(small_bids, tmp_path):
     assert "age" not in result.manifest.columns  # sub-02's n/a age no longer excludes it
     assert result.targets == {"target": None, "task": "regression", "source": None, "classes": None}
     (small_bids / "participants.tsv").unlink()  # not needed either
-    ingest_main([str(small_bids), "--no-target", "--task", "regression", "--manifest", str(tmp_path / "m.tsv"),
-                 "--report", str(tmp_path / "r.tsv")])
+    ingest_main(["--config", json.dumps({**json.loads(stage_config(bids_dir=str(small_bids))), "target": None}),
+                 "--manifest", str(tmp_path / "m.tsv"), "--report", str(tmp_path / "r.tsv")])
     assert json.loads((tmp_path / "targets.json").read_text())["target"] is None
 
 
@@ -57,8 +58,10 @@ def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, s
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
     assert jobs == {"ingest": 1, "exclusions": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1,
                     "all": 1}
-    assert "pipeline.ingest" in run.stdout and " --no-target --task regression" in run.stdout
-    assert f"pipeline.grid --from-package {mini_study / 'package' / 'model'}" in run.stdout
+    ingest_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.ingest" in line)
+    assert '"target": null' in ingest_command and '"task": "regression"' in ingest_command  # images only
+    grid_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.grid" in line)
+    assert f'"package": "{(mini_study / "package" / "model").resolve()}"' in grid_command
 
 
 def test_apply_mode_refuses_a_config_that_differs_from_the_packages_recipe(mini_study, small_bids, tmp_path):

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 from conftest import tiny_nifti, tree_digest, write_tree
 
+from conftest import stage_config
 from pipeline.intake import ingest
 from pipeline.intake import reportrows
 from pipeline.intake import selection
-from pipeline.intake import tables
+from pipeline.intake import targets
 from pipeline.common.errors import InputError
 
 FILTERS = {"suffix": "T1w", "datatype": "anat", "extension": [".nii", ".nii.gz"]}
@@ -49,7 +50,7 @@ def test_duplicate_participant_rows_are_an_error(small_bids):
     tsv = small_bids / "participants.tsv"
     tsv.write_text(tsv.read_text() + "sub-01\t30\tcontrol\n")
     with pytest.raises(InputError, match="row 3 .*row 7"):
-        tables.read_participants(small_bids)
+        targets.read_participants(small_bids)
 
 
 def test_include_exclude_accept_ids_with_or_without_prefix(small_bids):
@@ -78,7 +79,7 @@ def test_dataset_is_never_written_and_cache_follows_changes(small_bids, tmp_path
 
 def test_cli_fails_with_message_not_traceback(small_bids, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ingest.main([str(small_bids), "--target", "weight", "--task", "regression",
+        ingest.main(["--config", stage_config(bids_dir=str(small_bids), target="weight"),
                      "--manifest", str(tmp_path / "m.tsv"), "--report", str(tmp_path / "r.tsv")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
@@ -304,10 +305,9 @@ def test_non_bids_errors_name_the_key(tmp_path):
 def test_cli_writes_manifest_report_and_targets(small_bids, tmp_path):
     before = tree_digest(small_bids)
     out = tmp_path / "results"
-    ingest.main([str(small_bids), "--target", "group", "--task", "classification", "--filters", json.dumps(FILTERS),
-                 "--channels", '{"T1w": {"suffix": "T1w"}}', "--sessions", "last", "--runs", "all",
-                 "--target-source", "participants", "--label-image", "null", "--non-bids", "null", "--no-check-data",
-                 "--include", "--exclude", "sub-04", "--cache-dir", str(out / "cache"),
+    keys = {"bids_dir": str(small_bids), "target": "group", "task": "classification", "bids_filters": FILTERS,
+            "sessions": "last", "check_data": False, "participants": {"include": [], "exclude": ["sub-04"]}}
+    ingest.main(["--config", stage_config(**keys), "--cache-dir", str(out / "cache"),
                  "--manifest", str(out / "manifest.tsv"), "--report", str(out / "report.tsv"), "--targets", str(out / "t.json")])
     manifest = pd.read_csv(out / "manifest.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert manifest["image_id"].tolist() == ["sub-01", "sub-02", "sub-03_ses-02"]

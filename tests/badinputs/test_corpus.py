@@ -10,7 +10,6 @@ ends with the message and writes no output at all.
 from __future__ import annotations
 
 import copy
-import json
 import re
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import yaml
 from builders import (BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_image, good_dataset, is_root,
                       noise, save)
 
+from conftest import stage_config
 from pipeline.common import configcheck
 from pipeline.intake import exclusions
 from pipeline.intake import imagecheck
@@ -46,10 +46,10 @@ def files_under(folder: Path) -> list[Path]:
 
 def run_ingest(root: Path, out: Path, on_error: str, target: str = "age", filters=None) -> int:
     """``python -m pipeline.ingest`` as the workflow runs it (no cache folder): its exit status."""
-    argv = [str(root), "--target", target, "--task", "regression", "--limits", json.dumps(LIMITS),
-            "--on-error", on_error, "--manifest", str(out / "manifest.tsv"), "--report", str(out / "ingest_report.tsv")]
-    if filters is not None:
-        argv += ["--filters", json.dumps(filters)]
+    keys = {"bids_dir": str(root), "target": target, "image_limits": LIMITS, "on_error": on_error,
+            **({"bids_filters": filters} if filters is not None else {})}
+    argv = ["--config", stage_config(**keys), "--manifest", str(out / "manifest.tsv"),
+            "--report", str(out / "ingest_report.tsv")]
     try:
         ingest.main(argv)
     except SystemExit as exc:

@@ -13,9 +13,8 @@ rule predict:
         predictions=f"{RESULTS}/predictions.tsv",
         folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
     params:
-        package=PACKAGE,
         preproc_dir=preproc_root,
-        channels=CHANNELS,
+        config=stage_config(config, ["apply", "channels"]),
         out_dir=lambda wildcards, output: str(Path(output.folds[0]).parent.parent),
     log:
         f"{RESULTS}/logs/predict.log",
@@ -28,8 +27,8 @@ rule predict:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict predictions --package {params.package:q} --manifest {input.manifest:q}"
-        " --preproc-dir {params.preproc_dir:q} --channels {params.channels} --out-dir {params.out_dir:q}"
+        "python -m pipeline.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
+        " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
         " --predictions {output.predictions:q} > {log:q} 2>&1"
 
 
@@ -47,12 +46,8 @@ rule predict_maps:
         group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
         pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
     params:
-        package=PACKAGE,
         preproc_dir=preproc_root,
-        channels=CHANNELS,
-        methods=METHODS,
-        settings=json.dumps(SETTINGS),
-        target_class=f"--target-class {shlex.quote(EXPLAIN['target_class'])}" if EXPLAIN["target_class"] else "",
+        config=stage_config(config, ["apply", "channels"], explain=MAP_SETTINGS),
         out_dir=parent_of("index"),
     log:
         f"{RESULTS}/logs/predict_maps.log",
@@ -66,10 +61,9 @@ rule predict_maps:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict maps --package {params.package:q} --manifest {input.manifest:q}"
-        " --preproc-dir {params.preproc_dir:q} --channels {params.channels} --mask {input.mask:q}"
-        " --template {input.template:q} --methods {params.methods} --settings {params.settings:q}"
-        " {params.target_class} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+        "python -m pipeline.predict maps --config {params.config:q} --manifest {input.manifest:q}"
+        " --preproc-dir {params.preproc_dir:q} --mask {input.mask:q} --template {input.template:q}"
+        " --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule predict_report:
@@ -82,12 +76,9 @@ rule predict_report:
     output:
         report(f"{RESULTS}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:
-        package=PACKAGE,
-        name=APPLY["name"] or PACKAGE,
         explain_dir=lambda wildcards, input: str(Path(input.pngs[0]).parent),
-        methods=METHODS,
         qc_shown=lambda wildcards, input: input.qc[:4],
-        config=json.dumps(config),
+        config=stage_config(config, list(config)),
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:
@@ -99,6 +90,5 @@ rule predict_report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict report --package {params.package:q} --name {params.name:q}"
-        " --predictions {input.predictions:q} --explain-dir {params.explain_dir:q} --methods {params.methods}"
-        " --qc {params.qc_shown:q} --config {params.config:q} --out {output:q} > {log:q} 2>&1"
+        "python -m pipeline.predict report --config {params.config:q} --predictions {input.predictions:q}"
+        " --explain-dir {params.explain_dir:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"

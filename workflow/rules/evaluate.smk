@@ -14,8 +14,8 @@ rule evaluate:
         labels=[directory(f"{RESULTS}/evaluate/{{fold}}/labels")] if SEGMENTATION else [],
     params:
         preproc_dir=preproc_root,
-        channels=CHANNELS,
         out_dir=parent_of("metrics"),
+        config=stage_config(config, ["channels"]),
     log:
         f"{RESULTS}/logs/evaluate/{{fold}}.log",
     benchmark:
@@ -27,8 +27,8 @@ rule evaluate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate fold --manifest {input.manifest:q} --splits {input.splits:q}"
-        " --fold {wildcards.fold} --channels {params.channels} --preproc-dir {params.preproc_dir:q}"
+        "python -m pipeline.evaluate fold --config {params.config:q} --manifest {input.manifest:q}"
+        " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
         " --model {input.model:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
 
 

@@ -13,11 +13,8 @@ rule explain:
         group=[group_map(f"{RESULTS}/explain/{{fold}}", m, s) for m in METHODS for s in ("mean", "sd", "t")],
     params:
         preproc_dir=preproc_root,
-        channels=CHANNELS,
         out_dir=parent_of("index"),
-        methods=METHODS,
-        settings=json.dumps(SETTINGS),
-        target_class=f"--target-class {shlex.quote(EXPLAIN['target_class'])}" if EXPLAIN["target_class"] else "",
+        config=stage_config(config, ["channels"], explain=MAP_SETTINGS),
     log:
         f"{RESULTS}/logs/explain/{{fold}}.log",
     benchmark:
@@ -30,10 +27,10 @@ rule explain:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.explain fold --manifest {input.manifest:q} --splits {input.splits:q}"
-        " --fold {wildcards.fold} --channels {params.channels} --preproc-dir {params.preproc_dir:q}"
-        " --model {input.model:q} --mask {input.mask:q} --methods {params.methods} --settings {params.settings:q}"
-        " {params.target_class} --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+        "python -m pipeline.explain fold --config {params.config:q} --manifest {input.manifest:q}"
+        " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
+        " --model {input.model:q} --mask {input.mask:q} --out-dir {params.out_dir:q} --threads {threads}"
+        " > {log:q} 2>&1"
 
 
 rule explain_folds:
@@ -55,10 +52,7 @@ rule explain_folds:
     params:
         fold_dirs=parents_of("indexes"),
         preproc_dir=preproc_root,
-        channels=CHANNELS,
-        methods=METHODS,
-        target=config["target"],
-        groundtruth=f"--groundtruth {shlex.quote(EXPLAIN['groundtruth'])}" if EXPLAIN["groundtruth"] else "",
+        config=stage_config(config, ["channels", "explain", "target"]),
         out_dir=parent_of("regions"),
     log:
         f"{RESULTS}/logs/explain/group.log",
@@ -71,7 +65,6 @@ rule explain_folds:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.explain group {params.fold_dirs:q} --manifest {input.manifest:q}"
-        " --predictions {input.predictions:q} --preproc-dir {params.preproc_dir:q} --channels {params.channels}"
-        " --template {input.template:q} --mask {input.mask:q} --methods {params.methods} --target {params.target:q}"
-        " {params.groundtruth} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        "python -m pipeline.explain group {params.fold_dirs:q} --config {params.config:q} --manifest {input.manifest:q}"
+        " --predictions {input.predictions:q} --preproc-dir {params.preproc_dir:q} --template {input.template:q}"
+        " --mask {input.mask:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

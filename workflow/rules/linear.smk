@@ -13,11 +13,8 @@ rule linear:
         validation=f"{RESULTS}/linear/{{fold}}/validation.tsv",
     params:
         preproc_dir=preproc_root,
-        channels=CHANNELS,
         out_dir=parent_of("metrics"),
-        target=config["target"],
-        task=config["task"],
-        memory_mb=config["linear"]["memory_mb"],
+        config=stage_config(config, ["target", "task", "channels", "linear"]),
     log:
         f"{RESULTS}/logs/linear/{{fold}}.log",
     benchmark:
@@ -30,7 +27,6 @@ rule linear:
         "../envs/pipeline.yaml"
     shell:
         "OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        " python -m pipeline.linear --manifest {input.manifest:q} --splits {input.splits:q} --fold {wildcards.fold}"
-        " --channels {params.channels} --preproc-dir {params.preproc_dir:q} --mask {input.mask:q}"
-        " --target {params.target:q} --task {params.task} --targets {input.targets:q}"
-        " --memory-mb {params.memory_mb} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " python -m pipeline.linear --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --mask {input.mask:q}"
+        " --targets {input.targets:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -18,9 +18,7 @@ rule package:
         evaluate_dirs=parents_of("fold_metrics"),
         preproc_dir=preproc_root,
         out_dir=parent_of("files"),
-        recipe=json.dumps(RECIPE),
-        explain=json.dumps({"methods": METHODS, **SETTINGS}),
-        card=json.dumps(config["package"]),
+        config=stage_config(config, ["package"], recipe=RECIPE, explain={"methods": METHODS, **SETTINGS}),
     log:
         f"{RESULTS}/logs/package.log",
     benchmark:
@@ -35,5 +33,5 @@ rule package:
         "python -m pipeline.export --train-dirs {params.train_dirs:q} --evaluate-dirs {params.evaluate_dirs:q}"
         " --summary {input.summary:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --preproc-dir {params.preproc_dir:q} --template {input.template:q} --mask {input.mask:q}"
-        " --recipe {params.recipe:q} --explain {params.explain:q} --card {params.card:q}"
+        " --config {params.config:q}"
         " --out-dir {params.out_dir:q} --archive {output.archive:q} > {log:q} 2>&1"

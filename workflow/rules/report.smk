@@ -26,7 +26,7 @@ rule report:
     params:
         results=lambda wildcards, input: str(Path(input.manifest).parent),
         qc_shown=lambda wildcards, input: input.qc[:4],
-        config=json.dumps(config),
+        config=stage_config(config, list(config)),
     log:
         f"{RESULTS}/logs/report.log",
     benchmark:

@@ -56,7 +56,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
             variants=f"{RESULTS}/train/{{fold}}/variants.tsv",
         params:
             fold_dir=parent_of("model"),
-            variants=list(VARIANTS),
+            config=stage_config(config, ["train"]),
         log:
             f"{RESULTS}/logs/select_variant/{{fold}}.log",
         benchmark:
@@ -68,7 +68,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.variants {params.fold_dir:q} --variants {params.variants} > {log:q} 2>&1"
+            "python -m pipeline.variants {params.fold_dir:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 if INIT:  # config train.init_from: fetch the package to start from

@@ -15,7 +15,7 @@ from pipeline.demo.lesion import LESION_SITES, Lesion
 
 def main(argv=None) -> None:
     # prog and description: those of the former module pipeline/demo.py (same usage, help and messages)
-    parser = argparse.ArgumentParser(prog="demo.py", description=demo.__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=demo.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", type=Path, help="where to write the BIDS dataset (must be empty or absent)")
     parser.add_argument("--n-subjects", type=int, default=100)

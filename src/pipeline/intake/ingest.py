@@ -20,7 +20,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from pipeline.common import atomic
+from pipeline.common import atomic, config
+from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
 from pipeline.intake.imagecheck import image_problems
 from pipeline.common.outputs import check_writable
@@ -28,10 +29,10 @@ from pipeline.intake.ids import with_sub_prefix
 from pipeline.intake.nonbids import non_bids_input
 from pipeline.intake.reportrows import REPORT_COLUMNS, report_rows
 from pipeline.intake.selection import bids_input, chosen
-from pipeline.intake.tables import join_targets
+from pipeline.intake.targets import join_targets
 
-DEFAULT_FILTERS = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
-DEFAULT_CHANNELS = {"T1w": {"suffix": "T1w"}}
+DEFAULT_FILTERS = config.defaults(["bids_filters"])  # the schema's, for calls without a config
+DEFAULT_CHANNELS = config.defaults(["channels"])
 
 
 class Ingested(NamedTuple):
@@ -137,38 +138,24 @@ def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path)
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bids_dir", type=Path, help="BIDS dataset root (or the non_bids root)")
-    wanted = parser.add_mutually_exclusive_group(required=True)
-    wanted.add_argument("--target", help="column of the target table")
-    wanted.add_argument("--no-target", action="store_true", help="select images only, join no target table")
-    parser.add_argument("--task", choices=["regression", "classification"], required=True)
-    parser.add_argument("--filters", type=json.loads, default=DEFAULT_FILTERS, help="JSON: bids_filters")
-    parser.add_argument("--channels", type=json.loads, default=DEFAULT_CHANNELS, help="JSON: channels")
-    parser.add_argument("--sessions", default="all", help="all, first, last or a session label")
-    parser.add_argument("--runs", default="all", help="all, first, last or a run label")
-    parser.add_argument("--include", nargs="*", default=[])
-    parser.add_argument("--exclude", nargs="*", default=[])
-    parser.add_argument("--target-source", choices=["participants", "sessions"], default="participants")
-    parser.add_argument("--label-image", type=json.loads, default=None, help="JSON: label_image")
-    parser.add_argument("--non-bids", type=json.loads, default=None, help="JSON: non_bids")
-    parser.add_argument("--check-data", action=argparse.BooleanOptionalAction, default=True,
-                        help="read every image's data (NaN/Inf, constant); the header is always read")
-    parser.add_argument("--limits", type=json.loads, default=None, help="JSON: image_limits")
-    parser.add_argument("--on-error", choices=["continue", "stop"], default="continue",
-                        help="continue: exclude and report bad samples; stop: fail at the first")
+    # bids_dir, target (null: select images only, join no target table), task (regression or
+    # classification), bids_filters, channels, sessions, runs, participants (include, exclude),
+    # target_source, label_image, non_bids, check_data, image_limits, on_error
+    add_config(parser)
     parser.add_argument("--cache-dir", "--database-dir", type=Path, help="keeps the file index and checks between runs")
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--targets", type=Path, help="target JSON (default: targets.json next to the manifest)")
     args = parser.parse_args(argv)
+    cfg = args.config
     with InputError.exit_cleanly():
         for folder in dict.fromkeys(p.parent for p in (args.manifest, args.report, args.targets or args.manifest)):
             check_writable(folder)  # before the work, not after it
-        result = ingest(args.bids_dir, args.target, args.task, args.filters, channels=args.channels,
-                        sessions=args.sessions, runs=args.runs, include=args.include, exclude=args.exclude,
-                        target_source=args.target_source, label_image=args.label_image, non_bids=args.non_bids,
-                        check_data=args.check_data, cache_dir=args.cache_dir, limits=args.limits,
-                        on_error=args.on_error)
+        result = ingest(Path(cfg["bids_dir"]), cfg["target"], cfg["task"], cfg["bids_filters"], channels=cfg["channels"],
+                        sessions=str(cfg["sessions"]), runs=str(cfg["runs"]), include=cfg["participants"]["include"],
+                        exclude=cfg["participants"]["exclude"], target_source=cfg["target_source"],
+                        label_image=cfg["label_image"], non_bids=cfg["non_bids"], check_data=cfg["check_data"],
+                        cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"])
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "

@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config, add_fold, channel_names
 from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
 from pipeline.learning.loader import open_array
@@ -281,23 +282,19 @@ def run(table: pd.DataFrame, fold: str, target: str, task: str, mask: np.ndarray
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--splits", type=Path, required=True)
-    parser.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
-    parser.add_argument("--channels", nargs="+", default=["T1w"])
-    parser.add_argument("--preproc-dir", type=Path, required=True)
+    add_fold(parser)
+    add_config(parser)  # target, task, channels, linear
     parser.add_argument("--mask", type=Path, required=True, help="the study grid's brain mask (NIfTI)")
-    parser.add_argument("--target", required=True)
-    parser.add_argument("--task", choices=["regression", "classification"], required=True)
     parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
-    parser.add_argument("--memory-mb", type=float, default=2000, help="config linear.memory_mb")
     parser.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
+    cfg = args.config
     with InputError.exit_cleanly():
-        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
+        table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channel_names(cfg))
         classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
         mask = np.asarray(nib.load(args.mask).dataobj) > 0
-        metrics = run(table, args.fold, args.target, args.task, mask, args.out_dir, classes, args.memory_mb)
+        metrics = run(table, args.fold, cfg["target"], cfg["task"], mask, args.out_dir, classes,
+                      cfg["linear"]["memory_mb"])
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
 
 TRAINED = ("model.pt", "history.tsv", "diagnostics.json", "hyperparameters.json")
@@ -77,10 +78,10 @@ def select(fold_dir: Path, variants: list[str]) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fold_dir", type=Path, help="results/train/fold-K, holding variant-NAME folders")
-    parser.add_argument("--variants", nargs="+", required=True, help="variant names, in config order")
+    add_config(parser)  # train.variants (the variants, in config order)
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
-        chosen = select(args.fold_dir, args.variants)
+        chosen = select(args.fold_dir, list(args.config["train"]["variants"]))
     print(f"{args.fold_dir}: chose variant {chosen}", file=sys.stderr)
 
 

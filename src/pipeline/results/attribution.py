@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -40,6 +40,11 @@ class Settings:
     ig_baseline: str | float = _default("ig_baseline")
     gradcam_layer: str = _default("gradcam_layer")
     seed: int = 0
+
+
+def settings_of(explain: dict) -> Settings:
+    """The attribution settings of config ``explain``."""
+    return Settings(**{f.name: explain[f.name] for f in fields(Settings) if f.name in explain})
 
 
 def window_starts(size: int, window: int, stride: int) -> range:

@@ -30,6 +30,7 @@ import torch
 from sklearn import metrics as skm
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config, add_fold, channel_names
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.loader import load_batch
@@ -273,11 +274,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fold = commands.add_parser("fold", help="one fold's model on its validation and test images")
-    fold.add_argument("--manifest", type=Path, required=True)
-    fold.add_argument("--splits", type=Path, required=True)
-    fold.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
-    fold.add_argument("--channels", nargs="+", default=["T1w"])
-    fold.add_argument("--preproc-dir", type=Path, required=True)
+    add_fold(fold)
+    add_config(fold)  # channels
     fold.add_argument("--model", type=Path, required=True)
     fold.add_argument("--out-dir", type=Path, required=True)
     summary = commands.add_parser("summary", help="metrics across folds and of their ensemble")
@@ -291,9 +289,9 @@ def main(argv=None) -> None:
         if args.command == "fold":
             record = torch.load(args.model, weights_only=True, map_location="cpu")  # the model says its task
             segmentation = record["coder"]["task"] == "segmentation"
-            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels,
-                                label=segmentation)
-            metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, args.channels)
+            names = channel_names(args.config)
+            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
+            metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, names)
         else:
             metrics = summarise(args.fold_dirs, args.out_dir, args.excluded, args.linear, args.train)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)

@@ -26,12 +26,13 @@ import pandas as pd
 import torch
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config, add_fold, channel_names
 from pipeline.common.errors import InputError
 from pipeline.common.paths import derivative_paths
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.loader import load_batch
-from pipeline.results.attribution import METHODS, SIGNED, Settings, attribute
+from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.results.mapfigures import plot_extremes, plot_group
 from pipeline.results.maps import (FoldMeanMaps, GroupStatistics, combine_folds, save_image_maps, target_index,
                                    write_statistics)
@@ -84,16 +85,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     fold = commands.add_parser("fold", help="maps of the test images by one fold's model")
-    fold.add_argument("--manifest", type=Path, required=True)
-    fold.add_argument("--splits", type=Path, required=True)
-    fold.add_argument("--fold", required=True, help="column of the splits table, e.g. fold-1")
-    fold.add_argument("--channels", nargs="+", default=["T1w"])
-    fold.add_argument("--preproc-dir", type=Path, required=True)
+    add_fold(fold)
+    add_config(fold)  # channels, explain
     fold.add_argument("--model", type=Path, required=True)
     fold.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
-    fold.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    fold.add_argument("--settings", default="{}", help="JSON of pipeline.attribution.Settings fields")
-    fold.add_argument("--target-class", help="class to explain (default: the predicted class)")
     fold.add_argument("--out-dir", type=Path, required=True)
     fold.add_argument("--threads", type=int, default=1)
     group = commands.add_parser("group", help="group statistics over folds and subjects, tables and PNGs")
@@ -101,33 +96,33 @@ def main(argv=None) -> None:
     group.add_argument("--manifest", type=Path, required=True)
     group.add_argument("--predictions", type=Path, required=True, help="the ensemble's test predictions")
     group.add_argument("--preproc-dir", type=Path, required=True)
-    group.add_argument("--channels", nargs="+", default=["T1w"])
+    add_config(group)  # channels, explain (methods, groundtruth), target
     group.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
     group.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
-    group.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    group.add_argument("--target", required=True)
-    group.add_argument("--groundtruth", type=Path, help="simulated cohort's ground-truth folder (validation)")
     group.add_argument("--out-dir", type=Path, required=True)
     args = parser.parse_args(argv)
+    explain, channels = args.config["explain"], channel_names(args.config)
+    methods = explain["methods"]
     with InputError.exit_cleanly():
         if args.command == "fold":
             torch.set_num_threads(args.threads)
-            settings = Settings(**json.loads(args.settings))
-            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, args.channels)
-            explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, args.methods, settings,
-                         args.channels, args.target_class)
+            settings = settings_of(explain)
+            table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channels)
+            explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, methods, settings,
+                         channels, explain["target_class"])
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
+            groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None
             mask = nib.load(str(args.mask))
-            template_maps = {m: FoldMeanMaps(args.fold_dirs, m, "template") for m in args.methods}
+            template_maps = {m: FoldMeanMaps(args.fold_dirs, m, "template") for m in methods}
             means = combine_folds(template_maps, mask, args.out_dir)
-            plot_group(args.out_dir, args.template, args.methods, len(args.fold_dirs))
+            plot_group(args.out_dir, args.template, methods, len(args.fold_dirs))
             manifest = read_tsv(args.manifest)
             predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")
-            plot_extremes(predictions, template_maps[args.methods[0]], args.preproc_dir, args.channels,
-                          args.methods[0], args.out_dir / "subjects_best_worst.png")
-            if args.groundtruth:
-                table = validation_table(args.fold_dirs, template_maps, means, mask, args.groundtruth, args.target,
+            plot_extremes(predictions, template_maps[methods[0]], args.preproc_dir, channels,
+                          methods[0], args.out_dir / "subjects_best_worst.png")
+            if groundtruth:
+                table = validation_table(args.fold_dirs, template_maps, means, mask, groundtruth, args.config["target"],
                                          manifest)
                 atomic.to_csv(table, args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
                 print(table.to_string(index=False), file=sys.stderr)

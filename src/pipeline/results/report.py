@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import __version__
 from pipeline.common import atomic
+from pipeline.common.cli import add_config
 from pipeline.common.locations import REPOSITORY
 from pipeline.common.tables import read_tsv
 
@@ -214,10 +214,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True)
     parser.add_argument("--qc", type=Path, nargs="*", default=[])
-    parser.add_argument("--config", default="{}", help="the study's configuration (JSON), for the provenance")
+    add_config(parser)  # the whole study config: explain.methods, and the provenance section
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    print(f"report: {build_report(args.results, args.out, args.qc, json.loads(args.config)).resolve()}")
+    print(f"report: {build_report(args.results, args.out, args.qc, args.config).resolve()}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config
 from pipeline.sharing import modelcard
 from pipeline.sharing import package
 from pipeline.common.tables import read_tsv
@@ -204,16 +205,17 @@ def main(argv=None) -> None:
     parser.add_argument("--preproc-dir", type=Path, required=True)
     parser.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
     parser.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
-    parser.add_argument("--recipe", required=True, help="JSON: the preprocessing recipe (pipeline.recipe)")
-    parser.add_argument("--explain", default="{}", help="JSON: the study's explain settings")
-    parser.add_argument("--card", default="{}", help="JSON: config `package` (intended_use, limitations)")
+    # recipe (the study's preprocessing recipe, pipeline.intake.recipe), explain (methods and
+    # settings), package (the model card's intended_use and limitations)
+    add_config(parser)
     parser.add_argument("--out-dir", type=Path, required=True, help="the package folder to write")
     parser.add_argument("--archive", type=Path, required=True, help="the .tar.gz to write")
     args = parser.parse_args(argv)
+    cfg = args.config
     with InputError.exit_cleanly():
         difference = export(args.train_dirs, args.evaluate_dirs, args.summary, args.manifest, args.splits,
-                            args.preproc_dir, args.template, args.mask, json.loads(args.recipe),
-                            json.loads(args.explain), json.loads(args.card), args.out_dir, args.archive)
+                            args.preproc_dir, args.template, args.mask, cfg["recipe"], cfg["explain"],
+                            cfg["package"], args.out_dir, args.archive)
     print(f"package {args.out_dir} ({args.archive}); ONNX max abs difference {difference:.3g}", file=sys.stderr)
 
 

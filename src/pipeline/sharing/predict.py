@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import pandas as pd
 import torch
 
 from pipeline.common import atomic
+from pipeline.common.cli import add_config, channel_names
 from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package
-from pipeline.results.attribution import METHODS, SIGNED, Settings, attribute
+from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
@@ -126,43 +126,40 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     for command in ("predictions", "maps"):
         sub = commands.add_parser(command)
-        sub.add_argument("--package", type=Path, required=True, help="fetched model package folder")
+        add_config(sub)  # apply (package: the fetched package folder), channels; maps: explain
         sub.add_argument("--manifest", type=Path, required=True)
         sub.add_argument("--preproc-dir", type=Path, required=True)
-        sub.add_argument("--channels", nargs="+", default=["T1w"])
         sub.add_argument("--out-dir", type=Path, required=True)
     commands.choices["predictions"].add_argument("--predictions", type=Path, required=True,
                                                  help="the ensemble's predictions (TSV) to write")
     maps = commands.choices["maps"]
     maps.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
     maps.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
-    maps.add_argument("--methods", nargs="+", default=["occlusion", "gradient"], choices=METHODS)
-    maps.add_argument("--settings", default="{}", help="JSON of pipeline.attribution.Settings fields")
-    maps.add_argument("--target-class", help="class to explain (default: each fold's predicted class)")
     maps.add_argument("--threads", type=int, default=1)
     report = commands.add_parser("report")
-    report.add_argument("--package", type=Path, required=True)
-    report.add_argument("--name", required=True, help="the package's registry name, for the title")
+    add_config(report)  # the whole run's config: apply (package, name), explain.methods, and the provenance
     report.add_argument("--predictions", type=Path, required=True)
     report.add_argument("--explain-dir", type=Path, required=True)
-    report.add_argument("--methods", nargs="+", required=True)
     report.add_argument("--qc", type=Path, nargs="*", default=[])
-    report.add_argument("--config", default="{}", help="the run's configuration (JSON), for the provenance")
     report.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    cfg = args.config
     with InputError.exit_cleanly():
-        pkg = package.load(args.package)
+        pkg = package.load(Path(cfg["apply"]["package"]))
         if args.command == "report":
-            build_report(pkg, args.name, args.predictions, args.explain_dir, args.methods, args.qc,
-                         json.loads(args.config), args.out)
+            name = cfg["apply"].get("name") or cfg["apply"]["package"]
+            build_report(pkg, name, args.predictions, args.explain_dir, cfg["explain"]["methods"], args.qc, cfg,
+                         args.out)
             return
-        table = image_table(args.manifest, args.preproc_dir, args.channels)
+        channels = channel_names(cfg)
+        table = image_table(args.manifest, args.preproc_dir, channels)
         if args.command == "predictions":
             print(predict_folds(pkg, table, args.out_dir, args.predictions).to_string(index=False), file=sys.stderr)
         else:
             torch.set_num_threads(args.threads)
-            write_maps(pkg, table, args.preproc_dir, args.channels, args.mask, args.template, args.methods,
-                       Settings(**json.loads(args.settings)), args.target_class, args.out_dir)
+            explain = cfg["explain"]
+            write_maps(pkg, table, args.preproc_dir, channels, args.mask, args.template, explain["methods"],
+                       settings_of(explain), explain["target_class"], args.out_dir)
 
 
 if __name__ == "__main__":
