@@ -24,17 +24,21 @@ def task_loss(criterion, task: str, outputs: torch.Tensor, targets: torch.Tensor
     return criterion(outputs.float() if task == "classification" else outputs.float().squeeze(1), targets)
 
 
-def dice_per_label(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, K - 1) Dice of labels 1..K-1 between the argmax of (B, K, *spatial) logits and
-    (B, 1, *spatial) labels (MONAI's compute_dice); NaN where a label is absent from both."""
+def label_dice(predicted: torch.Tensor, true: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, K - 1) Dice of labels 1..K-1 between two (B, 1, *spatial) integer label maps (MONAI's
+    compute_dice); NaN where a label is absent from both. Training's and evaluation's Dice."""
     from monai.metrics import compute_dice
     from monai.networks.utils import one_hot
 
-    k = outputs.shape[1]
-    predicted, true = one_hot(outputs.argmax(1, keepdim=True), k), one_hot(labels.long(), k)
+    predicted, true = one_hot(predicted.long(), k), one_hot(true.long(), k)
     dice = compute_dice(predicted, true, include_background=False, ignore_empty=False)
     absent = ~(predicted.flatten(2).any(2) | true.flatten(2).any(2))[:, 1:]
-    return dice.masked_fill(absent, float("nan"))  # as pipeline.segmentation.label_scores
+    return dice.masked_fill(absent, float("nan"))
+
+
+def dice_per_label(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, K - 1) ``label_dice`` of the argmax of (B, K, *spatial) logits and (B, 1, *spatial) labels."""
+    return label_dice(outputs.argmax(1, keepdim=True), labels, outputs.shape[1])
 
 
 def mean_dice(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
@@ -18,9 +19,6 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 
 from pipeline.common.config import defaults
 from pipeline.common.errors import InputError
-
-METHODS = ("occlusion", "gradient", "smoothgrad", "integrated_gradients", "gradcam")
-SIGNED = {"occlusion": True, "gradient": False, "smoothgrad": False, "integrated_gradients": True, "gradcam": True}
 
 
 def _default(key: str):
@@ -138,6 +136,39 @@ def gradcam(model, x: torch.Tensor, target: int, layer: str, relu: bool = True) 
     return upsampled[0].sum(0).detach().numpy()
 
 
+@dataclass(frozen=True)
+class Method:
+    """A registered attribution method: ``signed`` maps keep their sign (mean/t over subjects of the
+    signed map); ``run(model, x, target, settings, ig_baseline, classification)`` → (map, diagnostics)."""
+
+    signed: bool
+    run: Callable[..., tuple[np.ndarray, dict]]
+    description: str
+
+
+def _integrated_gradients(model, x, target, settings, ig_baseline, classification):
+    baseline = ig_baseline if settings.ig_baseline == "train_mean" else float(settings.ig_baseline)
+    if baseline is None:
+        raise InputError("Integrated gradients from the training mean need that mean image.")
+    attribution, error = integrated_gradients(model, x, target, settings.ig_steps, baseline)
+    return attribution, {"completeness_error": error}
+
+
+REGISTRY: dict[str, Method] = {
+    "occlusion": Method(True, lambda m, x, t, s, b, c: (occlusion(m, x, t, s.window, s.stride, baseline=s.baseline), {}),
+                        "change of the output when a window is filled with the baseline value"),
+    "gradient": Method(False, lambda m, x, t, s, b, c: (gradient(m, x, t), {}), "|d output / d input|"),
+    "smoothgrad": Method(False, lambda m, x, t, s, b, c: (smoothgrad(m, x, t, s.smoothgrad_samples,
+                                                                     s.smoothgrad_noise, s.seed), {}),
+                         "mean |gradient| over noisy copies of the image"),
+    "integrated_gradients": Method(True, _integrated_gradients, "gradients integrated from a baseline image"),
+    "gradcam": Method(True, lambda m, x, t, s, b, c: (gradcam(m, x, t, s.gradcam_layer, relu=c), {}),
+                      "class activation of a layer, upsampled (ReLU for classification)"),
+}
+METHODS = tuple(REGISTRY)
+SIGNED = {name: method.signed for name, method in REGISTRY.items()}
+
+
 def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
               ig_baseline: torch.Tensor | None = None, classification: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness
@@ -148,19 +179,6 @@ def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
         raise InputError(f"Unknown explanation method(s) {unknown} in `explain.methods`; choose from {list(METHODS)}.")
     maps, diagnostics = {}, {}
     for method in methods:
-        if method == "occlusion":
-            maps[method] = occlusion(model, x, target, settings.window, settings.stride, baseline=settings.baseline)
-        elif method == "gradient":
-            maps[method] = gradient(model, x, target)
-        elif method == "smoothgrad":
-            maps[method] = smoothgrad(model, x, target, settings.smoothgrad_samples, settings.smoothgrad_noise,
-                                      settings.seed)
-        elif method == "integrated_gradients":
-            baseline = ig_baseline if settings.ig_baseline == "train_mean" else float(settings.ig_baseline)
-            if baseline is None:
-                raise InputError("Integrated gradients from the training mean need that mean image.")
-            maps[method], diagnostics["completeness_error"] = integrated_gradients(
-                model, x, target, settings.ig_steps, baseline)
-        else:
-            maps[method] = gradcam(model, x, target, settings.gradcam_layer, relu=classification)
+        maps[method], found = REGISTRY[method].run(model, x, target, settings, ig_baseline, classification)
+        diagnostics.update(found)
     return {m: a.astype(np.float32) for m, a in maps.items()}, diagnostics

@@ -38,6 +38,7 @@ from pipeline.common.errors import InputError
 from pipeline.results.metrics import mean_intervals
 from pipeline.common.paths import predicted_labels
 from pipeline.common.paths import derivative_paths
+from pipeline.learning.losses import label_dice
 from pipeline.intake.preprocess import to_native
 
 HD_PERCENTILE = 95
@@ -47,16 +48,16 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
     """Dice and HD95 (mm) of labels 1..K-1 (``names[k]`` is label k) of two (X, Y, Z) integer maps;
     ``spacing`` is the voxel size (mm) per axis. Returns ``dice_<name>``, ``hd95_<name>`` (NaN where
     undefined, see the module docstring) and ``dice_mean``, the mean of the defined Dice values."""
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+    from monai.metrics import compute_hausdorff_distance
     from monai.networks.utils import one_hot
 
     k = len(names)
     if max(int(predicted.max()), int(true.max())) >= k:
         raise InputError(f"A label map holds label {max(int(predicted.max()), int(true.max()))}, but only {k} labels "
                          f"are named ({', '.join(names)}).")
-    pred = one_hot(torch.as_tensor(predicted.astype(np.int64))[None, None], k)
-    ref = one_hot(torch.as_tensor(true.astype(np.int64))[None, None], k)
-    dice = compute_dice(pred, ref, include_background=False, ignore_empty=False)[0]
+    maps = [torch.as_tensor(m.astype(np.int64))[None, None] for m in (predicted, true)]
+    dice = label_dice(*maps, k)[0]
+    pred, ref = (one_hot(m, k) for m in maps)
     in_pred, in_ref = pred.flatten(2).any(2)[0, 1:], ref.flatten(2).any(2)[0, 1:]
     present = in_pred & in_ref  # HD95 needs the label in both
     import warnings
@@ -67,7 +68,7 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
                                         spacing=[float(s) for s in spacing])[0]
     scores = {}
     for i, name in enumerate(names[1:]):
-        scores[f"dice_{name}"] = float(dice[i]) if bool(in_pred[i] | in_ref[i]) else float("nan")
+        scores[f"dice_{name}"] = float(dice[i])
         scores[f"hd95_{name}"] = float(hd[i]) if bool(present[i]) else float("nan")
     dices = [scores[f"dice_{n}"] for n in names[1:]]
     scores["dice_mean"] = float(np.nanmean(dices)) if not np.all(np.isnan(dices)) else float("nan")

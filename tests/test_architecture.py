@@ -1,0 +1,163 @@
+"""The house rules of the code (docs/ARCHITECTURE.md), checked on the real source: no import cycle,
+no module over 450 lines, every rule's code inputs derived from the import graph, one source per
+fact (defaults in the schema, registries behind the schema's enums, one preprocessing chain)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.common import codegraph, config
+from pipeline.common.locations import PACKAGE, WORKFLOW
+from pipeline.intake import ingest, recipe
+from pipeline.learning import linear, models
+from pipeline.results import attribution, metrics
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LINES = 450
+
+
+def modules() -> list[str]:
+    """Dotted names of every module of the package."""
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_no_import_cycle_and_no_long_module():
+    graph = {name: codegraph.imported(codegraph.module_file(name)) for name in modules()}
+    done, path = set(), []
+
+    def visit(name):
+        if name in path:
+            raise AssertionError(f"import cycle: {' -> '.join(path[path.index(name):] + [name])}")
+        if name in done:
+            return
+        path.append(name)
+        for other in graph.get(name, ()):
+            visit(other)
+        path.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)
+    long = {name: n for name in graph if (n := len(codegraph.module_file(name).read_text().splitlines())) > MAX_LINES}
+    assert not long, long
+
+
+def test_code_inputs_follow_imports_inside_functions_and_through_packages(tmp_path):
+    root = tmp_path / "pipeline"
+    for folder in (root, root / "a"):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    (root / "entry.py").write_text("from pipeline.a import lib\n")
+    (root / "a" / "lib.py").write_text("def f():\n    from pipeline.a.deep import g\n    import pipeline.other\n")
+    (root / "a" / "deep.py").write_text("g = 1\n")
+    (root / "other.py").write_text("")
+    (root / "unused.py").write_text("")
+    found = {p.relative_to(root).as_posix() for p in codegraph.code_of("pipeline.entry", package=root)}
+    assert found == {"__init__.py", "entry.py", "a/__init__.py", "a/lib.py", "a/deep.py", "other.py"}
+
+
+def test_every_rule_declares_the_code_of_its_command():
+    """A rule that runs ``python -m pipeline.X`` lists ``code("X")`` (the derived import closure)
+    among its inputs: editing anything X imports reruns it, and nothing is listed by hand."""
+    checked = 0
+    for smk in sorted((WORKFLOW / "rules").glob("*.smk")):
+        rules = re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", smk.read_text())
+        for rule in rules:
+            shell = rule.split("shell:")[1] if "shell:" in rule else ""
+            commands = set(re.findall(r"python -m pipeline\.(\w+)", shell))
+            if not commands:
+                continue
+            declared = set(re.findall(r'code=code\("(\w+)"\)', rule))
+            assert declared == commands, (smk.name, rule.split(":")[0].strip(), commands, declared)
+            assert "source(" not in rule
+            for command in commands:
+                assert (PACKAGE / f"{command}.py").exists() or (PACKAGE / command / "__main__.py").exists()
+            checked += 1
+    assert checked >= 15
+
+
+def schema_keys(node=None, prefix=""):
+    node = config.schema() if node is None else node
+    for key, prop in node.get("properties", {}).items():
+        yield prefix + key, prop
+        if "properties" in prop:
+            yield from schema_keys(prop, f"{prefix}{key}.")
+
+
+def test_config_readme_gives_the_schema_defaults():
+    """config/README.md documents every key with a default, and the default it states is the schema's."""
+    text = (REPO / "config" / "README.md").read_text()
+    documented = dict(re.findall(r"^\| `([a-z0-9_.]+)` \| ([^|]*) \|", text, re.M))
+    schema = dict(schema_keys())
+    words = {"train.augmentation": "see below", "explain.methods": "all five"}
+    for key, prop in schema.items():
+        if "default" not in prop or ("properties" in prop and key not in documented):
+            continue  # a section: its keys are documented one by one
+        if key.startswith("train.augmentation."):
+            continue  # documented in the augmentation row's text
+        assert key in documented, f"config/README.md does not document {key}"
+        cell = documented[key].strip()
+        if key in words:
+            assert cell == words[key]
+            continue
+        literal = re.match(r"`([^`]*)`", cell)
+        assert literal, (key, cell)
+        assert yaml.safe_load(literal.group(1)) == prop["default"], (key, literal.group(1), prop["default"])
+    assert config.defaults(["explain", "methods"]) == list(attribution.METHODS)  # "all five"
+    augmentation = documented["train.augmentation"]
+    assert "All are off by default" in text and augmentation.strip() == "see below"
+    assert all(v == 0 or v == [] for v in config.defaults(["train", "augmentation"]).values())
+
+
+def test_registries_are_the_schemas_choices():
+    assert set(config.section(["train", "model"])["enum"]) == set(models.REGISTRY)
+    assert config.section(["explain", "methods"])["items"]["enum"] == list(attribution.METHODS)
+    assert set(attribution.SIGNED) == set(attribution.METHODS)
+    for task, headline in metrics.HEADLINE.items():
+        assert headline in [m.name for m in metrics.METRICS[task]]
+
+
+def test_code_defaults_that_mirror_the_config_are_the_schemas():
+    """The few keyword defaults of library functions that stand for config keys (calls without a config)."""
+    ingest_defaults = {k: p.default for k, p in inspect.signature(ingest.ingest).parameters.items()}
+    for key in ("sessions", "runs", "target_source", "check_data", "on_error"):
+        assert ingest_defaults[key] == config.defaults([key]), key
+    assert ingest.DEFAULT_FILTERS == config.defaults(["bids_filters"])
+    assert inspect.signature(linear.run).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
+    assert inspect.signature(linear.fit_fold).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
+    assert attribution.Settings().window == config.defaults(["explain", "window"])
+
+
+def test_the_preprocessing_chain_is_one_list():
+    """Each step's switch is a preprocess key, the recipe compares every key that changes the images,
+    and the recipe's steps and a sidecar's Steps are both written from ``recipe.STEPS``."""
+    keys = set(config.section(["preprocess"])["properties"])
+    assert {step.key for step in recipe.STEPS if step.key} <= keys
+    settings = config.defaults(["preprocess"])
+    study = recipe.from_config(settings, {"T1w": {"suffix": "T1w"}, "FLAIR": {"suffix": "FLAIR"}}, {})
+    assert set(recipe.COMPARED) <= set(study) and keys - {"seed"} <= set(study)
+    assert len(study["steps"]) == len([s for s in recipe.STEPS if s.key is None or settings[s.key]])
+    assert "rigid co-registration of FLAIR to T1w (ANTs)" in study["steps"]
+    assert recipe.sidecar_steps(settings, ["T1w", "FLAIR"], "FLAIR")[2] == "ants.registration:Rigid to T1w"
+    off = recipe.steps({**settings, "n4": False, "antialias": False}, ["T1w"])
+    assert not any("N4" in s or "anti-aliasing" in s for s in off)
+
+
+@pytest.mark.parametrize("command", ["ingest", "grid", "preprocess", "split", "train", "linear", "evaluate",
+                                     "explain", "export", "predict", "report", "variants"])
+def test_stages_take_their_settings_as_one_config(command):
+    """Every stage that reads settings takes them as ``--config`` (no flag per key)."""
+    module = __import__(f"pipeline.{command}", fromlist=["main"])
+    source = inspect.getsource(inspect.getmodule(module.main))
+    assert "add_config(" in source
+    for flag in ("--target", "--task", "--channels", "--settings", "--hyperparameters", "--methods"):
+        assert f'"{flag}"' not in source, (command, flag)
