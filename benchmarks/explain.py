@@ -5,7 +5,7 @@ z-scored inside the brain mask, 0 outside, as preprocessing writes it), the defa
 (``simple_cnn``), occlusion windows of 8 voxels every 4 (the demo's stride; its window is now 6,
 which evaluates as many windows per image), one run, side by side:
 
-* **pipeline**: ``pipeline.attribution.occlusion`` (equal to captum's map; windows that cannot
+* **pipeline**: ``pipeline.results.attribution.occlusion`` (equal to captum's map; windows that cannot
   change the input are counted but not evaluated);
 * **captum**: ``captum.attr.Occlusion`` with the same windows, ``perturbations_per_eval`` tuned
   (the best of several is reported);

@@ -11,10 +11,10 @@ cache filled):
 * bare read: every ``np.load(mmap_mode="r")`` array copied once into new memory, one image at
   a time, in this process (the files memory-mapped once): the limit; and the same copies into
   one reused batch array (B, 1, X, Y, Z), the least any batch loader does;
-* this loader: ``pipeline.data.ArrayLoader`` (memory-mapped arrays, a read-ahead thread),
+* this loader: ``pipeline.learning.loader.ArrayLoader`` (memory-mapped arrays, a read-ahead thread),
   without augmentation and with ``pipeline.augment`` random affine (rotation 5°, scaling 0.05,
   translation 2 voxels) + Gaussian noise (sd 0.05), applied to each batch as training does: on
-  the CPU, resampled by ``pipeline.resample``'s kernel; on the GPU when there is one, by torch;
+  the CPU, resampled by ``pipeline.learning.resample``'s kernel; on the GPU when there is one, by torch;
   and, to show what the kernel gains, the same draws resampled on the CPU by torch's
   ``F.affine_grid`` + ``F.grid_sample``;
 * MONAI: ``PersistentDataset`` (LoadImaged + EnsureChannelFirstd cached as .pt, warm) +

@@ -1,5 +1,5 @@
 """Atomic outputs: a crash mid-write leaves neither a file at the final path nor temporary litter,
-and every stage writes through pipeline.atomic."""
+and every stage writes through pipeline.common.atomic."""
 
 import re
 from pathlib import Path
@@ -63,7 +63,7 @@ def test_library_writers_round_trip(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["array.npy", "map.nii.gz", "t.tsv"]
 
 
-# Calls that create an output file directly; each stage must use pipeline.atomic instead.
+# Calls that create an output file directly; each stage must use pipeline.common.atomic instead.
 DIRECT = re.compile(r"\bnib\.save\(|\bnp\.save\(|\.to_csv\([^)]|\.write_text\(|\.write_bytes\(|\btorch\.save\(|"
                     r"\bsave_file\(|\.savefig\(|shutil\.copy|\bjson\.dump\(|\bpickle\.dump\(|ants\.write_transform\("
                     r"|ants\.image_write\(|torch\.onnx\.export\(|open\([^)]*[\"'][wax]b?[\"']")
@@ -83,4 +83,4 @@ def test_no_stage_writes_around_atomic():
                 context = "\n".join(lines[max(0, number - 2):number + 1])
                 if "atomic." not in context and "fileobj=buffer" not in code:  # tar into memory
                     offenders.append(f"{module.name}:{number + 1}: {line.strip()}")
-    assert offenders == [], "write these through pipeline.atomic:\n" + "\n".join(offenders)
+    assert offenders == [], "write these through pipeline.common.atomic:\n" + "\n".join(offenders)

@@ -1,5 +1,5 @@
-"""The linear baseline (pipeline.linear), the paired comparison (pipeline.compare) and the
-learning diagnostics (pipeline.diagnostics), on real arrays written to disk."""
+"""The linear baseline (pipeline.linear), the paired comparison (pipeline.results.compare) and the
+learning diagnostics (pipeline.results.diagnostics), on real arrays written to disk."""
 
 import json
 

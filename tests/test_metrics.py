@@ -1,4 +1,4 @@
-"""The vectorised bootstrap (pipeline.metrics): each draw's weighted metrics equal scikit-learn's
+"""The vectorised bootstrap (pipeline.results.metrics): each draw's weighted metrics equal scikit-learn's
 on the rows repeated as many times as their participant was drawn."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""A results folder proven writable before work starts (files are written by ``pipeline.atomic``)."""
+"""A results folder proven writable before work starts (files are written by ``pipeline.common.atomic``)."""
 
 from __future__ import annotations
 

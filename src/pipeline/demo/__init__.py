@@ -1,6 +1,6 @@
 """A simulated BIDS brain-age cohort built from the real MNI152 2009a template anatomy.
 
-Every subject is the template brain (``pipeline.template``) with known effects added in
+Every subject is the template brain (``pipeline.intake.template``) with known effects added in
 template space, then seen through a random scanner: rigid pose, bias field, Rician noise,
 intensity scale, voxel size and orientation. The effects:
 

@@ -100,7 +100,7 @@ def load_index(root: Path, cache_dir: Path | None = None, configs: tuple[str, ..
     """``index_listing`` of the tree at ``root``, reused from ``cache_dir`` while the tree is unchanged.
 
     A warm cache is checked by stat'ing its folders (``unchanged``); otherwise the tree is listed,
-    and parsed again only when the listing's fingerprint (``pipeline.fingerprint``, of names only:
+    and parsed again only when the listing's fingerprint (``pipeline.common.fingerprint``, of names only:
     the index depends on nothing else) differs from the cached one. Nothing is written under ``root``.
     """
     root = Path(root)

@@ -20,7 +20,7 @@ def write_grid(resolution: float, shape: tuple[int, int, int], template_out: Pat
 
 
 def copy_package_grid(folder: Path, template_out: Path, mask_out: Path) -> None:
-    """Copy a verified model package's grid template and mask (``pipeline.package``)."""
+    """Copy a verified model package's grid template and mask (``pipeline.sharing.package``)."""
     from pipeline.sharing import package
 
     package.verify(folder)

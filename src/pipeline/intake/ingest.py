@@ -2,7 +2,7 @@
 
 Writes ``manifest.tsv`` (one row per usable sample), ``ingest_report.tsv`` (one row per excluded
 sample or participant, with the reason) and ``targets.json`` (target, task, source table, class
-list). Input is a BIDS dataset, read through pybids' entity rules (``pipeline.bidsindex``), or a
+list). Input is a BIDS dataset, read through pybids' entity rules (``pipeline.intake.bidsindex``), or a
 non-BIDS folder described by a glob pattern and a table. The input is only ever read.
 
 Steps, each reported when it loses a sample: entity filters per channel → one sample per

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pipeline.common.paths import SPACE
 
-TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.template)"
+TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.intake.template)"
 # Keys that must be equal for images to be prepared the same way. The registration seed is not
 # among them: any seed gives an equivalent registration.
 COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "channels")

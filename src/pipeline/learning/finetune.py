@@ -3,7 +3,7 @@
 Rules, each failing with a message that names both sides:
 
 - architecture: the package's network name, arguments and input channels must equal the study's;
-- preprocessing: the package's recipe must equal the study's (``pipeline.recipe.COMPARED``);
+- preprocessing: the package's recipe must equal the study's (``pipeline.intake.recipe.COMPARED``);
 - weights: study fold K starts from package fold ((K - 1) mod n) + 1 of its n folds;
 - head: the output layer (the parameters whose shape depends on the number of outputs) is kept
   when the package predicts the same thing (task, target and class list); otherwise it starts

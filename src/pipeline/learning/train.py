@@ -11,7 +11,7 @@ Writes ``model.pt`` (best weights on validation loss, or on validation Dice for 
 and plain types only), ``history.tsv`` (one row per epoch, rewritten after each: losses,
 metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
 epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
-``diagnostics.json`` (``pipeline.diagnostics.training``: did the network fit, did validation diverge),
+``diagnostics.json`` (``pipeline.results.diagnostics.training``: did the network fit, did validation diverge),
 TensorBoard logs, an MLflow file store with ``tracking: mlflow``, and ``checkpoints/last.pt``
 and ``best.pt``. An interrupted run resumes exactly from ``last.pt`` (weights, optimizer,
 scheduler, loss scaler, every RNG state, epoch, early-stopping state) when settings, data and
@@ -68,7 +68,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
     ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
-    fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.finetune``).
+    fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.learning.finetune``).
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)

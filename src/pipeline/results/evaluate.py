@@ -10,11 +10,11 @@ with 95 % bootstrap intervals), the ensemble's test ``predictions.tsv`` (the fol
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
 confusion matrix). With the folds' linear baselines (``pipeline.linear``): ``comparison.tsv``,
-deep against linear per fold and for the ensembles, paired (``pipeline.compare``), the linear
+deep against linear per fold and for the ensembles, paired (``pipeline.results.compare``), the linear
 ensemble in ``metrics.json``; with the folds' training folders: ``diagnostics.json``, every
-finding of ``pipeline.diagnostics`` with its sentence.
+finding of ``pipeline.results.diagnostics`` with its sentence.
 Segmentation models (``task: segmentation``) are scored per label instead (Dice, HD95; predicted
-label maps as NIfTI) by ``pipeline.segmentation``, into the same files.
+label maps as NIfTI) by ``pipeline.results.segmentation``, into the same files.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Explanation maps of the test images, per fold and across folds, in template and native space.
 
-``fold``: for every test image and method (see ``pipeline.attribution``), the map on the study
+``fold``: for every test image and method (see ``pipeline.results.attribution``), the map on the study
 grid (``…_space-MNI152NLin2009aSym_desc-<method>_saliency.nii.gz``) and on the image's native grid
 through the inverse preprocessing transform (``…_space-<reference>_desc-<method>_saliency.nii.gz``),
 plus the fold's group maps; ``maps.tsv`` indexes them (with IG's completeness error).
@@ -8,7 +8,7 @@ plus the fold's group maps; ``maps.tsv`` indexes them (with IG's completeness er
 ``group``: each subject's maps averaged over folds, then per method over subjects: ``mean`` (mean
 |attribution|: importance), ``sd`` (of |attribution|) and ``t`` (one-sample t of the attribution:
 consistency of its sign; of the magnitude for unsigned methods); a region table ranking the atlas
-regions (``pipeline.atlas``) by mean |attribution|; glass-brain and slice PNGs; PNGs of the
+regions (``pipeline.results.atlas``) by mean |attribution|; glass-brain and slice PNGs; PNGs of the
 three best and three worst predicted subjects; and, given the ground truth of a simulated cohort,
 ``validation.tsv``: how much of each method's top 5 % falls in the true effect, relative to chance.
 """

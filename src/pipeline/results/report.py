@@ -200,7 +200,7 @@ def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
           for v in ("slices", "glass")],
         embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
         "<h3>Regions ranked by mean |attribution| (relative to the brain mean)</h3>",
-        "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.atlas).</p>",
+        "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.results.atlas).</p>",
         table_html(read_tsv(explain / "regions.tsv").head(12)),
     ]
     if (explain / "validation.tsv").exists():

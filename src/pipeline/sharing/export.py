@@ -1,4 +1,4 @@
-"""Export a finished study as a model package (layout: ``pipeline.package``): folder and ``.tar.gz``.
+"""Export a finished study as a model package (layout: ``pipeline.sharing.package``): folder and ``.tar.gz``.
 Image-level models only: a segmentation study is refused (the workflow has no package rule for it).
 
 Every fold's ``model.pt`` becomes safetensors weights; the package predicts with the ensemble of

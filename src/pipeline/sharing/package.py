@@ -5,7 +5,7 @@ The file format only: a fold's network is built from it by ``pipeline.learning.s
 Layout (every path relative to the package folder)::
 
     spec.json               architecture, task, target, classes, input shape and channels, folds
-    preprocessing.json      the recipe (pipeline.recipe): template, grid, steps and parameters
+    preprocessing.json      the recipe (pipeline.intake.recipe): template, grid, steps and parameters
     normalisation.json      per fold: the target coder and the brain-age bias correction
     metrics.json            validation (per fold) and test (per fold and ensemble) metrics
     model_card.md           data summary, intended use, limitations

@@ -9,7 +9,7 @@ a version is registered once its ``.sha256`` exists, and is never overwritten.
 Without a version, ``register`` takes the next integer (1, 2, …) and ``fetch`` the highest version
 (PEP 440 order; versions that are not PEP 440 come first, alphabetically). Fetching checks the
 archive's sha256, refuses archives with links or paths outside their folder, then checks the
-package's own checksums and weight format (``pipeline.package.verify``). Standard library only
+package's own checksums and weight format (``pipeline.sharing.package.verify``). Standard library only
 at import: the Snakefile imports ``parse_name``.
 """
 
