@@ -30,7 +30,7 @@ demo: $(VENV)/.installed $(DEMO)/participants.tsv
 
 # Everything but the SLURM cluster test, which needs a running cluster (test-cluster, .ci/run).
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -v -m "not cluster"
+	$(BIN)/python -m pytest -v -m "not cluster" --durations=20
 
 # As root on Debian: tests/cluster/slurm.sh up first (installs and starts a one-node SLURM).
 test-cluster: $(VENV)/.installed
