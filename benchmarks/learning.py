@@ -2,6 +2,7 @@
 
     python benchmarks/learning.py --cohort demo    # 64 participants, age regression, 2 folds
     python benchmarks/learning.py --cohort lesion  # 40 participants, 1 cm deep-grey-matter lesion, 4 folds
+    python benchmarks/learning.py --cohort demo --seeds 0 1 2  # today's recipe again with other seeds
 
 Generates the cohort (``pipeline.demo``; the lesion cohort with ``--lesion-site deep-gm
 --lesion-radius 5 --lesion-contrast 0.25 0.40 --lesion-jitter 3``), preprocesses it twice with
@@ -11,7 +12,9 @@ per recipe, every fold's network with ``pipeline.train`` and predicts the test i
 recipes go from the defaults before this change to today's, one change at a time. Prints a
 Markdown table: per fold and for the ensemble of folds, the deep model's and the linear model's
 test MAE (regression) or ROC AUC (classification), the ensemble's 95 % bootstrap interval over
-participants and the minutes of training. Takes about an hour per cohort on 2 cores.
+participants and the minutes of training. ``--seeds``: today's recipe is trained again with each
+further training seed (its row per seed), to show the spread between seeds. Takes about an hour
+per cohort on 2 cores.
 """
 
 from __future__ import annotations
@@ -27,15 +30,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 OLD_AUGMENTATION = {"rotation": 5, "scaling": 0.05, "translation": 2, "noise": 0.05, "intensity": 0.1}
-OLD = {"epochs": 40, "batch_size": 4, "learning_rate": 0.003, "patience": 15, "augmentation": OLD_AUGMENTATION,
-       "model_args": {"norm": "instance"}}
+NO_AUGMENTATION = {k: 0 for k in OLD_AUGMENTATION}
+OLD = {"epochs": 40, "batch_size": 4, "learning_rate": 0.003, "weight_decay": 1e-4, "patience": 15, "ema": 0,
+       "augmentation": OLD_AUGMENTATION, "model_args": {"norm": "instance", "dropout": 0.2}}
+LONGER = {**OLD, "augmentation": NO_AUGMENTATION, "model_args": {"norm": "batch", "dropout": 0},
+          "learning_rate": 0.001, "epochs": 100, "patience": 30}
 # (name, preprocessing anti-aliased?, training settings): each row changes one thing of the row before.
 RECIPES = [
-    ("before: instance norm, augmentation, lr 0.003, 40 epochs", False, OLD),
+    ("before: instance norm, dropout 0.2, augmentation, lr 0.003, 40 epochs", False, OLD),
     ("+ anti-aliased resampling", True, OLD),
-    ("+ no augmentation", True, {**OLD, "augmentation": {k: 0 for k in OLD_AUGMENTATION}}),
-    ("+ batch norm", True, {**OLD, "augmentation": {k: 0 for k in OLD_AUGMENTATION}, "model_args": {"norm": "batch"}}),
-    ("+ lr 0.001, 100 epochs (today's defaults)", True, {}),
+    ("+ no augmentation", True, {**OLD, "augmentation": NO_AUGMENTATION}),
+    ("+ batch norm, no dropout", True, {**OLD, "augmentation": NO_AUGMENTATION,
+                                        "model_args": {"norm": "batch", "dropout": 0}}),
+    ("+ lr 0.001, 100 epochs, patience 30", True, LONGER),
+    ("+ weight decay 0.01, weight EMA 0.98 (today's defaults)", True, {}),
 ]
 COHORTS = {
     "demo": {"n": 64, "seed": 0, "lesion": [], "target": "age", "task": "regression", "folds": 2},
@@ -124,6 +132,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cohort", choices=sorted(COHORTS), required=True)
     parser.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of today's recipe")
     args = parser.parse_args(argv)
     cohort = COHORTS[args.cohort]
     work = args.work or Path(tempfile.mkdtemp(prefix=f"learning-{args.cohort}-"))
@@ -141,7 +150,9 @@ def main(argv=None) -> None:
         label = "anti-aliased" if antialias else "plain"
         print(f"| {label} resampling | linear | " + " | ".join(f"{v:.3f}" for v in folds)
               + f" | {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | |", flush=True)
-    for name, antialias, hyper in RECIPES:
+    recipes = RECIPES + [(f"today's defaults, training seed {seed}", True, {"seed": seed})
+                         for seed in args.seeds if seed != 0]
+    for name, antialias, hyper in recipes:
         folds, (value, ci), minutes = deep_row(folders[antialias], cohort, hyper, classes, work)
         print(f"| {name} | deep | " + " | ".join(f"{v:.3f}" for v in folds)
               + f" | {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {minutes:.1f} |", flush=True)

@@ -208,7 +208,8 @@ def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):
     assert "preprocess" not in jobs
     assert jobs["train"] == 4 and jobs["select_variant"] == 2 and jobs["evaluate"] == 2
     assert "--out-dir results/train/fold-2/variant-small" in run.stdout
-    assert '"batch_size": 2' in run.stdout and "pipeline.variants results/train/fold-1 --variants lr3 small" in run.stdout
+    assert '"batch_size": 2' in run.stdout and "pipeline.variants results/train/fold-1 --config" in run.stdout
+    assert '"variants": {"lr3": {"learning_rate": 0.003}, "small": {"batch_size": 2}}' in run.stdout
 
 
 def test_a_variant_with_an_unknown_setting_is_refused_before_any_job(study):
