@@ -162,6 +162,12 @@ def test_diagnostics_say_when_training_did_not_fit_diverged_or_was_cut_short():
     assert [f["finding"] for f in diagnostics.training(improving, "regression")] == ["still_improving"]
     healthy = history([0.9, 0.5, 0.3, 0.2, 0.2], [0.8, 0.5, 0.3, 0.32, 0.33])
     assert diagnostics.training(healthy, "regression") == []
+    # A fold of a CI run: the best validation loss at epoch 1 of 12, rising then wandering back.
+    stuck = history([0.76, 0.69, 0.6, 0.55, 0.5, 0.4, 0.3, 0.28, 0.2, 0.15, 0.1, 0.09],
+                    [0.69, 0.75, 0.86, 0.99, 1.03, 1.14, 1.27, 1.1, 0.96, 0.9, 0.85, 0.8])
+    found = diagnostics.training(stuck, "regression")
+    assert [f["finding"] for f in found] == ["best_at_start"] and found[0]["best_epoch"] == 1
+    assert "epoch 1 of 12" in found[0]["message"]
 
 
 def test_summary_writes_the_comparison_and_the_diagnostics(tmp_path):

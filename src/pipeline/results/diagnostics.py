@@ -8,6 +8,8 @@ From a fold's training history (``training``, written by the train job as ``diag
   stayed within ``CHANCE_MARGIN`` of always answering the most frequent class.
 * ``validation_diverged``: the validation loss rose to more than ``DIVERGED_RATIO`` times its
   best while the training loss fell (overfitting; the best epoch's weights are used).
+* ``best_at_start``: the best validation loss came in the first ``EARLY_FRACTION`` of at least
+  ``MIN_EPOCHS`` epochs: the saved weights are barely trained (validation never improved after).
 * ``still_improving``: the best validation loss came in the last epoch, so more epochs may help.
 
 From the comparison with the linear baseline (``compared``): ``worse_than_linear`` where the
@@ -23,6 +25,8 @@ NOT_FITTED_LOSS = 0.5
 CHANCE_MARGIN = 0.1
 DIVERGED_RATIO = 2.0
 LAST_EPOCHS = 5
+EARLY_FRACTION = 0.2
+MIN_EPOCHS = 10
 
 
 def finding(kind: str, message: str, **figures) -> dict:
@@ -64,6 +68,14 @@ def training(history: pd.DataFrame, task: str, majority: float | None = None) ->
             "network overfits its training images. The best epoch's weights are used; stronger regularisation "
             "(train.weight_decay, model_args dropout) or more training data would help.",
             best_epoch=int(history.at[best, "epoch"]), best_val_loss=best_loss, final_val_loss=float(final["val_loss"])))
+    if len(history) >= MIN_EPOCHS and best + 1 <= EARLY_FRACTION * len(history):
+        findings.append(finding(
+            "best_at_start", f"The best validation loss came at epoch {int(history.at[best, 'epoch'])} of "
+            f"{int(final['epoch'])}: the saved weights are from early in training, and nothing the network learned "
+            "afterwards improved on the validation images. Look at the learning curves and at the linear "
+            "baseline; a lower learning rate (train.learning_rate), a longer train.patience or more validation "
+            "participants (split.folds) may help.",
+            best_epoch=int(history.at[best, "epoch"]), last_epoch=int(final["epoch"])))
     if best == len(history) - 1 and len(history) > 1:
         findings.append(finding(
             "still_improving", f"The validation loss was still falling at the last epoch ({int(final['epoch'])}): "
