@@ -63,11 +63,13 @@ def prepare(work: Path, cohort: dict) -> dict[bool, Path]:
     folders = {}
     for antialias in (False, True):
         results = work / f"results-antialias-{str(antialias).lower()}"
-        config = ["bids_dir=" + str(data), "results_dir=" + str(results), f"target={cohort['target']}",
-                  f"task={cohort['task']}", f"preprocess={{antialias: {str(antialias).lower()}}}",
-                  f"split={{folds: {cohort['folds']}}}"]
+        override = work / f"config-antialias-{str(antialias).lower()}.json"  # JSON is YAML
+        override.write_text(json.dumps({"bids_dir": str(data), "results_dir": str(results),
+                                        "target": cohort["target"], "task": cohort["task"],
+                                        "preprocess": {"antialias": antialias}, "split": {"folds": cohort["folds"]},
+                                        "explain": {"groundtruth": None}}))
         subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2",
-                        "--configfile", str(REPO / "config" / "config.yaml"), "--config", *config, "-q", "--",
+                        "--configfile", str(REPO / "config" / "config.yaml"), str(override), "-q", "--",
                         str(results / "splits.tsv")], check=True, cwd=work, env=env)
         folders[antialias] = results
     return folders
