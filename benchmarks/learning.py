@@ -3,6 +3,7 @@
     python benchmarks/learning.py --cohort demo    # 64 participants, age regression, 2 folds
     python benchmarks/learning.py --cohort lesion  # 40 participants, 1 cm deep-grey-matter lesion, 4 folds
     python benchmarks/learning.py --cohort demo --seeds 0 1 2  # today's recipe again with other seeds
+    python benchmarks/learning.py --cohort lesion --recipes 1 6  # only the first and the last recipe
 
 Generates the cohort (``pipeline.demo``; the lesion cohort with ``--lesion-site deep-gm
 --lesion-radius 5 --lesion-contrast 0.25 0.40 --lesion-jitter 3``), preprocesses it twice with
@@ -135,6 +136,8 @@ def main(argv=None) -> None:
     parser.add_argument("--cohort", choices=sorted(COHORTS), required=True)
     parser.add_argument("--work", type=Path, help="working folder (kept; default: a temporary one)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds of today's recipe")
+    parser.add_argument("--recipes", type=int, nargs="+", help="only these rows of RECIPES (1 = before, "
+                        f"{len(RECIPES)} = today's); default all")
     args = parser.parse_args(argv)
     cohort = COHORTS[args.cohort]
     work = args.work or Path(tempfile.mkdtemp(prefix=f"learning-{args.cohort}-"))
@@ -152,7 +155,8 @@ def main(argv=None) -> None:
         label = "anti-aliased" if antialias else "plain"
         print(f"| {label} resampling | linear | " + " | ".join(f"{v:.3f}" for v in folds)
               + f" | {value:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | |", flush=True)
-    recipes = RECIPES + [(f"today's defaults, training seed {seed}", True, {"seed": seed})
+    chosen = [RECIPES[i - 1] for i in args.recipes] if args.recipes else RECIPES
+    recipes = chosen + [(f"today's defaults, training seed {seed}", True, {"seed": seed})
                          for seed in args.seeds if seed != 0]
     for name, antialias, hyper in recipes:
         folds, (value, ci), minutes = deep_row(folders[antialias], cohort, hyper, classes, work)
