@@ -80,6 +80,15 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def derivative_dataset(folder: Path, name: str, generated_by: list, readme: str) -> None:
+    """A derivative dataset's ``dataset_description.json`` ("<name> of the simulated brain-age demo
+    cohort") and ``README``."""
+    write_json(folder / "dataset_description.json", {
+        "Name": f"{name} of the simulated brain-age demo cohort", "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative", "GeneratedBy": generated_by})
+    atomic.write_text(folder / "README", readme)
+
+
 def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: float, lesion: Lesion) -> None:
     """Write the raw dataset's top-level files and the ground-truth derivative's description/README."""
     generated_by = [{"Name": GENERATOR, "Version": __version__,
@@ -103,11 +112,7 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
         "sex": {"Description": "Sex.", "Levels": {"M": "male", "F": "female"}},
         "group": {"Description": "Diagnostic group.",
                   "Levels": {"patient": f"has a lesion in the {lesion.site.name}", "control": "healthy control"}}})
-    truth = out_dir / "derivatives" / "groundtruth"
-    write_json(truth / "dataset_description.json", {
-        "Name": "Ground truth of the simulated brain-age demo cohort", "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative", "GeneratedBy": generated_by})
-    atomic.write_text(truth / "README",
+    derivative_dataset(out_dir / "derivatives" / "groundtruth", "Ground truth", generated_by,
         "GROUND TRUTH of the simulation, for validation and tests only. Training must NEVER read these files.\n\n"
         f"space-{SPACE}_desc-age_mask.nii.gz / desc-group_mask.nii.gz: uint8 masks on the 1 mm template\n"
         "  grid of where the age and group effects change the image.\n"
@@ -115,10 +120,7 @@ def dataset_files(out_dir: Path, cohort: list[dict], seed: int, resolution: floa
         f"sub-*/[ses-*/]anat/*_from-{SPACE}_to-T1w_pose.json: 'matrix' is the 4x4 RAS+ mm transform A with\n"
         "  x_scanner = A @ [x_template, 1]; 'simulation' lists the image's other nuisance and anatomy.\n")
     tissue = out_dir / "derivatives" / "tissue"
-    write_json(tissue / "dataset_description.json", {
-        "Name": "Tissue segmentation of the simulated brain-age demo cohort", "BIDSVersion": BIDS_VERSION,
-        "DatasetType": "derivative", "GeneratedBy": generated_by})
-    atomic.write_text(tissue / "README",
+    derivative_dataset(tissue, "Tissue segmentation", generated_by,
         "Tissue segmentation of every T1w on its own grid: sub-*/[ses-*/]anat/*_desc-tissue_dseg.nii.gz (uint8,\n"
         "labels in desc-tissue_dseg.tsv). The template's GM and WM probabilities, with the subject's age warp,\n"
         f"argmax of CSF/GM/WM where the brain fraction is at least {TISSUE_INSIDE}, seen through the image's pose\n"
