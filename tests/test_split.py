@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from pipeline.common.errors import InputError
-from pipeline.intake.split import balance, check_design, design, fold_columns
+from pipeline.intake.split import balance, check_design, design, fold_columns, missing_classes
 
 
 def manifest(n=50, sessions_every=5, seed=0):
@@ -26,7 +26,7 @@ def per_participant(splits: pd.DataFrame) -> pd.DataFrame:
 
 def test_kfold_design_by_participant():
     m = manifest()
-    splits = design(m, "age", "regression", test=0.2, folds=5, val=0.2, seed=1)
+    splits = design(m, "age", "regression", test=0.2, folds=5, val=0.2, seed=1, method="stratified")
     assert list(splits.columns) == ["image_id", "participant_id", *fold_columns(5)]
     assert splits["image_id"].tolist() == m["image_id"].tolist()
     for column in fold_columns(5):  # all sessions of a participant share a split, in every fold
@@ -39,7 +39,7 @@ def test_kfold_design_by_participant():
 
 
 def test_single_fold_uses_the_val_fraction():
-    splits = design(manifest(), "age", "regression", test=0.2, folds=1, val=0.2, seed=1)
+    splits = design(manifest(), "age", "regression", test=0.2, folds=1, val=0.2, seed=1, method="stratified")
     counts = per_participant(splits)["fold-1"].value_counts().to_dict()
     assert counts == {"train": 30, "val": 10, "test": 10}
 
@@ -53,7 +53,7 @@ def test_design_is_deterministic_and_seed_dependent():
 
 def test_classification_is_stratified_in_test_and_every_fold():
     m = manifest(n=60)
-    splits = design(m, "group", "classification", 0.2, 4, 0.2, seed=0)
+    splits = design(m, "group", "classification", 0.2, 4, 0.2, seed=0, method="stratified")
     groups = m.drop_duplicates("participant_id").set_index("participant_id")["group"]
     people = per_participant(splits)
     for column in fold_columns(4):
@@ -63,7 +63,7 @@ def test_classification_is_stratified_in_test_and_every_fold():
 
 def test_further_stratification_columns_balance_the_test_set():
     m = manifest(n=90)
-    splits = design(m, "age", "regression", 0.2, 3, 0.2, seed=0, bins=3, stratify=("site",))
+    splits = design(m, "age", "regression", 0.2, 3, 0.2, seed=0, bins=3, stratify=("site",), method="stratified")
     people = per_participant(splits).join(m.drop_duplicates("participant_id").set_index("participant_id")["site"])
     test_sites = people.loc[people["fold-1"] == "test", "site"].value_counts()
     assert test_sites.max() - test_sites.min() <= 1, test_sites
@@ -71,7 +71,7 @@ def test_further_stratification_columns_balance_the_test_set():
 
 def test_regression_test_set_spans_the_target_range():
     m = manifest(n=100)
-    splits = design(m, "age", "regression", 0.2, 5, 0.2, seed=0).merge(m[["image_id", "age"]])
+    splits = design(m, "age", "regression", 0.2, 5, 0.2, seed=0, method="stratified").merge(m[["image_id", "age"]])
     test_ages = splits[splits["fold-1"] == "test"].drop_duplicates("participant_id")["age"].astype(float)
     assert test_ages.min() < 32 and test_ages.max() > 68
 
@@ -81,9 +81,56 @@ def test_unknown_stratification_column_names_it():
         design(manifest(), "age", "regression", 0.2, 5, 0.2, seed=0, stratify=("scanner",))
 
 
-def test_too_few_participants_for_the_folds():
+@pytest.mark.parametrize("method", ["stable", "stratified"])
+def test_too_few_participants_for_the_folds(method):
     with pytest.raises(InputError, match="split.folds"):
-        design(manifest(n=8), "age", "regression", 0.25, 7, 0.2, seed=0)
+        design(manifest(n=7), "age", "regression", 0.25, 7, 0.2, seed=0, method=method)
+
+
+@pytest.mark.parametrize("folds", [1, 3])
+def test_stable_design_moves_no_one_when_the_cohort_changes(folds):
+    """Removing a training participant, or adding three new ones, leaves everyone else's split as it was."""
+    m = manifest(n=60)
+    before = per_participant(design(m, "age", "regression", 0.2, folds, 0.2, seed=3))
+    trained = before.index[(before == "train").any(axis=1) & (before != "test").all(axis=1)][0]
+    after = per_participant(design(m[m["participant_id"] != trained], "age", "regression", 0.2, folds, 0.2, seed=3))
+    assert after.equals(before.drop(index=trained))
+    grown = pd.concat([m, manifest(n=63).iloc[-3:]], ignore_index=True)
+    assert len(grown) > len(m) and grown["participant_id"].nunique() == 63
+    after = per_participant(design(grown, "age", "regression", 0.2, folds, 0.2, seed=3))
+    assert after.loc[before.index].equals(before)
+
+
+def test_stable_design_keeps_the_shares_in_a_large_cohort_and_depends_on_the_seed():
+    m = manifest(n=3000, sessions_every=7)
+    people = per_participant(design(m, "group", "classification", 0.2, 4, 0.2, seed=0))
+    test = people["fold-1"] == "test"
+    assert abs(test.mean() - 0.2) < 0.03
+    assert (people.loc[test] == "test").all().all() and (people.loc[~test] == "val").sum(axis=1).eq(1).all()
+    validated = (people.loc[~test] == "val").mean()
+    assert (abs(validated - 0.25) < 0.04).all(), validated
+    other = per_participant(design(m, "group", "classification", 0.2, 4, 0.2, seed=1))
+    assert (other["fold-1"] == "test").ne(test).mean() > 0.2
+
+
+def test_stable_design_fills_an_empty_part_of_a_tiny_cohort_and_says_so(capsys):
+    """Four participants, four parts (test and three folds' validation sets): one each."""
+    m = manifest(n=4, sessions_every=10)
+    people = per_participant(design(m, "age", "regression", 0.2, 3, 0.2, seed=0))
+    assert people.eq("test").all(axis=1).sum() == 1 and (people == "val").sum().tolist() == [1, 1, 1]
+    assert "moved" in capsys.readouterr().err
+
+
+def test_a_validation_or_test_set_without_a_class_is_named():
+    m = manifest(n=12).assign(group=lambda t: np.where(t["participant_id"] == "sub-003", "rare", t["group"]))
+    splits = design(m, "group", "classification", 0.25, 2, 0.2, seed=0)
+    holder = splits.loc[splits["participant_id"] == "sub-003"].iloc[0]
+    sentences = missing_classes(splits, m, "group")
+    assert any("rare" in s for s in sentences)
+    if holder["fold-1"] == "test":
+        assert all("validation set" in s for s in sentences if "rare" in s)
+    else:
+        assert any("the test set lacks class(es) rare" in s for s in sentences)
 
 
 def test_leak_within_a_fold_names_the_participant_and_fold():

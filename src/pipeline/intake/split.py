@@ -4,8 +4,15 @@ Writes ``splits.tsv``: one row per image (image_id, participant_id) and one colu
 (``fold-1`` … ``fold-k``) holding ``train``, ``val`` or ``test``. Test participants are the
 same in every fold; each other participant is in ``val`` in exactly one fold (with one fold,
 a ``val`` fraction is split off instead). Assignment is by participant (all sessions of a
-person share a split), stratified by the target (quantile bins for regression) and optional
-further columns, and deterministic for a seed.
+person share a split) and deterministic for a seed, by one of two methods (``split.method``):
+
+- ``stable`` (default): a participant's place depends only on its own id and the seed
+  (``pipeline.intake.stable``), so adding or removing participants moves no one else and results
+  before and after a cohort grows stay comparable. Strata are balanced only in expectation; the
+  balance table and a warning show how far they fall from it.
+- ``stratified``: drawn with scikit-learn from the whole cohort, stratified by the target
+  (quantile bins for regression) and further columns; exact balance, but one participant more
+  or less re-draws everyone.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
+from pipeline.intake import stable
 
 SPLITS = ("train", "val", "test")
 MIN_STRATUM = 2  # a stratum smaller than this is merged into others (train_test_split needs 2)
@@ -83,13 +91,25 @@ def hold_out(ids: pd.Index, labels: pd.Series, fraction: float, seed: int) -> tu
 
 
 def design(manifest: pd.DataFrame, target: str, task: str, test: float, folds: int, val: float, seed: int,
-           bins: int = 5, stratify: tuple[str, ...] = ()) -> pd.DataFrame:
+           bins: int = 5, stratify: tuple[str, ...] = (), method: str = "stable") -> pd.DataFrame:
     """The study design of ``manifest``: one row per image with one split column per fold."""
     stratify = list(stratify)
     participants = participant_table(manifest, target, task, stratify)
     if len(participants) < 3:
         raise InputError(f"Only {len(participants)} participants in the manifest; a train/val/test design "
                          "needs at least 3.")
+    if method == "stable":
+        assignment = stable.assign(participants.index, test, folds, val, seed)
+    else:
+        assignment = stratified(participants, target, task, test, folds, val, seed, bins, stratify)
+    splits = manifest[["image_id", "participant_id"]].join(assignment, on="participant_id")
+    check_design(splits)
+    return splits
+
+
+def stratified(participants: pd.DataFrame, target: str, task: str, test: float, folds: int, val: float, seed: int,
+               bins: int, stratify: list[str]) -> pd.DataFrame:
+    """One row per participant, one split column per fold: drawn from the whole cohort, stratified."""
     labels = strata(participants, target, task, bins, stratify, MIN_STRATUM)
     rest, test_ids = hold_out(participants.index, labels, test, seed)
     assignment = pd.DataFrame(index=participants.index, columns=fold_columns(folds), dtype=object)
@@ -108,9 +128,7 @@ def design(manifest: pd.DataFrame, target: str, task: str, test: float, folds: i
         for column, (_, val_index) in zip(fold_columns(folds), kfold.split(rest, rest_labels.loc[rest])):
             assignment.loc[rest, column] = "train"
             assignment.loc[[rest[i] for i in val_index], column] = "val"
-    splits = manifest[["image_id", "participant_id"]].join(assignment, on="participant_id")
-    check_design(splits)
-    return splits
+    return assignment
 
 
 def check_design(splits: pd.DataFrame) -> None:
@@ -166,6 +184,20 @@ def balance(splits: pd.DataFrame, manifest: pd.DataFrame, target: str, task: str
     return pd.DataFrame(rows).fillna(0)
 
 
+def missing_classes(splits: pd.DataFrame, manifest: pd.DataFrame, target: str) -> list[str]:
+    """A sentence for each validation or test part that lacks one of the target's classes."""
+    table = manifest[["image_id", target]].merge(splits.drop(columns="participant_id"), on="image_id")
+    classes = set(table[target].astype(str))
+    found = []
+    for column in [c for c in splits.columns if c.startswith("fold-")]:
+        for name in ("val", "test"):
+            absent = classes - set(table.loc[table[column] == name, target].astype(str))
+            if absent and not (name == "test" and column != "fold-1"):  # one test set, said once
+                where = f"the validation set of {column}" if name == "val" else "the test set"
+                found.append(f"{where} lacks class(es) {', '.join(sorted(absent))}")
+    return found
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("manifest", type=Path)
@@ -177,8 +209,12 @@ def main(argv=None) -> None:
     manifest = pd.read_csv(args.manifest, sep="\t", dtype=str, keep_default_na=False)
     with InputError.exit_cleanly():
         splits = design(manifest, target, task, split["test"], split["folds"], split["val"], split["seed"],
-                        split["bins"], split["stratify"])
+                        split["bins"], split["stratify"], split["method"])
         table = balance(splits, manifest, target, task)
+    if task == "classification":
+        for sentence in missing_classes(splits, manifest, target):
+            print(f"warning: {sentence}; its metrics (e.g. ROC AUC) will be undefined. Use more participants, "
+                  "another `split.seed`, or `split.method: stratified`.", file=sys.stderr)
     atomic.to_csv(splits, args.out, sep="\t", index=False)
     atomic.to_csv(table, args.balance, sep="\t", index=False)
     print(table.to_string(index=False), file=sys.stderr)
