@@ -7,6 +7,7 @@ import pytest
 from pipeline.common.errors import InputError
 from pipeline.results.evaluate import bias_correction, ensemble, summarise
 from pipeline.results.metrics import classification_metrics, regression_metrics
+from pipeline.results.participants import participant_metrics
 
 
 def test_regression_metrics_on_a_hand_computed_case():
@@ -50,8 +51,7 @@ def fold_dir(root, name, predicted, task="regression"):
     rows["predicted_corrected"] = rows["predicted"]
     rows.to_csv(d / "predictions.tsv", sep="\t", index=False)
     test = rows[rows["split"] == "test"]
-    metrics = {"task": task, "target": "age", "classes": None, "best_epoch": 3,
-               **regression_metrics(test["true"], test["predicted"], 50.0)}
+    metrics = {"task": task, "target": "age", "classes": None, "best_epoch": 3, **participant_metrics(test, None, 50.0)}
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d
 
@@ -93,14 +93,14 @@ def test_metrics_undefined_for_a_single_test_image_or_class_are_nan_with_the_rea
     one = regression_metrics([40.0], [43.0], train_mean=50)
     assert one["mae"] == pytest.approx(3) and one["n"] == 1
     assert np.isnan(one["pearson_r"]) and np.isnan(one["r2"])
-    assert one["undefined"] == ["r2, pearson_r: 1 test image(s); they need at least 2"]
+    assert one["undefined"] == ["r2, pearson_r: 1 test prediction(s); they need at least 2"]
     constant = regression_metrics([40.0, 60.0], [50.0, 50.0], train_mean=50)
     assert np.isnan(constant["pearson_r"]) and "all equal" in constant["undefined"][0]
     assert "undefined" not in regression_metrics([20, 40, 60], [22, 38, 63], train_mean=50)
     classes = ["control", "patient"]
     only_patients = classification_metrics(["patient", "patient"], np.array([[0.2, 0.8], [0.6, 0.4]]), classes)
     assert only_patients["accuracy"] == pytest.approx(0.5) and np.isnan(only_patients["roc_auc"])
-    assert only_patients["undefined"] == ["roc_auc: the test images hold only class(es) ['patient'] of "
+    assert only_patients["undefined"] == ["roc_auc: the test set holds only class(es) ['patient'] of "
                                           "['control', 'patient']"]
 
 
@@ -113,13 +113,13 @@ def test_summary_of_a_single_test_participant(tmp_path):
                              "split": ["val", "test"], "true": [30.0, 40.0], "predicted": [31.0, predicted]})
         rows.to_csv(d / "predictions.tsv", sep="\t", index=False)
         metrics = {"task": "regression", "target": "age", "classes": None, "best_epoch": 1,
-                   **regression_metrics([40.0], [predicted], 50.0)}
+                   **participant_metrics(rows[rows["split"] == "test"], None, 50.0)}
         (d / "metrics.json").write_text(json.dumps(metrics))
         folds.append(d)
     result = summarise(folds, tmp_path / "summary")
     assert result["ensemble"]["mae"] == pytest.approx(4.0)
     assert result["ensemble"]["mae_ci"] == pytest.approx([4.0, 4.0])
-    assert np.isnan(result["ensemble"]["pearson_r"]) and "1 test image" in result["ensemble"]["undefined"][0]
+    assert np.isnan(result["ensemble"]["pearson_r"]) and "1 test prediction" in result["ensemble"]["undefined"][0]
     table = pd.read_csv(tmp_path / "summary" / "metrics.tsv", sep="\t", index_col="model")
     assert table.at["ensemble", "mae"] == pytest.approx(4.0) and np.isnan(table.at["ensemble", "pearson_r"])
 
@@ -127,3 +127,31 @@ def test_summary_of_a_single_test_participant(tmp_path):
 def test_bias_correction_of_a_single_validation_image_names_the_fix():
     with pytest.raises(InputError, match=r"1 image\(s\) with 1 value\(s\).*split.folds"):
         bias_correction(pd.DataFrame({"true": [30.0], "predicted": [33.0]}))
+
+
+@pytest.mark.parametrize("classes", [None, ["control", "patient"]])
+def test_one_test_participant_is_scored_with_the_undefined_metrics_named(tmp_path, classes):
+    """A tiny cohort's test set of one participant: the summary, its plot and the comparison with
+    the linear baseline finish; what cannot be computed is NaN with the reason."""
+    for kind in ("evaluate", "linear"):
+        d = tmp_path / kind / "fold-1"
+        d.mkdir(parents=True)
+        rows = pd.DataFrame({"participant_id": ["sub-1", "sub-2"], "session": "", "image_id": ["sub-1", "sub-2"],
+                             "split": ["val", "test"]})
+        if classes:
+            rows = rows.assign(true=["control", "patient"], predicted=["control", "patient"], p_control=[0.7, 0.3],
+                               p_patient=[0.3, 0.7])
+        else:
+            rows = rows.assign(true=[30.0, 40.0], predicted=[31.0, 44.0])
+        rows.to_csv(d / "predictions.tsv", sep="\t", index=False)
+        test = rows[rows["split"] == "test"].drop(columns="split")
+        record = {"task": "classification" if classes else "regression", "target": "t", "classes": classes,
+                  "best_epoch": 1, "train_mean": None if classes else 35.0,
+                  **participant_metrics(test, classes, None if classes else 35.0)}
+        (d / "metrics.json").write_text(json.dumps(record, default=float))
+    result = summarise([tmp_path / "evaluate" / "fold-1"], tmp_path / "summary",
+                       linear_dirs=[tmp_path / "linear" / "fold-1"], train_dirs=[])
+    assert result["ensemble"]["n"] == 1 and result["ensemble"]["undefined"]
+    assert "roc_auc" in result["ensemble"]["undefined"][0] if classes else "1 test prediction" in result["ensemble"]["undefined"][0]
+    assert {row["verdict"] for row in result["comparison"]} == {"no clear difference"}
+    assert (tmp_path / "summary" / "metrics_images.tsv").exists()

@@ -232,9 +232,38 @@ def test_sessions_tsv_targets_joined_by_participant_and_session(small_bids):
     assert dict(zip(manifest["image_id"], manifest["age"])) == {"sub-03_ses-01": "70.5", "sub-03_ses-02": "72.5"}
     assert manifest.columns.tolist() == selection.MANIFEST_COLUMNS + ["age", "group"]  # participants' other columns follow
     reasons = dict(zip(report["image_id"], report["reason"]))
-    assert reasons["sub-01"] == "no sub-01/sub-01_sessions.tsv (target_source: sessions)"
+    assert reasons["sub-01"] == ("no sub-01/sub-01_sessions.tsv (target_source: sessions); set `target_fallback: "
+                                 "participants` to take its target from participants.tsv")
     assert reasons["sub-04"] == "image has no session, so it has no row in a sessions.tsv (target_source: sessions)"
-    assert targets["source"] == "sessions.tsv"
+    assert targets["source"] == "sessions.tsv" and "rows_from" not in targets
+
+
+def test_participants_without_a_sessions_table_fall_back_to_participants_tsv(small_bids):
+    """Only the two-session participant has a sessions.tsv; the others keep their participants.tsv age."""
+    (small_bids / "sub-03" / "sub-03_sessions.tsv").write_text("session_id\tage\n02\t72.5\nses-01\t70.5\n")
+    manifest, report, targets = ingest.ingest(small_bids, "age", "regression", target_source="sessions",
+                                              target_fallback="participants")
+    assert dict(zip(manifest["image_id"], manifest["age"])) == {
+        "sub-01": "25.0", "sub-03_ses-01": "70.5", "sub-03_ses-02": "72.5", "sub-04": "40"}
+    assert manifest.columns.tolist() == selection.MANIFEST_COLUMNS + ["age", "group"]
+    assert set(manifest["group"]) == {"control", "patient"}
+    assert targets["rows_from"] == {"sessions.tsv": 2, "participants.tsv": 2}
+    reasons = dict(zip(report["image_id"], report["reason"]))
+    assert reasons["sub-02"].startswith("target 'age' is missing (n/a)")  # participants.tsv's n/a still counts
+
+
+def test_fallback_without_participants_tsv_says_what_to_add(small_bids):
+    (small_bids / "sub-03" / "sub-03_sessions.tsv").write_text("session_id\tage\n02\t72.5\nses-01\t70.5\n")
+    (small_bids / "participants.tsv").unlink()
+    with pytest.raises(InputError, match=r"target_fallback: participants.*participants\.tsv.*sub-01.*Add the file"):
+        ingest.ingest(small_bids, "age", "regression", target_source="sessions", target_fallback="participants")
+
+
+def test_positive_class_must_be_a_class_of_the_target(small_bids):
+    targets = ingest.ingest(small_bids, "group", "classification", positive_class="patient").targets
+    assert targets["classes"] == ["control", "patient"] and targets["positive_class"] == "patient"
+    with pytest.raises(InputError, match=r"`positive_class` is 'AD'.*choose one of: control, patient"):
+        ingest.ingest(small_bids, "group", "classification", positive_class="AD")
 
 
 def test_duplicate_session_rows_are_an_error(small_bids):

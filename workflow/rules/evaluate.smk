@@ -15,7 +15,7 @@ rule evaluate:
     params:
         preproc_dir=preproc_root,
         out_dir=parent_of("metrics"),
-        config=stage_config(config, ["channels"]),
+        config=stage_config(config, ["channels", "positive_class"]),
     log:
         f"{RESULTS}/logs/evaluate/{{fold}}.log",
     benchmark:

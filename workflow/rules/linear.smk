@@ -14,7 +14,7 @@ rule linear:
     params:
         preproc_dir=preproc_root,
         out_dir=parent_of("metrics"),
-        config=stage_config(config, ["target", "task", "channels", "linear"]),
+        config=stage_config(config, ["target", "task", "channels", "linear", "positive_class"]),
     log:
         f"{RESULTS}/logs/linear/{{fold}}.log",
     benchmark:

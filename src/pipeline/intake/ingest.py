@@ -30,6 +30,7 @@ from pipeline.intake.nonbids import non_bids_input
 from pipeline.intake.reportrows import REPORT_COLUMNS, report_rows
 from pipeline.intake.selection import bids_input, chosen
 from pipeline.intake.targets import join_targets
+from pipeline.results.participants import ordered
 
 DEFAULT_FILTERS = config.defaults(["bids_filters"])  # the schema's, for calls without a config
 DEFAULT_CHANNELS = config.defaults(["channels"])
@@ -47,7 +48,8 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
            channels: dict | None = None, sessions: str = "all", runs: str = "all",
            include=(), exclude=(), target_source: str = "participants", label_image: dict | None = None,
            non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None,
-           limits: dict | None = None, on_error: str = "continue") -> Ingested:
+           limits: dict | None = None, on_error: str = "continue", target_fallback: str = "none",
+           positive_class: str | None = None) -> Ingested:
     """Select, match, join and check (see the module docstring): manifest, report and target info.
 
     Arguments are the config keys of the same names (config/README.md; ``limits`` is
@@ -71,10 +73,10 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     samples = samples[chosen(samples["participant_id"], include, exclude)]
     images = [c for c in samples.columns if c == "path" or c.startswith("path_") or c == "label"]
 
-    participants, source = None, None
+    participants, source = None, {"source": None, "fallback": frozenset()}
     if target is not None:
         samples, table_report, participants, source = join_targets(samples, bids_dir, target, task, target_source,
-                                                                   non_bids)
+                                                                   non_bids, target_fallback)
         report += table_report
     if participants is not None:
         report.append(unimaged(participants[chosen(participants, include, exclude)], seen, dropped, f"sessions: {sessions}, runs: {runs}"))
@@ -97,7 +99,14 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
                          f"{report.head(20).to_string()}{more}")
     manifest = samples.sort_values("image_id", ignore_index=True)
     classes = sorted(set(manifest[target])) if task == "classification" and target else None  # as pipeline.data encodes them
-    return Ingested(manifest, report, {"target": target, "task": task, "source": source, "classes": classes})
+    targets = {"target": target, "task": task, "source": source["source"], "classes": classes}
+    if classes and positive_class is not None:
+        ordered(classes, positive_class)  # an InputError unless it is a class
+        targets["positive_class"] = positive_class
+    if source["fallback"]:
+        fell_back = manifest["participant_id"].isin(source["fallback"])
+        targets["rows_from"] = {source["source"]: int((~fell_back).sum()), "participants.tsv": int(fell_back.sum())}
+    return Ingested(manifest, report, targets)
 
 
 def stop_error(report: pd.DataFrame) -> InputError:
@@ -140,7 +149,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # bids_dir, target (null: select images only, join no target table), task (regression or
     # classification), bids_filters, channels, sessions, runs, participants (include, exclude),
-    # target_source, label_image, non_bids, check_data, image_limits, on_error
+    # target_source, target_fallback, positive_class, label_image, non_bids, check_data, image_limits, on_error
     add_config(parser)
     parser.add_argument("--cache-dir", "--database-dir", type=Path, help="keeps the file index and checks between runs")
     parser.add_argument("--manifest", type=Path, required=True)
@@ -155,7 +164,8 @@ def main(argv=None) -> None:
                         sessions=str(cfg["sessions"]), runs=str(cfg["runs"]), include=cfg["participants"]["include"],
                         exclude=cfg["participants"]["exclude"], target_source=cfg["target_source"],
                         label_image=cfg["label_image"], non_bids=cfg["non_bids"], check_data=cfg["check_data"],
-                        cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"])
+                        cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"],
+                        target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"))
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "

@@ -129,24 +129,28 @@ class TargetTable(NamedTuple):
     where: str  # the file(s), for messages
     participants: pd.Series | None  # participant ids the table lists (None: not a per-participant table)
     source: str  # targets.json "source"
+    fallback: frozenset = frozenset()  # participants whose rows came from participants.tsv instead
 
 
 def join_targets(samples: pd.DataFrame, bids_dir: Path, target: str, task: str, target_source: str,
-                 non_bids: dict | None) -> tuple[pd.DataFrame, list, pd.Series | None, str]:
+                 non_bids: dict | None, target_fallback: str = "none") -> tuple[pd.DataFrame, list, pd.Series | None, dict]:
     """Join the target table by id and keep samples with a usable target.
 
-    Returns (samples, report parts, participant ids of the participants table or None, source name).
+    Returns (samples, report parts, participant ids of the participants table or None, where the
+    targets came from: ``{"source": table name, "fallback": participants whose target came from
+    participants.tsv instead (target_fallback)}``).
     """
     if non_bids:
         table = non_bids_table(bids_dir, non_bids, target)
     elif target_source == "participants":
         table = participants_table(bids_dir, target)
     else:
-        table = sessions_table(bids_dir, sorted(samples["participant_id"].unique()), target)
+        table = sessions_table(bids_dir, sorted(samples["participant_id"].unique()), target,
+                               samples if target_fallback == "participants" else None)
     joined, report = join_table(samples, table.rows, table.on, table.absent, table.where)
     joined, bad = check_targets(joined, target, task)
     bad["reason"] = bad["reason"] + f"; correct it in {table.where} or leave the participant out (participants.exclude)"
-    return joined, [report, bad], table.participants, table.source
+    return joined, [report, bad], table.participants, {"source": table.source, "fallback": table.fallback}
 
 
 def participants_table(bids_dir: Path, target: str) -> TargetTable:
@@ -159,32 +163,49 @@ def participants_table(bids_dir: Path, target: str) -> TargetTable:
                        str(bids_dir / "participants.tsv"), participants.index.to_series(), "participants.tsv")
 
 
-def sessions_table(bids_dir: Path, participant_ids: list[str], target: str) -> TargetTable:
+def sessions_table(bids_dir: Path, participant_ids: list[str], target: str,
+                   fallback_samples: pd.DataFrame | None = None) -> TargetTable:
     """The participants' sessions.tsv files joined by participant and session; participants.tsv
-    (optional) adds its other columns."""
+    (optional) adds its other columns. With ``fallback_samples`` (``target_fallback: participants``)
+    a participant without a sessions.tsv takes its row of participants.tsv for each of its samples."""
     sessions, absent = read_sessions(bids_dir, participant_ids)
-    if sessions.empty:
+    fallback = fallback_samples is not None
+    if sessions.empty and not fallback:
         raise InputError(f"No sub-*/sub-*_sessions.tsv found in {bids_dir} for the selected participants; "
-                         "target_source: sessions needs them.")
+                         "target_source: sessions needs them (or set `target_fallback: participants`).")
     where = str(bids_dir / "sub-*/sub-*_sessions.tsv")
-    if target not in sessions.columns:
+    if not sessions.empty and target not in sessions.columns:
         raise missing_column_error(target, where, [c for c in sessions.columns if c not in ("participant_id", "session")])
-    listed = None
+    listed, from_participants = None, pd.DataFrame()
     if (bids_dir / "participants.tsv").exists():
         participants = read_participants(bids_dir)
         listed = participants.index.to_series()
-        extra = participants[[c for c in participants.columns if c not in sessions.columns]].reset_index()
-        sessions = sessions.merge(extra, on="participant_id", how="left").fillna("")
+        if not sessions.empty:
+            extra = participants[[c for c in participants.columns if c not in sessions.columns]].reset_index()
+            sessions = sessions.merge(extra, on="participant_id", how="left").fillna("")
+        if fallback and absent:
+            if target not in participants.columns:
+                raise missing_column_error(target, bids_dir / "participants.tsv", participants.columns)
+            pairs = fallback_samples.loc[fallback_samples["participant_id"].isin(absent), ["participant_id", "session"]]
+            from_participants = pairs.drop_duplicates().merge(participants.reset_index(), on="participant_id")
+    elif fallback and absent:
+        raise InputError(f"`target_fallback: participants` needs {bids_dir / 'participants.tsv'} for the participants "
+                         f"without a sessions.tsv ({', '.join(sorted(absent)[:5])}{' …' if len(absent) > 5 else ''}); "
+                         "Add the file, or add their sessions.tsv.")
+    rows = pd.concat([sessions, from_participants], ignore_index=True).fillna("") if len(from_participants) else sessions
+    covered = frozenset(from_participants["participant_id"]) if len(from_participants) else frozenset()
 
     def absent_reason(row) -> str:
         pid = row["participant_id"]
         if pid in absent:
-            return f"no {pid}/{pid}_sessions.tsv (target_source: sessions)"
+            more = (" and no row in participants.tsv (target_fallback: participants)" if fallback else
+                    "; set `target_fallback: participants` to take its target from participants.tsv")
+            return f"no {pid}/{pid}_sessions.tsv (target_source: sessions){more}"
         if not row["session"]:
             return "image has no session, so it has no row in a sessions.tsv (target_source: sessions)"
         return f"session {row['session']} not listed in {pid}/{pid}_sessions.tsv"
 
-    return TargetTable(sessions, ["participant_id", "session"], absent_reason, where, listed, "sessions.tsv")
+    return TargetTable(rows, ["participant_id", "session"], absent_reason, where, listed, "sessions.tsv", covered)
 
 
 def non_bids_table(root: Path, non_bids: dict, target: str) -> TargetTable:

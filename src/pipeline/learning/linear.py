@@ -42,7 +42,7 @@ from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
 from pipeline.learning.loader import open_array
 from pipeline.common.errors import InputError
-from pipeline.results.metrics import with_intervals
+from pipeline.results.participants import ordered, participant_metrics
 
 PENALTIES = np.logspace(-6, 2, 17)  # relative to the mean squared singular value of the training features
 MIN_TRAIN_PER_CLASS, MIN_VAL_PER_CLASS = 2, 1
@@ -259,8 +259,9 @@ class Skipped(InputError):
 
 
 def run(table: pd.DataFrame, fold: str, target: str, task: str, mask: np.ndarray, out_dir: Path,
-        classes: list[str] | None = None, memory_mb: float = 2000) -> dict:
-    """Fit one fold and write its files; a fold that cannot be fitted records why (``skipped``)."""
+        classes: list[str] | None = None, memory_mb: float = 2000, positive_class: str | None = None) -> dict:
+    """Fit one fold and write its files; a fold that cannot be fitted records why (``skipped``).
+    Test metrics as the deep model's (``pipeline.results.participants.participant_metrics``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         predictions, record, validation = fit_fold(table, fold, target, task, mask, classes, memory_mb)
@@ -273,7 +274,7 @@ def run(table: pd.DataFrame, fold: str, target: str, task: str, mask: np.ndarray
         atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
         return metrics
     test = predictions[predictions["split"] == "test"].reset_index(drop=True)
-    metrics = {**record, **with_intervals(test, record["classes"], record.get("train_mean"))}
+    metrics = {**record, **participant_metrics(test, ordered(record["classes"], positive_class), record.get("train_mean"))}
     atomic.to_csv(predictions, out_dir / "predictions.tsv", sep="\t", index=False)
     atomic.to_csv(validation, out_dir / "validation.tsv", sep="\t", index=False)
     atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
@@ -294,7 +295,7 @@ def main(argv=None) -> None:
         classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
         mask = np.asarray(nib.load(args.mask).dataobj) > 0
         metrics = run(table, args.fold, cfg["target"], cfg["task"], mask, args.out_dir, classes,
-                      cfg["linear"]["memory_mb"])
+                      cfg["linear"]["memory_mb"], cfg.get("positive_class"))
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)
 
 

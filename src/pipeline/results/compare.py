@@ -1,4 +1,4 @@
-"""The deep model against the linear baseline on the same test images, paired.
+"""The deep model against the linear baseline on the same test images or participants, paired.
 
 For each fold and for the ensembles of folds: both models' test metrics, their difference
 (deep − linear) and its 95 % bootstrap interval, resampling participants (each draw scores both
@@ -18,10 +18,12 @@ KEYS = ["participant_id", "session", "image_id", "true"]
 
 
 def paired_table(deep: pd.DataFrame, linear: pd.DataFrame, classes: list[str] | None) -> pd.DataFrame:
-    """One row per test image with both models' predictions: ``<column>`` (deep) and
-    ``linear_<column>``; the two must hold the same images."""
+    """One row per test image, or per participant (and class) of participant-level tables
+    (``pipeline.results.participants``), with both models' predictions: ``<column>`` (deep) and
+    ``linear_<column>``; the two must hold the same rows."""
     columns = [f"p_{c}" for c in classes] if classes else ["predicted"]
-    if sorted(deep["image_id"]) != sorted(linear["image_id"]):
+    unit = ["image_id"] if "image_id" in deep else ["participant_id", *(["true"] if classes else [])]
+    if sorted(map(tuple, deep[unit].astype(str).to_numpy())) != sorted(map(tuple, linear[unit].astype(str).to_numpy())):
         raise InputError("The deep model and the linear baseline predicted different test images; rerun both.")
     keys = [k for k in KEYS if k in deep and k in linear]
     right = linear[keys + columns].rename(columns={c: f"linear_{c}" for c in columns})

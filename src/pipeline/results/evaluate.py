@@ -2,11 +2,14 @@
 
 ``fold``: one fold's model on its validation and test images → ``predictions.tsv``
 (participant_id, session, image_id, split, true, predicted [, predicted_corrected] [, p_<class>])
-and ``metrics.json`` (test set). For regression, the brain-age bias correction (a linear fit of
+and ``metrics.json`` (test set). Metrics are over participants (``pipeline.results.participants``:
+a participant's mean prediction over its images), with the image-level metrics under ``image_level``;
+a binary target's positive class is ``positive_class`` (default: the last in sorted order). For regression, the brain-age bias correction (a linear fit of
 predicted on true age on the validation images, inverted) gives ``predicted_corrected`` and the
 ``corrected_*`` metrics beside the raw ones.
 ``summary``: every fold → ``metrics.tsv`` (one row per fold, their mean and sd, and the ensemble
-with 95 % bootstrap intervals), the ensemble's test ``predictions.tsv`` (the folds' mean prediction
+with 95 % bootstrap intervals; over participants) and ``metrics_images.tsv`` (the same over
+images), the ensemble's test ``predictions.tsv`` (one row per image) (the folds' mean prediction
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
 confusion matrix). With the folds' linear baselines (``pipeline.linear``): ``comparison.tsv``,
@@ -35,7 +38,7 @@ from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
-from pipeline.results.metrics import with_intervals
+from pipeline.results.participants import by_participant, ordered, participant_metrics
 from pipeline.results.summary import excluded_by_stage, summary_table
 from pipeline.learning.saved import load_model
 
@@ -88,7 +91,7 @@ def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
 
 
 def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_dir: Path | None = None,
-                  channels: list[str] | None = None) -> dict:
+                  channels: list[str] | None = None, positive_class: str | None = None) -> dict:
     """Predict one fold's validation and test images; write ``predictions.tsv`` and the test ``metrics.json``.
     A segmentation model needs ``preproc_dir`` and ``channels`` (its label maps go on the preprocessed grid)."""
     model, coder, record = load_model(model_path)
@@ -108,7 +111,7 @@ def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_
         extra = {"correction_slope": slope, "correction_intercept": intercept}
     test = predictions[predictions["split"] == "test"].reset_index(drop=True)
     metrics = {"task": coder.task, "target": target, "classes": coder.classes, "best_epoch": record["epoch"],
-               **extra, **with_intervals(test, coder.classes, coder.mean)}
+               **extra, **participant_metrics(test, ordered(coder.classes, positive_class), coder.mean)}
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.to_csv(predictions, out_dir / "predictions.tsv", sep="\t", index=False)
     atomic.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
@@ -149,8 +152,9 @@ def against_linear(deep: dict[str, pd.DataFrame], linear_dirs: list[Path], task:
     overall = {}
     if linear:
         linear["ensemble"] = ensemble(list(linear.values()), classes)
-        overall = with_intervals(linear["ensemble"], classes, train_mean)
+        overall = participant_metrics(linear["ensemble"], classes, train_mean)
         overall["folds"] = [d.name for d in fitted]
+    linear = {name: by_participant(p, classes) for name, p in linear.items()}
     means = {name: records[name].get("train_mean") for name in records}
     means["ensemble"] = train_mean
     if len(fitted) < len(linear_dirs):  # an ensemble over fewer folds is not the deep ensemble's peer
@@ -185,7 +189,8 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
         from pipeline.results import segmentation
 
         return segmentation.summarise(fold_dirs, out_dir, excluded)
-    task, target, classes = metrics[0]["task"], metrics[0]["target"], metrics[0]["classes"]
+    task, target = metrics[0]["task"], metrics[0]["target"]
+    classes = ordered(metrics[0]["classes"], metrics[0].get("positive_class"))
     predictions = test_predictions(fold_dirs, classes)
     ids = [sorted(p["image_id"]) for p in predictions]
     if any(i != ids[0] for i in ids):
@@ -194,17 +199,19 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     names = [d.name for d in fold_dirs]
     combined = ensemble(predictions, classes)
     train_mean = None if classes else float(np.mean([m["train_mean"] for m in metrics]))
-    overall = with_intervals(combined, classes, train_mean)
+    overall = participant_metrics(combined, classes, train_mean)
     table, summary = summary_table(metrics, names, overall)
+    _, images = summary_table([m.get("image_level", m) for m in metrics], names, overall["image_level"])
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
+    atomic.to_csv(images, out_dir / "metrics_images.tsv", sep="\t")
     atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
-    result = {"task": task, "target": target, "classes": classes, "folds": names, "ensemble": overall,
+    result = {"task": task, "target": target, "classes": metrics[0]["classes"], "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
     if excluded is not None:
         result["excluded"] = excluded_by_stage(excluded)
     if linear_dirs:
-        deep = {**dict(zip(names, predictions)), "ensemble": combined}
+        deep = {name: by_participant(p, classes) for name, p in zip([*names, "ensemble"], [*predictions, combined])}
         comparison, result["linear"], skipped = against_linear(deep, linear_dirs, task, classes, train_mean)
         result["comparison"] = comparison.to_dict(orient="records")
         atomic.to_csv(comparison, out_dir / "comparison.tsv", sep="\t", index=False)
@@ -215,7 +222,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     if classes:
         plot_classification(combined, classes, title, out_dir / "performance.png")
     else:
-        plot_regression(combined, overall, target, title, out_dir / "performance.png")
+        plot_regression(combined, overall["image_level"], target, title, out_dir / "performance.png")
     return result
 
 
@@ -291,7 +298,8 @@ def main(argv=None) -> None:
             segmentation = record["coder"]["task"] == "segmentation"
             names = channel_names(args.config)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
-            metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, names)
+            metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, names,
+                                    args.config.get("positive_class"))
         else:
             metrics = summarise(args.fold_dirs, args.out_dir, args.excluded, args.linear, args.train)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)

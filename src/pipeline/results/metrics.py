@@ -8,7 +8,7 @@ along), ``SAMPLES`` times with a fixed seed. A draw is a vector of integer weigh
 how many times each row's participant was drawn, and a metric of the rows repeated that many
 times is the same metric with those weights: so every metric of every draw is computed at once,
 as weighted sums over a (draws, rows) matrix, instead of a thousand calls into scikit-learn
-(tests/test_metrics.py checks the weighted forms against scikit-learn on the repeated rows).
+(tests/participant_metrics.py checks the weighted forms against scikit-learn on the repeated rows).
 A metric undefined in a draw (one class only, constant values) is NaN there and left out of its
 percentiles; one undefined in every draw has the interval [NaN, NaN].
 """
@@ -162,7 +162,7 @@ def regression_metrics(true, predicted, train_mean: float) -> dict:
                "baseline_mae": baseline, "mae_ratio_to_baseline": mae / baseline if baseline else float("nan")}
     undefined = []
     if true.size < 2:
-        undefined.append(f"r2, pearson_r: {true.size} test image(s); they need at least 2")
+        undefined.append(f"r2, pearson_r: {true.size} test prediction(s); they need at least 2")
     elif np.ptp(true) == 0 or np.ptp(predicted) == 0:
         undefined.append("r2, pearson_r: the true or the predicted values are all equal")
     else:
@@ -179,7 +179,7 @@ def classification_metrics(true, probabilities: np.ndarray, classes: list[str]) 
     present = sorted(set(true.tolist()))
     auc, undefined = float("nan"), []
     if len(present) < len(classes):
-        undefined.append(f"roc_auc: the test images hold only class(es) {present} of {classes}")
+        undefined.append(f"roc_auc: the test set holds only class(es) {present} of {classes}")
     elif binary:
         auc = skm.roc_auc_score(true == classes[1], probabilities[:, 1])
     else:

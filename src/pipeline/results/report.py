@@ -155,6 +155,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         f"(95 % bootstrap interval {low:.3f}–{high:.3f}); per fold {summary['fold_mean'][headline]:.3f} ± "
         f"{summary['fold_sd'].get(headline, float('nan')):.3f} (mean ± sd).</p>",
         *diagnostics_html(results / "evaluate"),
+        *targets_html(results / "targets.json"),
         "<h2>Cohort and split balance</h2>",
         "<p>Participants, images and the target's distribution in each split of each fold. "
         "The test participants are the same in every fold; no participant is in two splits.</p>",
@@ -168,7 +169,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         "<h2>Test-set performance</h2>",
         "<p>One row per fold's model, their mean and sd, and the ensemble ("
         + ("voxel-wise majority vote of the folds' label maps" if segmentation else "mean prediction of the folds")
-        + ") with 95 % bootstrap intervals over participants."
+        + ") with 95 % bootstrap intervals over participants." + unit_sentence(summary)
         + (" <code>corrected_*</code>: after the brain-age bias correction fitted on each fold's validation "
            "images." if task == "regression" else "")
         + (" Per label (0, the background, left out): Dice, and <code>hd95_*</code>, the 95th-percentile "
@@ -190,6 +191,33 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
     atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")
     return out
+
+
+def unit_sentence(summary: dict) -> str:
+    """What the metrics count: participants (a participant's mean prediction over its test images),
+    and a binary target's positive class."""
+    ensemble = summary["ensemble"]
+    if ensemble.get("unit") != "participant":
+        return ""
+    images = ensemble.get("image_level", {}).get("n", ensemble["n"])
+    sentence = (f" Metrics count participants, not images: each participant's mean prediction over its test "
+                f"images ({ensemble['n']} participant row(s), {images} image(s); the same over images: "
+                "<code>evaluate/metrics_images.tsv</code>).")
+    if ensemble.get("positive_class"):
+        sentence += (f" Positive class (ROC AUC, F1, precision-recall): <code>{html.escape(ensemble['positive_class'])}"
+                     "</code> (config <code>positive_class</code>).")
+    return sentence
+
+
+def targets_html(path: Path) -> list[str]:
+    """Where the targets came from, with row counts per table when more than one served."""
+    if not path.exists():
+        return []
+    targets = json.loads(path.read_text())
+    rows = targets.get("rows_from") or {}
+    counted = "; ".join(f"{n} image(s) from {html.escape(where)}" for where, n in rows.items())
+    return [f"<p>Target <code>{html.escape(str(targets.get('target')))}</code> from "
+            f"{html.escape(str(targets.get('source')))}" + (f" ({counted})" if len(rows) > 1 else "") + ".</p>"]
 
 
 def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
