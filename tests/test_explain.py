@@ -9,7 +9,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 from pipeline.results import attribution
 from pipeline.results.atlas import atlas_on_grid
 from pipeline.common.errors import InputError
-from pipeline.results.maps import FoldMeanMaps, region_table, statistics
+from pipeline.results.maps import FoldMeanMaps, combine_folds, region_table, statistics
 from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.grid import write_grid
 from pipeline.learning.models import build_model
@@ -161,11 +161,11 @@ def test_region_table_ranks_the_region_holding_the_attribution_first(grid_mask):
 def write_fold_maps(fold_dir, images: dict[str, float], affine) -> None:
     """A fold's maps.tsv and constant template-space occlusion maps (value per image id)."""
     fold_dir.mkdir(parents=True)
-    rows = ["image_id\tmethod\ttemplate\tnative"]
+    rows = ["image_id\tparticipant_id\tmethod\ttemplate\tnative"]
     for image_id, value in images.items():
         path = fold_dir / f"{image_id}_occlusion.nii.gz"
         nib.save(nib.Nifti1Image(np.full((3, 4, 5), value, np.float32), affine), path)
-        rows.append(f"{image_id}\tocclusion\t{path}\t{path}")
+        rows.append(f"{image_id}\t{image_id.split('_')[0]}\tocclusion\t{path}\t{path}")
     (fold_dir / "maps.tsv").write_text("\n".join(rows) + "\n")
 
 
@@ -183,3 +183,13 @@ def test_fold_mean_maps_average_each_image_over_folds_and_read_only_what_is_aske
     write_fold_maps(tmp_path / "fold-3", {"sub-1": 5.0}, affine)
     with pytest.raises(InputError, match="different test images"):
         FoldMeanMaps([tmp_path / "fold-1", tmp_path / "fold-3"], "occlusion", "template")
+
+
+def test_group_maps_count_a_participant_with_two_sessions_once(tmp_path):
+    """sub-1's two sessions (maps 1 and 3) are averaged to 2 before the group mean with sub-2 (10): 6, not 14/3."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_fold_maps(tmp_path / "fold-1", {"sub-1_ses-1": 1.0, "sub-1_ses-2": 3.0, "sub-2": 10.0}, affine)
+    maps = FoldMeanMaps([tmp_path / "fold-1"], "occlusion", "template")
+    mask = nib.Nifti1Image(np.ones((3, 4, 5), np.uint8), affine)
+    means = combine_folds({"occlusion": maps}, mask, tmp_path / "group")
+    np.testing.assert_allclose(means["occlusion"], 6.0)

@@ -117,9 +117,12 @@ class FoldMeanMaps(Mapping):
     def __init__(self, fold_dirs: list[Path], method: str, space: str):
         indexes = [read_tsv(d / "maps.tsv") for d in fold_dirs]
         self.paths = {}  # image id -> that image's map from each fold
+        self.participant = {}  # image id -> participant id
         for ix in indexes:
-            for image_id, path in ix.loc[ix["method"] == method, ["image_id", space]].itertuples(index=False):
+            rows = ix.loc[ix["method"] == method, ["image_id", "participant_id", space]]
+            for image_id, participant, path in rows.itertuples(index=False):
                 self.paths.setdefault(image_id, []).append(path)
+                self.participant[image_id] = participant
         if any(len(paths) != len(indexes) for paths in self.paths.values()):
             folds = ", ".join(map(str, fold_dirs))
             raise InputError(f"The folds' {method} maps are of different test images ({folds}); "
@@ -150,16 +153,27 @@ def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.Data
     return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
 
 
+def by_participant(maps: Mapping[str, nib.Nifti1Image], participant: dict[str, str]):
+    """Each participant's mean map over its images (``participant``: image id -> participant id),
+    one participant at a time, so that a participant with two sessions counts once."""
+    images = {}
+    for image_id in maps:
+        images.setdefault(participant.get(image_id, image_id), []).append(image_id)
+    for ids in images.values():
+        yield np.mean([np.asarray(maps[i].dataobj, dtype=np.float64) for i in ids], axis=0)
+
+
 def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
                   ) -> dict[str, np.ndarray]:
-    """Group statistics over subjects of the fold-averaged ``template_maps`` (method -> image id ->
-    map); write them and the region table. Returns each method's mean |attribution| map."""
+    """Group statistics over participants of the fold-averaged ``template_maps`` (method -> image
+    id -> map; a ``FoldMeanMaps`` knows each image's participant, whose images are averaged first);
+    write them and the region table. Returns each method's mean |attribution| map."""
     out_dir.mkdir(parents=True, exist_ok=True)
     means = {}
     for method, maps in template_maps.items():
         group = GroupStatistics(SIGNED[method])
-        for img in maps.values():
-            group.add(np.asarray(img.dataobj))
+        for data in by_participant(maps, getattr(maps, "participant", {})):
+            group.add(data)
         write_statistics(group, mask.affine, out_dir, method)
         means[method] = group.result()["mean"]
     atomic.to_csv(region_table(means, mask), out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")

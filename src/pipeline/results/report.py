@@ -223,7 +223,7 @@ def targets_html(path: Path) -> list[str]:
 def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
     """The report's explanation maps, region table and ground-truth validation (image-level tasks)."""
     sections = [
-        "<h2>Explanation maps (template space, mean over folds and test subjects)</h2>",
+        "<h2>Explanation maps (template space, mean over folds and test participants)</h2>",
         *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass")],
         embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
