@@ -1,15 +1,15 @@
 """Predictions and scikit-learn metrics with bootstrap confidence intervals, per fold and over folds.
 
-``fold``: one fold's model on its validation and test images → ``predictions.tsv``
-(participant_id, session, image_id, split, true, predicted [, predicted_corrected] [, p_<class>])
-and ``metrics.json`` (test set). Metrics are over participants (``pipeline.results.participants``:
-a participant's mean prediction over its images), with the image-level metrics under ``image_level``;
-a binary target's positive class is ``positive_class`` (default: the last in sorted order). For regression, the brain-age bias correction (a linear fit of
-predicted on true age on the validation images, inverted) gives ``predicted_corrected`` and the
-``corrected_*`` metrics beside the raw ones.
+``fold``: one fold's model on its validation and test images → ``predictions.tsv`` (participant_id,
+session, image_id, split, true, predicted [, predicted_corrected] [, p_<class>]) and
+``metrics.json`` (test set). Metrics are over participants (``pipeline.results.participants``: a
+participant's mean prediction over its images), with the image-level metrics under ``image_level``;
+a binary target's positive class is ``positive_class`` (default: the last in sorted order). For
+regression, the brain-age bias correction (a linear fit of predicted on true age on the validation
+images, inverted) gives ``predicted_corrected`` and the ``corrected_*`` metrics beside the raw ones.
 ``summary``: every fold → ``metrics.tsv`` (one row per fold, their mean and sd, and the ensemble
 with 95 % bootstrap intervals; over participants) and ``metrics_images.tsv`` (the same over
-images), the ensemble's test ``predictions.tsv`` (one row per image) (the folds' mean prediction
+images), the ensemble's test ``predictions.tsv`` (one row per image: the folds' mean prediction
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
 confusion matrix). With the folds' linear baselines (``pipeline.linear``): ``comparison.tsv``,

@@ -5,12 +5,13 @@ grid (``…_space-MNI152NLin2009aSym_desc-<method>_saliency.nii.gz``) and on the
 through the inverse preprocessing transform (``…_space-<reference>_desc-<method>_saliency.nii.gz``),
 plus the fold's group maps; ``maps.tsv`` indexes them (with IG's completeness error).
 
-``group``: each image's maps averaged over folds, then over a participant's images, then per
-method over participants: ``mean`` (mean |attribution|: importance), ``sd`` (of |attribution|) and ``t`` (one-sample t of the attribution:
-consistency of its sign; of the magnitude for unsigned methods); a region table ranking the atlas
-regions (``pipeline.results.atlas``) by mean |attribution|; glass-brain and slice PNGs; PNGs of the
-three best and three worst predicted subjects; and, given the ground truth of a simulated cohort,
-``validation.tsv``: how much of each method's top 5 % falls in the true effect, relative to chance.
+``group``: each image's maps averaged over folds, then over a participant's images, then per method
+over participants: ``mean`` (mean |attribution|: importance), ``sd`` (of |attribution|) and ``t``
+(one-sample t of the attribution: consistency of its sign; of the magnitude for unsigned methods); a
+region table ranking the atlas regions (``pipeline.results.atlas``) by mean |attribution|;
+glass-brain and slice PNGs; PNGs of the three best and three worst predicted subjects; and, given
+the ground truth of a simulated cohort, ``validation.tsv``: how much of each method's top 5 % falls
+in the true effect, relative to chance.
 """
 
 from __future__ import annotations
