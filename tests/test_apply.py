@@ -69,3 +69,16 @@ def test_apply_mode_refuses_a_config_that_differs_from_the_packages_recipe(mini_
     assert run.returncode != 0
     text = run.stdout + run.stderr
     assert "differ from the recipe of apply.package" in text and "resolution: package 4.0, study 8.0" in text
+
+
+def test_apply_mode_checks_the_grad_cam_layer_against_the_packages_network(mini_study, small_bids, tmp_path):
+    from pipeline.results.explainconfig import problems
+
+    pkg = package.load(mini_study / "package" / "model")
+    config = apply_config(small_bids, tmp_path, pkg, "lab/brainage:1", [], ["gradcam"])
+    config = {**config, "task": "regression", "explain": {**config["explain"], "stride": 4, "window": 4}}
+    assert problems(config) == []
+    config["explain"]["gradcam_layer"] = "features.3"  # the package's simple_cnn has two blocks
+    found = problems(config)
+    assert len(found) == 1 and "the package's network (simple_cnn) does not have" in found[0]
+    assert "choose one of: features, features.0, features.0.0, features.1, features.1.0, head" in found[0]
