@@ -71,6 +71,24 @@ def test_apply_mode_refuses_a_config_that_differs_from_the_packages_recipe(mini_
     assert "differ from the recipe of apply.package" in text and "resolution: package 4.0, study 8.0" in text
 
 
+def test_apply_mode_grad_cam_is_signed_for_regression_as_in_the_study(mini_study):
+    """A regression package's Grad-CAM keeps both signs (no classification ReLU), as explain's does."""
+    import numpy as np
+    import torch
+
+    from pipeline.learning.saved import package_model
+    from pipeline.results.attribution import Settings, gradcam
+    from pipeline.sharing.predict import fold_mean_maps
+
+    pkg = package.load(mini_study / "package" / "model")
+    assert pkg.spec["task"] == "regression"
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = fold_mean_maps(pkg, x, ["gradcam"], Settings(gradcam_layer="features.1"), None)["gradcam"]
+    signed = np.mean([gradcam(package_model(pkg, fold), x, 0, "features.1", relu=False) for fold in pkg.folds], axis=0)
+    np.testing.assert_allclose(maps, signed, rtol=1e-5, atol=1e-7)
+    assert (maps < 0).any() and (maps > 0).any()
+
+
 def test_apply_mode_checks_the_grad_cam_layer_against_the_packages_network(mini_study, small_bids, tmp_path):
     from pipeline.results.explainconfig import problems
 
