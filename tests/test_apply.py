@@ -69,3 +69,34 @@ def test_apply_mode_refuses_a_config_that_differs_from_the_packages_recipe(mini_
     assert run.returncode != 0
     text = run.stdout + run.stderr
     assert "differ from the recipe of apply.package" in text and "resolution: package 4.0, study 8.0" in text
+
+
+def test_apply_mode_grad_cam_is_signed_for_regression_as_in_the_study(mini_study):
+    """A regression package's Grad-CAM keeps both signs (no classification ReLU), as explain's does."""
+    import numpy as np
+    import torch
+
+    from pipeline.learning.saved import package_model
+    from pipeline.results.attribution import Settings, gradcam
+    from pipeline.sharing.predict import fold_mean_maps
+
+    pkg = package.load(mini_study / "package" / "model")
+    assert pkg.spec["task"] == "regression"
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    maps = fold_mean_maps(pkg, x, ["gradcam"], Settings(gradcam_layer="features.1"), None)["gradcam"]
+    signed = np.mean([gradcam(package_model(pkg, fold), x, 0, "features.1", relu=False) for fold in pkg.folds], axis=0)
+    np.testing.assert_allclose(maps, signed, rtol=1e-5, atol=1e-7)
+    assert (maps < 0).any() and (maps > 0).any()
+
+
+def test_apply_mode_checks_the_grad_cam_layer_against_the_packages_network(mini_study, small_bids, tmp_path):
+    from pipeline.results.explainconfig import problems
+
+    pkg = package.load(mini_study / "package" / "model")
+    config = apply_config(small_bids, tmp_path, pkg, "lab/brainage:1", [], ["gradcam"])
+    config = {**config, "task": "regression", "explain": {**config["explain"], "stride": 4, "window": 4}}
+    assert problems(config) == []
+    config["explain"]["gradcam_layer"] = "features.3"  # the package's simple_cnn has two blocks
+    found = problems(config)
+    assert len(found) == 1 and "the package's network (simple_cnn) does not have" in found[0]
+    assert "choose one of: features, features.0, features.0.0, features.1, features.1.0, head" in found[0]

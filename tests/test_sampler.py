@@ -112,3 +112,21 @@ def test_build_sampler_from_config():
         build_sampler({"kind": "patches", "stride": 4})
     with pytest.raises(ValueError, match="larger than the image"):
         list(p.sub_batches(torch.zeros(2, 1, 4, 4, 4), torch.zeros(2), torch.Generator()))
+
+
+@pytest.mark.parametrize("sampler", [Sampler(), SliceSampler(axis=0), SliceSampler(axis=2), PatchSampler(size=(4, 4, 2))],
+                         ids=["image", "slices-0", "slices-2", "patches"])
+def test_place_puts_each_view_back_where_it_was_cut(sampler):
+    x = coded_images(1, shape=(10, 7, 5))
+    views, _ = sampler.prediction_views(x)
+    assert torch.equal(sampler.place(views[:, 0], (10, 7, 5)), x[0, 0])
+
+
+def test_place_averages_overlapping_patches():
+    sampler = PatchSampler(size=(4, 4, 4))
+    shape = (8, 6, 4)  # starts x: 0, 2, 4; y: 0, 2; z: 0 (six patches)
+    assert len(sampler.grid(shape)) == 6
+    maps = torch.arange(1.0, 7.0).view(6, 1, 1, 1).expand(6, 4, 4, 4)  # patch k is all k + 1
+    placed = sampler.place(maps, shape)
+    assert placed[0, 0, 0] == 1 and placed[7, 5, 3] == 6  # corners: one patch each
+    assert placed[2, 0, 0] == (1 + 3) / 2 and placed[3, 3, 0] == (1 + 2 + 3 + 4) / 4

@@ -1,6 +1,23 @@
-"""``python -m pipeline.configcheck``: the command line of ``pipeline.common.configcheck``."""
+"""``python -m pipeline.configcheck``: every config problem before any job runs: the schema's
+(``pipeline.common.configcheck``) and the checks across keys of the stages (``pipeline.results.explainconfig``)."""
 
-from pipeline.common.configcheck import main
+from pathlib import Path
+
+from pipeline.common import configcheck
+from pipeline.common.locations import SCHEMA
+from pipeline.results import explainconfig
+
+CROSS = (explainconfig.problems,)
+
+
+def check(config: dict, schema_path: Path = SCHEMA) -> None:
+    """InputError listing every problem of ``config`` (none: returns quietly)."""
+    configcheck.check(config, schema_path, CROSS)
+
+
+def main(argv=None) -> None:
+    configcheck.main(argv, CROSS)
+
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from builders import (BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_i
                       noise, save)
 
 from conftest import stage_config
+from pipeline import configcheck as workflow_configcheck
 from pipeline.common import configcheck
 from pipeline.intake import exclusions
 from pipeline.intake import imagecheck
@@ -294,16 +295,45 @@ def zero_voxel_limit(c):
     return r"`image_limits\.max_voxels`: 0 is less than the minimum of 1"
 
 
+def unknown_explain_method(c):
+    c["explain"]["methods"] = ["occlusion", "lime"]
+    return r"`explain\.methods\[1\]` is 'lime'; choose one of: occlusion, gradient, smoothgrad, integrated_gradients, gradcam"
+
+
+def stride_beyond_window(c):
+    c["explain"].update(window=4, stride=6)
+    return r"`explain\.stride` \(6\) is larger than `explain\.window` \(4\).*Set a valid value: a stride of at most"
+
+
+def unknown_gradcam_layer(c):
+    c["train"]["model"], c["explain"]["gradcam_layer"] = "simple_cnn", "features.9"
+    return (r"`explain\.gradcam_layer` is 'features\.9', a layer `train\.model` \(simple_cnn\) does not have\..*"
+            r"choose one of: features, features\.0, features\.0\.0, .*features\.3, .*head")
+
+
+def gradcam_layer_named_inside_the_slice_wrapper(c):
+    c["train"]["sampler"], c["explain"]["gradcam_layer"] = {"kind": "slices"}, "network.features.2"
+    return r"`explain\.gradcam_layer` is 'network\.features\.2'.*Did you mean `features\.2`\? Names are those of the configured network, whatever `train\.sampler`"
+
+
+def gradcam_layer_missing_in_a_variant(c):
+    c["train"].update(model="simple_cnn", variants={"small": {"model_args": {"channels": [4, 8]}}})
+    c["explain"]["gradcam_layer"] = "features.3"
+    return r"`explain\.gradcam_layer` is 'features\.3', a layer `train\.variants\.small` \(simple_cnn\) does not have"
+
+
 CONFIG_FAULTS = [misspelled_top_level_key, misspelled_nested_key, zero_batch_size, negative_batch_size,
-                 unknown_model, unknown_on_error, zero_voxel_limit]
+                 unknown_model, unknown_on_error, zero_voxel_limit, unknown_explain_method, stride_beyond_window,
+                 unknown_gradcam_layer, gradcam_layer_named_inside_the_slice_wrapper, gradcam_layer_missing_in_a_variant]
 
 
 @pytest.mark.parametrize("fault", CONFIG_FAULTS, ids=lambda f: f.__name__)
 def test_config_fault_names_the_key_and_what_is_valid(fault):
+    """Checked as the workflow checks before any job runs: the schema, then the checks across keys."""
     config = study_config()
     expected = fault(config)
     with pytest.raises(InputError) as error:
-        configcheck.check(config)
+        workflow_configcheck.check(config)
     assert re.search(expected, str(error.value)), str(error.value)
     assert says_what_to_do(str(error.value))
 
@@ -317,6 +347,18 @@ def test_config_faults_are_reported_together():
     assert len(str(error.value).splitlines()) == 1 + 3  # batch size 0 and -4 are the same key: the last wins
 
 
+def test_explain_problems_are_reported_together_and_only_for_explained_tasks():
+    config = study_config()
+    stride_beyond_window(config), unknown_gradcam_layer(config)
+    with pytest.raises(InputError) as error:
+        workflow_configcheck.check(config)
+    assert len(str(error.value).splitlines()) == 1 + 2
+    config = {**study_config(), "task": "segmentation", "label_image": {"derivatives": "d", "filters": {"suffix": "dseg"}}}
+    config["train"]["model"], config["explain"]["gradcam_layer"] = "unet", "features.2"
+    workflow_configcheck.check(config)  # segmentation writes no maps: no layer to check
+    workflow_configcheck.check({**study_config(), "explain": {"methods": ["gradient"], "gradcam_layer": "nowhere"}})
+
+
 def test_model_choices_are_the_registry():
     from pipeline.learning.models import REGISTRY
 
@@ -325,7 +367,7 @@ def test_model_choices_are_the_registry():
 
 
 def test_study_config_has_no_problems():
-    configcheck.check(study_config())
+    workflow_configcheck.check(study_config())
     assert np.isclose(imagecheck.DEFAULT_LIMITS["max_voxel_size"],
                       yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
                       ["properties"]["image_limits"]["properties"]["max_voxel_size"]["default"])

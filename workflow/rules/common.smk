@@ -14,7 +14,7 @@ SRC = Path(workflow.basedir).parent / "src" / "pipeline"
 # imports its standard-library-only modules (paths, fingerprints) from there too.
 shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 sys.path.insert(0, str(SRC.parent))
-from pipeline.common import configcheck
+from pipeline import configcheck  # the schema's checks and the stages' checks across keys
 from pipeline.common.codegraph import code_of
 from pipeline.common.config import stage_config
 from pipeline.common.fingerprint import tree_fingerprint
@@ -27,7 +27,8 @@ from pipeline.learning import variants
 from pipeline.sharing import registry
 from pipeline.sharing.package import files as package_files
 
-# Every config problem at once, each naming its key and what to set (then validate fills in defaults).
+# Every config problem at once, each naming its key and what to set (then validate fills in defaults);
+# a Grad-CAM layer is checked against the configured network, built on torch's meta device.
 configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
 validate(config, schema="../schemas/config.schema.yaml")
 check_writable(Path(config["results_dir"]), create=False)

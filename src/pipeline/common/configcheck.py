@@ -4,7 +4,9 @@
 module reports every error first, each naming the key (``train.batch_size``) and saying what to
 set: an unknown key lists the valid keys at its level (with the closest one); a value outside an
 ``enum`` lists the choices (``train.model``: the model registry); a bound names the bound and the
-key's description. The workflow runs it before ``validate`` (which then fills in defaults).
+key's description. Checks across keys (``cross``: functions of the config filled in with the
+schema's defaults → problem lines) run when the schema finds nothing. The workflow runs it, with the
+stages' cross-key checks (``pipeline.configcheck``), before ``validate`` (which then fills in defaults).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import argparse
 import difflib
 from pathlib import Path
+from typing import Callable, Iterable
 
 import yaml
 from jsonschema import Draft202012Validator
 
+from pipeline.common.config import fill
 from pipeline.common.errors import InputError
-
 from pipeline.common.locations import SCHEMA
 
 
@@ -63,20 +66,25 @@ def problems(config: dict, schema: dict) -> list[str]:
     return [line for error in errors for line in message(error)]
 
 
-def check(config: dict, schema_path: Path = SCHEMA) -> None:
-    """InputError listing every problem of ``config`` (none: returns quietly)."""
-    found = problems(config, yaml.safe_load(Path(schema_path).read_text()))
+def check(config: dict, schema_path: Path = SCHEMA, cross: Iterable[Callable[[dict], list[str]]] = ()) -> None:
+    """InputError listing every problem of ``config`` (none: returns quietly): the schema's, else
+    those of each ``cross`` check on the config filled in with the schema's defaults."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    found = problems(config, schema)
+    if not found:
+        filled = fill(schema, config)
+        found = [line for each in cross for line in each(filled)]
     if found:
         raise InputError("The config has errors:\n  " + "\n  ".join(found))
 
 
-def main(argv=None) -> None:
+def main(argv=None, cross: Iterable[Callable[[dict], list[str]]] = ()) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path, help="config YAML (e.g. config/config.yaml)")
     parser.add_argument("--schema", type=Path, default=SCHEMA)
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
-        check(yaml.safe_load(args.config.read_text()) or {}, args.schema)
+        check(yaml.safe_load(args.config.read_text()) or {}, args.schema, cross)
     print(f"{args.config}: no problems")
 
 

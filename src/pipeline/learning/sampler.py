@@ -91,6 +91,11 @@ class Sampler:
         views = [(i, *p) for i in range(x.shape[0]) for p in grid]
         return self.cut(x, views), torch.tensor([v[0] for v in views])
 
+    def place(self, maps: torch.Tensor, shape) -> torch.Tensor:
+        """One image's (V, *view) maps of its prediction views (``grid(shape)``'s order) as one map
+        on the (X, Y, Z) image grid: the inverse of ``cut``."""
+        return maps[0]
+
 
 @dataclass(frozen=True)
 class SliceSampler(Sampler):
@@ -118,6 +123,9 @@ class SliceSampler(Sampler):
     def cut(self, x, views):
         moved = x.movedim(2 + self.axis, 1)  # (B, S, C, ...)
         return moved[[v[0] for v in views], [v[1] for v in views]]
+
+    def place(self, maps, shape):
+        return maps.movedim(0, self.axis)  # (S, ...) slices stacked back along the axis
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,16 @@ class PatchSampler(Sampler):
     def cut(self, x, views):
         px, py, pz = self.size
         return torch.stack([x[i, :, a:a + px, b:b + py, c:c + pz] for i, a, b, c in views])
+
+    def place(self, maps, shape):
+        """Overlapping patches averaged (as sliding-window inference averages them)."""
+        total = maps.new_zeros(tuple(shape))
+        counts = maps.new_zeros(tuple(shape))
+        px, py, pz = self.size
+        for patch, (a, b, c) in zip(maps, self.grid(shape)):
+            total[a:a + px, b:b + py, c:c + pz] += patch
+            counts[a:a + px, b:b + py, c:c + pz] += 1
+        return total / counts
 
 
 def build_sampler(config: dict | None) -> Sampler:
@@ -193,6 +211,13 @@ class ImageModel(nn.Module):
         outputs = torch.cat([self.network(views[i:i + self.chunk]) for i in range(0, len(views), self.chunk)])
         return aggregate(outputs, index, x.shape[0])
 
+
+def views_of(model: nn.Module) -> tuple[nn.Module, Sampler, int]:
+    """The network inside ``model``, the sampler whose views it sees and the views per call: an
+    ``ImageModel``'s, or a plain network's whole images."""
+    if isinstance(model, ImageModel):
+        return model.network, model.sampler, model.chunk
+    return model, Sampler(), 1
 
 
 class SegmentationModel(nn.Module):

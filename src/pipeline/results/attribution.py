@@ -2,6 +2,8 @@
 
 Every function takes a model in eval mode, a (1, C, X, Y, Z) image tensor and the index of the
 output to attribute, and returns an (X, Y, Z) float32 map on the image's grid (channels summed).
+A slice or patch model comes wrapped in ``ImageModel`` (whole images in, the mean over its
+prediction views out), so every method sees the same whole-image model as prediction does.
 Signed methods (occlusion, integrated gradients, Grad-CAM) keep their sign; gradient and
 SmoothGrad are magnitudes.
 """
@@ -19,6 +21,8 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 
 from pipeline.common.config import defaults
 from pipeline.common.errors import InputError
+from pipeline.learning.sampler import views_of
+from pipeline.results.explainconfig import find_layer
 
 
 def _default(key: str):
@@ -120,20 +124,26 @@ def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseli
 
 
 def gradcam(model, x: torch.Tensor, target: int, layer: str, relu: bool = True) -> np.ndarray:
-    """Grad-CAM on the module named ``layer``: the gradient-weighted activations, upsampled
-    trilinearly to the input grid (captum ``LayerGradCam`` + ``LayerAttribution.interpolate``).
+    """Grad-CAM on the module named ``layer``: the gradient-weighted activations, upsampled to the
+    input grid (captum ``LayerGradCam`` + ``LayerAttribution.interpolate``).
+
+    ``layer`` names a module of the network itself (``features.2``). A slice or patch model
+    (``ImageModel``) outputs the mean over its V prediction views: each view's Grad-CAM, divided by
+    V and upsampled to the view, goes back where the view lies (``Sampler.place``: slices stacked
+    along their axis, overlapping patches averaged), so the map covers the whole image.
 
     ``relu`` keeps only what raises the output (Grad-CAM's definition, for a class score); for a
     regression output, where lowering the prediction matters as much, pass False (signed map).
     """
-    modules = dict(model.named_modules())
-    if layer not in modules:
-        convolutional = [n for n, m in modules.items() if n and isinstance(m, (torch.nn.Sequential, torch.nn.Conv3d))]
-        raise InputError(f"The model has no layer {layer!r} for Grad-CAM (`explain.gradcam_layer`); "
-                         f"candidates: {', '.join(convolutional)}.")
-    cam = LayerGradCam(model, modules[layer]).attribute(x, target=target, relu_attributions=relu)
-    upsampled = LayerAttribution.interpolate(cam, tuple(x.shape[2:]), interpolate_mode="trilinear")
-    return upsampled[0].sum(0).detach().numpy()
+    network, sampler, chunk = views_of(model)
+    module = find_layer(network, layer)
+    views, _ = sampler.prediction_views(x)
+    mode = "bilinear" if views.ndim == 4 else "trilinear"
+    maps = []
+    for part in views.split(chunk):
+        cam = LayerGradCam(network, module).attribute(part, target=target, relu_attributions=relu)
+        maps.append(LayerAttribution.interpolate(cam, tuple(part.shape[2:]), interpolate_mode=mode).sum(1).detach())
+    return sampler.place(torch.cat(maps) / len(views), x.shape[2:]).numpy()
 
 
 @dataclass(frozen=True)

@@ -61,12 +61,14 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
                    target_class: str | None) -> dict[str, np.ndarray]:
     """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (each
-    attributing its own predicted class unless ``target_class`` is given, as the study does)."""
+    attributing its own predicted class unless ``target_class`` is given, and Grad-CAM signed for
+    regression, as the study does)."""
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
         model, coder = package_model(pkg, fold), package_coder(pkg, fold)
         target = target_index(model, x, coder, target_class)
-        maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold))
+        maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold),
+                            classification=coder.task == "classification")  # Grad-CAM's ReLU: as the study's
         for method, data in maps.items():
             sums[method] = sums[method] + data
     return {m: (s / len(pkg.folds)).astype(np.float32) for m, s in sums.items()}
