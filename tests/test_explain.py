@@ -193,3 +193,22 @@ def test_group_maps_count_a_participant_with_two_sessions_once(tmp_path):
     mask = nib.Nifti1Image(np.ones((3, 4, 5), np.uint8), affine)
     means = combine_folds({"occlusion": maps}, mask, tmp_path / "group")
     np.testing.assert_allclose(means["occlusion"], 6.0)
+
+
+def test_every_image_explains_one_class_whatever_it_predicts():
+    """Two images the model assigns to different classes: both are explained for the same class (the
+    last in sorted order, or the one named), never each for its own prediction."""
+    from pipeline.learning.coder import TargetCoder
+    from pipeline.results.maps import target_index
+
+    coder = TargetCoder("classification", classes=["AD", "CN"])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[1.0] * 8, [-1.0] * 8]))
+    images = [torch.ones(1, 1, 2, 2, 2), -torch.ones(1, 1, 2, 2, 2)]
+    assert [int(model(x).argmax(1)) for x in images] == [0, 1]
+    assert [target_index(model, x, coder) for x in images] == [1, 1]
+    assert [target_index(model, x, coder, "AD") for x in images] == [0, 0]
+    assert target_index(model, images[0], TargetCoder("regression")) == 0
+    with pytest.raises(InputError, match="choose one of: AD, CN"):
+        target_index(model, images[0], coder, "MCI")

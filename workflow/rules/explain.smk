@@ -14,7 +14,7 @@ rule explain:
     params:
         preproc_dir=preproc_root,
         out_dir=parent_of("index"),
-        config=stage_config(config, ["channels"], explain=MAP_SETTINGS),
+        config=stage_config(config, ["channels", "positive_class"], explain=MAP_SETTINGS),
     log:
         f"{RESULTS}/logs/explain/{{fold}}.log",
     benchmark:

@@ -110,7 +110,7 @@ def main(argv=None) -> None:
             settings = settings_of(explain)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channels)
             explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, methods, settings,
-                         channels, explain["target_class"])
+                         channels, explain["target_class"] or args.config.get("positive_class"))
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
             groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None

@@ -27,17 +27,18 @@ STATISTICS = ("mean", "sd", "t")
 
 
 def target_index(model, x: torch.Tensor, coder, target_class: str | None = None) -> int:
-    """Output to attribute: 0 for regression; for classification ``target_class`` (a class name)
-    or, when None, the predicted class."""
+    """Output to attribute: 0 for regression; for classification the class ``target_class`` or,
+    when None, the last class in sorted order (a binary target's default positive class). Every
+    image of a study explains the same class, so group maps never average classes whose
+    attributions mean opposite things."""
     if coder.task != "classification":
         return 0
-    if target_class is not None:
-        if target_class not in coder.classes:
-            raise InputError(f"`explain.target_class` {target_class!r} is not a class of the model "
-                             f"({', '.join(coder.classes)}).")
-        return coder.classes.index(target_class)
-    with torch.no_grad():
-        return int(model(x).argmax(1))
+    if target_class is None:
+        return len(coder.classes) - 1
+    if target_class not in coder.classes:
+        raise InputError(f"`explain.target_class` {target_class!r} is not a class of the model; choose one of: "
+                         f"{', '.join(coder.classes)}.")
+    return coder.classes.index(target_class)
 
 
 def save_image_maps(maps: dict[str, np.ndarray], row, affine: np.ndarray, inverse: Path, out_dir: Path,

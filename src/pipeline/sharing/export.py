@@ -118,6 +118,7 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
     spec = {
         "format": package.FORMAT, "format_version": package.FORMAT_VERSION,
         "architecture": first["model"], "sampler": first.get("sampler"), "task": coder.task, "target": first["target"], "classes": coder.classes,
+        "positive_class": summary["ensemble"].get("positive_class"),
         "input": {"shape": list(first["input_shape"]), "channels": list(first["channels"]), "dtype": "float32",
                   "axes": "(batch, channel, x, y, z): voxels of the template grid (RAS+), z-scored per image"},
         "outputs": coder.outputs, "folds": list(records),

@@ -60,8 +60,8 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
 
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
                    target_class: str | None) -> dict[str, np.ndarray]:
-    """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (each
-    attributing its own predicted class unless ``target_class`` is given, and Grad-CAM signed for
+    """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (all
+    attributing ``target_class``, by default the last class: ``target_index``; Grad-CAM signed for
     regression, as the study does)."""
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
@@ -161,7 +161,7 @@ def main(argv=None) -> None:
             torch.set_num_threads(args.threads)
             explain = cfg["explain"]
             write_maps(pkg, table, args.preproc_dir, channels, args.mask, args.template, explain["methods"],
-                       settings_of(explain), explain["target_class"], args.out_dir)
+                       settings_of(explain), explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir)
 
 
 if __name__ == "__main__":
