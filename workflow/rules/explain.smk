@@ -11,6 +11,7 @@ rule explain:
         index=f"{RESULTS}/explain/{{fold}}/maps.tsv",
         maps=directory(f"{RESULTS}/explain/{{fold}}/maps"),
         group=[group_map(f"{RESULTS}/explain/{{fold}}", m, s) for m in METHODS for s in ("mean", "sd", "t")],
+        randomisation=f"{RESULTS}/explain/{{fold}}/randomisation.tsv",
     params:
         preproc_dir=preproc_root,
         out_dir=parent_of("index"),
@@ -37,6 +38,7 @@ rule explain_folds:
     input:
         indexes=expand(rules.explain.output.index, fold=FOLDS),
         groups=expand(rules.explain.output.group, fold=FOLDS),
+        randomisation=expand(rules.explain.output.randomisation, fold=FOLDS),
         manifest=rules.exclusions.output.samples,
         predictions=rules.evaluate_folds.output.predictions,
         arrays=preprocessed("array"),
@@ -48,7 +50,8 @@ rule explain_folds:
         regions=f"{RESULTS}/explain/regions.tsv",
         pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
         extremes=f"{RESULTS}/explain/subjects_best_worst.png",
-        validation=[f"{RESULTS}/explain/validation.tsv"] if EXPLAIN["groundtruth"] else [],
+        validation=f"{RESULTS}/explain/validation.tsv",
+        randomisation=f"{RESULTS}/explain/randomisation.tsv",
     params:
         fold_dirs=parents_of("indexes"),
         preproc_dir=preproc_root,

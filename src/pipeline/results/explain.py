@@ -37,6 +37,7 @@ from pipeline.results.attribution import SIGNED, Settings, attribute, settings_o
 from pipeline.results.mapfigures import plot_extremes, plot_group
 from pipeline.results.maps import (FoldMeanMaps, GroupStatistics, combine_folds, save_image_maps, target_index,
                                    write_statistics)
+from pipeline.results import sanity
 from pipeline.results.validation import validation_table
 from pipeline.learning.saved import load_model
 
@@ -53,11 +54,15 @@ def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
 
 
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
-                 methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None
-                 ) -> pd.DataFrame:
-    """Write every test image's maps and the fold's group maps; return the index of written maps."""
+                 methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None,
+                 sanity_images: int = 1) -> pd.DataFrame:
+    """Write every test image's maps and the fold's group maps, and the randomisation check of the
+    first ``sanity_images`` test images (``randomisation.tsv``, ``pipeline.results.sanity``);
+    return the index of written maps."""
     model, coder, _ = load_model(model_path)
-    affine = nib.load(str(grid_mask)).affine
+    grid = nib.load(str(grid_mask))
+    affine, brain = grid.affine, np.asarray(grid.dataobj) > 0
+    checks = []
     test = table[table["split"] == "test"]
     train_mean = mean_training_image(table)
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
@@ -70,6 +75,9 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
                                       classification=coder.task == "classification")
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
         written = save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups)
+        if i <= sanity_images:
+            checks += sanity.randomisation_rows(model, x, target, methods, settings, train_mean[None],
+                                                coder.task == "classification", brain, row.image_id)
         for method, paths in written.items():
             error = diagnostics.get("completeness_error") if method == "integrated_gradients" else None
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "subdir": row.subdir,
@@ -79,6 +87,8 @@ def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc
         write_statistics(group, affine, out_dir, method)
     index = pd.DataFrame(rows)
     atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
+    atomic.to_csv(pd.DataFrame(checks, columns=sanity.COLUMNS), out_dir / "randomisation.tsv", sep="\t", index=False,
+                  float_format="%.4g")
     return index
 
 
@@ -110,7 +120,8 @@ def main(argv=None) -> None:
             settings = settings_of(explain)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channels)
             explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, methods, settings,
-                         channels, explain["target_class"] or args.config.get("positive_class"))
+                         channels, explain["target_class"] or args.config.get("positive_class"),
+                         explain["sanity_images"])
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
             groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None
@@ -122,11 +133,14 @@ def main(argv=None) -> None:
             predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")
             plot_extremes(predictions, template_maps[methods[0]], args.preproc_dir, channels,
                           methods[0], args.out_dir / "subjects_best_worst.png")
+            steps, checks = sanity.study_tables(args.fold_dirs, methods, np.asarray(mask.dataobj) > 0)
+            atomic.to_csv(steps, args.out_dir / "randomisation.tsv", sep="\t", index=False, float_format="%.4g")
+            table = checks
             if groundtruth:
                 table = validation_table(args.fold_dirs, template_maps, means, mask, groundtruth, args.config["target"],
-                                         manifest)
-                atomic.to_csv(table, args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
-                print(table.to_string(index=False), file=sys.stderr)
+                                         manifest).merge(checks, on="method", how="left")
+            atomic.to_csv(table, args.out_dir / "validation.tsv", sep="\t", index=False, float_format="%.4g")
+            print(table.to_string(index=False), file=sys.stderr)
 
 
 if __name__ == "__main__":

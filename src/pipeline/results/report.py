@@ -220,6 +220,9 @@ def targets_html(path: Path) -> list[str]:
             f"{html.escape(str(targets.get('source')))}" + (f" ({counted})" if len(rows) > 1 else "") + ".</p>"]
 
 
+SANITY = ("random_", "fold_consistency_", "consistency_")  # validation.tsv's columns of pipeline.results.sanity
+
+
 def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
     """The report's explanation maps, region table and ground-truth validation (image-level tasks)."""
     sections = [
@@ -232,9 +235,21 @@ def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
         table_html(read_tsv(explain / "regions.tsv").head(12)),
     ]
     if (explain / "validation.tsv").exists():
-        sections += ["<h3>Validation against the simulated ground truth</h3>",
-                     "<p>Share of each method's top 5 % of |attribution| inside the true effect, relative to "
-                     "chance (1 = no better than chance).</p>", table_html(read_tsv(explain / "validation.tsv"))]
+        validation = read_tsv(explain / "validation.tsv")
+        sanity = [c for c in validation.columns if c.startswith(SANITY)]
+        checks = validation.drop_duplicates("method")[["method", *sanity]]
+        sections += ["<h3>Sanity checks and consistency</h3>",
+                     "<p>Model-parameter randomisation (Adebayo et al. 2018): the maps of the first test image(s) of "
+                     "each fold computed again after re-initialising the network's blocks from the output down "
+                     "(<code>explain/randomisation.tsv</code>); the Spearman rank correlation of |map| with the trained "
+                     "model's map after randomising the top block and the whole model. A method that explains the "
+                     "model must change (|ρ| below 0.5 after full randomisation). Consistency: the rank correlation "
+                     "of the folds' group maps, pair by pair.</p>", table_html(checks)]
+        truth = validation.drop(columns=sanity)
+        if "enrichment" in truth:
+            sections += ["<h3>Validation against the simulated ground truth</h3>",
+                         "<p>Share of each method's top 5 % of |attribution| inside the true effect, relative to "
+                         "chance (1 = no better than chance).</p>", table_html(truth)]
     return sections
 
 

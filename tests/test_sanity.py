@@ -1,0 +1,67 @@
+"""Sanity checks of explanation maps (pipeline.results.sanity): real networks, real maps."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.learning.models import build_model
+from pipeline.learning.sampler import ImageModel, Sampler
+from pipeline.results import sanity
+from pipeline.results.attribution import Settings
+
+
+def test_blocks_cascade_from_the_output_and_randomising_changes_only_those():
+    torch.manual_seed(0)
+    model = build_model("simple_cnn", 1, 1, norm="batch", dropout=0).eval()
+    names = list(sanity.blocks(model))
+    assert names == ["features.0", "features.1", "features.2", "features.3", "head.3"]
+    assert sanity.cascade(len(names)) == [1, 3, 5] and sanity.cascade(1) == [1]
+    top = sanity.randomised(model, 1, seed=7)
+    before, after = model.state_dict(), top.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("head.3") for k in changed)
+    full = sanity.randomised(model, len(names), seed=7).state_dict()
+    assert all(not torch.equal(before[k], full[k]) for k in before if k.endswith("weight") and before[k].ndim > 1)
+    assert torch.equal(model.state_dict()["head.3.weight"], before["head.3.weight"])  # the original is untouched
+
+
+def test_the_gradient_of_a_network_changes_with_its_weights_and_a_copy_of_the_image_would_not():
+    """Through the real randomisation_rows: the gradient map decorrelates once every block is
+    randomised (passes); a map that is the image itself would stay at ρ = 1 (fails)."""
+    torch.manual_seed(1)
+    model = build_model("simple_cnn", 1, 1, norm="batch", dropout=0).eval()
+    x = torch.randn(1, 1, 16, 20, 16)
+    brain = np.ones((16, 20, 16), bool)
+    rows = pd.DataFrame(sanity.randomisation_rows(model, x, 0, ["gradient", "integrated_gradients"], Settings(),
+                                                  torch.zeros_like(x), False, brain, "sub-1"))
+    assert set(rows["blocks_randomised"]) == {1, 3, 5} and (rows["of_blocks"] == 5).all()
+    assert rows["from_block"].iloc[-1] == "features.0"
+    full = rows[rows["blocks_randomised"] == 5].set_index("method")["spearman"]
+    assert np.isfinite(full).all() and abs(full["gradient"]) < 0.5, full
+    assert sanity.sanity_verdict(full["gradient"]).startswith("passes")
+    assert sanity.sanity_verdict(0.97).startswith("fails")
+    assert sanity.rank_correlation(x[0, 0].numpy(), 2 * x[0, 0].numpy(), brain) == pytest.approx(1.0)
+
+
+def test_the_check_reaches_the_network_inside_a_slice_model():
+    torch.manual_seed(2)
+    network = build_model("simple_cnn", 1, 1, spatial_dims=2, norm="batch", dropout=0)
+    model = ImageModel(network, Sampler(kind="slices", axis=2)).eval()
+    x = torch.randn(1, 1, 12, 14, 6)
+    rows = sanity.randomisation_rows(model, x, 0, ["gradient"], Settings(), None, False, np.ones((12, 14, 6), bool),
+                                     "sub-1")
+    assert [r["from_block"] for r in rows][0] == "head.3" and np.isfinite([r["spearman"] for r in rows]).all()
+
+
+def test_consistency_between_folds_is_flagged_when_their_maps_disagree():
+    rng = np.random.default_rng(0)
+    brain = np.ones((6, 6, 6), bool)
+    shared = rng.random((6, 6, 6))
+    agree = [shared + 0.05 * rng.random((6, 6, 6)) for _ in range(3)]
+    disagree = [rng.random((6, 6, 6)) for _ in range(3)]
+    steps = pd.DataFrame({"method": ["a", "b"], "blocks_randomised": [5, 5], "of_blocks": [5, 5], "spearman": [0.1, 0.9]})
+    table = sanity.summary(steps, {"a": agree, "b": disagree}, brain).set_index("method")
+    assert table.at["a", "fold_consistency_spearman"] > 0.9 and table.at["a", "consistency_verdict"] == "consistent between folds"
+    assert table.at["b", "consistency_verdict"].startswith("flagged")
+    assert table.at["a", "random_verdict"].startswith("passes") and table.at["b", "random_verdict"].startswith("fails")
