@@ -1,6 +1,8 @@
 """The file index: pybids' entity parsing, its cache, and config filters."""
 
+import json
 import os
+import pickle
 import time
 
 import pytest
@@ -102,12 +104,50 @@ def test_warm_cache_is_checked_with_stat_calls_only(tmp_path, monkeypatch):
     assert "T2w" in set(bidsindex.load_index(root, tmp_path / "cache")["suffix"]) and len(scans) == 2
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path):
+@pytest.mark.parametrize("content", [b"not JSON", b'{"key": [2, "tr', b"[]", b"\xff\xfe\x00",
+                                     b'{"key": "other", "files": {"path": []}}'])
+def test_corrupt_cache_is_rebuilt(tmp_path, content):
     root = write_tree(tmp_path / "ds", SEVEN_T)
     expected = bidsindex.load_index(root, tmp_path / "cache")
-    for cache in (tmp_path / "cache").glob("index-*.pkl"):
-        cache.write_bytes(b"not a pickle")
+    caches = list((tmp_path / "cache").glob("index-*.json"))
+    assert len(caches) == 1
+    caches[0].write_bytes(content)
     assert bidsindex.load_index(root, tmp_path / "cache").equals(expected)
+    assert bidsindex.load_index(root, tmp_path / "cache").equals(expected)  # and the rebuilt cache is read back
+
+
+def test_a_cache_of_the_right_key_but_the_wrong_shape_is_rebuilt(tmp_path):
+    root = write_tree(tmp_path / "ds", SEVEN_T)
+    expected = bidsindex.load_index(root, tmp_path / "cache")
+    cache = next((tmp_path / "cache").glob("index-*.json"))
+    good = json.loads(cache.read_text())
+    for damage in ({"folders": ["sub-01/"]}, {"scanned_at": "yesterday"}, {"files": {"path": ["a"], "suffix": []}},
+                   {"fingerprint": None}):
+        cache.write_text(json.dumps({**good, **damage}))
+        assert bidsindex.load_index(root, tmp_path / "cache").equals(expected), damage
+
+
+def pickle_payload(marker):
+    """Bytes that create ``marker`` when unpickled."""
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    return pickle.dumps(Payload())
+
+
+def test_a_pickle_in_the_cache_folder_is_never_unpickled(tmp_path):
+    pickle.loads(pickle_payload(tmp_path / "proof"))
+    assert (tmp_path / "proof").exists()  # the payload works when unpickled
+    root = write_tree(tmp_path / "ds", SEVEN_T)
+    expected = bidsindex.load_index(root, tmp_path / "cache")
+    marker = tmp_path / "unpickled"
+    for cache in (tmp_path / "cache").glob("index-*.json"):
+        cache.write_bytes(pickle_payload(marker))
+        cache.with_suffix(".pkl").write_bytes(pickle_payload(marker))  # where version 1 kept it
+    assert bidsindex.load_index(root, tmp_path / "cache").equals(expected)
+    assert not marker.exists()
 
 
 @pytest.fixture

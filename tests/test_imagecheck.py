@@ -1,6 +1,8 @@
 """Header and data checks of NIfTI files, on small real and deliberately broken files."""
 
 import gzip
+import json
+import pickle
 
 import nibabel as nib
 import numpy as np
@@ -86,6 +88,35 @@ def test_results_are_cached_per_file_stamp(tmp_path, monkeypatch):
     monkeypatch.undo()
     tiny_nifti(tmp_path / "b.nii.gz")  # repaired: a new size and mtime
     assert imagecheck.image_problems([good, bad], True, tmp_path / "cache") == {good: "", bad: ""}
+
+
+class CreatesMarker:
+    """Unpickling it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("content", ["pickle", b"{not json", "files not a mapping", "entries of the wrong shape"])
+def test_an_unreadable_or_hostile_cache_is_rebuilt_and_never_unpickled(tmp_path, content):
+    good, bad = str(tiny_nifti(tmp_path / "a.nii.gz")), broken(tmp_path, "b.nii.gz", b"")
+    expected = imagecheck.image_problems([good, bad], True, tmp_path / "cache")
+    cache, marker = tmp_path / "cache" / "checks.json", tmp_path / "unpickled"
+    if content == "pickle":
+        content = pickle.dumps(CreatesMarker(marker))
+        (tmp_path / "cache" / "checks.pkl").write_bytes(content)  # where version 2 kept it
+    elif isinstance(content, str):  # the right version and limits, files of the wrong shape
+        stored = json.loads(cache.read_text())
+        stored["files"] = [] if content == "files not a mapping" else {good: "ok", bad: [stored["files"][bad][0], 7, None]}
+        content = json.dumps(stored).encode()
+    cache.write_bytes(content)
+    assert imagecheck.image_problems([good, bad], True, tmp_path / "cache") == expected
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(CreatesMarker(tmp_path / "proof")))
+    assert (tmp_path / "proof").exists()  # the payload would have worked
 
 
 def test_data_check_runs_only_when_asked(tmp_path):

@@ -190,6 +190,64 @@ def test_an_archive_with_paths_outside_its_folder_is_refused(mini_study, tmp_pat
     assert not (tmp_path / "out" / "escaped.txt").exists()
 
 
+def small_archive(path, *extra):
+    """A .tar.gz of a folder ``model`` holding ``spec.json``, plus ``extra`` members (name, bytes or
+    None for a folder, and optionally the size its header declares)."""
+    import io
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content, *declared in [("model", None), ("model/spec.json", b"{}"), *extra]:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = declared[0] if declared else len(content)
+                tar.addfile(info, io.BytesIO(content) if not declared else None)
+    return path
+
+
+@pytest.mark.parametrize("name, content", [(".", None), ("./", None), ("", b"owned\n"), (".", b"owned\n"),
+                                           ("model/.", b"owned\n")])
+def test_a_member_naming_no_file_is_refused_cleanly(tmp_path, name, content):
+    archive = small_archive(tmp_path / "odd.tar.gz", (name, content))
+    dest = tmp_path / "out"
+    with pytest.raises(InputError, match=r"odd\.tar\.gz holds a member named '(\.|model/\.|)', which names no file "
+                                         r"or folder inside the package folder\. Refusing .* re-create the archive"):
+        package.unpack(archive, dest)
+    assert not dest.exists()
+
+
+def test_an_archive_over_the_size_limit_is_refused_before_extracting(tmp_path, monkeypatch):
+    archive = small_archive(tmp_path / "big.tar.gz", ("model/weights/fold-1.safetensors", bytes(3 * 2**20)))
+    assert archive.stat().st_size < 2**16  # zeros: a small file that unpacks to 3 MiB
+    dest = tmp_path / "out"
+    with pytest.raises(InputError, match=r"big\.tar\.gz unpacks to at least 3\.0 MiB \(3145730 bytes\) \(up to its "
+                                         r"member 'model/weights/fold-1\.safetensors'\), over the limit of 1\.0 MiB "
+                                         r"\(1048576 bytes\) .* raise the limit: set the environment variable "
+                                         r"PIPELINE_MAX_UNPACKED_BYTES"):
+        package.unpack(archive, dest, max_bytes=2**20)
+    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(2**20))
+    with pytest.raises(InputError, match="over the limit of 1.0 MiB"):
+        package.unpack(archive, dest)
+    assert not dest.exists()
+    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(4 * 2**20))
+    assert (package.unpack(archive, dest) / "weights" / "fold-1.safetensors").stat().st_size == 3 * 2**20
+    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, "4G")
+    with pytest.raises(InputError, match=r"\$PIPELINE_MAX_UNPACKED_BYTES is '4G'; set it to a whole number of bytes"):
+        package.unpack(archive, tmp_path / "again")
+
+
+def test_a_bomb_is_refused_at_its_header_without_inflating_it(tmp_path, monkeypatch):
+    """A member declaring 5 TiB (its data left out): refused by the default limit from the header
+    alone, before tarfile reads past it (which would fail on the missing data instead)."""
+    monkeypatch.delenv(package.MAX_UNPACKED_VARIABLE, raising=False)
+    archive = small_archive(tmp_path / "bomb.tar.gz", ("model/model.onnx", b"", 5 * 2**40))
+    with pytest.raises(InputError, match=r"unpacks to at least 5120\.0 GiB .* over the limit of 4\.0 GiB"):
+        package.unpack(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and package.MAX_UNPACKED_BYTES == 4 * 2**30
+
+
 def test_input_shape_and_classes_come_from_the_recorded_model(mini_study):
     manifest = pd.read_csv(mini_study / "manifest.tsv", sep="\t")
     s = spec(mini_study / "package" / "model")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import multiprocessing
 import tarfile
 import uuid
 
@@ -57,6 +58,84 @@ def test_file_urls_work_and_versions_are_never_replaced(mini_study, tmp_path):
         registry.fetch("lab/other", url, tmp_path / "y")
     with pytest.raises(InputError, match="not a package name"):
         registry.parse_name("brainage")
+
+
+def register_in_a_race(barrier, source, name, where, results):
+    """In a child process: register ``name``, waiting at the exclusive claim until every child is
+    there (so each has found the version free); put ("registered", name), ("refused", message) or
+    ("crashed", error)."""
+    claim_folder, waited = registry.claim_folder, []
+
+    def at_the_same_time(fs, target):
+        if not waited:
+            waited.append(barrier.wait(timeout=120))
+        return claim_folder(fs, target)
+
+    registry.claim_folder = at_the_same_time
+    try:
+        results.put(("registered", str(registry.register(source, name, where))))
+    except InputError as exc:
+        results.put(("refused", str(exc)))
+    except BaseException as exc:  # reported, so that the test fails at once instead of waiting for it
+        results.put(("crashed", repr(exc)))
+
+
+def race(source, name, where, processes=2) -> list[tuple[str, str]]:
+    """The sorted outcomes of ``processes`` real processes registering ``name`` at once."""
+    context = multiprocessing.get_context("spawn")  # not fork: the test process may hold torch's threads
+    barrier, results = context.Barrier(processes), context.Queue()
+    workers = [context.Process(target=register_in_a_race, args=(barrier, str(source), name, where, results))
+               for _ in range(processes)]
+    for worker in workers:
+        worker.start()
+    outcomes = [results.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [worker.exitcode for worker in workers] == [0] * processes
+    return sorted(outcomes)
+
+
+def test_of_two_processes_registering_one_version_at_once_exactly_one_wins(mini_study, tmp_path):
+    where = str(tmp_path / "registry")
+    outcomes = race(mini_study / "package" / "model", "lab/brainage:1", where)
+    assert [kind for kind, _ in outcomes] == ["refused", "registered"] and outcomes[1][1] == "lab/brainage:1"
+    assert outcomes[0][1].startswith(f"lab/brainage:1 is already registered in {where}; versions are never replaced")
+    stored = tmp_path / "registry" / "lab" / "brainage" / "1"
+    assert sorted(p.name for p in stored.iterdir()) == [registry.CLAIM, registry.ARCHIVE, f"{registry.ARCHIVE}.sha256"]
+    ref, fetched = registry.fetch("lab/brainage:1", where, tmp_path / "fetched")  # archive sha256, package checksums
+    assert tree(fetched) == tree(mini_study / "package" / "model")
+
+
+def test_two_processes_registering_without_a_version_get_two_versions(mini_study, tmp_path):
+    where = f"file://{tmp_path / 'registry'}"
+    registry.register(mini_study / "package" / "model", "lab/brainage", where)
+    outcomes = race(mini_study / "package" / "model.tar.gz", "lab/brainage", where)
+    assert outcomes == [("registered", "lab/brainage:2"), ("registered", "lab/brainage:3")]
+    fs, root = registry.open_registry(where)
+    assert registry.versions(fs, root, registry.parse_name("lab/brainage")) == ["1", "2", "3"]
+    for version in ("2", "3"):
+        assert tree(registry.fetch(f"lab/brainage:{version}", where, tmp_path / version)[1]) == tree(
+            mini_study / "package" / "model")
+
+
+def test_an_interrupted_registration_is_named_and_skipped(mini_study, memory_registry, monkeypatch):
+    fs, root = registry.open_registry(memory_registry)
+    fs.pipe_file(f"{root}/lab/brainage/1/{registry.CLAIM}", b'{"pid": 4242, "host": "node7", "time": "then"}')
+    with pytest.raises(InputError, match=r"lab/brainage:1 is already registered .*\(It was claimed by process 4242 on "
+                                         r"node7 at then and is not complete yet: .* delete memory://registry-\w+/lab/"
+                                         r"brainage/1 and register again"):
+        registry.register(mini_study / "package" / "model", "lab/brainage:1", memory_registry)
+    assert str(registry.register(mini_study / "package" / "model", "lab/brainage", memory_registry)) == "lab/brainage:2"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(fs), "put_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        registry.register(mini_study / "package" / "model", "lab/brainage:3", memory_registry)
+    assert not fs.exists(f"{root}/lab/brainage/3")  # a failed registration gives its claim back
+    monkeypatch.undo()
+    assert str(registry.register(mini_study / "package" / "model", "lab/brainage:3", memory_registry)) == "lab/brainage:3"
 
 
 def test_a_tampered_registry_archive_is_refused(mini_study, memory_registry, tmp_path):

@@ -2,13 +2,16 @@
 
 Every image case starts from the same small dataset (``good_dataset``: sub-01..sub-04, tiny
 images, numeric ``age``) and breaks ``sub-04``'s image (``BAD``) one way; table cases break
-participants.tsv; fatal cases break the dataset or the config as a whole.
+participants.tsv; fatal cases break the dataset or the config as a whole. Archive cases are
+package archives given to ``python -m pipeline.registry register``.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import os
+import tarfile
 from pathlib import Path
 
 import nibabel as nib
@@ -89,3 +92,27 @@ TABLE_CASES = {
     "target_not_numeric": ({"participant_id": BAD, "age": "sixty"}, "target 'age' is not a number ('sixty')"),
     "image_without_participants_row": (None, "participant not listed in participants.tsv"),
 }
+
+
+def package_archive(path: Path, extra: list[tuple[str, bytes | None]]) -> Path:
+    """A .tar.gz of a package folder ``model`` (with ``spec.json``) plus ``extra`` members: (name,
+    content, or None for a folder)."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in [("model", None), ("model/spec.json", b"{}"), *extra]:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(content)
+            tar.addfile(info, None if content is None else io.BytesIO(content))
+    return path
+
+
+# Archive cases: extra members → text the message must contain (besides the archive's path).
+ARCHIVE_CASES = {
+    "dot_member": ([(".", None)], "holds a member named '.', which names no file or folder"),
+    "dot_slash_member": ([("./", None)], "holds a member named '.', which names no file or folder"),
+    "empty_name": ([("", b"owned\n")], "holds a member named '', which names no file or folder"),
+    "oversized": ([("model/model.onnx", bytes(8 * 2**20))], "unpacks to at least 8.0 MiB (8388610 bytes)"),
+}
+ARCHIVE_LIMIT = 2**20  # $PIPELINE_MAX_UNPACKED_BYTES for the archive cases: the oversized one unpacks to 8 MiB

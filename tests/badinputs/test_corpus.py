@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from builders import (BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_image, good_dataset, is_root,
-                      noise, save)
+from builders import (ARCHIVE_CASES, ARCHIVE_LIMIT, BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_image,
+                      good_dataset, is_root, noise, package_archive, save)
 
 from conftest import stage_config
 from pipeline import configcheck as workflow_configcheck
@@ -27,6 +27,7 @@ from pipeline.intake import exclusions
 from pipeline.intake import imagecheck
 from pipeline.intake import ingest
 from pipeline.common.errors import InputError
+from pipeline.sharing import package, registry
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ["sub-01", "sub-02", "sub-03"]
@@ -34,7 +35,7 @@ GOOD = ["sub-01", "sub-02", "sub-03"]
 ACTIONS = ("replace", "repair", "rewrite the header", "raise the limit", "narrow bids_filters", "make it readable",
            "correct it", "add its row", "add its image", "Keep one row each", "Set `target`", "Valid entities",
            "Did you mean", "Valid keys", "choose one of", "Set a valid value", "Make it writable", "Add the",
-           "participants.exclude")
+           "participants.exclude", "re-create the archive")
 
 
 def says_what_to_do(message: str) -> bool:
@@ -250,6 +251,22 @@ def test_ingest_outputs_are_never_half_written(tmp_path, monkeypatch):
     assert run_ingest(root, out, "continue") == 0
     (tmp_path / "plain").touch()  # outputs get a new file's mode, not the private one of a temp file
     assert {p.stat().st_mode & 0o777 for p in files_under(out)} == {(tmp_path / "plain").stat().st_mode & 0o777}
+
+
+# --- package archives: refused before anything is extracted or registered ----------------------
+
+@pytest.mark.parametrize("case", ARCHIVE_CASES)
+def test_bad_package_archive_is_refused_with_its_name_and_registers_nothing(case, tmp_path, monkeypatch, capsys):
+    archive = package_archive(tmp_path / "model.tar.gz", ARCHIVE_CASES[case][0])
+    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(ARCHIVE_LIMIT))
+    extracted = []
+    monkeypatch.setattr(package.tarfile.TarFile, "extractall", lambda *a, **k: extracted.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        registry.main(["register", str(archive), "--name", "lab/model", "--registry", str(tmp_path / "registry")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"ERROR: {archive} ") and "Traceback" not in err
+    assert ARCHIVE_CASES[case][1] in err and says_what_to_do(err), err
+    assert extracted == [] and files_under(tmp_path / "registry") == []
 
 
 # --- config faults: every problem at once, each naming its key --------------------------------

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import importlib.metadata
 import os
-import pickle
 import re
 import time
 from dataclasses import dataclass
@@ -23,12 +22,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.common import atomic
+from pipeline.common import jsoncache
 from pipeline.common.errors import InputError
 from pipeline.common.fingerprint import file_stamp, listing_fingerprint, scan_tree
 
 NIFTI_EXTENSIONS = (".nii", ".nii.gz")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: JSON (.json); the binary version-1 .pkl files are never read
 RACY_NS = 2 * 10**9  # folders modified this close to a scan are scanned again next time
 
 
@@ -104,10 +103,9 @@ def load_index(root: Path, cache_dir: Path | None = None, configs: tuple[str, ..
     the index depends on nothing else) differs from the cached one. Nothing is written under ``root``.
     """
     root = Path(root)
-    key = (CACHE_VERSION, importlib.metadata.version("pybids"), configs, str(root.resolve()))
-    cache = Path(cache_dir) / f"index-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.pkl" if cache_dir else None
-    cached = read_pickle(cache) if cache else None
-    cached = cached if isinstance(cached, dict) and cached.get("key") == key else None
+    key = [CACHE_VERSION, importlib.metadata.version("pybids"), list(configs), str(root.resolve())]
+    cache = Path(cache_dir) / f"index-{hashlib.sha1(repr(key).encode()).hexdigest()[:12]}.json" if cache_dir else None
+    cached = cached_index(jsoncache.read(cache), key) if cache else None
     if cached and unchanged(root, cached):
         return pd.DataFrame(cached["files"])
     started, folders = time.time_ns(), {}
@@ -117,10 +115,24 @@ def load_index(root: Path, cache_dir: Path | None = None, configs: tuple[str, ..
         files = pd.DataFrame(cached["files"])
     else:
         files = index_listing(listing, entity_rules(configs))
-    if cache is not None:  # plain lists, not a DataFrame: a cache must not depend on pandas' pickle format
-        write_pickle(cache, {"key": key, "fingerprint": fingerprint, "scanned_at": started, "folders": folders,
-                             "files": files.to_dict(orient="list")})
+    if cache is not None:
+        jsoncache.write(cache, {"key": key, "fingerprint": fingerprint, "scanned_at": started, "folders": folders,
+                                "files": files.to_dict(orient="list")})
     return files
+
+
+def cached_index(cached, key: list) -> dict | None:
+    """``cached`` (a JSON value) when it is the index cache of ``key`` with fields of the right
+    types, else None: a cache of another version, root or shape is rebuilt."""
+    if not (isinstance(cached, dict) and cached.get("key") == key):
+        return None
+    folders, files = cached.get("folders"), cached.get("files")
+    if not (isinstance(cached.get("fingerprint"), str) and isinstance(cached.get("scanned_at"), int)
+            and isinstance(folders, dict) and all(isinstance(m, int) for m in folders.values())
+            and isinstance(files, dict) and isinstance(files.get("path"), list)):
+        return None
+    rows = len(files["path"])
+    return cached if all(isinstance(c, list) and len(c) == rows for c in files.values()) else None
 
 
 def unchanged(root: Path, cached: dict) -> bool:
@@ -135,23 +147,6 @@ def unchanged(root: Path, cached: dict) -> bool:
     trusted = cached["scanned_at"] - RACY_NS
     base = os.fspath(root) + "/"
     return all(mtime < trusted and file_stamp(base + folder)[1] == mtime for folder, mtime in cached["folders"].items())
-
-
-def read_pickle(path: Path):
-    """The object pickled at ``path``, or None when it is absent or unreadable: a cache written by
-    other package versions, truncated or corrupt is rebuilt, never an error."""
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception:  # noqa: BLE001 - any unreadable cache is a stale cache
-        return None
-
-
-def write_pickle(path: Path, obj) -> None:
-    """Pickle ``obj`` to ``path`` atomically (a crash never leaves a half-written cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic.open_(path, "wb") as f:
-        pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.intake.bidsindex import read_pickle, write_pickle
+from pipeline.common import jsoncache
 from pipeline.common.fingerprint import MISSING, file_stamp
 
 HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: JSON (checks.json); the binary checks.pkl of version 2 is never read
 REPLACE = "replace or repair the file, or leave the participant out (participants.exclude)"
 XFORM_CODES = range(0, 6)  # NIfTI qform_code/sform_code: unknown, scanner, aligned, talairach, mni, template
 # config `image_limits`: larger images are excluded before preprocessing reads them whole.
@@ -145,23 +145,24 @@ def image_problems(paths: list[str], check_data: bool, cache_dir: Path | None = 
     ``limits``), then the data check when ``check_data``. Results are reused from ``cache_dir``
     for unchanged files checked with the same limits."""
     limits = {**DEFAULT_LIMITS, **(limits or {})}
-    cache_path = Path(cache_dir) / "checks.pkl" if cache_dir is not None else None
-    cached = (read_pickle(cache_path) if cache_path else None) or {}
-    if cached.get("version") != CACHE_VERSION or cached.get("limits") != limits:
+    cache_path = Path(cache_dir) / "checks.json" if cache_dir is not None else None
+    cached = jsoncache.read(cache_path) if cache_path else None
+    if not (isinstance(cached, dict) and cached.get("version") == CACHE_VERSION and cached.get("limits") == limits
+            and isinstance(cached.get("files"), dict)):
         cached = {"version": CACHE_VERSION, "limits": limits, "files": {}}
-    known, changed = cached["files"], False
+    known, changed = cached["files"], False  # path: [[size, mtime], header problem, data problem or None]
     problems = {}
     for path in dict.fromkeys(paths):
-        stamp = file_stamp(path)
+        stamp = list(file_stamp(path))
         entry = known.get(path)
-        if entry is None or entry[0] != stamp:
-            entry = known[path] = (stamp, header_problem(path, stamp[0], limits), None)
+        if not (isinstance(entry, list) and len(entry) == 3 and entry[0] == stamp and isinstance(entry[1], str)
+                and isinstance(entry[2], (str, type(None)))):
+            entry = known[path] = [stamp, header_problem(path, stamp[0], limits), None]
             changed = True
         if check_data and not entry[1] and entry[2] is None:
-            entry = known[path] = (stamp, entry[1], data_problem(path))
+            entry = known[path] = [stamp, entry[1], data_problem(path)]
             changed = True
         problems[path] = entry[1] or (entry[2] or "" if check_data else "")
     if cache_path is not None and changed:
-        write_pickle(cache_path, cached)
+        jsoncache.write(cache_path, cached)
     return problems
-

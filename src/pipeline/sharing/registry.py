@@ -3,12 +3,23 @@
 The registry is a folder (a lab's shared drive) or any fsspec URL (``s3://…``, ``memory://…``) when
 the URL's backend is installed. Its location comes from the command line (``--registry``), else
 config ``registry``, else the environment variable ``PIPELINE_REGISTRY``, else ``DEFAULT``.
-Layout: ``<registry>/<owner>/<name>/<version>/package.tar.gz`` and ``package.tar.gz.sha256``;
-a version is registered once its ``.sha256`` exists, and is never overwritten.
+Layout: ``<registry>/<owner>/<name>/<version>/`` holds ``claim.json``, ``package.tar.gz`` and
+``package.tar.gz.sha256``, written in that order; a version is registered once its ``.sha256``
+exists, and is never overwritten.
+
+Registering first claims the version by creating its ``claim.json`` exclusively (mode ``"xb"``), so
+of two registrations of one version at once exactly one goes on and the other is refused (without a
+version, it takes the next free number). In a folder this is ``O_EXCL``, atomic on local disks and
+on network mounts that honour it (NFS v3 and later). Other fsspec backends give what their ``"xb"``
+gives: a check before writing (``memory://``), a conditional write, or nothing, and then two
+registrations of one version at the same moment can both write: register from one place at a time
+there. A registration killed midway leaves its claim, which blocks that version (the refusal says
+so): delete the version's folder.
 
 Without a version, ``register`` takes the next integer (1, 2, …) and ``fetch`` the highest version
 (PEP 440 order; versions that are not PEP 440 come first, alphabetically). Fetching checks the
-archive's sha256, refuses archives with links or paths outside their folder, then checks the
+archive's sha256, refuses archives with links or paths outside their folder or over
+$PIPELINE_MAX_UNPACKED_BYTES unpacked (default 4 GiB), then checks the
 package's own checksums and weight format (``pipeline.sharing.package.verify``). Standard library only
 at import: the Snakefile imports ``parse_name``.
 """
@@ -16,11 +27,14 @@ at import: the Snakefile imports ``parse_name``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +44,7 @@ from pipeline.common.errors import InputError
 DEFAULT = "~/.local/share/pipeline/registry"
 ENVIRONMENT = "PIPELINE_REGISTRY"
 ARCHIVE = "package.tar.gz"
+CLAIM = "claim.json"  # created exclusively before anything else: who registers this version
 LABEL = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 NAME = re.compile(rf"(?P<owner>{LABEL})/(?P<name>{LABEL})(?::(?P<version>[A-Za-z0-9][A-Za-z0-9_.+-]*))?")
 
@@ -104,24 +119,75 @@ def resolve(fs, root: str, ref: Ref) -> Ref:
 
 def register(source: Path, name: str, where: str) -> Ref:
     """Check the package ``source`` (a folder or its .tar.gz) and store it under ``name``; return
-    the registered name with its version."""
+    the registered name with its version (see the module docstring for concurrent registrations)."""
     ref = parse_name(name)
     fs, root = open_registry(where)
     with tempfile.TemporaryDirectory() as tmp:
         folder = package.unpack(source, Path(tmp) / "unpacked") if Path(source).is_file() else Path(source)
         package.load(folder)  # checksums, weight format, spec version
         archive = package.pack(folder, Path(tmp) / ARCHIVE)
-        if ref.version is None:
-            numbers = [int(v) for v in versions(fs, root, ref) if v.isdigit()]
-            ref = ref._replace(version=str(max(numbers, default=0) + 1))
+        ref = claim(fs, root, ref, where)
         target = f"{root}/{ref.owner}/{ref.name}/{ref.version}"
-        if fs.exists(f"{target}/{ARCHIVE}.sha256"):
-            raise InputError(f"{ref} is already registered in {where}; versions are never replaced: register "
-                             "under a new version.")
-        fs.makedirs(target, exist_ok=True)
-        fs.put_file(str(archive), f"{target}/{ARCHIVE}")
-        fs.pipe_file(f"{target}/{ARCHIVE}.sha256", f"{package.sha256(archive)}  {ARCHIVE}\n".encode())
+        try:
+            fs.put_file(str(archive), f"{target}/{ARCHIVE}")
+            fs.pipe_file(f"{target}/.{ARCHIVE}.sha256", f"{package.sha256(archive)}  {ARCHIVE}\n".encode())
+            fs.mv(f"{target}/.{ARCHIVE}.sha256", f"{target}/{ARCHIVE}.sha256")  # last, whole: now registered
+        except BaseException:
+            release(fs, target)
+            raise
     return ref
+
+
+def claim(fs, root: str, ref: Ref, where: str) -> Ref:
+    """``ref`` with its version, claimed for this process (``claim_folder``): the version given,
+    else the next number that no registered or claimed version has."""
+    prefix = f"{root}/{ref.owner}/{ref.name}"
+    if ref.version is None:
+        claimed = [Path(p).parent.name for p in fs.glob(f"{prefix}/*/{CLAIM}")]
+        number = max((int(v) for v in versions(fs, root, ref) + claimed if v.isdigit()), default=0) + 1
+        while not claim_folder(fs, f"{prefix}/{number}"):
+            number += 1  # another registration took it meanwhile
+        return ref._replace(version=str(number))
+    target = f"{prefix}/{ref.version}"
+    if fs.exists(f"{target}/{ARCHIVE}.sha256") or not claim_folder(fs, target):
+        raise already_registered(fs, ref, target, where)
+    return ref
+
+
+def claim_folder(fs, target: str) -> bool:
+    """Create ``target/claim.json`` (who and when) unless it exists; True when this call created it."""
+    fs.makedirs(target, exist_ok=True)
+    who = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        with fs.open(f"{target}/{CLAIM}", "xb") as f:
+            f.write(json.dumps(who).encode())
+    except FileExistsError:
+        return False
+    return True
+
+
+def already_registered(fs, ref: Ref, target: str, where: str) -> InputError:
+    """The refusal of a version that is registered, or claimed by a registration under way or killed."""
+    message = f"{ref} is already registered in {where}; versions are never replaced: register under a new version."
+    if fs.exists(f"{target}/{ARCHIVE}.sha256"):
+        return InputError(message)
+    try:
+        who = json.loads(fs.cat_file(f"{target}/{CLAIM}"))
+        by = f" by process {who['pid']} on {who['host']} at {who['time']}"
+    except Exception:  # noqa: BLE001 - who claimed it is a courtesy; the claim itself is what counts
+        by = ""
+    folder = f"{where.rstrip('/')}/{ref.owner}/{ref.name}/{ref.version}"
+    return InputError(f"{message} (It was claimed{by} and is not complete yet: if that registration is no longer "
+                      f"running, it was interrupted; delete {folder} and register again.)")
+
+
+def release(fs, target: str) -> None:
+    """Remove a claimed version's folder after a failed registration (best effort: the error that
+    caused it is the one to report)."""
+    try:
+        fs.rm(target, recursive=True)
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
