@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.learning.models import build_model
-from pipeline.learning.sampler import ImageModel, Sampler
+from pipeline.learning.sampler import ImageModel, SliceSampler
 from pipeline.results import sanity
 from pipeline.results.attribution import Settings
 
@@ -47,9 +47,9 @@ def test_the_gradient_of_a_network_changes_with_its_weights_and_a_copy_of_the_im
 def test_the_check_reaches_the_network_inside_a_slice_model():
     torch.manual_seed(2)
     network = build_model("simple_cnn", 1, 1, spatial_dims=2, norm="batch", dropout=0)
-    model = ImageModel(network, Sampler(kind="slices", axis=2)).eval()
-    x = torch.randn(1, 1, 12, 14, 6)
-    rows = sanity.randomisation_rows(model, x, 0, ["gradient"], Settings(), None, False, np.ones((12, 14, 6), bool),
+    model = ImageModel(network, SliceSampler(axis=2)).eval()
+    x = torch.randn(1, 1, 16, 16, 4)
+    rows = sanity.randomisation_rows(model, x, 0, ["gradient"], Settings(), None, False, np.ones((16, 16, 4), bool),
                                      "sub-1")
     assert [r["from_block"] for r in rows][0] == "head.3" and np.isfinite([r["spearman"] for r in rows]).all()
 
