@@ -48,3 +48,17 @@ def test_select_copies_the_variant_with_the_lowest_validation_loss(tmp_path):
     hyper = json.loads((fold_dir / "hyperparameters.json").read_text())
     assert hyper["variant"] == chosen and hyper["epochs"] == (6 if chosen == "learns" else HYPER["epochs"])
     assert not list(fold_dir.glob(".*tmp*"))
+
+
+def test_segmentation_variants_are_chosen_by_validation_dice_as_their_checkpoints_were(tmp_path):
+    """Variant ``a`` has the lower validation loss, ``b`` the higher Dice: segmentation picks ``b``,
+    at the epoch of its best Dice (where its checkpoint was kept)."""
+    histories = {"a": {"epoch": [1, 2], "val_loss": [0.30, 0.20], "val_dice": [0.70, 0.72]},
+                 "b": {"epoch": [1, 2], "val_loss": [0.25, 0.40], "val_dice": [0.81, 0.78]}}
+    for name, history in histories.items():
+        (tmp_path / f"variant-{name}").mkdir()
+        pd.DataFrame(history).to_csv(tmp_path / f"variant-{name}" / "history.tsv", sep="\t", index=False)
+    table = variants.summary(tmp_path, ["a", "b"]).set_index("variant")
+    assert table.index[table["chosen"]].tolist() == ["b"]
+    assert table.at["b", "best_epoch"] == 1 and table.at["b", "best_val_dice"] == pytest.approx(0.81)
+    assert table.at["a", "best_epoch"] == 2

@@ -1,5 +1,7 @@
 """Hyperparameter variants (config ``train.variants``): each is trained as its own job; the one with
-the lowest validation loss becomes the fold's model, which evaluation and explanation then use.
+the best validation score becomes the fold's model, which evaluation and explanation then use.
+The score is the criterion each variant's checkpoint was kept by: the lowest validation loss, or
+for segmentation the highest validation Dice (``val_dice`` in the history).
 
 The test split plays no part in the choice. ``variants.tsv`` in the fold's folder lists every
 variant's best validation loss and epoch and marks the chosen one.
@@ -45,19 +47,21 @@ def check(train: dict) -> None:
 
 
 def summary(fold_dir: Path, variants: list[str]) -> pd.DataFrame:
-    """One row per variant: best validation loss and its epoch; ``chosen`` marks the lowest loss
-    (the first listed on a tie)."""
+    """One row per variant: its checkpoint's epoch and validation loss (and Dice); ``chosen`` marks
+    the lowest loss, or the highest Dice for segmentation (the first listed on a tie)."""
     rows = []
     for name in variants:
         history = pd.read_csv(fold_dir / f"variant-{name}" / "history.tsv", sep="\t")
         if history.empty:
             raise InputError(f"{fold_dir / f'variant-{name}' / 'history.tsv'} has no epochs; retrain that variant.")
-        best = history.loc[history["val_loss"].astype(float).idxmin()]
+        dice = "val_dice" in history
+        best = history.loc[history["val_dice"].astype(float).idxmax() if dice else history["val_loss"].astype(float).idxmin()]
         rows.append({"variant": name, "best_val_loss": float(best["val_loss"]), "best_epoch": int(best["epoch"]),
-                     "epochs_run": len(history)})
+                     "epochs_run": len(history), **({"best_val_dice": float(best["val_dice"])} if dice else {})})
     table = pd.DataFrame(rows)
     table["chosen"] = False
-    table.loc[table["best_val_loss"].idxmin(), "chosen"] = True
+    table.loc[table["best_val_dice"].idxmax() if "best_val_dice" in table else table["best_val_loss"].idxmin(),
+              "chosen"] = True
     return table
 
 

@@ -93,7 +93,7 @@ def variant_tables(results: Path, folds: list[str]) -> list[str]:
     if not all(t.exists() for t in tables.values()):
         return []
     joined = pd.concat([read_tsv(t).assign(fold=fold) for fold, t in tables.items()])
-    return ["<h3>Hyperparameter variants (chosen by validation loss)</h3>",
+    return ["<h3>Hyperparameter variants (chosen by validation loss; segmentation: validation Dice)</h3>",
             table_html(joined[["fold", *[c for c in joined.columns if c != "fold"]]])]
 
 
