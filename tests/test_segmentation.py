@@ -183,8 +183,12 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     assert set(np.unique(np.asarray(native_map.dataobj))) <= {0, 1, 2, 3}
     # The native-space prediction matches the demo's native tissue labels too.
     truth = np.asarray(nib.load(tissue_path(study["bids"], Path(native_image.get_filename()))).dataobj)
-    assert label_scores(np.asarray(native_map.dataobj), truth, segstudy.LABEL_IMAGE["labels"],
-                        native_image.header.get_zooms())["dice_WM"] > 0.7
+    by_hand = label_scores(np.asarray(native_map.dataobj), truth, segstudy.LABEL_IMAGE["labels"],
+                           native_image.header.get_zooms())
+    assert by_hand["dice_WM"] > 0.7
+    # ... and evaluation scores it there itself, against the dataset's label image.
+    assert row["native_dice_WM"] == pytest.approx(by_hand["dice_WM"]) and metrics["native_dice_WM"] > 0.7
+    assert np.isfinite(metrics["native_hd95_GM"]) and "native_dice_GM_ci" in metrics
     # The ensemble (here of one fold) votes on the native grid too: the fold's native map comes back.
     from pipeline.results.segmentation import summarise
 
@@ -193,6 +197,7 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     voted = nib.load(ensemble.set_index("image_id").loc[row["image_id"], "predicted_labels_native"])
     assert np.allclose(voted.affine, native_map.affine)
     np.testing.assert_array_equal(np.asarray(voted.dataobj), np.asarray(native_map.dataobj))
+    assert ensemble.set_index("image_id").loc[row["image_id"], "native_dice_WM"] == pytest.approx(by_hand["dice_WM"])
     assert torch.load(tmp_path / "train" / "model.pt", weights_only=True)["coder"]["classes"] == ["background", "CSF",
                                                                                                     "GM", "WM"]
 

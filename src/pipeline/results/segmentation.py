@@ -2,8 +2,9 @@
 
 Per image and label (every label but 0, the background): Dice and the 95th-percentile Hausdorff
 distance in mm (MONAI's ``compute_dice`` and ``compute_hausdorff_distance`` with the grid's voxel
-spacing) between the predicted and the preprocessed true label map on the template grid.
-``dice_mean`` is the mean Dice over labels. Test metrics are means over images with 95 %
+spacing) between the predicted and the preprocessed true label map on the template grid, and
+(``native_dice_*``, ``native_hd95_*``) between the predicted map carried back to the image's
+native grid and the dataset's own label image there. ``dice_mean`` is the mean Dice over labels. Test metrics are means over images with 95 %
 bootstrap intervals over participants (``metrics.mean_intervals``). A label absent from the true or
 the predicted map of an image has an undefined HD95 (NaN, left out of the means); its Dice is 0
 when only one of the two maps has it, NaN (left out) when neither has.
@@ -76,8 +77,22 @@ def label_scores(predicted: np.ndarray, true: np.ndarray, names: list[str], spac
 
 
 def score_columns(predictions: pd.DataFrame) -> list[str]:
-    """The per-image score columns: every ``dice_*`` and ``hd95_*``."""
-    return [c for c in predictions.columns if c.startswith(("dice_", "hd95_"))]
+    """The per-image score columns: every ``dice_*`` and ``hd95_*`` (``native_``: on the native grid)."""
+    return [c for c in predictions.columns if c.startswith(("dice_", "hd95_", "native_dice_", "native_hd95_"))]
+
+
+def native_scores(predicted_path: str, label_path: str, names: list[str]) -> dict[str, float]:
+    """``label_scores`` on the image's native grid, prefixed ``native_``: the predicted label map
+    carried back there against the dataset's own label image (resampled, nearest label, onto
+    that grid when it lies on another)."""
+    from nilearn.image import resample_to_img
+
+    predicted, true = nib.load(predicted_path), nib.load(label_path)
+    if true.shape[:3] != predicted.shape[:3] or not np.allclose(true.affine, predicted.affine, atol=1e-3):
+        true = resample_to_img(true, predicted, interpolation="nearest", force_resample=True, copy_header=True)
+    scores = label_scores(np.asarray(predicted.dataobj), np.rint(np.asarray(true.dataobj)).astype(np.int64).reshape(
+        predicted.shape[:3]), names, predicted.header.get_zooms()[:3])
+    return {f"native_{k}": v for k, v in scores.items()}
 
 
 def summary_scores(predictions: pd.DataFrame) -> dict:
@@ -106,10 +121,12 @@ def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path
             inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
             warped = to_native(image, Path(row.path), inverse, interpolator="genericLabel")
             atomic.nib_save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
+        on_native = native_scores(paths["native"], row.label, names) if native and "label" in table else {}
         rows.append({"participant_id": row.participant_id, "session": row.session, "image_id": row.image_id,
                      "subdir": row.subdir, **({"split": row.split} if "split" in table else {}),
-                     **label_scores(predicted, true, names, grid.header.get_zooms()[:3]),
-                     "true_labels": row.label_array, "predicted_labels": paths["template"],
+                     **label_scores(predicted, true, names, grid.header.get_zooms()[:3]), **on_native,
+                     "true_labels": row.label_array, "true_labels_native": getattr(row, "label", ""),
+                     "predicted_labels": paths["template"],
                      "predicted_labels_native": paths["native"] if native else ""})
     return pd.DataFrame(rows)
 
@@ -155,7 +172,8 @@ def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: st
 
 
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
-    """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals;
+    """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals
+    (on the template grid, and on the native grid where the folds recorded native label images);
     ``excluded`` as in ``pipeline.evaluate.summarise``."""
     from pipeline.results.summary import excluded_by_stage, summary_table
 
@@ -180,6 +198,8 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
         if native:  # the folds' native-grid maps, voted on that grid
             vote(folds, image_id, "predicted_labels_native", len(names), paths["native"])
             row["predicted_labels_native"] = paths["native"]
+            if isinstance(first.get("true_labels_native"), str) and first["true_labels_native"]:
+                row.update(native_scores(paths["native"], first["true_labels_native"], names))
         rows.append(row)
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
