@@ -1,13 +1,14 @@
 """``python -m pipeline.configcheck``: every config problem before any job runs: the schema's
-(``pipeline.common.configcheck``) and the checks across keys of the stages (``pipeline.results.explainconfig``)."""
+(``pipeline.common.configcheck``) and the checks across keys of the stages (``pipeline.results.explainconfig``; ``useratlas``: the files of
+``explain.atlas`` on the study grid)."""
 
 from pathlib import Path
 
 from pipeline.common import configcheck
 from pipeline.common.locations import SCHEMA
-from pipeline.results import explainconfig
+from pipeline.results import explainconfig, useratlas
 
-CROSS = (explainconfig.problems,)
+CROSS = (explainconfig.problems, useratlas.problems)
 
 
 def check(config: dict, schema_path: Path = SCHEMA) -> None:

@@ -20,6 +20,7 @@ import yaml
 from builders import (ARCHIVE_CASES, ARCHIVE_LIMIT, BAD, IMAGE_CASES, LIMITS, PARTICIPANTS, TABLE_CASES, bad_image,
                       good_dataset, is_root, noise, package_archive, save)
 
+from atlases import write_atlas
 from conftest import stage_config
 from pipeline import configcheck as workflow_configcheck
 from pipeline.common import configcheck
@@ -374,6 +375,81 @@ def test_explain_problems_are_reported_together_and_only_for_explained_tasks():
     config["train"]["model"], config["explain"]["gradcam_layer"] = "unet", "features.2"
     workflow_configcheck.check(config)  # segmentation writes no maps: no layer to check
     workflow_configcheck.check({**study_config(), "explain": {"methods": ["gradient"], "gradcam_layer": "nowhere"}})
+
+
+# --- explain.atlas: the user's atlas files, checked before any job runs -------------------------
+
+def atlas_image_missing(c, folder):
+    c["explain"]["atlas"] = {**write_atlas(folder), "image": str(folder / "HarvardOxford.nii.gz")}
+    return r"`explain\.atlas\.image`: no file .*HarvardOxford\.nii\.gz .*Set a valid value"
+
+
+def atlas_image_unreadable(c, folder):
+    c["explain"]["atlas"] = write_atlas(folder)
+    Path(c["explain"]["atlas"]["image"]).write_bytes(b"\x1f\x8b not really gzip")
+    return r"`explain\.atlas\.image`: .*atlas\.nii\.gz cannot be read as a NIfTI image .*make it readable or replace"
+
+
+def atlas_labels_missing(c, folder):
+    c["explain"]["atlas"] = {**write_atlas(folder), "labels": str(folder / "labels.tsv")}
+    return r"`explain\.atlas\.labels`: no file .*labels\.tsv \(the atlas's labels table\)"
+
+
+def atlas_labels_without_the_columns(c, folder):
+    c["explain"]["atlas"] = write_atlas(folder, labels_text="roi\tcolour\n1\tred\n")
+    return (r"`explain\.atlas\.labels`: .*atlas\.tsv has the columns roi, colour; expected a header row with an "
+            r"index column \(one of index, label, value, id, label_id\) and a name column \(one of name, .*; correct it")
+
+
+def atlas_label_values_not_in_the_table(c, folder):
+    c["explain"]["atlas"] = write_atlas(folder, labels_text="index\tname\n2\tmidline\n")
+    return r"`explain\.atlas\.image`: label value\(s\) 1, 3 of .* have no row in `explain\.atlas\.labels`.*add its row"
+
+
+def atlas_image_not_3d(c, folder):
+    c["explain"]["atlas"] = write_atlas(folder, data=np.ones((8, 8, 8, 3), np.int16))
+    return r"`explain\.atlas\.image`: .* has shape \(8, 8, 8, 3\), not a 3-D label image; replace it"
+
+
+def atlas_image_probabilistic(c, folder):
+    c["explain"]["atlas"] = write_atlas(folder, data=np.full((8, 8, 8), 0.25, np.float32))
+    return r"`explain\.atlas\.image`: .* holds values that are not integer labels \(e\.g\. 0\.25\); replace it"
+
+
+def atlas_off_the_grid(c, folder):
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = 1000.0  # e.g. voxel coordinates taken for millimetres
+    c["explain"]["atlas"] = write_atlas(folder, data=np.ones((8, 8, 8), np.int16), affine=affine)
+    return (r"`explain\.atlas\.image`: no label of the atlas lies on the study grid \(atlas: x 1000\.\.1014, .*grid: "
+            r"x -78\.\.78, .*Replace it with an atlas in MNI space")
+
+
+ATLAS_FAULTS = [atlas_image_missing, atlas_image_unreadable, atlas_labels_missing, atlas_labels_without_the_columns,
+                atlas_label_values_not_in_the_table, atlas_image_not_3d, atlas_image_probabilistic, atlas_off_the_grid]
+
+
+@pytest.mark.parametrize("fault", ATLAS_FAULTS, ids=lambda f: f.__name__)
+def test_atlas_fault_names_the_key_and_what_to_do(fault, tmp_path):
+    config = study_config()
+    expected = fault(config, tmp_path)
+    with pytest.raises(InputError) as error:
+        workflow_configcheck.check(config)
+    assert re.search(expected, str(error.value)), str(error.value)
+    assert says_what_to_do(str(error.value))
+
+
+def test_atlas_files_are_checked_together_and_only_where_the_group_step_reads_them(tmp_path):
+    config = study_config()
+    config["explain"]["atlas"] = write_atlas(tmp_path, labels_text="roi\n1\n", data=np.ones((2, 2, 2, 2), np.int16))
+    with pytest.raises(InputError) as error:
+        workflow_configcheck.check(config)
+    assert len(str(error.value).splitlines()) == 1 + 2  # the table's columns and the image's shape
+    config["explain"]["atlas"] = write_atlas(tmp_path)
+    workflow_configcheck.check(config)
+    config["explain"]["atlas"]["image"] = str(tmp_path / "nowhere.nii.gz")
+    segmentation = {**config, "task": "segmentation", "label_image": {"derivatives": "d", "filters": {"suffix": "dseg"}}}
+    segmentation["train"] = {**config["train"], "model": "unet"}
+    workflow_configcheck.check(segmentation)  # segmentation writes no maps: the atlas is never read
 
 
 def test_model_choices_are_the_registry():

@@ -48,8 +48,9 @@ EXPLAIN = config["explain"]
 METHODS = EXPLAIN["methods"]
 SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_samples", "smoothgrad_noise",
                                     "ig_steps", "ig_baseline", "gradcam_layer")}
-# What the maps of one image depend on (the ground truth only scores them, in the group step).
-MAP_SETTINGS = {k: v for k, v in EXPLAIN.items() if k != "groundtruth"}
+# What the maps of one image depend on (the ground truth scores them and the atlas sums them by
+# region, both in the group step only).
+MAP_SETTINGS = {k: v for k, v in EXPLAIN.items() if k not in ("groundtruth", "atlas")}
 # Fine-tuning (config train.init_from): the package is fetched into INIT_DIR ("latest" without a version).
 INIT = registry.parse_name(config["train"]["init_from"]) if config["train"]["init_from"] else None
 INIT_DIR = f"{RESULTS}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None

@@ -44,6 +44,7 @@ rule explain_folds:
         arrays=preprocessed("array"),
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
+        atlas=[config["explain"]["atlas"][k] for k in ("image", "labels")] if config["explain"]["atlas"] else [],
         code=code("explain"),
     output:
         group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],

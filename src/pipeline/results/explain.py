@@ -8,7 +8,8 @@ plus the fold's group maps; ``maps.tsv`` indexes them (with IG's completeness er
 ``group``: each image's maps averaged over folds, then over a participant's images, then per method
 over participants: ``mean`` (mean |attribution|: importance), ``sd`` (of |attribution|) and ``t``
 (one-sample t of the attribution: consistency of its sign; of the magnitude for unsigned methods); a
-region table ranking the atlas regions (``pipeline.results.atlas``) by mean |attribution|;
+region table ranking the atlas regions (config ``explain.atlas``, else ``pipeline.results.atlas``) by mean
+|attribution|;
 glass-brain and slice PNGs; PNGs of the three best and three worst predicted subjects; and, given
 the ground truth of a simulated cohort, ``validation.tsv``: how much of each method's top 5 % falls
 in the true effect, relative to chance.
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
             groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None
             mask = nib.load(str(args.mask))
             template_maps = {m: FoldMeanMaps(args.fold_dirs, m, "template") for m in methods}
-            means = combine_folds(template_maps, mask, args.out_dir)
+            means = combine_folds(template_maps, mask, args.out_dir, explain.get("atlas"))
             plot_group(args.out_dir, args.template, methods, len(args.fold_dirs))
             manifest = read_tsv(args.manifest)
             predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")

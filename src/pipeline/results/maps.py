@@ -1,5 +1,6 @@
 """Explanation maps as files and as statistics: one image's maps written in template and native
-space, group statistics accumulated one map at a time, fold-mean maps read on demand, the region table.
+space, group statistics accumulated one map at a time, fold-mean maps read on demand, the region table
+(the coarse template-derived atlas, or the user's ``explain.atlas``).
 
 Shared by the study's explain stage and apply mode's ``predict maps``.
 """
@@ -21,6 +22,7 @@ from pipeline.common.tables import read_tsv
 from pipeline.intake.preprocess import to_native
 from pipeline.results.atlas import atlas_on_grid
 from pipeline.results.attribution import SIGNED
+from pipeline.results.useratlas import Atlas, labels_on_grid, load_atlas
 
 
 STATISTICS = ("mean", "sd", "t")
@@ -141,15 +143,32 @@ class FoldMeanMaps(Mapping):
         return len(self.paths)
 
 
-def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image) -> pd.DataFrame:
-    """Atlas regions ranked by each method's mean |attribution|, relative to the brain's mean."""
-    labels, names = atlas_on_grid(mask)
-    brain = labels > 0
-    table = pd.DataFrame({"region": names, "voxels": np.bincount(labels[brain], minlength=len(names) + 1)[1:]})
+def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image, atlas: Atlas | None = None) -> pd.DataFrame:
+    """Atlas regions ranked by each method's mean |attribution| relative to the brain's mean
+    (``<method>_relative``; rank 1 is the highest), inside the brain ``mask``. The coarse template-derived
+    atlas (``pipeline.results.atlas``) without a user ``atlas``; with one, each label's ``index`` and
+    ``<method>_mass``: the region's share of the method's total |attribution| in the brain. A label
+    with no voxel in the brain on the grid has 0 voxels, mass 0, no relative value, and ranks last."""
+    inside = np.asarray(mask.dataobj) > 0
+    if atlas is None:
+        labels, names = atlas_on_grid(mask)
+        position, values = labels, None
+    else:
+        labels = labels_on_grid(atlas, mask.affine, mask.shape) * inside
+        values, names = np.array(list(atlas.names)), list(atlas.names.values())
+        position = np.where(labels > 0, np.searchsorted(values, labels) + 1, 0)
+    labelled, n = position > 0, len(names) + 1
+    table = pd.DataFrame({"region": names, "voxels": np.bincount(position[labelled], minlength=n)[1:]})
+    if values is not None:
+        table.insert(0, "index", values)
     for method, mean in means.items():
-        per_region = np.bincount(labels[brain], weights=mean[brain], minlength=len(names) + 1)[1:] / table["voxels"]
-        table[f"{method}_relative"] = per_region / mean[brain].mean()
-        table[f"{method}_rank"] = table[f"{method}_relative"].rank(ascending=False, method="min").astype(int)
+        total = np.bincount(position[labelled], weights=mean[labelled], minlength=n)[1:]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            table[f"{method}_relative"] = total / table["voxels"] / mean[inside].mean()
+            if values is not None:
+                table[f"{method}_mass"] = total / mean[inside].sum()
+        table[f"{method}_rank"] = table[f"{method}_relative"].rank(ascending=False, method="min",
+                                                                   na_option="bottom").astype(int)
     first = next(iter(means))
     return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
 
@@ -164,12 +183,14 @@ def by_participant(maps: Mapping[str, nib.Nifti1Image], participant: dict[str, s
         yield np.mean([np.asarray(maps[i].dataobj, dtype=np.float64) for i in ids], axis=0)
 
 
-def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path
-                  ) -> dict[str, np.ndarray]:
+def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask: nib.Nifti1Image, out_dir: Path,
+                  atlas: dict | None = None) -> dict[str, np.ndarray]:
     """Group statistics over participants of the fold-averaged ``template_maps`` (method -> image
     id -> map; a ``FoldMeanMaps`` knows each image's participant, whose images are averaged first);
-    write them and the region table. Returns each method's mean |attribution| map."""
+    write them and the region table (of config ``explain.atlas``, ``atlas``, when given). Returns each
+    method's mean |attribution| map."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    user_atlas = load_atlas(atlas) if atlas else None  # bad files fail before any map is read
     means = {}
     for method, maps in template_maps.items():
         group = GroupStatistics(SIGNED[method])
@@ -177,5 +198,6 @@ def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask:
             group.add(data)
         write_statistics(group, mask.affine, out_dir, method)
         means[method] = group.result()["mean"]
-    atomic.to_csv(region_table(means, mask), out_dir / "regions.tsv", sep="\t", index=False, float_format="%.4g")
+    atomic.to_csv(region_table(means, mask, user_atlas), out_dir / "regions.tsv", sep="\t", index=False,
+                  float_format="%.4g")
     return means

@@ -182,7 +182,7 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
         *comparison_html(results / "evaluate", summary),
     ]
     if not segmentation:
-        sections += explanation_sections(explain, methods)
+        sections += explanation_sections(explain, methods, config["explain"].get("atlas"))
     sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
                  "<h2>Provenance</h2>", provenance(config)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
@@ -223,15 +223,27 @@ def targets_html(path: Path) -> list[str]:
 SANITY = ("random_", "fold_consistency_", "consistency_")  # validation.tsv's columns of pipeline.results.sanity
 
 
-def explanation_sections(explain: Path, methods: list[str]) -> list[str]:
-    """The report's explanation maps, region table and ground-truth validation (image-level tasks)."""
+def atlas_sentence(atlas: dict | None) -> str:
+    """Which atlas the region table used (config ``explain.atlas``) and what its columns mean."""
+    if not atlas:
+        return "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.results.atlas).</p>"
+    return (f"<p>Atlas: <code>{html.escape(str(atlas['image']))}</code> with the labels of "
+            f"<code>{html.escape(str(atlas['labels']))}</code> (config <code>explain.atlas</code>), resampled onto the "
+            "study grid by nearest neighbour. <code>&lt;method&gt;_mass</code>: the region's share of the method's "
+            "total |attribution| in the brain; a label with 0 voxels is not on the grid (smaller than a grid voxel). "
+            "Full table: <code>explain/regions.tsv</code>.</p>")
+
+
+def explanation_sections(explain: Path, methods: list[str], atlas: dict | None = None) -> list[str]:
+    """The report's explanation maps, region table (of ``atlas``, config ``explain.atlas``) and ground-truth
+    validation (image-level tasks)."""
     sections = [
         "<h2>Explanation maps (template space, mean over folds and test participants)</h2>",
         *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass")],
         embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
         "<h3>Regions ranked by mean |attribution| (relative to the brain mean)</h3>",
-        "<p>Coarse atlas derived from the template's tissue maps and MNI coordinates (pipeline.results.atlas).</p>",
+        atlas_sentence(atlas),
         table_html(read_tsv(explain / "regions.tsv").head(12)),
     ]
     if (explain / "validation.tsv").exists():
