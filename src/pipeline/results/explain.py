@@ -24,6 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 import torch
 
