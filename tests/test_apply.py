@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import stage_config
@@ -100,3 +101,39 @@ def test_apply_mode_checks_the_grad_cam_layer_against_the_packages_network(mini_
     found = problems(config)
     assert len(found) == 1 and "the package's network (simple_cnn) does not have" in found[0]
     assert "choose one of: features, features.0, features.0.0, features.1, features.1.0, head" in found[0]
+
+
+def test_apply_takes_a_package_archive_or_folder_on_disk(mini_study, small_bids, tmp_path, monkeypatch):
+    """--model names an archive or folder on disk: no registry; the archive is unpacked once, by its sha256."""
+    from pipeline.sharing import apply as apply_cli
+
+    calls = []
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: calls.append(args) or 0)
+    archive, out = mini_study / "package" / "model.tar.gz", tmp_path / "out"
+    for _ in range(2):
+        with pytest.raises(SystemExit) as done:
+            apply_cli.main([str(small_bids), str(out), "participant", "--model", str(archive),
+                            "--session-label", "ses-01", "--registry", str(tmp_path / "no-registry")])
+        assert done.value.code == 0
+    [unpacked] = (out / "models").iterdir()
+    assert unpacked.name == f"archive-{package.sha256(archive)[:16]}"
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["apply"]["package"] == str(unpacked.resolve()) and str(archive) in config["apply"]["name"]
+    assert config["sessions"] == "ses-01"
+    assert calls[0][:4] == ["--directory", str(out), "--configfile", str(out / "config.yaml")]
+
+    folder = mini_study / "package" / "model"
+    with pytest.raises(SystemExit):
+        apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder)])
+    assert yaml.safe_load((out / "config.yaml").read_text())["apply"]["package"] == str(folder.resolve())
+
+
+def test_apply_refuses_a_version_it_cannot_honour(mini_study, small_bids, tmp_path, capsys):
+    from pipeline.sharing import apply as apply_cli
+
+    archive = mini_study / "package" / "model.tar.gz"
+    for model, version, says in [(str(archive), "1", "is a package on disk"), ("lab/brainage:1", "2", "give one")]:
+        with pytest.raises(SystemExit) as done:
+            apply_cli.main([str(small_bids), str(tmp_path / "out"), "participant", "--model", model,
+                            "--version", version, "--registry", str(tmp_path / "registry")])
+        assert done.value.code == 2 and says in capsys.readouterr().err

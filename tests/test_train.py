@@ -192,7 +192,7 @@ def test_unknown_model_is_an_input_error(study, tmp_path):
 
 def test_mlflow_tracking_writes_a_local_run(study, tmp_path):
     if importlib.util.find_spec("mlflow") is None:
-        pytest.skip("mlflow-skinny is not installed (pip install 'pipeline[tracking]')")
+        pytest.skip("mlflow-skinny is not installed (pip install 'bids-deepstudy[tracking]')")
     from mlflow.tracking import MlflowClient
 
     table, _ = study
@@ -202,6 +202,37 @@ def test_mlflow_tracking_writes_a_local_run(study, tmp_path):
     [run] = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.run_name == "fold-1" and run.data.params["learning_rate"] == "0.01"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]
+
+
+def test_mlflow_folds_and_variants_share_one_store_and_experiment(study, tmp_path, monkeypatch):
+    if importlib.util.find_spec("mlflow") is None:
+        pytest.skip("mlflow-skinny is not installed (pip install 'bids-deepstudy[tracking]')")
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.learning.tracking import MlflowTarget
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    table, _ = study
+    store, hyper = tmp_path / "results" / "mlflow", {**SMALL, "epochs": 1, "tracking": "mlflow"}
+    for run in ("fold-1/variant-a", "fold-2/variant-b"):
+        train(table, "age", "regression", hyper, tmp_path / "results" / "train" / run,
+              mlflow=MlflowTarget(store, "my-study", run))
+    client = MlflowClient(tracking_uri=store.resolve().as_uri())
+    [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
+    runs = client.search_runs([experiment.experiment_id])
+    assert experiment.name == "my-study"
+    assert sorted((r.info.run_name, r.data.tags["fold"], r.data.tags["variant"]) for r in runs) == [
+        ("fold-1/variant-a", "fold-1", "a"), ("fold-2/variant-b", "fold-2", "b")]
+    assert not (tmp_path / "results" / "train" / "fold-1" / "variant-a" / "mlflow").exists()
+
+    elsewhere = tmp_path / "server-store"  # $MLFLOW_TRACKING_URI wins over the study's store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere.resolve().as_uri())
+    train(table, "age", "regression", hyper, tmp_path / "results" / "train" / "fold-3",
+          mlflow=MlflowTarget(store, "my-study", "fold-3"))
+    client = MlflowClient(tracking_uri=elsewhere.resolve().as_uri())
+    [run] = client.search_runs([client.get_experiment_by_name("my-study").experiment_id])
+    assert run.info.run_name == "fold-3" and "variant" not in run.data.tags
+    assert len(MlflowClient(tracking_uri=store.resolve().as_uri()).search_runs([experiment.experiment_id])) == 2
 
 
 def test_two_process_ddp_on_cpu_matches_one_process(study, tmp_path):

@@ -8,12 +8,20 @@ import pandas as pd
 from snakemake.utils import validate
 
 
+# Jobs run `python -m pipeline.<stage>`. Without --use-conda/--use-apptainer that is the interpreter
+# running Snakemake (its bin folder goes first on the jobs' PATH: `.venv/bin/snakemake` works without
+# activating the venv); with them, the rule's environment's python.
+# In a checkout (workflow/ beside src/) the checkout's package goes first on the jobs' import path and
+# on the Snakefile's; an installed wheel (workflow/ as the package data pipeline/workflow) is
+# importable by its interpreter already.
 SRC = Path(workflow.basedir).parent / "src" / "pipeline"
-# Jobs run `python -m pipeline.<stage>` with the python on PATH (the activated venv or the rule's
-# conda environment); this checkout's package is put first on its import path, and the Snakefile
-# imports its standard-library-only modules (paths, fingerprints) from there too.
-shell.prefix(f"export PYTHONPATH={SRC.parent}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
-sys.path.insert(0, str(SRC.parent))
+JOB_PREFIX = ""
+if not workflow.deployment_settings.deployment_method:
+    JOB_PREFIX = f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
+if SRC.is_dir():
+    JOB_PREFIX += f"export PYTHONPATH={shlex.quote(str(SRC.parent))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
+    sys.path.insert(0, str(SRC.parent))
+shell.prefix(JOB_PREFIX)
 from pipeline import configcheck  # the schema's checks and the stages' checks across keys
 from pipeline.common.codegraph import code_of
 from pipeline.common.config import stage_config

@@ -16,6 +16,10 @@ rule train:
     params:
         preproc_dir=preproc_root,
         out_dir=parent_of("model"),
+        # train.tracking: mlflow: one store and experiment per study, a run per fold and variant
+        mlflow_store=f"{RESULTS}/mlflow",
+        mlflow_experiment=str(Path(RESULTS).resolve()),
+        mlflow_run=lambda wildcards: TRAIN_RUN.format(fold=wildcards.fold, variant=wildcards.get("variant")),
         config=lambda wildcards: stage_config(
             config,
             ["task", "channels"],
@@ -38,7 +42,8 @@ rule train:
     shell:
         "python -m pipeline.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --targets {input.targets:q}"
-        " --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --threads {threads} --mlflow-store {params.mlflow_store:q}"
+        " --mlflow-experiment {params.mlflow_experiment:q} --mlflow-run {params.mlflow_run:q} > {log:q} 2>&1"
 
 
 if VARIANTS:  # config train.variants: the variant with the lowest validation loss is the fold's model

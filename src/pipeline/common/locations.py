@@ -1,7 +1,8 @@
-"""Where the package's code and its workflow are: the one place that knows the repository layout.
+"""Where the package's code and its workflow are: the one place that knows the layout.
 
-The workflow (``workflow/``: Snakefile, rules, schema, profiles) sits beside ``src/`` in the
-repository; ``PIPELINE_WORKFLOW`` names another copy of it (e.g. an installed package's).
+The workflow (``workflow/``: Snakefile, rules, schema, profiles, envs) sits beside ``src/`` in a
+checkout of the repository; an installed wheel carries it as the package data ``pipeline/workflow/``
+(pyproject.toml). ``PIPELINE_WORKFLOW`` names another copy of it.
 """
 
 from __future__ import annotations
@@ -9,11 +10,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1]  # src/pipeline
-REPOSITORY = PACKAGE.parents[1]
-WORKFLOW = Path(os.environ.get("PIPELINE_WORKFLOW", REPOSITORY / "workflow"))
+PACKAGE = Path(__file__).resolve().parents[1]  # src/pipeline, or site-packages/pipeline when installed
+REPOSITORY = PACKAGE.parents[1]  # a checkout's root (meaningless for an installed wheel)
+DISTRIBUTION = "bids-deepstudy"  # the name on the package index; the import package is `pipeline`
+# Running from a git checkout's src/ (editable install or PYTHONPATH), not from an installed wheel
+# (whose site-packages may well lie inside some other repository).
+CHECKOUT = PACKAGE == REPOSITORY / "src" / "pipeline" and (REPOSITORY / ".git").exists()
+
+
+def workflow_folder() -> Path:
+    """$PIPELINE_WORKFLOW, else the installed wheel's ``pipeline/workflow``, else the checkout's ``workflow/``."""
+    if os.environ.get("PIPELINE_WORKFLOW"):
+        return Path(os.environ["PIPELINE_WORKFLOW"])
+    installed = PACKAGE / "workflow"
+    return installed if (installed / "Snakefile").is_file() else REPOSITORY / "workflow"
+
+
+WORKFLOW = workflow_folder()
 SNAKEFILE = WORKFLOW / "Snakefile"
 SCHEMA = WORKFLOW / "schemas" / "config.schema.yaml"
+PROFILES = WORKFLOW / "profiles"
 
 
 def code_files() -> list[Path]:

@@ -278,7 +278,9 @@ def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> 
 def _versions() -> dict:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("antspyx", "nibabel", "numpy", "pipeline")}
+    from pipeline import __version__
+
+    return {**{name: version(name) for name in ("antspyx", "nibabel", "numpy")}, "pipeline": __version__}
 
 
 def main(argv=None) -> None:

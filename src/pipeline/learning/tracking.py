@@ -1,9 +1,18 @@
-"""Where a training run's metrics go: history.tsv, TensorBoard and, when asked, MLflow."""
+"""Where a training run's metrics go: history.tsv, TensorBoard and, when asked, MLflow.
+
+MLflow (``train.tracking: mlflow``): the server or store named by ``$MLFLOW_TRACKING_URI`` when it
+is set, else one file store per study (the workflow passes ``results/mlflow``); in it one
+experiment per study (the workflow names it after the study's results folder) holding one run per
+fold and variant (``fold-1``, ``fold-1/variant-small``, tagged ``fold`` and ``variant``), so one
+``mlflow ui --backend-store-uri results/mlflow`` compares them all.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -12,18 +21,34 @@ from pipeline.common import atomic
 from pipeline.common.errors import InputError
 
 
+@dataclass(frozen=True)
+class MlflowTarget:
+    """Where one training run goes in MLflow: the file store (used unless $MLFLOW_TRACKING_URI is
+    set), the experiment (one per study) and this run's name (``fold-K`` or ``fold-K/variant-NAME``)."""
+
+    store: Path
+    experiment: str
+    run: str
+
+    @classmethod
+    def alone(cls, out_dir: Path) -> "MlflowTarget":
+        """A run on its own: a store in ``out_dir/mlflow``, experiment ``pipeline``, the folder's name."""
+        return cls(out_dir / "mlflow", "pipeline", out_dir.name)
+
+
 class Trackers:
     """Metrics per epoch: ``history.tsv`` and TensorBoard always, MLflow with ``tracking: mlflow``
-    (a file store in ``out_dir/mlflow``, no server: ``mlflow ui --backend-store-uri <it>``)."""
+    (``mlflow``: where the run goes; default ``MlflowTarget.alone(out_dir)``)."""
 
-    def __init__(self, out_dir: Path, hyper: dict, state: dict, enabled: bool):
+    def __init__(self, out_dir: Path, hyper: dict, state: dict, enabled: bool, mlflow: MlflowTarget | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir, self.enabled = out_dir, enabled
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["epoch"] + 1) if enabled else None
         self.mlflow = None
         if enabled and hyper["tracking"] == "mlflow":
-            self.mlflow, state["mlflow_run"] = start_mlflow(out_dir, hyper, state.get("mlflow_run"))
+            target = mlflow or MlflowTarget.alone(out_dir)
+            self.mlflow, state["mlflow_run"] = start_mlflow(target, hyper, state.get("mlflow_run"))
 
     def log(self, row: dict, history: list[dict]) -> None:
         if not self.enabled:
@@ -47,23 +72,59 @@ class Trackers:
             client.set_terminated(run_id)
 
 
-def start_mlflow(out_dir: Path, hyper: dict, run_id: str | None):
-    """(client, run id) of this fold's MLflow run in the file store ``out_dir/mlflow``; the run of
-    a resumed training continues."""
+def start_mlflow(target: MlflowTarget, hyper: dict, run_id: str | None):
+    """(client, run id) of this run in ``$MLFLOW_TRACKING_URI`` or else the file store ``target.store``;
+    the run of a resumed training continues."""
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
         raise InputError("config `train.tracking: mlflow` needs MLflow: pip install 'mlflow-skinny' "
                          "(the `tracking` extra of this package)") from exc
-    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # local files, no database or server
-    client = MlflowClient(tracking_uri=(out_dir / "mlflow").resolve().as_uri())
+    store = None if os.environ.get("MLFLOW_TRACKING_URI") else target.store  # MLflow reads the variable itself
+    if store:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # local files, no database or server
+        store.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(tracking_uri=store.resolve().as_uri() if store else None)
     if run_id is None:
-        experiment = client.get_experiment_by_name("pipeline") or client.create_experiment("pipeline")
-        experiment_id = experiment if isinstance(experiment, str) else experiment.experiment_id
-        run_id = client.create_run(experiment_id, run_name=out_dir.name).info.run_id
+        experiment_id = experiment(client, target.experiment, store)
+        fold, _, variant = target.run.partition("/")
+        tags = {"fold": fold, **({"variant": variant.removeprefix("variant-")} if variant else {})}
+        run_id = client.create_run(experiment_id, run_name=target.run, tags=tags).info.run_id
         for key, value in flatten(hyper).items():
             client.log_param(run_id, key, value)
     return (client, run_id), run_id
+
+
+def experiment(client, name: str, store: Path | None) -> str:
+    """The id of experiment ``name``, created if absent. In a file store (``store``) the training jobs
+    of a study's folds start at once: a lock file makes one of them create it (MLflow's file store
+    would create one per job); a server refuses the second creation, and the name is looked up again."""
+    from mlflow.exceptions import MlflowException
+
+    with lock(store / ".create-experiment.lock") if store else contextlib.nullcontext():
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name)
+        except MlflowException:
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+
+@contextlib.contextmanager
+def lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if absent) while the block runs."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -12,7 +12,7 @@ and plain types only), ``history.tsv`` (one row per epoch, rewritten after each:
 metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
 epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
 ``diagnostics.json`` (``pipeline.results.diagnostics.training``: did the network fit, did validation diverge),
-TensorBoard logs, an MLflow file store with ``tracking: mlflow``, and ``checkpoints/last.pt``
+TensorBoard logs, an MLflow run with ``tracking: mlflow`` (``pipeline.learning.tracking``), and ``checkpoints/last.pt``
 and ``best.pt``. An interrupted run resumes exactly from ``last.pt`` (weights, optimizer,
 scheduler, loss scaler, every RNG state, epoch, early-stopping state) when settings, data and
 code are unchanged: it ends with the weights an uninterrupted run would have.
@@ -49,7 +49,7 @@ from pipeline.learning.loader import ArrayLoader
 from pipeline.learning.losses import SEGMENTATION
 from pipeline.learning.models import resolved_args
 from pipeline.learning.process import Process, seed_everything
-from pipeline.learning.tracking import Trackers
+from pipeline.learning.tracking import MlflowTarget, Trackers
 from pipeline.learning.trainer import build_trainer, sampler_config
 
 def resolve(hyper: dict) -> dict:
@@ -64,12 +64,13 @@ def resolve(hyper: dict) -> dict:
 
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
           classes: list[str] | None = None, channels: list[str] | None = None, init: dict | None = None,
-          on_epoch_end: Callable[[int], None] | None = None) -> dict:
+          on_epoch_end: Callable[[int], None] | None = None, mlflow: MlflowTarget | None = None) -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
     ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
     fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.learning.finetune``).
-    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written."""
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. ``mlflow``: where the
+    run goes with ``tracking: mlflow`` (default: a store of its own in ``out_dir/mlflow``)."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
     process = Process.start()
@@ -110,7 +111,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "history": []}
     last = ckpt_dir / "last.pt"
     state = resume(trainer, last, run_id, generator, state)
-    trackers = Trackers(out_dir, hyper, state, enabled=process.main)
+    trackers = Trackers(out_dir, hyper, state, enabled=process.main, mlflow=mlflow)
     record = {"model": {"name": hyper["model"], "args": resolved_args(hyper["model"], hyper["model_args"]),
                         "spatial_dims": trainer.sampler.spatial_dims},
               "sampler": sampler_config(trainer.sampler), "target": target, "coder": coder.state(),
@@ -202,6 +203,10 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", type=Path, help="ingestion's targets.json (the recorded class list)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per process")
+    mlflow = parser.add_argument_group("MLflow (train.tracking: mlflow; $MLFLOW_TRACKING_URI, when set, replaces the store)")
+    mlflow.add_argument("--mlflow-store", type=Path, help="the study's file store (default: OUT_DIR/mlflow)")
+    mlflow.add_argument("--mlflow-experiment", default="pipeline", help="the study's experiment")
+    mlflow.add_argument("--mlflow-run", help="this run's name (default: OUT_DIR's name)")
     args = parser.parse_args(argv)
     cfg, names = args.config, channel_names(args.config)
     with InputError.exit_cleanly():
@@ -213,7 +218,10 @@ def main(argv=None) -> None:
             classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
         init = cfg.get("init")
         init = {"package": Path(init["package"]), "recipe": init["recipe"], "fold": args.fold} if init else None
-        best = train(table, cfg["target"], cfg["task"], cfg["train"], args.out_dir, args.threads, classes, names, init)
+        target = MlflowTarget(args.mlflow_store or args.out_dir / "mlflow", args.mlflow_experiment,
+                              args.mlflow_run or args.out_dir.name)
+        best = train(table, cfg["target"], cfg["task"], cfg["train"], args.out_dir, args.threads, classes, names, init,
+                     mlflow=target)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

@@ -14,7 +14,8 @@ import pandas as pd
 
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
-from pipeline.common.locations import REPOSITORY
+from pipeline import __version__
+from pipeline.common.locations import CHECKOUT, REPOSITORY
 from pipeline.common.tables import read_tsv
 
 
@@ -68,20 +69,22 @@ def provenance(config: dict) -> str:
     """Package versions, the code's git commit and the study's configuration."""
     from importlib.metadata import version
 
-    packages = ["pipeline", "torch", "antspyx", "monai", "captum", "nibabel", "nilearn", "pybids", "snakemake",
+    packages = ["torch", "antspyx", "monai", "captum", "nibabel", "nilearn", "pybids", "snakemake",
                 "scikit-learn", "numpy", "pandas"]
-    versions = {}
+    versions = {"pipeline": __version__}
     for name in packages:
         try:
             versions[name] = version(name)
         except Exception:  # not installed
             versions[name] = "not installed"
-    repo = REPOSITORY
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)
-    described = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "") \
-        if commit.returncode == 0 else "not a git checkout"
+    described = f"installed package, version {__version__} (not a git checkout)"
+    if CHECKOUT:
+        repo = REPOSITORY
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True)
+        if commit.returncode == 0:
+            described = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
     return (f"<p>Code: {html.escape(described)}</p>"
             + table_html(pd.DataFrame(list(versions.items()), columns=["package", "version"]))
             + f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>")

@@ -1,11 +1,15 @@
-"""Apply a registered model package to a BIDS dataset (BIDS-Apps convention)::
+"""Apply a model package to a BIDS dataset (BIDS-Apps convention)::
 
-    python -m pipeline.apply BIDS_DIR OUTPUT_DIR participant --model owner/name[:version]
-                             [--participant-label 01 02] [--registry R] [--cores N]
+    python -m pipeline.apply BIDS_DIR OUTPUT_DIR participant --model MODEL [--version V]
+                             [--participant-label 01 02] [--session-label 1] [--registry R] [--cores N]
 
-Fetches the package into ``OUTPUT_DIR/models/<owner>/<name>/<version>`` (checksums verified), writes
-``OUTPUT_DIR/config.yaml`` (the package's preprocessing recipe and image selection, the package's
-explanation settings, ``apply.package``) and runs the study's own Snakefile in its apply mode:
+MODEL is a package folder or a ``model.tar.gz`` on disk (an existing path wins), else a registry
+name ``owner/name[:version]`` (``--version V`` is the same as ``:V``; default: the highest). A
+registry package is fetched into ``OUTPUT_DIR/models/<owner>/<name>/<version>``, an archive is
+unpacked into ``OUTPUT_DIR/models/archive-<sha256 prefix>``, a folder is used where it is; each is
+verified (checksums, safetensors) before use. Then it writes ``OUTPUT_DIR/config.yaml`` (the
+package's preprocessing recipe and image selection, the package's explanation settings,
+``apply.package``) and runs the study's own Snakefile in its apply mode:
 ingest (no target) → preprocess (the package's grid and recipe) → predict → maps → report.
 Outputs: ``predictions.tsv`` (and ``predict/fold-K/``), ``explain/maps/`` (template and native
 space), ``report.html``, beside the preprocessed images under ``derivatives/pipeline/``.
@@ -14,9 +18,9 @@ space), ``report.html``, beside the preprocessed images under ``derivatives/pipe
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -26,13 +30,14 @@ from pipeline.sharing import package
 from pipeline.intake import recipe
 from pipeline.sharing import registry
 from pipeline.common.errors import InputError
-
-from pipeline.common.locations import SNAKEFILE
+from pipeline.common import launch
+from pipeline.common.locations import SNAKEFILE  # noqa: F401  (tests build apply runs from it)
 
 
 def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: str, labels: list[str],
-                 methods: list[str] | None) -> dict:
-    """The workflow config of an apply run: paths, the package's recipe and explain settings."""
+                 methods: list[str] | None, session: str = "all") -> dict:
+    """The workflow config of an apply run: paths, the package's recipe and explain settings;
+    ``session``: config ``sessions`` (all, first, last or one label)."""
     explain = dict(pkg.spec["explain"])
     if methods:
         explain["methods"] = methods
@@ -41,6 +46,7 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
         "target": pkg.spec["target"], "task": pkg.spec["task"],
         **recipe.config_keys(pkg.recipe),
         "participants": {"include": labels, "exclude": []},
+        "sessions": session,
         "explain": {**explain, "groundtruth": None},
         "apply": {"package": str(pkg.folder.resolve()), "name": name},
     }
@@ -48,10 +54,44 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
 
 def run_workflow(config_file: Path, output_dir: Path, cores: int, extra: list[str]) -> int:
     """Run the Snakefile on ``config_file`` in ``output_dir``; return Snakemake's exit status."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(output_dir),
-               "--configfile", str(config_file), "--cores", str(cores), *extra]
-    return subprocess.run(command, env=env).returncode
+    return launch.snakemake(["--directory", str(output_dir), "--configfile", str(config_file),
+                             "--cores", str(cores), *extra])
+
+
+def is_path(model: str) -> bool:
+    """Whether ``--model`` names a package on disk (an existing folder or file) rather than a registry name."""
+    return Path(model).expanduser().exists()
+
+
+def local_package(model: Path, models_dir: Path) -> tuple[str, Path]:
+    """(name recorded in the config, verified package folder) of a package folder or ``.tar.gz`` on disk.
+    An archive is unpacked (after ``package.unpack``'s checks) into ``models_dir/archive-<sha256[:16]>``,
+    reused when that folder is already there."""
+    model = model.expanduser().resolve()
+    if model.is_dir():
+        return str(model), package.load(model).folder
+    digest = package.sha256(model)
+    dest = models_dir / f"archive-{digest[:16]}"
+    if not dest.exists():
+        models_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
+            folder = package.unpack(model, Path(tmp))
+            package.load(folder)
+            shutil.move(str(folder), str(dest))
+    return f"{model} (sha256 {digest})", package.load(dest).folder
+
+
+def registry_package(model: str, version: str | None, where: str, models_dir: Path) -> tuple[str, Path]:
+    """(resolved ``owner/name:version``, verified package folder) fetched from the registry ``where``."""
+    ref = registry.parse_name(model)
+    if version is not None:
+        if ref.version not in (None, version):
+            raise InputError(f"--model {model} names version {ref.version} but --version is {version}: give one.")
+        ref = ref._replace(version=version)
+    fs, root = registry.open_registry(where)
+    ref = registry.resolve(fs, root, ref)
+    ref, folder = registry.fetch(str(ref), where, models_dir / ref.owner / ref.name / ref.version)
+    return str(ref), folder
 
 
 def main(argv=None) -> None:
@@ -59,8 +99,13 @@ def main(argv=None) -> None:
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
     parser.add_argument("output_dir", type=Path, help="where predictions, maps and the report go")
     parser.add_argument("analysis_level", choices=["participant"], help="BIDS-Apps level: participant")
-    parser.add_argument("--model", required=True, help="package name: owner/name[:version]")
+    parser.add_argument("--model", required=True,
+                        help="a package folder or model.tar.gz on disk, else a registry name owner/name[:version]")
+    parser.add_argument("--version", help="registry version of --model (default: the highest registered)")
     parser.add_argument("--participant-label", nargs="+", default=[], help="participants (with or without sub-)")
+    parser.add_argument("--session-label", default="all", metavar="LABEL",
+                        help="one session per participant: a label (with or without ses-), first or last "
+                             "(config `sessions`; default: all)")
     parser.add_argument("--registry", help=f"registry folder or fsspec URL (default: ${registry.ENVIRONMENT}, "
                                            f"else {registry.DEFAULT})")
     parser.add_argument("--methods", nargs="+", help="attribution methods (default: the package's)")
@@ -71,16 +116,19 @@ def main(argv=None) -> None:
     with InputError.exit_cleanly():
         if not args.bids_dir.is_dir():
             raise InputError(f"BIDS_DIR {args.bids_dir} is not a folder.")
-        where = registry.location(args.registry)
-        ref = registry.parse_name(args.model)
-        fs, root = registry.open_registry(where)
-        ref = registry.resolve(fs, root, ref)
-        ref, folder = registry.fetch(str(ref), where, args.output_dir / "models" / ref.owner / ref.name / ref.version)
+        models_dir = args.output_dir / "models"
+        if is_path(args.model):
+            if args.version is not None:
+                raise InputError(f"--version picks a registry version, but --model {args.model} is a package on disk.")
+            name, folder = local_package(Path(args.model), models_dir)
+        else:
+            name, folder = registry_package(args.model, args.version, registry.location(args.registry), models_dir)
         pkg = package.load(folder)
-        config = apply_config(args.bids_dir, args.output_dir, pkg, str(ref), args.participant_label, args.methods)
+        config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
+                              args.session_label)
     config_file = args.output_dir / "config.yaml"
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
-    print(f"applying {ref} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
+    print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
     sys.exit(run_workflow(config_file, args.output_dir, args.cores, args.snakemake_args))
 
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from pipeline import __version__
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
 from pipeline.sharing import modelcard
@@ -125,7 +126,7 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
         "ensemble": "mean over folds of the class probabilities" if coder.task == "classification"
                     else "mean over folds of the prediction in target units",
         "explain": explain,
-        "software": {name: version(name) for name in ("pipeline", "torch", "antspyx", "nilearn", "safetensors")},
+        "software": {"pipeline": __version__, **{name: version(name) for name in ("torch", "antspyx", "nilearn", "safetensors")}},
     }
     normalisation = {"input": recipe["normalisation"],
                      "target": {fold: r["coder"] for fold, r in records.items()},

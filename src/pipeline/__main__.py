@@ -1,0 +1,53 @@
+"""``bids-deepstudy`` (also ``python -m pipeline``): one command for every entry point.
+
+    bids-deepstudy run [SNAKEMAKE ARGS]          a study: Snakemake on the packaged Snakefile
+                                                 (--cores all unless --cores/--jobs/--profile;
+                                                 --profile slurm is the packaged SLURM profile)
+    bids-deepstudy check CONFIG                  every config problem (python -m pipeline.configcheck)
+    bids-deepstudy demo OUT_DIR [...]            the simulated demo cohort (python -m pipeline.demo)
+    bids-deepstudy apply BIDS_DIR OUTPUT_DIR participant --model M [...]
+                                                 a model package on new images (python -m pipeline.apply)
+    bids-deepstudy register PACKAGE --name N     put a package into the registry
+    bids-deepstudy fetch NAME [--out DIR]        get one (python -m pipeline.registry)
+
+``COMMAND --help`` shows each one's options. Snakemake and every job run on the interpreter this
+package is installed in (its bin folder first on PATH), so the environment needs no activating.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+PROG = "bids-deepstudy"
+# command → (module whose main(argv) runs it, arguments put before the user's)
+COMMANDS = {
+    "run": ("pipeline.common.launch", []),
+    "check": ("pipeline.configcheck", []),
+    "demo": ("pipeline.demo.__main__", []),
+    "apply": ("pipeline.sharing.apply", []),
+    "register": ("pipeline.sharing.registry", ["register"]),
+    "fetch": ("pipeline.sharing.registry", ["fetch"]),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        from pipeline import __version__
+
+        print(f"{PROG} {__version__}")
+        return
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        sys.exit(f"{PROG}: unknown command {name!r}; choose one of: {', '.join(COMMANDS)} (--help says more).")
+    module, before = COMMANDS[name]
+    sys.argv[0] = PROG if before else f"{PROG} {name}"  # usage lines name the command (register/fetch: its own)
+    importlib.import_module(module).main([*before, *rest])
+
+
+if __name__ == "__main__":
+    main()
