@@ -11,12 +11,12 @@ export PATH := $(abspath $(BIN)):$(PATH)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 
-# torch first, pinned, from PyTorch's CPU index: from PyPI (or an open-ended requirement) it would be
-# the multi-GB CUDA build. Where a CPU wheel is on disk already (pip's find-links): make TORCH_INDEX=
+# torch first, pinned, CPU build: a wheel already on disk (pip's find-links, no index asked), else
+# PyTorch's CPU index; from PyPI (or an open-ended requirement) it would be the multi-GB CUDA build.
 TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_INDEX)
+	$(BIN)/pip install --quiet --no-index torch==2.13.0 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0 $(TORCH_INDEX)
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
