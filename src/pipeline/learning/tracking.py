@@ -119,12 +119,12 @@ def lock(path: Path):
     """An exclusive ``flock`` on ``path`` (created if absent) while the block runs."""
     import fcntl
 
-    with open(path, "a") as handle:
+    handle = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)  # a lock, never written to
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(handle)  # releases the lock
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
