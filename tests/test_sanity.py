@@ -62,6 +62,6 @@ def test_consistency_between_folds_is_flagged_when_their_maps_disagree():
     disagree = [rng.random((6, 6, 6)) for _ in range(3)]
     steps = pd.DataFrame({"method": ["a", "b"], "blocks_randomised": [5, 5], "of_blocks": [5, 5], "spearman": [0.1, 0.9]})
     table = sanity.summary(steps, {"a": agree, "b": disagree}, brain).set_index("method")
-    assert table.at["a", "fold_consistency_spearman"] > 0.9 and table.at["a", "consistency_verdict"] == "consistent between folds"
+    assert table.at["a", "fold_consistency_r"] > 0.9 and table.at["a", "consistency_verdict"] == "consistent between folds"
     assert table.at["b", "consistency_verdict"].startswith("flagged")
     assert table.at["a", "random_verdict"].startswith("passes") and table.at["b", "random_verdict"].startswith("fails")

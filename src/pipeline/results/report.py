@@ -258,8 +258,8 @@ def explanation_sections(explain: Path, methods: list[str], atlas: dict | None =
                      "each fold computed again after re-initialising the network's blocks from the output down "
                      "(<code>explain/randomisation.tsv</code>); the Spearman rank correlation of |map| with the trained "
                      "model's map after randomising the top block and the whole model. A method that explains the "
-                     "model must change (|ρ| below 0.5 after full randomisation). Consistency: the rank correlation "
-                     "of the folds' group maps, pair by pair.</p>", table_html(checks)]
+                     "model must change (|ρ| below 0.5 after full randomisation). Consistency: the Pearson "
+                     "correlation of the folds' group maps, pair by pair (flagged below 0.5).</p>", table_html(checks)]
         truth = validation.drop(columns=sanity)
         if "enrichment" in truth:
             sections += ["<h3>Validation against the simulated ground truth</h3>",
