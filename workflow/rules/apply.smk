@@ -16,6 +16,7 @@ rule predict:
         preproc_dir=preproc_root,
         config=stage_config(config, ["apply", "channels"]),
         out_dir=lambda wildcards, output: str(Path(output.folds[0]).parent.parent),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/predict.log",
     benchmark:
@@ -24,12 +25,13 @@ rule predict:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=1 if config["gpu"] else 0,
     conda:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
         " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
-        " --predictions {output.predictions:q} > {log:q} 2>&1"
+        " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
 
 
 rule predict_maps:
@@ -49,6 +51,7 @@ rule predict_maps:
         preproc_dir=preproc_root,
         config=stage_config(config, ["apply", "channels"], explain=MAP_SETTINGS),
         out_dir=parent_of("index"),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/predict_maps.log",
     benchmark:
@@ -63,7 +66,7 @@ rule predict_maps:
     shell:
         "python -m pipeline.predict maps --config {params.config:q} --manifest {input.manifest:q}"
         " --preproc-dir {params.preproc_dir:q} --mask {input.mask:q} --template {input.template:q}"
-        " --out-dir {params.out_dir:q} --threads {threads} > {log:q} 2>&1"
+        " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} > {log:q} 2>&1"
 
 
 rule predict_report:

@@ -31,7 +31,7 @@ from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, gro
 from pipeline.common.paths import preprocessed as preprocessed_paths
 from pipeline.common.snakemake_compat import fix_group_components
 from pipeline.intake import recipe
-from pipeline.learning import variants
+from pipeline.learning import launch, variants
 from pipeline.sharing import registry
 from pipeline.sharing.package import files as package_files
 

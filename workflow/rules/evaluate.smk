@@ -16,6 +16,7 @@ rule evaluate:
         preproc_dir=preproc_root,
         out_dir=parent_of("metrics"),
         config=stage_config(config, ["channels", "positive_class"]),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/evaluate/{{fold}}.log",
     benchmark:
@@ -24,12 +25,13 @@ rule evaluate:
     resources:
         mem_mb=4000,
         runtime=30,
+        gpu=1 if config["gpu"] else 0,
     conda:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.evaluate fold --config {params.config:q} --manifest {input.manifest:q}"
         " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
-        " --model {input.model:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --model {input.model:q} --out-dir {params.out_dir:q} --device {params.device} > {log:q} 2>&1"
 
 
 rule evaluate_folds:

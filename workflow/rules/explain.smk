@@ -16,6 +16,7 @@ rule explain:
         preproc_dir=preproc_root,
         out_dir=parent_of("index"),
         config=stage_config(config, ["channels", "positive_class"], explain=MAP_SETTINGS),
+        device=config["device"],
     log:
         f"{RESULTS}/logs/explain/{{fold}}.log",
     benchmark:
@@ -31,7 +32,7 @@ rule explain:
         "python -m pipeline.explain fold --config {params.config:q} --manifest {input.manifest:q}"
         " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
         " --model {input.model:q} --mask {input.mask:q} --out-dir {params.out_dir:q} --threads {threads}"
-        " > {log:q} 2>&1"
+        " --device {params.device} > {log:q} 2>&1"
 
 
 rule explain_folds:

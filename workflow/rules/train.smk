@@ -14,6 +14,9 @@ rule train:
         diagnostics=f"{RESULTS}/train/{TRAIN_RUN}/diagnostics.json",
         hyperparameters=f"{RESULTS}/train/{TRAIN_RUN}/hyperparameters.json",
     params:
+        # One process, or torchrun with one per GPU (config train.gpus > 1: pipeline.learning.launch).
+        launcher=lambda wildcards: launch.launcher(launch.processes(config["train"], wildcards.get("variant"))),
+        device=config["device"],
         preproc_dir=preproc_root,
         out_dir=parent_of("model"),
         # train.tracking: mlflow: one store and experiment per study, a run per fold and variant
@@ -36,13 +39,13 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1 if config["gpu"] else 0,
+        gpu=lambda wildcards: launch.gpus_requested(config, wildcards.get("variant")),
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        "{params.launcher} -m pipeline.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --targets {input.targets:q}"
-        " --out-dir {params.out_dir:q} --threads {threads} --mlflow-store {params.mlflow_store:q}"
+        " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} --mlflow-store {params.mlflow_store:q}"
         " --mlflow-experiment {params.mlflow_experiment:q} --mlflow-run {params.mlflow_run:q} > {log:q} 2>&1"
 
 

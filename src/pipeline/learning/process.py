@@ -9,15 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.learning.device import deterministic, resolve
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; make torch deterministic; return the data-order generator."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+
+def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
+    """Seed Python, NumPy and torch; make torch deterministic on ``device`` (strictly on the CPU;
+    where PyTorch can on CUDA: ``pipeline.learning.device.deterministic``); return the data-order generator."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    # CUDA lacks deterministic kernels for some backward passes (max-pool 3D): warn there, exact on CPU.
-    torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+    deterministic(device)
     return torch.Generator().manual_seed(seed)
 
 
@@ -34,11 +35,11 @@ class Process:
         return self.rank == 0
 
     @classmethod
-    def start(cls) -> "Process":
-        """Join the ``torchrun`` process group when WORLD_SIZE > 1; pick this process's device."""
+    def start(cls, device: str = "auto") -> "Process":
+        """Join the ``torchrun`` process group when WORLD_SIZE > 1; this process's device from
+        config ``device`` (``auto``: its GPU, number ``$LOCAL_RANK``, when the job sees GPUs)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        device = resolve(device)
         if world > 1:
             import torch.distributed as dist
 

@@ -31,13 +31,14 @@ def rebuild(architecture: dict, in_channels: int, outputs: int, sampler: dict | 
     return model.eval()
 
 
-def load_model(path: Path) -> tuple[torch.nn.Module, TargetCoder, dict]:
-    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code)."""
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, TargetCoder, dict]:
+    """Rebuild a trained model from ``model.pt`` (tensors and plain types only, no pickled code),
+    in eval mode on ``device``."""
     record = torch.load(path, weights_only=True, map_location="cpu")
     coder = TargetCoder(**record["coder"])
     model = rebuild(record["model"], record["input_shape"][0], coder.outputs, record.get("sampler"),
                     record["state_dict"], segmentation=coder.task == SEGMENTATION)
-    return model, coder, record
+    return model.to(device), coder, record
 
 
 def package_coder(pkg, fold: str) -> TargetCoder:
@@ -45,7 +46,7 @@ def package_coder(pkg, fold: str) -> TargetCoder:
     return TargetCoder(**pkg.normalisation["target"][fold])
 
 
-def package_model(pkg, fold: str) -> torch.nn.Module:
-    """One fold of a model package as a network in eval mode, its weights loaded."""
+def package_model(pkg, fold: str, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """One fold of a model package as a network in eval mode on ``device``, its weights loaded."""
     return rebuild(pkg.spec["architecture"], pkg.spec["input"]["shape"][0], pkg.spec["outputs"],
-                   pkg.spec.get("sampler"), pkg.state_dict(fold))
+                   pkg.spec.get("sampler"), pkg.state_dict(fold)).to(device)

@@ -20,8 +20,10 @@ code are unchanged: it ends with the weights an uninterrupted run would have.
 One process, or several through ``torchrun`` (DistributedDataParallel; NCCL on GPUs, gloo on
 CPUs): every process draws the same data order and augmentation parameters, trains on its
 share of each batch and validates its share of the validation images; process 0 writes.
-On CPU the same config, seed and thread count give bit-identical weights. ``amp: true`` trains
-with float16 autocast and loss scaling on CUDA (no effect on CPU).
+On CPU the same config, seed and thread count give bit-identical weights; on CUDA, PyTorch's
+deterministic kernels where it has them (``pipeline.learning.device``). ``amp: true`` trains
+with float16 autocast and loss scaling on CUDA (no effect on CPU). ``--device`` is config
+``device``: ``auto`` trains on the GPU when the job sees one.
 """
 
 from __future__ import annotations
@@ -40,11 +42,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.common import atomic, config
-from pipeline.common.cli import add_config, add_fold, channel_names
+from pipeline.common.cli import add_config, add_device, add_fold, channel_names
 from pipeline.common.errors import InputError
 from pipeline.intake.study import study_table
 from pipeline.learning.checkpoints import checkpoint, fingerprint, resume, save_atomic
 from pipeline.learning.coder import TargetCoder
+from pipeline.learning import device as devices
 from pipeline.learning.loader import ArrayLoader
 from pipeline.learning.losses import SEGMENTATION
 from pipeline.learning.models import resolved_args
@@ -64,17 +67,19 @@ def resolve(hyper: dict) -> dict:
 
 def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
           classes: list[str] | None = None, channels: list[str] | None = None, init: dict | None = None,
-          on_epoch_end: Callable[[int], None] | None = None, mlflow: MlflowTarget | None = None) -> dict:
+          on_epoch_end: Callable[[int], None] | None = None, mlflow: MlflowTarget | None = None,
+          device: str = "auto") -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
     the model record. ``classes`` is the recorded class list of a classification target;
     ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
     fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.learning.finetune``).
     ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. ``mlflow``: where the
-    run goes with ``tracking: mlflow`` (default: a store of its own in ``out_dir/mlflow``)."""
+    run goes with ``tracking: mlflow`` (default: a store of its own in ``out_dir/mlflow``). ``device``:
+    config ``device`` (``pipeline.learning.device.resolve``); ``hyperparameters.json`` records the one used."""
     hyper = resolve(hyper)
     torch.set_num_threads(threads)
-    process = Process.start()
-    generator = seed_everything(hyper["seed"])
+    process = Process.start(device)
+    generator = seed_everything(hyper["seed"], process.device)
     train_rows = table[table["split"] == "train"].reset_index(drop=True)
     val_rows = table[table["split"] == "val"].reset_index(drop=True)
     if len(train_rows) < 2 or val_rows.empty:
@@ -156,7 +161,9 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     majority = float(train_rows[target].astype(str).value_counts(normalize=True).max()) \
         if task == "classification" else None
     return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper,
-                                             "sampler": sampler_config(trainer.sampler)}, process, majority)
+                                             "sampler": sampler_config(trainer.sampler),
+                                             "device": process.device.type, "processes": process.world},
+                  process, majority)
 
 
 def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> TargetCoder:
@@ -207,9 +214,11 @@ def main(argv=None) -> None:
     mlflow.add_argument("--mlflow-store", type=Path, help="the study's file store (default: OUT_DIR/mlflow)")
     mlflow.add_argument("--mlflow-experiment", default="pipeline", help="the study's experiment")
     mlflow.add_argument("--mlflow-run", help="this run's name (default: OUT_DIR's name)")
+    add_device(parser)
     args = parser.parse_args(argv)
     cfg, names = args.config, channel_names(args.config)
     with InputError.exit_cleanly():
+        devices.resolve(args.device)  # `device: cuda` without a GPU fails before any data is read
         segmentation = cfg["task"] == SEGMENTATION
         table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
         if segmentation:
@@ -221,7 +230,7 @@ def main(argv=None) -> None:
         target = MlflowTarget(args.mlflow_store or args.out_dir / "mlflow", args.mlflow_experiment,
                               args.mlflow_run or args.out_dir.name)
         best = train(table, cfg["target"], cfg["task"], cfg["train"], args.out_dir, args.threads, classes, names, init,
-                     mlflow=target)
+                     mlflow=target, device=args.device)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist

@@ -6,6 +6,12 @@ A slice or patch model comes wrapped in ``ImageModel`` (whole images in, the mea
 prediction views out), so every method sees the same whole-image model as prediction does.
 Signed methods (occlusion, integrated gradients, Grad-CAM) keep their sign; gradient and
 SmoothGrad are magnitudes.
+
+Device: each method runs on the model's device (``pipeline.learning.device.model_device``; the
+image is moved there) and returns its map on the CPU. Occlusion evaluates its windows in batches
+of ``batch`` occluded copies (captum's ``perturbations_per_eval``), SmoothGrad its noisy copies in
+batches of ``batch``; SmoothGrad's noise is drawn on the CPU, so a seed gives the same noise on
+every device. On the CPU the maps are those of the code before devices existed, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from typing import Callable
 
 import numpy as np
 import torch
-from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, NoiseTunnel, Saliency
+from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
 from pipeline.common.config import defaults
 from pipeline.common.errors import InputError
+from pipeline.learning.device import model_device, to_numpy
 from pipeline.learning.sampler import views_of
 from pipeline.results.explainconfig import find_layer
 
@@ -66,8 +73,10 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
     a voxel when they are set to the baseline.
 
     A window whose voxels all equal the baseline already (outside the brain) leaves the input
-    unchanged, so its output drop is exactly zero: it is counted but not evaluated.
+    unchanged, so its output drop is exactly zero: it is counted but not evaluated (found on a
+    CPU copy of the image). The drops are summed on the CPU in float64.
     """
+    image, x = x.cpu(), x.to(model_device(model))
     shape = x.shape[2:]
     reference = model(x)[0, target]
     attribution = torch.zeros(shape, dtype=torch.float64)
@@ -76,33 +85,44 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
     for corner in itertools.product(*(window_starts(n, window, stride) for n in shape)):
         box = tuple(slice(c, c + window) for c in corner)
         counts[box] += 1
-        if (x[(0, slice(None), *box)] != baseline).any():
+        if (image[(0, slice(None), *box)] != baseline).any():
             informative.append(box)
     for start in range(0, len(informative), batch):
         boxes = informative[start:start + batch]
         occluded = x.repeat(len(boxes), 1, 1, 1, 1)
         for j, box in enumerate(boxes):
             occluded[(j, slice(None), *box)] = baseline
-        drops = reference - model(occluded)[:, target]
-        for drop, box in zip(drops.double(), boxes):
+        drops = (reference - model(occluded)[:, target]).double().cpu()
+        for drop, box in zip(drops, boxes):
             attribution[box] += drop
     return (attribution / counts).float().numpy()
 
 
 def gradient(model, x: torch.Tensor, target: int) -> np.ndarray:
     """|d output / d input| (captum ``Saliency``), summed over channels."""
+    x = x.to(model_device(model))
     grads = Saliency(model).attribute(x.clone().requires_grad_(True), target=target, abs=True)
-    return grads[0].sum(0).detach().numpy()
+    return to_numpy(grads[0].sum(0))
 
 
-def smoothgrad(model, x: torch.Tensor, target: int, samples: int, noise: float, seed: int = 0) -> np.ndarray:
-    """SmoothGrad: mean |gradient| over ``samples`` copies with Gaussian noise of sd ``noise``
-    (captum ``NoiseTunnel`` over ``Saliency``); the noise is drawn from torch's generator seeded with ``seed``."""
+def smoothgrad(model, x: torch.Tensor, target: int, samples: int, noise: float, seed: int = 0,
+               batch: int = 8) -> np.ndarray:
+    """SmoothGrad: mean |gradient| (captum ``Saliency``) over ``samples`` copies with Gaussian noise
+    of sd ``noise``, ``batch`` copies per pass on the model's device. The noise is drawn on the CPU
+    from torch's generator seeded with ``seed``, in the order captum's ``NoiseTunnel`` draws it
+    (``nt_samples_batch_size=batch``), so on the CPU the map equals NoiseTunnel's and on a GPU it
+    sees the same noisy images."""
+    device, image = model_device(model), x.detach().cpu()
     torch.manual_seed(seed)
-    grads = NoiseTunnel(Saliency(model)).attribute(x.clone().requires_grad_(True), nt_type="smoothgrad",
-                                                   nt_samples=samples, nt_samples_batch_size=8, stdevs=noise,
-                                                   target=target, abs=True)
-    return grads[0].sum(0).detach().numpy()
+    total = None
+    for start in range(0, samples, batch):
+        n = min(batch, samples - start)
+        with torch.no_grad():
+            noisy = image.repeat_interleave(n, dim=0) + torch.normal(0, torch.tensor(noise).repeat((n, *image.shape[1:])))
+        grads = Saliency(model).attribute(noisy.to(device).requires_grad_(), target=target, abs=True)
+        part = grads.view(image.shape[0], n, *grads.shape[1:]).sum(1)
+        total = part if total is None else total + part
+    return to_numpy((total * 1 / samples)[0].sum(0))
 
 
 def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseline: float | torch.Tensor = 0.0
@@ -115,12 +135,15 @@ def integrated_gradients(model, x: torch.Tensor, target: int, steps: int, baseli
     constant 0 (a scaled image normalises to the same features), so the constant baseline gives
     meaningless attributions and a large completeness error: use an image, e.g. the training mean.
     """
+    device = model_device(model)
+    x = x.to(device)
+    baseline = baseline.to(device) if torch.is_tensor(baseline) else baseline
     attribution, delta = IntegratedGradients(model).attribute(
         x, baselines=baseline, target=target, n_steps=steps, internal_batch_size=8, return_convergence_delta=True)
     reference = baseline if torch.is_tensor(baseline) else torch.full_like(x, baseline)
     with torch.no_grad():
         change = float(model(x)[0, target] - model(reference)[0, target])
-    return attribution[0].sum(0).detach().numpy(), abs(float(delta)) / max(abs(change), 1e-12)
+    return to_numpy(attribution[0].sum(0)), abs(float(delta)) / max(abs(change), 1e-12)
 
 
 def gradcam(model, x: torch.Tensor, target: int, layer: str, relu: bool = True) -> np.ndarray:
@@ -137,13 +160,13 @@ def gradcam(model, x: torch.Tensor, target: int, layer: str, relu: bool = True) 
     """
     network, sampler, chunk = views_of(model)
     module = find_layer(network, layer)
-    views, _ = sampler.prediction_views(x)
+    views, _ = sampler.prediction_views(x.to(model_device(network)))
     mode = "bilinear" if views.ndim == 4 else "trilinear"
     maps = []
     for part in views.split(chunk):
         cam = LayerGradCam(network, module).attribute(part, target=target, relu_attributions=relu)
         maps.append(LayerAttribution.interpolate(cam, tuple(part.shape[2:]), interpolate_mode=mode).sum(1).detach())
-    return sampler.place(torch.cat(maps) / len(views), x.shape[2:]).numpy()
+    return to_numpy(sampler.place(torch.cat(maps) / len(views), x.shape[2:]))
 
 
 @dataclass(frozen=True)
@@ -183,10 +206,14 @@ def attribute(model, x: torch.Tensor, target: int, methods, settings: Settings,
               ig_baseline: torch.Tensor | None = None, classification: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """The requested ``methods``' maps of one image, and per-method diagnostics (IG's completeness
     error). ``ig_baseline`` is IG's baseline image when ``settings.ig_baseline`` is ``train_mean``;
-    Grad-CAM keeps its ReLU for ``classification`` only."""
+    Grad-CAM keeps its ReLU for ``classification`` only. Runs on the model's device (``x`` and
+    ``ig_baseline`` are moved there once); the maps come back on the CPU."""
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise InputError(f"Unknown explanation method(s) {unknown} in `explain.methods`; choose from {list(METHODS)}.")
+    device = model_device(model)
+    x = x.to(device)
+    ig_baseline = ig_baseline.to(device) if ig_baseline is not None else None
     maps, diagnostics = {}, {}
     for method in methods:
         maps[method], found = REGISTRY[method].run(model, x, target, settings, ig_baseline, classification)

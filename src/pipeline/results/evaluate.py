@@ -33,9 +33,10 @@ import torch
 from sklearn import metrics as skm
 
 from pipeline.common import atomic
-from pipeline.common.cli import add_config, add_fold, channel_names
+from pipeline.common.cli import add_config, add_device, add_fold, channel_names
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
+from pipeline.learning.device import for_inference, model_device
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.participants import by_participant, ordered, participant_metrics
@@ -52,8 +53,10 @@ def predict(model, coder, table: pd.DataFrame, target: str | None) -> pd.DataFra
     ``sampler.ImageModel``, whose prediction is ``sampler.aggregate``, the mean of the network
     outputs over the image's views. One image per forward pass: CPU kernels round differently with
     the batch's size (~1e-7), and a prediction must not depend on which images share its batch, so
-    that a model package applied to the same image reproduces the study's prediction exactly."""
-    outputs = [model(load_batch([path])) for path in table["array"]]
+    that a model package applied to the same image reproduces the study's prediction exactly.
+    Images go to the model's device, outputs come back to the CPU."""
+    device = model_device(model)
+    outputs = [model(load_batch([path]).to(device)).cpu() for path in table["array"]]
     decoded = coder.decode(torch.cat(outputs))
     keys = ["participant_id", "session", "image_id", *(["split"] if "split" in table else [])]
     out = table[keys].reset_index(drop=True)
@@ -91,10 +94,12 @@ def bias_correction(validation: pd.DataFrame) -> tuple[float, float]:
 
 
 def evaluate_fold(table: pd.DataFrame, model_path: Path, out_dir: Path, preproc_dir: Path | None = None,
-                  channels: list[str] | None = None, positive_class: str | None = None) -> dict:
-    """Predict one fold's validation and test images; write ``predictions.tsv`` and the test ``metrics.json``.
-    A segmentation model needs ``preproc_dir`` and ``channels`` (its label maps go on the preprocessed grid)."""
-    model, coder, record = load_model(model_path)
+                  channels: list[str] | None = None, positive_class: str | None = None,
+                  device: torch.device | str = "cpu") -> dict:
+    """Predict one fold's validation and test images on ``device``; write ``predictions.tsv`` and the
+    test ``metrics.json``. A segmentation model needs ``preproc_dir`` and ``channels`` (its label maps go on
+    the preprocessed grid)."""
+    model, coder, record = load_model(model_path, device)
     if coder.task == "segmentation":
         from pipeline.results import segmentation
 
@@ -285,6 +290,7 @@ def main(argv=None) -> None:
     add_config(fold)  # channels
     fold.add_argument("--model", type=Path, required=True)
     fold.add_argument("--out-dir", type=Path, required=True)
+    add_device(fold)
     summary = commands.add_parser("summary", help="metrics across folds and of their ensemble")
     summary.add_argument("fold_dirs", type=Path, nargs="+", help="the folds' evaluation folders")
     summary.add_argument("--out-dir", type=Path, required=True)
@@ -294,12 +300,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if args.command == "fold":
+            device = for_inference(args.device)  # `device: cuda` without a GPU fails before any work
             record = torch.load(args.model, weights_only=True, map_location="cpu")  # the model says its task
             segmentation = record["coder"]["task"] == "segmentation"
             names = channel_names(args.config)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
             metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, names,
-                                    args.config.get("positive_class"))
+                                    args.config.get("positive_class"), device)
         else:
             metrics = summarise(args.fold_dirs, args.out_dir, args.excluded, args.linear, args.train)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)

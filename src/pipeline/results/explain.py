@@ -29,11 +29,12 @@ import pandas as pd
 import torch
 
 from pipeline.common import atomic
-from pipeline.common.cli import add_config, add_fold, channel_names
+from pipeline.common.cli import add_config, add_device, add_fold, channel_names
 from pipeline.common.errors import InputError
 from pipeline.common.paths import derivative_paths
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
+from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch
 from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.results.mapfigures import plot_extremes, plot_group
@@ -57,11 +58,11 @@ def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
 
 def explain_fold(table: pd.DataFrame, model_path: Path, grid_mask: Path, preproc_dir: Path, out_dir: Path,
                  methods: list[str], settings: Settings, channels: list[str], target_class: str | None = None,
-                 sanity_images: int = 1) -> pd.DataFrame:
+                 sanity_images: int = 1, device: torch.device | str = "cpu") -> pd.DataFrame:
     """Write every test image's maps and the fold's group maps, and the randomisation check of the
     first ``sanity_images`` test images (``randomisation.tsv``, ``pipeline.results.sanity``);
-    return the index of written maps."""
-    model, coder, _ = load_model(model_path)
+    return the index of written maps. The model runs on ``device``; the maps are written from the CPU."""
+    model, coder, _ = load_model(model_path, device)
     grid = nib.load(str(grid_mask))
     affine, brain = grid.affine, np.asarray(grid.dataobj) > 0
     checks = []
@@ -104,6 +105,7 @@ def main(argv=None) -> None:
     fold.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
     fold.add_argument("--out-dir", type=Path, required=True)
     fold.add_argument("--threads", type=int, default=1)
+    add_device(fold)
     group = commands.add_parser("group", help="group statistics over folds and subjects, tables and PNGs")
     group.add_argument("fold_dirs", type=Path, nargs="+")
     group.add_argument("--manifest", type=Path, required=True)
@@ -118,12 +120,13 @@ def main(argv=None) -> None:
     methods = explain["methods"]
     with InputError.exit_cleanly():
         if args.command == "fold":
+            device = for_inference(args.device)  # `device: cuda` without a GPU fails before any work
             torch.set_num_threads(args.threads)
             settings = settings_of(explain)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channels)
             explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, methods, settings,
                          channels, explain["target_class"] or args.config.get("positive_class"),
-                         explain["sanity_images"])
+                         explain["sanity_images"], device)
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:
             groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None

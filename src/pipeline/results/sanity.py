@@ -32,6 +32,7 @@ from scipy.stats import spearmanr
 
 from pipeline.common.paths import group_map
 from pipeline.common.tables import read_tsv
+from pipeline.learning.device import model_device
 from pipeline.learning.sampler import views_of
 from pipeline.results.attribution import Settings, attribute
 
@@ -56,14 +57,16 @@ def cascade(n_blocks: int) -> list[int]:
 
 def randomised(model: torch.nn.Module, top: int, seed: int) -> torch.nn.Module:
     """A copy of ``model`` whose last ``top`` blocks are re-initialised (torch's default
-    initialisation, seeded; normalisation layers back to identity with fresh running statistics)."""
-    copied = copy.deepcopy(model)
+    initialisation, seeded; normalisation layers back to identity with fresh running statistics),
+    on ``model``'s device. The new weights are drawn on the CPU: the same on every device."""
+    device = model_device(model)
+    copied = copy.deepcopy(model).cpu()
     network, _, _ = views_of(copied)
     torch.manual_seed(seed)
     for block in list(blocks(network).values())[-top:]:
         for module in block:
             module.reset_parameters()
-    return copied.eval()
+    return copied.to(device).eval()
 
 
 def rank_correlation(a: np.ndarray, b: np.ndarray, brain: np.ndarray) -> float:

@@ -34,6 +34,7 @@ import torch
 
 from pipeline.common import atomic
 from pipeline.common.tables import read_tsv
+from pipeline.learning.device import model_device
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.metrics import mean_intervals
@@ -111,7 +112,8 @@ def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path
     rows = []
     for row in table.itertuples():
         grid = nib.load(str(derivative_paths(preproc_dir, row.subdir, row.image_id, channels)[f"image_{channels[0]}"]))
-        predicted = model(load_batch([row.array]))[0].argmax(0).numpy().astype(np.uint8)
+        x = load_batch([row.array]).to(model_device(model))  # the model's device; the labels come back
+        predicted = model(x)[0].argmax(0).cpu().numpy().astype(np.uint8)
         true = np.load(row.label_array)[0]
         paths = predicted_labels(str(out_dir / "labels"), row.subdir, row.image_id, channels[0])
         Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)

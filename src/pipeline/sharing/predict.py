@@ -21,11 +21,12 @@ import pandas as pd
 import torch
 
 from pipeline.common import atomic
-from pipeline.common.cli import add_config, channel_names
+from pipeline.common.cli import add_config, add_device, channel_names
 from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package
 from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.common.tables import read_tsv
+from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.evaluate import correct, ensemble, predict
@@ -42,12 +43,14 @@ def image_table(manifest: Path, preproc_dir: Path, channels: list[str]) -> pd.Da
     return table
 
 
-def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out: Path) -> pd.DataFrame:
+def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out: Path,
+                  device: torch.device | str = "cpu") -> pd.DataFrame:
     """Write each fold's predictions (``out_dir/fold-K/predictions.tsv``) and their ensemble (``out``),
-    read back from the TSVs as ``pipeline.evaluate.summarise`` does, so the numbers equal the study's."""
+    read back from the TSVs as ``pipeline.evaluate.summarise`` does, so the numbers equal the study's.
+    The networks run on ``device``."""
     corrections = pkg.normalisation.get("bias_correction", {})
     for fold in pkg.folds:
-        predictions = predict(package_model(pkg, fold), package_coder(pkg, fold), table, None)
+        predictions = predict(package_model(pkg, fold, device), package_coder(pkg, fold), table, None)
         if fold in corrections:
             predictions["predicted_corrected"] = correct(predictions, **corrections[fold])
         (out_dir / fold).mkdir(parents=True, exist_ok=True)
@@ -59,13 +62,13 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
 
 
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
-                   target_class: str | None) -> dict[str, np.ndarray]:
+                   target_class: str | None, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (all
     attributing ``target_class``, by default the last class: ``target_index``; Grad-CAM signed for
-    regression, as the study does)."""
+    regression, as the study does), computed on ``device``."""
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
-        model, coder = package_model(pkg, fold), package_coder(pkg, fold)
+        model, coder = package_model(pkg, fold, device), package_coder(pkg, fold)
         target = target_index(model, x, coder, target_class)
         maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold),
                             classification=coder.task == "classification")  # Grad-CAM's ReLU: as the study's
@@ -76,12 +79,13 @@ def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], se
 
 def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, channels: list[str], mask: Path,
                template: Path, methods: list[str], settings: Settings, target_class: str | None,
-               out_dir: Path) -> pd.DataFrame:
-    """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index."""
+               out_dir: Path, device: torch.device | str = "cpu") -> pd.DataFrame:
+    """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index.
+    The networks run on ``device``."""
     affine = nib.load(str(mask)).affine
     groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
     for i, row in enumerate(table.itertuples(index=False), 1):
-        maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class)
+        maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class, device)
         inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
         for method, paths in save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups).items():
             rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
@@ -132,6 +136,7 @@ def main(argv=None) -> None:
         sub.add_argument("--manifest", type=Path, required=True)
         sub.add_argument("--preproc-dir", type=Path, required=True)
         sub.add_argument("--out-dir", type=Path, required=True)
+        add_device(sub)
     commands.choices["predictions"].add_argument("--predictions", type=Path, required=True,
                                                  help="the ensemble's predictions (TSV) to write")
     maps = commands.choices["maps"]
@@ -147,6 +152,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     cfg = args.config
     with InputError.exit_cleanly():
+        if args.command != "report":  # `device: cuda` without a GPU fails before any work
+            device = for_inference(args.device)
         pkg = package.load(Path(cfg["apply"]["package"]))
         if args.command == "report":
             name = cfg["apply"].get("name") or cfg["apply"]["package"]
@@ -156,12 +163,14 @@ def main(argv=None) -> None:
         channels = channel_names(cfg)
         table = image_table(args.manifest, args.preproc_dir, channels)
         if args.command == "predictions":
-            print(predict_folds(pkg, table, args.out_dir, args.predictions).to_string(index=False), file=sys.stderr)
+            print(predict_folds(pkg, table, args.out_dir, args.predictions, device).to_string(index=False),
+                  file=sys.stderr)
         else:
             torch.set_num_threads(args.threads)
             explain = cfg["explain"]
             write_maps(pkg, table, args.preproc_dir, channels, args.mask, args.template, explain["methods"],
-                       settings_of(explain), explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir)
+                       settings_of(explain), explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir,
+                       device)
 
 
 if __name__ == "__main__":
