@@ -9,7 +9,7 @@ from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Noi
 from pipeline.results import attribution
 from pipeline.results.atlas import atlas_on_grid
 from pipeline.common.errors import InputError
-from pipeline.results.maps import FoldMeanMaps, combine_folds, region_table, statistics
+from pipeline.results.maps import FoldMeanMaps, combine_by_class, combine_folds, region_table, statistics
 from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.grid import write_grid
 from pipeline.learning.models import build_model
@@ -212,3 +212,22 @@ def test_every_image_explains_one_class_whatever_it_predicts():
     assert target_index(model, images[0], TargetCoder("regression")) == 0
     with pytest.raises(InputError, match="choose one of: AD, CN"):
         target_index(model, images[0], coder, "MCI")
+
+
+def test_classification_group_maps_are_also_kept_per_true_class(tmp_path):
+    """Patients' maps (1 and 3, one participant with two sessions; 5) and controls' (-10, -20)
+    averaged apart: class-patient mean |map| (2 + 5) / 2, class-control 15."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    write_fold_maps(tmp_path / "fold-1", {"sub-1_ses-1": 1.0, "sub-1_ses-2": 3.0, "sub-2": 5.0, "sub-3": -10.0,
+                                          "sub-4": -20.0}, affine)
+    maps = FoldMeanMaps([tmp_path / "fold-1"], "occlusion", "template")
+    true_class = {"sub-1_ses-1": "patient", "sub-1_ses-2": "patient", "sub-2": "patient", "sub-3": "control",
+                  "sub-4": "control"}
+    mask = nib.Nifti1Image(np.ones((3, 4, 5), np.uint8), affine)
+    table = combine_by_class({"occlusion": maps}, true_class, mask, tmp_path / "classes")
+    counts = table.dropna(subset=["participants"]).set_index("class")["participants"]
+    assert counts.to_dict() == {"control": 2, "patient": 2}
+    for name, expected in (("patient", 3.5), ("control", 15.0)):
+        mean = nib.load(tmp_path / "classes" / f"class-{name}" / "group_space-MNI152NLin2009aSym_desc-occlusion_mean.nii.gz")
+        np.testing.assert_allclose(mean.get_fdata(), expected)
+    assert table.set_index("class").loc["control vs patient", "method"] == "occlusion"  # constant maps: r undefined

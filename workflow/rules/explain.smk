@@ -54,10 +54,12 @@ rule explain_folds:
         extremes=f"{RESULTS}/explain/subjects_best_worst.png",
         validation=f"{RESULTS}/explain/validation.tsv",
         randomisation=f"{RESULTS}/explain/randomisation.tsv",
+        # Classification: each true class's group maps apart (class-<name>/) and classes.tsv.
+        classes=[directory(f"{RESULTS}/explain/classes")] if config["task"] == "classification" else [],
     params:
         fold_dirs=parents_of("indexes"),
         preproc_dir=preproc_root,
-        config=stage_config(config, ["channels", "explain", "target"]),
+        config=stage_config(config, ["channels", "explain", "target", "task"]),
         out_dir=parent_of("regions"),
     log:
         f"{RESULTS}/logs/explain/group.log",

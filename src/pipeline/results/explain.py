@@ -38,8 +38,8 @@ from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch
 from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.results.mapfigures import plot_extremes, plot_group
-from pipeline.results.maps import (FoldMeanMaps, GroupStatistics, combine_folds, save_image_maps, target_index,
-                                   write_statistics)
+from pipeline.results.maps import (FoldMeanMaps, GroupStatistics, combine_by_class, combine_folds, save_image_maps,
+                                   target_index, write_statistics)
 from pipeline.results import sanity
 from pipeline.results.validation import validation_table
 from pipeline.learning.saved import load_model
@@ -136,6 +136,11 @@ def main(argv=None) -> None:
             plot_group(args.out_dir, args.template, methods, len(args.fold_dirs))
             manifest = read_tsv(args.manifest)
             predictions = read_tsv(args.predictions).merge(manifest[["image_id", "subdir"]], on="image_id")
+            if args.config["task"] == "classification":
+                true_class = dict(zip(predictions["image_id"], predictions["true"].astype(str)))
+                by_class = combine_by_class(template_maps, true_class, mask, args.out_dir / "classes")
+                atomic.to_csv(by_class, args.out_dir / "classes" / "classes.tsv", sep="\t", index=False,
+                              float_format="%.4g")
             plot_extremes(predictions, template_maps[methods[0]], args.preproc_dir, channels,
                           methods[0], args.out_dir / "subjects_best_worst.png")
             steps, checks = sanity.study_tables(args.fold_dirs, methods, np.asarray(mask.dataobj) > 0)

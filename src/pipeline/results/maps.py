@@ -173,11 +173,12 @@ def region_table(means: dict[str, np.ndarray], mask: nib.Nifti1Image, atlas: Atl
     return table.sort_values(f"{first}_rank", kind="stable").reset_index(drop=True)
 
 
-def by_participant(maps: Mapping[str, nib.Nifti1Image], participant: dict[str, str]):
-    """Each participant's mean map over its images (``participant``: image id -> participant id),
-    one participant at a time, so that a participant with two sessions counts once."""
+def by_participant(maps: Mapping[str, nib.Nifti1Image], participant: dict[str, str], ids=None):
+    """Each participant's mean map over its images (``participant``: image id -> participant id;
+    ``ids``: only these images), one participant at a time (maps read when needed), so that a
+    participant with two sessions counts once."""
     images = {}
-    for image_id in maps:
+    for image_id in maps if ids is None else ids:
         images.setdefault(participant.get(image_id, image_id), []).append(image_id)
     for ids in images.values():
         yield np.mean([np.asarray(maps[i].dataobj, dtype=np.float64) for i in ids], axis=0)
@@ -201,3 +202,32 @@ def combine_folds(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], mask:
     atomic.to_csv(region_table(means, mask, user_atlas), out_dir / "regions.tsv", sep="\t", index=False,
                   float_format="%.4g")
     return means
+
+
+def combine_by_class(template_maps: dict[str, Mapping[str, nib.Nifti1Image]], true_class: dict[str, str],
+                     mask: nib.Nifti1Image, out_dir: Path) -> pd.DataFrame:
+    """Classification: the group statistics of each true class's test participants apart, in
+    ``out_dir/class-<name>/`` (the same files as the group's); a table of each method's participants
+    per class and, per pair of classes, the Pearson correlation of their mean |attribution| maps
+    inside the brain (low: the classes' maps differ)."""
+    from pipeline.results.sanity import correlation
+
+    brain, rows, means = np.asarray(mask.dataobj) > 0, [], {}
+    for method, maps in template_maps.items():
+        for name in sorted(set(true_class.values())):
+            ids = [i for i in maps if true_class.get(i) == name]
+            if not ids:
+                continue
+            group = GroupStatistics(SIGNED[method])
+            for data in by_participant(maps, getattr(maps, "participant", {}), ids):
+                group.add(data)
+            folder = out_dir / f"class-{name}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_statistics(group, mask.affine, folder, method)
+            means[method, name] = group.result()["mean"]
+            rows.append({"method": method, "class": name, "participants": group.n})
+        names = [c for (m, c) in means if m == method]
+        rows += [{"method": method, "class": f"{a} vs {b}", "mean_map_r": correlation(means[method, a], means[method, b],
+                                                                                        brain)}
+                 for k, a in enumerate(names) for b in names[k + 1:]]
+    return pd.DataFrame(rows)
