@@ -16,7 +16,9 @@ $(BIN)/python:
 TORCH_INDEX ?= --index-url https://download.pytorch.org/whl/cpu
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-index torch==2.13.0 2>/dev/null || $(BIN)/pip install --quiet torch==2.13.0 $(TORCH_INDEX)
+	if $(BIN)/pip install --quiet --dry-run --no-index --no-deps torch==2.13.0 2>/dev/null; \
+	then $(BIN)/pip install --quiet torch==2.13.0; \
+	else $(BIN)/pip install --quiet torch==2.13.0 $(TORCH_INDEX); fi
 	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
