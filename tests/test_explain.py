@@ -231,3 +231,29 @@ def test_classification_group_maps_are_also_kept_per_true_class(tmp_path):
         mean = nib.load(tmp_path / "classes" / f"class-{name}" / "group_space-MNI152NLin2009aSym_desc-occlusion_mean.nii.gz")
         np.testing.assert_allclose(mean.get_fdata(), expected)
     assert table.set_index("class").loc["control vs patient", "method"] == "occlusion"  # constant maps: r undefined
+
+
+class RegionSum(torch.nn.Module):
+    """An output that depends on one box of the image (and, weakly, on everything): counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return x[:, :, 12:18, 4:10, 8:14].sum((2, 3, 4)) + 0.1 * x.mean((2, 3, 4))
+
+
+def test_coarse_to_fine_occlusion_finds_the_region_at_a_fraction_of_the_passes():
+    x = torch.randn(1, 1, 24, 28, 24, generator=torch.Generator().manual_seed(0)) + 1
+    model = RegionSum()
+    full = attribution.occlusion(model, x, 0, 4, 2)
+    full_images, model.images = model.images, 0
+    np.testing.assert_array_equal(attribution.occlusion(model, x, 0, 4, 2, keep=1.0), full)  # keep 1: the exact map
+    model.images = 0
+    fine = attribution.occlusion(model, x, 0, 4, 2, keep=0.3)
+    assert model.images < 0.5 * full_images
+    top = lambda a: np.abs(a) >= np.quantile(np.abs(a), 0.95)  # noqa: E731
+    assert 2 * (top(full) & top(fine)).sum() / (top(full).sum() + top(fine).sum()) > 0.9
+    assert np.corrcoef(full.ravel(), fine.ravel())[0, 1] > 0.95

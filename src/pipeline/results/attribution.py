@@ -48,6 +48,7 @@ class Settings:
     ig_steps: int = _default("ig_steps")
     ig_baseline: str | float = _default("ig_baseline")
     gradcam_layer: str = _default("gradcam_layer")
+    occlusion_keep: float = _default("occlusion_keep")
     seed: int = 0
 
 
@@ -67,7 +68,7 @@ def window_starts(size: int, window: int, stride: int) -> range:
 
 @torch.no_grad()
 def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, batch: int = 64,
-              baseline: float = 0.0) -> np.ndarray:
+              baseline: float = 0.0, keep: float = 1.0) -> np.ndarray:
     """Occlusion sensitivity, equal to captum's ``Occlusion`` with a (C, window, window, window)
     sliding window, ``stride`` and ``baseline``: the mean output drop over the windows covering
     a voxel when they are set to the baseline.
@@ -75,7 +76,14 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
     A window whose voxels all equal the baseline already (outside the brain) leaves the input
     unchanged, so its output drop is exactly zero: it is counted but not evaluated (found on a
     CPU copy of the image). The drops are summed on the CPU in float64.
+
+    ``keep`` < 1 is coarse to fine (config ``explain.occlusion_keep``): a first pass with windows
+    and stride twice as large (1/8 of the windows) ranks the fine windows by the coarse map's mean
+    |drop| over them, and only the top ``keep`` fraction is evaluated; a voxel that no evaluated
+    window covers keeps the coarse value. The cost is about (1/8 + ``keep``) of the full map's.
     """
+    if keep < 1:
+        return refined_occlusion(model, x, target, window, stride, batch, baseline, keep)
     image, x = x.cpu(), x.to(model_device(model))
     shape = x.shape[2:]
     reference = model(x)[0, target]
@@ -94,6 +102,39 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
             occluded[(j, slice(None), *box)] = baseline
         drops = (reference - model(occluded)[:, target]).double().cpu()
         for drop, box in zip(drops, boxes):
+            attribution[box] += drop
+    return (attribution / counts).float().numpy()
+
+
+@torch.no_grad()
+def refined_occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, batch: int, baseline: float,
+                      keep: float) -> np.ndarray:
+    """``occlusion`` coarse to fine (see there): a window left out contributes the coarse map's
+    mean over its box instead of its own output drop."""
+    shape = x.shape[2:]
+    coarse = torch.from_numpy(occlusion(model, x, target, min(2 * window, *shape), 2 * stride, batch, baseline))
+    coarse = coarse.double()
+    image, x = x.cpu(), x.to(model_device(model))
+    reference = model(x)[0, target]
+    attribution = torch.zeros(shape, dtype=torch.float64)
+    counts = torch.zeros(shape, dtype=torch.float64)
+    informative = []
+    for corner in itertools.product(*(window_starts(n, window, stride) for n in shape)):
+        box = tuple(slice(c, c + window) for c in corner)
+        counts[box] += 1
+        if (image[(0, slice(None), *box)] != baseline).any():
+            informative.append(box)
+    estimate = [float(coarse[box].mean()) for box in informative]
+    ranked = sorted(range(len(informative)), key=lambda k: -abs(estimate[k]))
+    chosen = [informative[k] for k in ranked[:math.ceil(keep * len(ranked))]]
+    for k in ranked[len(chosen):]:
+        attribution[informative[k]] += estimate[k]
+    for start in range(0, len(chosen), batch):
+        part = chosen[start:start + batch]
+        occluded = x.repeat(len(part), 1, 1, 1, 1)
+        for j, box in enumerate(part):
+            occluded[(j, slice(None), *box)] = baseline
+        for drop, box in zip((reference - model(occluded)[:, target]).double().cpu(), part):
             attribution[box] += drop
     return (attribution / counts).float().numpy()
 
@@ -188,7 +229,8 @@ def _integrated_gradients(model, x, target, settings, ig_baseline, classificatio
 
 
 REGISTRY: dict[str, Method] = {
-    "occlusion": Method(True, lambda m, x, t, s, b, c: (occlusion(m, x, t, s.window, s.stride, baseline=s.baseline), {}),
+    "occlusion": Method(True, lambda m, x, t, s, b, c: (occlusion(m, x, t, s.window, s.stride, baseline=s.baseline,
+                                                              keep=s.occlusion_keep), {}),
                         "change of the output when a window is filled with the baseline value"),
     "gradient": Method(False, lambda m, x, t, s, b, c: (gradient(m, x, t), {}), "|d output / d input|"),
     "smoothgrad": Method(False, lambda m, x, t, s, b, c: (smoothgrad(m, x, t, s.smoothgrad_samples,
