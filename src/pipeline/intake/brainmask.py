@@ -6,7 +6,7 @@ template's brain outline; extraction first leaves only the brain to register. Me
 * ``none``: the image is brain-only already (the demo cohort); its brain mask is the template
   brain mask carried back to the image through the inverse registration;
 * ``deepbet``: a learned extractor (deepbet, its weights inside its wheel: nothing is
-  downloaded; CPU, about 7 s per image on 2 cores, any voxel size: it works at 256^3);
+  downloaded; CPU, 7-14 s and 1.2 GB per image, any voxel size: it works at 256^3);
 * ``derivatives``: a mask from a derivatives folder (e.g. SynthStrip or FreeSurfer output),
   matched to each image by entities like ``label_image`` (config ``brain_mask``).
 
