@@ -39,7 +39,7 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0) -> dict:
     preproc = root / "derivatives"
     for row in manifest.itertuples():
         out = derivative_paths(preproc, row.subdir, row.image_id, ["T1w"], label=True)
-        preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False}, label=Path(row.label))
+        preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none"}, label=Path(row.label))
     seconds["preprocess"] = time.perf_counter() - start
     splits = design(manifest, "group", "classification", 0.2, 1, 0.2, seed)
     manifest.to_csv(root / "manifest.tsv", sep="\t", index=False)

@@ -145,7 +145,7 @@ def test_the_preprocessing_chain_is_one_list():
     settings = config.defaults(["preprocess"])
     study = recipe.from_config(settings, {"T1w": {"suffix": "T1w"}, "FLAIR": {"suffix": "FLAIR"}}, {})
     assert set(recipe.COMPARED) <= set(study) and keys - {"seed"} <= set(study)
-    assert len(study["steps"]) == len([s for s in recipe.STEPS if s.key is None or settings[s.key]])
+    assert len(study["steps"]) == len([s for s in recipe.STEPS if s.key is None or settings[s.key] not in recipe.OFF])
     assert "rigid co-registration of FLAIR to T1w (ANTs)" in study["steps"]
     assert recipe.sidecar_steps(settings, ["T1w", "FLAIR"], "FLAIR")[2] == "ants.registration:Rigid to T1w"
     off = recipe.steps({**settings, "n4": False, "antialias": False}, ["T1w"])

@@ -44,7 +44,7 @@ CONFIG = {
     "target": "age",
     "task": "regression",
     "check_data": False,
-    "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False},
+    "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False, "brain_extraction": "none"},
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 30, "batch_size": 2, "patience": 30, "augmentation": {}},
     "explain": {"methods": ["gradient"], "groundtruth": None},

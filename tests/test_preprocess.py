@@ -13,6 +13,7 @@ from pipeline.intake import preprocess
 from pipeline.intake.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
 
 RES, SHAPE = 6.0, (26, 32, 28)
+SETTINGS = {"transform": "Affine", "brain_extraction": "none"}  # brain-only images (tests/test_brain_extraction.py)
 
 
 def posed_subject(path, rotation_deg, translation_mm, voxel=3.0, axes=(-1, 1, 1), contrast=None):
@@ -46,7 +47,7 @@ def preprocessed(tmp_path_factory, study_grid):
     d = tmp_path_factory.mktemp("pre")
     pose = posed_subject(d / "sub-01_T1w.nii", rotation_deg=(8, -6, 5), translation_mm=(7, -5, 9))
     out = preprocess.derivative_paths(d / "out", "sub-01", "sub-01")
-    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, settings={"transform": "Affine"})
+    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, settings=SETTINGS)
     return d / "sub-01_T1w.nii", pose, out, sidecar
 
 
@@ -102,7 +103,7 @@ def test_unreadable_image_names_the_file(tmp_path, study_grid):
     bad.write_bytes(b"not a nifti")
     out = preprocess.derivative_paths(tmp_path / "out", "sub-09", "sub-09")
     with pytest.raises(preprocess.InputError, match="sub-09_T1w.nii.gz"):
-        preprocess.preprocess([bad], *study_grid, out)
+        preprocess.preprocess([bad], *study_grid, out, settings=SETTINGS)
 
 
 def t2_like(t1: np.ndarray) -> np.ndarray:
@@ -120,7 +121,7 @@ def test_second_channel_is_coregistered_through_the_reference(tmp_path, study_gr
     pose_t2 = posed_subject(tmp_path / "t2.nii.gz", (-5, 4, -7), (-6, 8, -4), voxel=3.5, axes=(1, -1, 1),
                             contrast=t2_like)
     out = preprocess.derivative_paths(tmp_path / "out", "sub-01", "sub-01", ["T1w", "T2w"])
-    preprocess.preprocess([tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], *study_grid, out, ["T1w", "T2w"])
+    preprocess.preprocess([tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], *study_grid, out, ["T1w", "T2w"], SETTINGS)
     array = np.load(out["array"])
     assert array.shape == (2, *SHAPE)
     mask = nib.load(study_grid[1]).get_fdata() > 0
@@ -142,6 +143,6 @@ def test_preprocessing_is_reproducible(preprocessed, study_grid, tmp_path):
     """Same image, same seed, one ITK thread (set in conftest): identical arrays and transforms."""
     source, _, out, _ = preprocessed
     again = preprocess.derivative_paths(tmp_path / "again", "sub-01", "sub-01")
-    preprocess.preprocess([source], *study_grid, again, settings={"transform": "Affine"})
+    preprocess.preprocess([source], *study_grid, again, settings=SETTINGS)
     np.testing.assert_array_equal(np.load(again["array"]), np.load(out["array"]))
     assert again["forward"].read_bytes() == out["forward"].read_bytes()

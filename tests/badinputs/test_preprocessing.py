@@ -22,7 +22,7 @@ from pipeline.common.errors import InputError
 def coarse_grid(tmp_path_factory):
     d = tmp_path_factory.mktemp("grid")
     grid.write_grid(8.0, (20, 24, 20), d / "tpl.nii.gz", d / "mask.nii.gz")
-    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False}}
+    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none"}}
 
 
 def spike(path: Path) -> Path:

@@ -131,8 +131,9 @@ def ingest_tables(wildcards):
 def ingest_fingerprint():
     """Listing fingerprint of the dataset (and of the label image's derivatives folder)."""
     roots = [Path(BIDS)]
-    if config["label_image"]:
-        roots.append(Path(BIDS) / config["label_image"]["derivatives"])
+    for key in ("label_image", "brain_mask"):
+        if config[key]:
+            roots.append(Path(BIDS) / config[key]["derivatives"])
     return ":".join(tree_fingerprint(r, mtimes=False) if r.is_dir() else "" for r in roots)
 
 
@@ -154,6 +155,13 @@ def source_images(wildcards):
         raise ValueError(f"image {wildcards.image} is not in the manifest")
     row = rows.loc[wildcards.image]
     return [row["path"], *(row[f"path_{c}"] for c in CHANNELS[1:])]
+
+
+def source_brain_mask(wildcards):
+    """The sample's brain mask (config brain_mask, with preprocess.brain_extraction: derivatives); none without one."""
+    if config["preprocess"]["brain_extraction"] != "derivatives":
+        return []
+    return [manifest().loc[wildcards.image, "brain_mask"]]
 
 
 def source_label(wildcards):

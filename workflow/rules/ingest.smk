@@ -10,7 +10,7 @@ checkpoint ingest:
         config=stage_config(
             config,
             ["bids_dir", "bids_filters", "channels", "sessions", "runs", "participants", "target_source",
-             "target_fallback", "label_image", "non_bids", "check_data", "image_limits", "on_error"],
+             "target_fallback", "label_image", "brain_mask", "non_bids", "check_data", "image_limits", "on_error"],
             positive_class=None if APPLY else config["positive_class"],
             target=None if APPLY else config["target"],  # apply mode selects images only: no target
             task=SPLIT_TASK,

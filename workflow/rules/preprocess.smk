@@ -27,6 +27,7 @@ rule preprocess:
     input:
         images=source_images,
         label=source_label,
+        brain_mask=source_brain_mask,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
         code=code("preprocess"),
@@ -53,7 +54,7 @@ rule preprocess:
     shell:
         "python -m pipeline.preprocess {input.images:q} --config {params.config:q} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
-        " --label {input.label:q} --threads {threads} --excluded {output.excluded:q}"
+        " --label {input.label:q} --brain-mask {input.brain_mask:q} --threads {threads} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
 
 

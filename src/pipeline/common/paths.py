@@ -19,7 +19,8 @@ def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...
     ``image_<channel>`` and ``sidecar_<channel>``: each channel on the template grid (NIfTI + JSON);
     ``array``: all channels stacked, (C, X, Y, Z) float32 ``.npy``; ``forward``/``inverse``: the
     reference channel's (the first) affine to and from the template; ``coreg_<channel>``: each
-    further channel's rigid transform onto the reference; ``qc``: a PNG of the reference.
+    further channel's rigid transform onto the reference; ``qc``: a PNG of the reference;
+    ``brain_mask``: the reference's brain mask on its native grid (uint8 NIfTI).
     With ``label`` (config ``label_image``): ``label_image``, the sample's label image on the
     template grid (uint8 NIfTI, nearest-neighbour labels), and ``label_array``, the same as a
     (1, X, Y, Z) uint8 ``.npy``.
@@ -31,6 +32,7 @@ def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...
         "forward": f"{stem}_from-{reference}_to-{SPACE}_mode-image_xfm.mat",
         "inverse": f"{stem}_from-{SPACE}_to-{reference}_mode-image_xfm.mat",
         "qc": f"{stem}_space-{SPACE}_desc-qc_{reference}.png",
+        "brain_mask": f"{stem}_desc-brain_mask.nii.gz",
     }
     for channel in channels:
         paths[f"image_{channel}"] = f"{stem}_space-{SPACE}_desc-preproc_{channel}.nii.gz"

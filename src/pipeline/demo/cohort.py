@@ -17,6 +17,7 @@ from pipeline.demo.anatomy import (
     AGE_RANGE, CORTEX, GM_LOSS_AT_80, MASK_THRESHOLD, TISSUE_INSIDE, TISSUES, VENTRICLE_GAIN_MM2,
     VENTRICLE_SIGMA_MM, Anatomy, effect_masks, load_anatomy, simulate_anatomy, tissue_labels,
     ventricle_volume_mm3)
+from pipeline.demo.head import WholeHead, build_head, draw_head, whole_head
 from pipeline.demo.lesion import Lesion
 from pipeline.demo.scanner import draw_scan, render_labels, render_scan, save_nifti
 from pipeline.intake.template import BRAIN_CENTRE_MM, SPACE, load_template
@@ -163,9 +164,12 @@ def effects_description(anatomy: Anatomy, masks: dict[str, np.ndarray], resoluti
 
 
 def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolution: float = 1.5,
-              overwrite: bool = False, lesion: Lesion = Lesion()) -> Path:
+              overwrite: bool = False, lesion: Lesion = Lesion(), head: WholeHead | None = None) -> Path:
     """Write the simulated BIDS cohort (and its ground truth) to ``out_dir``; return ``out_dir``.
-    ``lesion``: the patients' lesion (the default is the demo's temporal white-matter one)."""
+    ``lesion``: the patients' lesion (the default is the demo's temporal white-matter one).
+    ``head``: whole-head images (``pipeline.demo.head``) instead of brain-only ones; each image's
+    true brain (the tissue labels > 0) is then also written as ``*_desc-brain_mask.nii.gz`` in the
+    ground truth."""
     out_dir = Path(out_dir)
     cohort = draw_cohort(n_subjects, seed)
     anatomy = load_anatomy(sim_resolution)  # before touching out_dir: fail early
@@ -180,19 +184,29 @@ def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolutio
     write_json(truth / f"space-{SPACE}_desc-effects.json", effects_description(anatomy, masks, sim_resolution, lesion))
 
     wm_level = float(np.median(anatomy.t1[anatomy.wm > 0.9]))
+    geometry = build_head(anatomy) if head else None
     for i, subject in enumerate(cohort):
         rng = np.random.default_rng([seed, i])
         drawn = lesion.draw(rng) if subject["group"] == "patient" else None
         volume = simulate_anatomy(anatomy, subject["age"], drawn, lesion.site.edge_mm)
+        volume_affine, layers = anatomy.affine, {}
+        if head:  # its own random stream: the brain-only cohort's draws stay as they were
+            layers = draw_head(np.random.default_rng([seed, i, 1]))
+            volume, volume_affine = whole_head(geometry, volume, layers, sim_resolution), geometry.affine
         labels = tissue_labels(anatomy, subject["age"])
         for session, extension in zip(subject["sessions"], subject["extensions"]):
-            scan = draw_scan(rng)
-            data, affine, pose = render_scan(volume, anatomy.affine, scan, wm_level)
+            scan = draw_scan(rng, head.voxel_mm) if head else draw_scan(rng)
+            scan.update(head.scan_fields() if head else {})
+            data, affine, pose = render_scan(volume, volume_affine, scan, wm_level)
+            if head and head.deface:
+                data[render_labels(geometry.face.astype(np.uint8), geometry.affine, scan) > 0] = 0
             subdir = Path(subject["participant_id"], *([session] if session else []), "anat")
             stem = "_".join([subject["participant_id"], *([session] if session else [])])
             save_nifti(data, affine, out_dir / subdir / f"{stem}_T1w{extension}")
-            save_nifti(render_labels(labels, anatomy.affine, scan), affine,
-                       out_dir / "derivatives" / "tissue" / subdir / f"{stem}_desc-tissue_dseg.nii.gz")
+            tissue = render_labels(labels, anatomy.affine, scan)
+            save_nifti(tissue, affine, out_dir / "derivatives" / "tissue" / subdir / f"{stem}_desc-tissue_dseg.nii.gz")
+            if head:
+                save_nifti((tissue > 0).astype(np.uint8), affine, truth / subdir / f"{stem}_desc-brain_mask.nii.gz")
             write_json(out_dir / subdir / f"{stem}_T1w.json", {
                 "Manufacturer": "Simulated", "MagneticFieldStrength": 3,
                 "VoxelSize": [scan["voxel_mm"]] * 3, "Orientation": scan["orientation"]})
@@ -207,6 +221,7 @@ def make_demo(out_dir: Path, n_subjects: int = 100, seed: int = 0, sim_resolutio
                                "lesion_core_multiplier": drawn["multiplier"] if drawn else None,
                                **({"lesion_centre_mm": drawn["centre_mm"] if drawn else None}
                                   if lesion.jitter_mm else {}),
+                               **({"head": {**layers, "defaced": head.deface}} if head else {}),
                                **{k: v for k, v in scan.items() if k not in ("rotation_deg", "translation_mm")}},
             })
     return out_dir

@@ -37,15 +37,17 @@ def rigid_pose(rotation_deg, translation_mm, centre_mm=BRAIN_CENTRE_MM) -> np.nd
     return pose
 
 
-def scanner_grid(pose: np.ndarray, voxel_mm: float, orientation: str) -> tuple[np.ndarray, tuple]:
-    """(affine, shape) of the scanner image: ``FOV_MM`` box around the posed brain centre.
+def scanner_grid(pose: np.ndarray, voxel_mm: float, orientation: str, fov_mm=FOV_MM,
+                 centre_mm=BRAIN_CENTRE_MM) -> tuple[np.ndarray, tuple]:
+    """(affine, shape) of the scanner image: a ``fov_mm`` box around the posed ``centre_mm``
+    (template space; by default the brain's centre).
 
     Voxel axes follow ``orientation`` (RAS, LAS or LPS: the direction each axis increases to).
     """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"Unknown orientation {orientation!r}; choose one of {sorted(ORIENTATIONS)}")
-    shape = tuple(int(np.ceil(f / voxel_mm)) for f in FOV_MM)
-    centre = pose[:3, :3] @ BRAIN_CENTRE_MM + pose[:3, 3]
+    shape = tuple(int(np.ceil(f / voxel_mm)) for f in fov_mm)
+    centre = pose[:3, :3] @ np.asarray(centre_mm) + pose[:3, 3]
     affine = np.diag([*(np.array(ORIENTATIONS[orientation]) * voxel_mm), 1.0])
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     return affine, shape
@@ -64,12 +66,13 @@ def resample_to_scanner(volume: np.ndarray, volume_affine: np.ndarray, pose: np.
 
 # ----------------------------------------------------------------------------- scanner
 
-def draw_scan(rng: np.random.Generator) -> dict:
-    """Random scanner nuisance of one image: pose, voxel size, orientation, bias, noise, scale."""
+def draw_scan(rng: np.random.Generator, voxel_range_mm=(1.5, 2.5)) -> dict:
+    """Random scanner nuisance of one image: pose, voxel size (uniform in ``voxel_range_mm``),
+    orientation, bias, noise, scale. Any range draws the same random numbers."""
     return {
         "rotation_deg": [round(float(v), 3) for v in rng.uniform(-10, 10, 3)],
         "translation_mm": [round(float(v), 3) for v in rng.uniform(-10, 10, 3)],
-        "voxel_mm": round(float(rng.uniform(1.5, 2.5)), 3),
+        "voxel_mm": round(float(rng.uniform(*voxel_range_mm)), 3),
         "orientation": str(rng.choice(list(ORIENTATIONS))),
         "bias_coefficients": [round(float(v), 4) for v in rng.uniform(-1, 1, 9)],
         "bias_amplitude": round(float(rng.uniform(0.1, 0.2)), 4),
@@ -92,14 +95,22 @@ def bias_field(shape, coefficients, amplitude: float) -> np.ndarray:
     return np.exp(poly * np.float32(amplitude / peak if peak > 0 else 0.0))
 
 
+def scan_grid(scan: dict) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(pose A, affine, shape) of ``scan``: its field of view is ``scan["fov_mm"]`` around
+    ``scan["fov_centre_mm"]`` where given (the whole-head phantom), else ``FOV_MM`` around the brain."""
+    pose = rigid_pose(scan["rotation_deg"], scan["translation_mm"])
+    affine, shape = scanner_grid(pose, scan["voxel_mm"], scan["orientation"], scan.get("fov_mm", FOV_MM),
+                                 scan.get("fov_centre_mm", BRAIN_CENTRE_MM))
+    return pose, affine, shape
+
+
 def render_scan(volume: np.ndarray, volume_affine: np.ndarray, scan: dict, wm_level: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(int16 data, affine, pose A) of the scanner image of template-space ``volume`` under ``scan``.
 
     ``wm_level`` is the template white-matter intensity (noise sd = fraction * scale * wm_level).
     """
-    pose = rigid_pose(scan["rotation_deg"], scan["translation_mm"])
-    affine, shape = scanner_grid(pose, scan["voxel_mm"], scan["orientation"])
+    pose, affine, shape = scan_grid(scan)
     image = resample_to_scanner(volume, volume_affine, pose, affine, shape)
     image *= bias_field(shape, scan["bias_coefficients"], scan["bias_amplitude"])
     image *= np.float32(scan["intensity_scale"])
@@ -114,8 +125,7 @@ def render_scan(volume: np.ndarray, volume_affine: np.ndarray, scan: dict, wm_le
 def render_labels(labels: np.ndarray, volume_affine: np.ndarray, scan: dict) -> np.ndarray:
     """The simulation-grid ``labels`` on the scanner grid of ``scan`` (``render_scan``'s pose and
     grid), nearest neighbour: the segmentation of that image, voxel for voxel."""
-    pose = rigid_pose(scan["rotation_deg"], scan["translation_mm"])
-    affine, shape = scanner_grid(pose, scan["voxel_mm"], scan["orientation"])
+    pose, affine, shape = scan_grid(scan)
     m = np.linalg.inv(volume_affine) @ np.linalg.inv(pose) @ affine
     return ndi.affine_transform(labels, m[:3, :3], m[:3, 3], output_shape=tuple(shape), order=0,
                                 mode="constant", cval=0, prefilter=False).astype(np.uint8)

@@ -28,7 +28,7 @@ from pipeline.common.outputs import check_writable
 from pipeline.intake.ids import with_sub_prefix
 from pipeline.intake.nonbids import non_bids_input
 from pipeline.intake.reportrows import REPORT_COLUMNS, report_rows
-from pipeline.intake.selection import bids_input, chosen
+from pipeline.intake.selection import DERIVED_COLUMNS, bids_input, chosen
 from pipeline.intake.targets import join_targets
 from pipeline.results.participants import ordered
 
@@ -39,7 +39,7 @@ DEFAULT_CHANNELS = config.defaults(["channels"])
 class Ingested(NamedTuple):
     """What ingest hands on: the three outputs' contents."""
 
-    manifest: pd.DataFrame  # MANIFEST_COLUMNS, path_<channel>…, [label], table columns
+    manifest: pd.DataFrame  # MANIFEST_COLUMNS, path_<channel>…, [label], [brain_mask], table columns
     report: pd.DataFrame  # REPORT_COLUMNS
     targets: dict  # target, task, source, classes
 
@@ -49,7 +49,7 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
            include=(), exclude=(), target_source: str = "participants", label_image: dict | None = None,
            non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None,
            limits: dict | None = None, on_error: str = "continue", target_fallback: str = "none",
-           positive_class: str | None = None) -> Ingested:
+           positive_class: str | None = None, brain_mask: dict | None = None) -> Ingested:
     """Select, match, join and check (see the module docstring): manifest, report and target info.
 
     Arguments are the config keys of the same names (config/README.md; ``limits`` is
@@ -65,13 +65,13 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
         matched = samples
     else:
         samples, report, matched = bids_input(bids_dir, DEFAULT_FILTERS if filters is None else filters, channels,
-                                              sessions, runs, label_image, cache_dir)
+                                              sessions, runs, label_image, cache_dir, brain_mask)
     include, exclude = {with_sub_prefix(p) for p in include}, {with_sub_prefix(p) for p in exclude}
     reported = set().union(*(r["participant_id"] for r in report))
     seen = set(matched["participant_id"]) | reported  # participants with at least one selected image
     dropped = set(matched["participant_id"]) - set(samples["participant_id"]) - reported  # by sessions/runs only
     samples = samples[chosen(samples["participant_id"], include, exclude)]
-    images = [c for c in samples.columns if c == "path" or c.startswith("path_") or c == "label"]
+    images = [c for c in samples.columns if c == "path" or c.startswith("path_") or c in DERIVED_COLUMNS]
 
     participants, source = None, {"source": None, "fallback": frozenset()}
     if target is not None:
@@ -149,7 +149,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # bids_dir, target (null: select images only, join no target table), task (regression or
     # classification), bids_filters, channels, sessions, runs, participants (include, exclude),
-    # target_source, target_fallback, positive_class, label_image, non_bids, check_data, image_limits, on_error
+    # target_source, target_fallback, positive_class, label_image, brain_mask, non_bids, check_data, image_limits,
+    # on_error
     add_config(parser)
     parser.add_argument("--cache-dir", "--database-dir", type=Path, help="keeps the file index and checks between runs")
     parser.add_argument("--manifest", type=Path, required=True)
@@ -165,7 +166,8 @@ def main(argv=None) -> None:
                         exclude=cfg["participants"]["exclude"], target_source=cfg["target_source"],
                         label_image=cfg["label_image"], non_bids=cfg["non_bids"], check_data=cfg["check_data"],
                         cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"],
-                        target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"))
+                        target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"),
+                        brain_mask=cfg.get("brain_mask"))
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "

@@ -1,11 +1,14 @@
 """Fixed preprocessing of one sample (one or more channels) into the study's template grid (antspyx).
 
-Per channel: reorient → N4 bias correction. The reference channel (the first) is registered
+Per channel: reorient → N4 bias correction. The reference channel (the first) is brain-extracted
+(``preprocess.brain_extraction``, ``pipeline.intake.brainmask``: its mask is written on the
+image's native grid) and registered
 (rigid or affine) to the template grid; every further channel is rigidly co-registered to the
 reference (mutual information) and carried to the template through both transforms, smoothed
 first where the grid is coarser than the image (anti-aliasing: without it a 4 mm grid samples a
 2 mm image's noise at every fourth voxel instead of averaging it). Then the template brain mask
-and z-score normalisation inside it, per channel. Writes per channel a
+and z-score normalisation inside it, per channel, with the mean and sd taken where the template
+mask and the sample's own brain mask (carried to the grid) overlap. Writes per channel a
 BIDS-derivative NIfTI with a JSON sidecar; for the sample the forward and inverse transforms of
 the reference, a QC PNG and a float32 ``.npy`` array (C, X, Y, Z) in the template grid's RAS+
 voxel order, memory-mappable for training. A label image (config ``label_image``, in the
@@ -27,7 +30,7 @@ import numpy as np
 
 from pipeline.common import atomic, config
 from pipeline.common.cli import add_config, channel_names
-from pipeline.intake import exclusions
+from pipeline.intake import brainmask, exclusions
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
 from pipeline.intake.recipe import sidecar_steps
@@ -58,9 +61,9 @@ def ants_image(data: np.ndarray, affine: np.ndarray):
                            spacing=list(zooms), direction=to_lps @ (affine[:3, :3] / zooms))
 
 
-def normalise(data: np.ndarray, mask: np.ndarray, source: Path) -> np.ndarray:
-    """Z-score ``data`` with the mean and sd inside ``mask``; 0 outside the mask."""
-    inside = data[mask > 0]
+def normalise(data: np.ndarray, mask: np.ndarray, source: Path, stats: np.ndarray | None = None) -> np.ndarray:
+    """Z-score ``data`` with the mean and sd inside ``stats`` (default: ``mask``); 0 outside ``mask``."""
+    inside = data[(mask > 0) if stats is None else (mask > 0) & (stats > 0)]
     sd = inside.std()
     if not np.isfinite(sd) or sd == 0:
         raise InputError(f"{source}: the image is constant or not finite inside the template brain mask after "
@@ -68,15 +71,20 @@ def normalise(data: np.ndarray, mask: np.ndarray, source: Path) -> np.ndarray:
     return np.where(mask > 0, (data - inside.mean()) / sd, 0.0).astype(np.float32)
 
 
-def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int):
-    """A channel read, reoriented to the template's axes, bias-corrected and scaled to ~[0, 1]."""
+def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int, brain=None):
+    """A channel read, reoriented to the template's axes, bias-corrected and scaled to ~[0, 1].
+    With ``brain`` (its mask as an ANTs image, reoriented alike) it is zeroed outside the mask and
+    scaled by the brain's own 99th percentile."""
     import ants
 
     image = ants.reorient_image2(load_native(source), orientation)
     if n4:
         image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
                                               convergence={"iters": [50, 50, 30], "tol": 1e-6})
-    scale = float(np.percentile(image.numpy(), 99))
+    if brain is not None:
+        inside = brain.numpy() > 0
+        image = image.new_image_like(np.where(inside, image.numpy(), 0.0).astype(np.float32))
+    scale = float(np.percentile(image.numpy()[inside] if brain is not None else image.numpy(), 99))
     if not np.isfinite(scale) or scale <= 0:
         raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation{' and N4' if n4 else ''} "
                          "(an empty or mostly-background image), so it cannot be scaled or registered; check the "
@@ -103,12 +111,14 @@ def antialiased(image, grid_spacing: float):
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
-               settings: dict | None = None, label: Path | None = None) -> dict:
+               settings: dict | None = None, label: Path | None = None, brain_mask: Path | None = None,
+               threads: int = 1) -> dict:
     """Run the chain (``pipeline.intake.recipe.STEPS``) on the ``sources`` (one per channel,
     reference first) into the grid of ``template``; write all ``out`` files; return the reference
     channel's sidecar. ``settings``: config ``preprocess`` (what it leaves out: the schema's
     defaults). ``label``: the sample's label image (same space as the reference), written to
-    ``out["label_image"]`` and ``out["label_array"]``.
+    ``out["label_image"]`` and ``out["label_array"]``. ``brain_mask``: the reference's mask
+    from derivatives (``brain_extraction: derivatives``); ``threads``: the extractor's.
 
     Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
@@ -116,7 +126,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     import ants
 
     settings = config.resolved(["preprocess"], settings or {})
-    transform, n4, n4_shrink, seed, antialias = (settings[k] for k in PARAMETERS)
+    transform, n4, n4_shrink, seed, antialias, extraction = (settings[k] for k in PARAMETERS)
     channels = list(channels)
     if len(sources) != len(channels):
         raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
@@ -130,7 +140,12 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     orientation = ants.get_orientation(fixed)
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    reference = prepared(sources[0], orientation, n4, n4_shrink)
+    native = brainmask.native_mask(extraction, sources[0], brain_mask, threads)
+    native_brain = None
+    if native is not None:
+        atomic.nib_save(native, out["brain_mask"])
+        native_brain = ants.reorient_image2(ants.image_read(str(out["brain_mask"])), orientation)
+    reference = prepared(sources[0], orientation, n4, n4_shrink, native_brain)
     arrays = []
     with tempfile.TemporaryDirectory() as tmp:  # ANTs writes its transforms under outprefix
         reg = ants.registration(fixed=fixed, moving=reference, type_of_transform=transform,
@@ -140,6 +155,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
         atomic.copyfile(reg["fwdtransforms"][0], out["forward"])
         with atomic.path(out["inverse"]) as partial:
             ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(partial))
+        subject = brain_on_grid(native_brain, fixed, out, mask_img, sources[0])
         for channel, source in zip(channels, sources):
             if channel == channels[0]:
                 moving, transforms = reference, [str(out["forward"])]
@@ -152,7 +168,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             if antialias:
                 moving = antialiased(moving, max(fixed.spacing))
             warped = ants.apply_transforms(fixed, moving, transforms, interpolator="linear")
-            data = normalise(warped.numpy(), brain, source)
+            data = normalise(warped.numpy(), brain, source, subject)
             # The template grid's own RAS+ affine: the saved image is exactly on the study grid.
             atomic.nib_save(nib.Nifti1Image(data, mask_img.affine), out[f"image_{channel}"])
             arrays.append(data)
@@ -169,17 +185,34 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             "SpatialReference": {"space": SPACE, "grid": str(template)},
             "Steps": steps,
             "Parameters": {k: settings[k] for k in PARAMETERS},
-            "QC": {"correlation_with_template": round(similarity, 4)} if channel == channels[0] else {},
+            "QC": ({"correlation_with_template": round(similarity, 4),
+                    **({"brain_mask_dice_with_template": round(brainmask.dice(subject > 0, brain), 4)}
+                       if native is not None else {})} if channel == channels[0] else {}),
             "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
             "SoftwareVersions": _versions(),
         }
         atomic.write_text(out[f"sidecar_{channel}"], json.dumps(sidecars[channel], indent=2))
-    write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}")
+    write_qc(arrays[0], mask_img, out["qc"], f"{Path(sources[0]).name}  r(template)={similarity:.2f}",
+             subject if native is not None else None)
     return sidecars[channels[0]]
 
 
-PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias")  # the sidecar's, in order
+PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction")  # the sidecar's
+
+
+def brain_on_grid(native_brain, fixed, out: dict[str, Path], mask_img: nib.Nifti1Image, source: Path) -> np.ndarray:
+    """The sample's brain mask on the template grid (uint8). With a native mask (``native_brain``,
+    an ANTs image) it is carried forward (linear, > 0.5); without one (``brain_extraction: none``)
+    the template's mask is the sample's, and it is carried back to write ``out["brain_mask"]``."""
+    import ants
+
+    if native_brain is None:
+        back = to_native(mask_img, source, out["inverse"], interpolator="genericLabel")
+        atomic.nib_save(nib.Nifti1Image(np.rint(back.get_fdata()).astype(np.uint8), back.affine), out["brain_mask"])
+        return np.asarray(mask_img.dataobj).astype(np.uint8)
+    warped = ants.apply_transforms(fixed, native_brain, [str(out["forward"])], interpolator="linear")
+    return (warped.numpy() > 0.5).astype(np.uint8)
 
 
 def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
@@ -249,9 +282,10 @@ def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interp
     return nib.Nifti1Image(warped.numpy().astype(np.float32), native.affine)
 
 
-def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> None:
+def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str, subject: np.ndarray | None = None) -> None:
     """Sagittal, coronal and axial slices through the brain centre of the preprocessed image (on
-    the template grid, RAS+) with the template brain outline in red."""
+    the template grid, RAS+) with the template brain outline in red and, when given, the sample's
+    own brain mask (``subject``, on the same grid) in cyan."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,6 +301,8 @@ def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str) -> 
     for ax, (name, cut) in zip(axes, views):
         ax.imshow(cut(data).T, origin="lower", cmap="gray", vmin=-2, vmax=3)  # x/y right and up: RAS+ axes
         ax.contour(cut(brain).T.astype(float), levels=[0.5], colors="r", linewidths=0.8)
+        if subject is not None and cut(subject).any():
+            ax.contour(cut(subject).T.astype(float), levels=[0.5], colors="c", linewidths=0.8)
         ax.set_title(name, color="white", fontsize=9)
         ax.axis("off")
     fig.suptitle(title, color="white", fontsize=10)
@@ -294,7 +330,9 @@ def main(argv=None) -> None:
     parser.add_argument("--image-id", required=True, help="sub-X[_ses-Y]")
     parser.add_argument("--label", type=Path, nargs="*", default=[],
                         help="the sample's label image (config label_image), or nothing")
-    parser.add_argument("--threads", type=int, default=1, help="ITK threads (1 is reproducible)")
+    parser.add_argument("--brain-mask", type=Path, nargs="*", default=[],
+                        help="the reference's brain mask (config brain_mask, with brain_extraction: derivatives), or nothing")
+    parser.add_argument("--threads", type=int, default=1, help="ITK and extractor threads (1 is reproducible)")
     parser.add_argument("--excluded", type=Path, help="exclusion record (TSV) written either way; with on_error: "
                         "continue a failure is written there and the command exits 0")
     args = parser.parse_args(argv)
@@ -304,7 +342,8 @@ def main(argv=None) -> None:
     with InputError.exit_cleanly():
         sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.config["on_error"], args.excluded,
                                         template=args.template, mask=args.mask, channels=names,
-                                        settings=args.config["preprocess"], label=label)
+                                        settings=args.config["preprocess"], label=label,
+                                        brain_mask=args.brain_mask[0] if args.brain_mask else None, threads=args.threads)
     if sidecar is None:
         print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
         return

@@ -5,7 +5,8 @@ Standard library only: the Snakefile imports it. A model package carries the rec
 package prepares new images with it.
 
 >>> r = from_config({"resolution": 4, "shape": [40, 48, 40], "transform": "Affine", "n4": True,
-...                  "n4_shrink_factor": 4, "seed": 1, "antialias": True}, {"T1w": {"suffix": "T1w"}},
+...                  "n4_shrink_factor": 4, "seed": 1, "antialias": True, "brain_extraction": "none"},
+...                 {"T1w": {"suffix": "T1w"}},
 ...                 {"datatype": "anat"})
 >>> mismatches(r, {**r, "resolution": 8.0})
 ['resolution: package 4.0, study 8.0']
@@ -20,9 +21,11 @@ from pipeline.common.paths import SPACE
 TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.intake.template)"
 # Keys that must be equal for images to be prepared the same way. The registration seed is not
 # among them: any seed gives an equivalent registration.
-COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "channels")
+COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "brain_extraction",
+            "channels")
 # Keys added after packages were first written, with the value that packages without them used.
-INTRODUCED = {"antialias": False}
+INTRODUCED = {"antialias": False, "brain_extraction": "none"}
+OFF = (False, None, "none")  # a step's key with one of these values turns it off
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,8 @@ class Step:
     ``key``: the config ``preprocess`` key that turns it on (None: always); ``recipe``: the step in
     words for the recipe and the model card (``{reference}``, ``{channel}`` and the preprocess
     keys filled in); ``further``: done once per channel after the reference; ``sidecar``: the
-    entries it adds to each channel's sidecar ``Steps`` (``further_only``: only in those channels')."""
+    entries it adds to each channel's sidecar ``Steps`` (``further_only``: only in those channels';
+    ``reference_only``: only in the reference's)."""
 
     name: str
     recipe: str
@@ -40,12 +44,16 @@ class Step:
     key: str | None = None
     further: bool = False
     further_only: bool = False
+    reference_only: bool = False
 
 
 STEPS = (
     Step("reorient", "read each channel (ANTs), reorient to the template's axes", ("reorient",)),
     Step("n4", "N4 bias-field correction (shrink factor {n4_shrink_factor})", ("N4BiasFieldCorrection",), key="n4"),
-    Step("scale", "divide by the image's 99th intensity percentile"),
+    Step("extract", "brain extraction of {reference} ({brain_extraction}; pipeline.intake.brainmask): zero outside "
+         "its brain mask, written on the native grid", ("brain extraction ({brain_extraction})",), key="brain_extraction",
+         reference_only=True),
+    Step("scale", "divide by the image's 99th intensity percentile (inside the brain mask when extracted)"),
     Step("coregister", "rigid co-registration of {channel} to {reference} (ANTs)",
          ("ants.registration:Rigid to {reference}",), further=True, further_only=True),
     Step("register", "ANTs {transform} registration of {reference} to the template (seed {seed}, one ITK thread)",
@@ -54,7 +62,8 @@ STEPS = (
          "(FWHM sqrt(grid^2 - voxel^2) per axis)", ("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))",),
          key="antialias"),
     Step("resample", "linear resampling of every channel onto the template grid (grid/template.nii.gz)"),
-    Step("normalise", "z-score each channel inside the template brain mask (grid/brain_mask.nii.gz); 0 outside",
+    Step("normalise", "z-score each channel inside the template brain mask (grid/brain_mask.nii.gz), its mean and "
+         "sd where the sample's brain mask overlaps it; 0 outside",
          ("template brain mask", "z-score inside mask")),
     Step("stack", "stack the channels: a (C, X, Y, Z) float32 array"),
 )
@@ -62,7 +71,7 @@ STEPS = (
 
 def active(settings: dict) -> list[Step]:
     """The steps that run with config ``preprocess`` ``settings``."""
-    return [step for step in STEPS if step.key is None or settings[step.key]]
+    return [step for step in STEPS if step.key is None or settings.get(step.key, INTRODUCED.get(step.key)) not in OFF]
 
 
 def steps(settings: dict, channels: list[str]) -> list[str]:
@@ -78,7 +87,7 @@ def sidecar_steps(settings: dict, channels: list[str], channel: str) -> list[str
     """The ``Steps`` of ``channel``'s sidecar."""
     further = channel != channels[0]
     return [entry.format(reference=channels[0], **settings) for step in active(settings)
-            if further or not step.further_only for entry in step.sidecar]
+            if (further or not step.further_only) and not (further and step.reference_only) for entry in step.sidecar]
 
 
 def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
@@ -94,6 +103,7 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
         "n4_shrink_factor": int(preprocess["n4_shrink_factor"]),
         "seed": int(preprocess["seed"]),
         "antialias": bool(preprocess["antialias"]),
+        "brain_extraction": preprocess.get("brain_extraction", INTRODUCED["brain_extraction"]),
         "channels": names,
         "selection": {"bids_filters": bids_filters, "channels": channels},
         "steps": steps(preprocess, names),
@@ -103,7 +113,7 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
 
 def config_keys(recipe: dict) -> dict:
     """The config keys (``preprocess``, ``channels``, ``bids_filters``) that reproduce ``recipe``."""
-    keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias")
+    keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction")
     return {"preprocess": {k: recipe.get(k, INTRODUCED.get(k)) for k in keys}, "channels": recipe["selection"]["channels"],
             "bids_filters": recipe["selection"]["bids_filters"]}
 

@@ -17,6 +17,7 @@ from pipeline.intake.ids import strip_prefix
 from pipeline.intake.reportrows import report_rows
 
 MANIFEST_COLUMNS = ["image_id", "participant_id", "session", "subdir", "path"]
+DERIVED_COLUMNS = ("label", "brain_mask")  # images from derivatives folders, per sample (config label_image, brain_mask)
 IMAGE_ID = re.compile(r"sub-[A-Za-z0-9]+(_[a-z]+-[A-Za-z0-9]+)*")
 UNMATCHED = ("suffix", "extension")  # never part of the entities that match channels
 
@@ -166,8 +167,10 @@ def chosen(ids: pd.Series, include: set[str], exclude: set[str]) -> pd.Series:
 
 
 def bids_input(bids_dir: Path, filters: dict, channels: dict, sessions: str, runs: str, label_image: dict | None,
-               cache_dir: Path | None) -> tuple[pd.DataFrame, list[pd.DataFrame], pd.DataFrame]:
-    """Samples of a BIDS dataset after the sessions/runs policy, with label images when asked.
+               cache_dir: Path | None, brain_mask: dict | None = None
+               ) -> tuple[pd.DataFrame, list[pd.DataFrame], pd.DataFrame]:
+    """Samples of a BIDS dataset after the sessions/runs policy, with label images and brain masks
+    (columns ``label``, ``brain_mask``) when asked.
 
     Returns (samples with the manifest's path columns, report parts, samples before the policy).
     """
@@ -189,36 +192,42 @@ def bids_input(bids_dir: Path, filters: dict, channels: dict, sessions: str, run
     if label_image:
         samples, label_report = attach_labels(samples, bids_dir, label_image, key, cache_dir)
         report += label_report
+    if brain_mask:
+        samples, mask_report = attach_labels(samples, bids_dir, brain_mask, key, cache_dir, "brain_mask", "brain_mask")
+        report += mask_report
     session = np.where(samples["session"] != "", "ses-" + samples["session"], "")
     samples = samples.assign(session=session, subdir=samples["participant_id"] + np.where(session != "", "/" + session, ""))
-    paths = [c for c in samples.columns if c.startswith("path_") or c == "label"]
+    paths = [c for c in samples.columns if c.startswith("path_") or c in DERIVED_COLUMNS]
     return samples[MANIFEST_COLUMNS + paths], report, matched
 
 
 def attach_labels(samples: pd.DataFrame, bids_dir: Path, label_image: dict, key: list[str],
-                  cache_dir: Path | None = None) -> tuple[pd.DataFrame, list]:
-    """Add the ``label`` column: the one derivatives image whose entities match each sample.
+                  cache_dir: Path | None = None, column: str = "label", config_key: str = "label_image"
+                  ) -> tuple[pd.DataFrame, list]:
+    """Add the ``column`` (``label``): the one derivatives image whose entities match each sample,
+    as config ``config_key`` (``label_image``, or ``brain_mask``: {derivatives, filters}) selects.
 
-    Matched on the sample's key entities except datatype and those ``label_image.filters`` set;
+    Matched on the sample's key entities except datatype and those ``<config_key>.filters`` set;
     derivative-only entities (desc-, space-, label-…) must be pinned by the filters when they vary.
     """
     root = Path(label_image["derivatives"])
     root = root if root.is_absolute() else bids_dir / root
     if not root.is_dir():
-        raise InputError(f"label_image.derivatives {root} is not a folder (relative paths start at bids_dir).")
+        raise InputError(f"{config_key}.derivatives {root} is not a folder (relative paths start at bids_dir).")
     rules = bidsindex.entity_rules(("bids", "derivatives"))
-    conds = bidsindex.conditions(label_image.get("filters") or {}, rules, "label_image.filters")
+    conds = bidsindex.conditions(label_image.get("filters") or {}, rules, f"{config_key}.filters")
     files = bidsindex.load_index(root, cache_dir, ("bids", "derivatives"))
     labels = bidsindex.select(files, conds) if not files.empty else files
     if labels.empty:
-        raise InputError(bidsindex.explain_empty(files, conds, f"label_image (under {root})") if not files.empty
-                         else f"label_image.derivatives {root} holds no NIfTI image under sub-* folders.")
+        raise InputError(bidsindex.explain_empty(files, conds, f"{config_key} (under {root})") if not files.empty
+                         else f"{config_key}.derivatives {root} holds no NIfTI image under sub-* folders.")
     match_key = [k for k in key if k not in conds and k != "datatype"]
     labels = labels.reindex(columns=["path", *match_key], fill_value="")
     paths, n = match_by_key(samples, labels, match_key)
     absolute = str(root.absolute()) + "/"
-    samples = samples.assign(label=[absolute + p[0] if len(p) == 1 else "" for p in paths])
-    report = [report_rows(samples[n == 0], f"no label image in {root} with the same entities ({', '.join(match_key)})"),
-              report_rows(samples[n > 1], [f"{len(p)} label images match ({', '.join(p)}); pin the entity that "
-                                           "differs in label_image.filters" for p in paths[n > 1]])]
+    samples = samples.assign(**{column: [absolute + p[0] if len(p) == 1 else "" for p in paths]})
+    what = "label image" if column == "label" else column.replace("_", " ")
+    report = [report_rows(samples[n == 0], f"no {what} in {root} with the same entities ({', '.join(match_key)})"),
+              report_rows(samples[n > 1], [f"{len(p)} {what}s match ({', '.join(p)}); pin the entity that "
+                                           f"differs in {config_key}.filters" for p in paths[n > 1]])]
     return samples[n == 1], report
