@@ -44,5 +44,5 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0, folds: int = 1) -> dic
     splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed)
     manifest.to_csv(root / "manifest.tsv", sep="\t", index=False)
     splits.to_csv(root / "splits.tsv", sep="\t", index=False)
-    return {"bids": bids, "manifest": root / "manifest.tsv", "splits": root / "splits.tsv", "preproc": preproc,
+    return {"root": root, "bids": bids, "manifest": root / "manifest.tsv", "splits": root / "splits.tsv", "preproc": preproc,
             "template": template, "mask": mask, "seconds": seconds}
