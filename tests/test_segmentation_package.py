@@ -171,3 +171,27 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
     if label_image:
         assert config["label_image"]["labels"] == ["background", "CSF", "GM", "WM"]
         assert "label" in read_tsv(out / "manifest.tsv").columns
+
+
+@pytest.mark.slow
+def test_apply_workflow_on_the_studys_test_participant_reproduces_its_label_maps(study, tmp_path):
+    """The real apply workflow (ingest → preprocessing again → predict_labels → report) on the
+    study's test participant, with its label image: the same maps on both grids and the same Dice
+    as the study's evaluation (~1 min on 2 cores)."""
+    pkg = package.load(study["package"])
+    evaluation = read_tsv(study["root"] / "evaluate" / "predictions.tsv").set_index("image_id")
+    participants = sorted({evaluation.loc[i, "participant_id"] for i in evaluation.index})
+    out = tmp_path / "out"
+    label_image = {"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"}}
+    config = apply_config(study["bids"], out, pkg, "lab/tissue:1", participants, None, label_image=label_image)
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(out)
+    applied = read_tsv(out / "predictions.tsv").set_index("image_id")
+    assert sorted(applied.index) == sorted(evaluation.index)
+    for image_id, row in applied.iterrows():
+        for column in ("predicted_labels", "predicted_labels_native"):
+            ours, theirs = nib.load(row[column]), nib.load(evaluation.loc[image_id, column])
+            assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+        assert row["dice_mean"] == pytest.approx(evaluation.loc[image_id, "dice_mean"])
+    assert "Segmentation into 0 background" in (out / "report.html").read_text()

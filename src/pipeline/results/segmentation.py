@@ -18,7 +18,8 @@ inverse transform of preprocessing, nearest label).
 folds' label maps; ties go to the lowest label) with intervals → ``metrics.tsv``,
 ``predictions.tsv``, ``metrics.json``, the ensemble's maps under ``labels/`` (template grid, and
 native grid: the vote of the folds' native-grid maps) and ``performance.png`` (per-image Dice and
-HD95 per label).
+HD95 per label). A segmentation package applied to new images (``pipeline.sharing.segpredict``)
+uses the same ``predict_maps`` and ``ensemble_row``, so its maps are evaluation's.
 """
 
 from __future__ import annotations
