@@ -20,6 +20,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from pipeline.common.errors import InputError  # noqa: E402
 from pipeline.common.tables import read_tsv  # noqa: E402
 from pipeline.learning.loader import load_batch  # noqa: E402
 from pipeline.learning.saved import load_model, package_model  # noqa: E402
@@ -91,6 +92,27 @@ def test_onnx_networks_reassembled_by_the_spec_give_the_ensembles_label_map(stud
     assert (np.moveaxis(voted, 2, 0)[blank] == np.moveaxis(study_map, 2, 0)[blank]).mean() > 0.99
 
 
+@pytest.mark.parametrize("sampler", [{"kind": "patches", "size": [32, 32, 32]}, {"kind": "image"}])
+def test_onnx_of_3d_networks_on_patches_or_whole_images(tmp_path, sampler):
+    """Untrained 3D unets (two folds) on patches or whole images: the ONNX graph takes their views and
+    matches PyTorch; the spec's inference names the sliding window or the whole image."""
+    from pipeline.learning.models import build_model
+    from pipeline.learning.sampler import SegmentationModel, build_sampler
+    from pipeline.sharing.segexport import network_onnx, spec_entries
+
+    torch.manual_seed(0)
+    models = [SegmentationModel(build_model("unet", 1, 3, 3, features=[4, 4, 4, 4, 4, 4]), build_sampler(sampler)).eval()
+              for _ in range(2)]
+    array = tmp_path / "image.npy"
+    np.save(array, np.random.default_rng(0).normal(size=(1, 48, 32, 32)).astype(np.float32))
+    checked = network_onnx(models, {}, [str(array)], tmp_path / "model.onnx")
+    assert checked["max_abs_difference"] <= TOLERANCE and checked["constant_views"] == 0
+    inference = spec_entries(models, ["background", "a", "b"])["inference"]
+    assert inference["views"] == sampler["kind"]
+    if sampler["kind"] == "patches":
+        assert inference["size"] == [32, 32, 32] and inference["overlap"] == 0.5
+
+
 def test_applying_the_package_reproduces_the_evaluations_label_maps(study, tmp_path):
     """The package applied to the study's test image: the same template-grid map bit for bit, the
     same native-grid map, and (its label image given) the same Dice and HD95 as the evaluation."""
@@ -153,7 +175,9 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
     """Ingestion run for real (it only indexes the dataset), then the dry run of the rest."""
     pkg = package.load(study["package"])
     out = tmp_path / "out"
-    config = apply_config(study["bids"], out, pkg, "lab/tissue:1", [], ["gradient"], label_image=label_image)
+    with pytest.raises(InputError, match="no explanation maps"):
+        apply_config(study["bids"], out, pkg, "lab/tissue:1", [], ["gradient"])
+    config = apply_config(study["bids"], out, pkg, "lab/tissue:1", [], None, label_image=label_image)
     assert config["task"] == "segmentation"
     out.mkdir()
     (out / "config.yaml").write_text(yaml.safe_dump(config))

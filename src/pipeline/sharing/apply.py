@@ -45,7 +45,10 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
     package's label maps are then scored against it; its ``labels`` default to the package's)."""
     explain = dict(pkg.spec["explain"] or {})
-    if methods and pkg.spec["explain"] is not None:
+    if methods and pkg.spec["explain"] is None:
+        raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "
+                         "package, which has no explanation maps; leave --methods out.")
+    if methods:
         explain["methods"] = methods
     if label_image is not None:
         if pkg.spec["task"] != "segmentation":

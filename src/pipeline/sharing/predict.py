@@ -169,6 +169,9 @@ def main(argv=None) -> None:
                          args.out)
             return
         channels = channel_names(cfg)
+        if (args.command == "labels") != (pkg.spec["task"] == "segmentation"):
+            raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.predict "
+                             f"{'labels' if pkg.spec['task'] == 'segmentation' else 'predictions'}`, not {args.command}.")
         if args.command == "labels":
             table = segpredict.label_table(args.manifest, args.preproc_dir, channels, pkg, cfg.get("label_image"))
             segpredict.predict_labels(pkg, table, args.preproc_dir, channels, args.out_dir, args.predictions, device)
