@@ -160,6 +160,21 @@ def test_apply_report_says_it_is_a_segmentation(study, tmp_path):
     assert "test-set dice_mean" in page and "Explanation maps" not in page
 
 
+def test_apply_command_passes_the_label_image_with_the_packages_labels(study, tmp_path, monkeypatch):
+    from pipeline.sharing import apply as apply_cli
+
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: 0)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        apply_cli.main([str(study["bids"]), str(out), "participant", "--model", str(study["archive"]),
+                        "--label-image", '{"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg"}}'])
+    assert done.value.code == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["task"] == "segmentation" and config["explain"] == {"groundtruth": None}
+    assert config["label_image"] == {"labels": ["background", "CSF", "GM", "WM"], "derivatives": "derivatives/tissue",
+                                     "filters": {"suffix": "dseg"}}
+
+
 def snakemake(out: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(out),

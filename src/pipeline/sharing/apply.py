@@ -108,6 +108,21 @@ def registry_package(model: str, version: str | None, where: str, models_dir: Pa
     return str(ref), folder
 
 
+def label_image_argument(text: str) -> dict:
+    """``--label-image``'s JSON object (config ``label_image``)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        value, problem = None, str(exc)
+    else:
+        problem = "" if isinstance(value, dict) else f"a {type(value).__name__}, not an object"
+    if problem:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object ({problem}); give config label_image as JSON, e.g. "
+            '\'{"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"}}\'')
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -123,7 +138,7 @@ def main(argv=None) -> None:
     parser.add_argument("--registry", help=f"registry folder or fsspec URL (default: ${registry.ENVIRONMENT}, "
                                            f"else {registry.DEFAULT})")
     parser.add_argument("--methods", nargs="+", help="attribution methods (default: the package's)")
-    parser.add_argument("--label-image", type=json.loads, metavar="JSON",
+    parser.add_argument("--label-image", type=label_image_argument, metavar="JSON",
                         help="a segmentation package: each image's label image to score the label maps against, "
                              "as config label_image, e.g. '{\"derivatives\": \"derivatives/tissue\", "
                              "\"filters\": {\"suffix\": \"dseg\"}}' (labels: the package's)")
