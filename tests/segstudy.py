@@ -23,7 +23,7 @@ HYPER = {"model": "unet", "model_args": {"features": [16, 16, 32, 64, 128, 16]},
          "augmentation": {"rotation": 0, "scaling": 0, "translation": 0, "noise": 0, "intensity": 0}}
 
 
-def build(root: Path, n_subjects: int = 8, seed: int = 0) -> dict:
+def build(root: Path, n_subjects: int = 8, seed: int = 0, folds: int = 1) -> dict:
     """Write the cohort, its preprocessed arrays, manifest and splits under ``root``; return their paths
     and the seconds each step took."""
     seconds = {}
@@ -41,8 +41,8 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0) -> dict:
         out = derivative_paths(preproc, row.subdir, row.image_id, ["T1w"], label=True)
         preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none"}, label=Path(row.label))
     seconds["preprocess"] = time.perf_counter() - start
-    splits = design(manifest, "group", "classification", 0.2, 1, 0.2, seed)
+    splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed)
     manifest.to_csv(root / "manifest.tsv", sep="\t", index=False)
     splits.to_csv(root / "splits.tsv", sep="\t", index=False)
-    return {"bids": bids, "manifest": root / "manifest.tsv", "splits": root / "splits.tsv", "preproc": preproc,
+    return {"root": root, "bids": bids, "manifest": root / "manifest.tsv", "splits": root / "splits.tsv", "preproc": preproc,
             "template": template, "mask": mask, "seconds": seconds}

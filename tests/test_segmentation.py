@@ -1,5 +1,6 @@
 """Segmentation end to end: the demo's tissue labels, their preprocessing, Dice/HD95, the trainer's
-refusals, the workflow's plan (no explanation or package jobs) and, marked slow, a small unet
+refusals, the workflow's plan (a package job, no explanation jobs; the package itself:
+test_segmentation_package.py) and, marked slow, a small unet
 trained on the demo cohort reaching Dice ≥ 0.8 for GM and WM on the test split."""
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_segmentation_config_plans_a_complete_study_without_explanation_or_package_jobs(demo, tmp_path):
+def test_segmentation_config_plans_a_complete_study_and_its_package_without_explanation_jobs(demo, tmp_path):
     overrides = ["--config", f"bids_dir={demo}", f"results_dir={tmp_path / 'results'}"]
     ingest = snakemake(*overrides, "--cores", "1", str(tmp_path / "results" / "manifest.tsv"), cwd=REPO)
     assert ingest.returncode == 0, ingest.stderr[-3000:]
@@ -145,8 +146,9 @@ def test_segmentation_config_plans_a_complete_study_without_explanation_or_packa
                 if len(line.split()) == 2 and line.split()[1].isdigit())
     n_images = len(list(demo.glob("sub-*/**/*_T1w.nii*")))
     assert jobs["preprocess"] == str(n_images)
-    assert {"grid", "split", "train", "evaluate", "evaluate_folds", "report", "all"} <= set(jobs)
-    assert not {"explain", "explain_folds", "package"} & set(jobs)
+    assert {"grid", "split", "train", "evaluate", "evaluate_folds", "report", "package", "all"} <= set(jobs)
+    assert jobs["package"] == "1"
+    assert not {"explain", "explain_folds"} & set(jobs)
 
 
 @pytest.mark.slow

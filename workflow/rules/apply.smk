@@ -1,85 +1,125 @@
-# Apply mode (config `apply`): a fetched model package predicts for, and explains, every ingested image.
+# Apply mode (config `apply`): a fetched model package predicts for, and explains, every ingested image;
+# a segmentation package labels every image instead (template and native grid; no explanation maps).
 PACKAGE = APPLY["package"]
 PACKAGE_INPUT = f"{PACKAGE}/checksums.sha256"
+PREDICTIONS = f"{RESULTS}/predictions.tsv"
 
 
-rule predict:
-    input:
-        manifest=rules.exclusions.output.samples,
-        arrays=preprocessed("array"),
-        package=PACKAGE_INPUT,
-        code=code("predict"),
-    output:
-        predictions=f"{RESULTS}/predictions.tsv",
-        folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
-    params:
-        preproc_dir=preproc_root,
-        config=stage_config(config, ["apply", "channels"]),
-        out_dir=lambda wildcards, output: str(Path(output.folds[0]).parent.parent),
-        device=config["device"],
-    log:
-        f"{RESULTS}/logs/predict.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/predict.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
-        gpu=1 if config["gpu"] else 0,
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m pipeline.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
-        " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
-        " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
+if SEGMENTATION:
+
+    rule predict_labels:
+        input:
+            manifest=rules.exclusions.output.samples,
+            arrays=preprocessed("array"),
+            # With config label_image the maps are scored against the preprocessed and the native label images.
+            labels=preprocessed("label_array") if LABEL else [],
+            package=PACKAGE_INPUT,
+            code=code("predict"),
+        output:
+            predictions=PREDICTIONS,
+            labels=directory(f"{RESULTS}/labels"),
+            folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
+            fold_labels=[directory(f"{RESULTS}/predict/{fold}/labels") for fold in PACKAGE_SPEC["folds"]],
+        params:
+            preproc_dir=preproc_root,
+            config=stage_config(config, ["apply", "channels", "label_image"]),
+            out_dir=lambda wildcards, output: str(Path(output.folds[0]).parent.parent),
+            device=config["device"],
+        log:
+            f"{RESULTS}/logs/predict_labels.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/predict_labels.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=60,
+            gpu=1 if config["gpu"] else 0,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.predict labels --config {params.config:q} --manifest {input.manifest:q}"
+            " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
+            " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
+
+else:
+
+    rule predict:
+        input:
+            manifest=rules.exclusions.output.samples,
+            arrays=preprocessed("array"),
+            package=PACKAGE_INPUT,
+            code=code("predict"),
+        output:
+            predictions=PREDICTIONS,
+            folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
+        params:
+            preproc_dir=preproc_root,
+            config=stage_config(config, ["apply", "channels"]),
+            out_dir=lambda wildcards, output: str(Path(output.folds[0]).parent.parent),
+            device=config["device"],
+        log:
+            f"{RESULTS}/logs/predict.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/predict.tsv"
+        threads: 1
+        resources:
+            mem_mb=4000,
+            runtime=30,
+            gpu=1 if config["gpu"] else 0,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
+            " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
+            " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
 
 
-rule predict_maps:
-    input:
-        manifest=rules.exclusions.output.samples,
-        arrays=preprocessed("array"),
-        mask=rules.grid.output.mask,
-        template=rules.grid.output.template,
-        package=PACKAGE_INPUT,
-        code=code("predict"),
-    output:
-        index=f"{RESULTS}/explain/maps.tsv",
-        maps=directory(f"{RESULTS}/explain/maps"),
-        group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
-        pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
-    params:
-        preproc_dir=preproc_root,
-        config=stage_config(config, ["apply", "channels"], explain=MAP_SETTINGS),
-        out_dir=parent_of("index"),
-        device=config["device"],
-    log:
-        f"{RESULTS}/logs/predict_maps.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/predict_maps.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=1 if config["gpu"] else 0,
-    conda:
-        "../envs/pipeline.yaml"
-    shell:
-        "python -m pipeline.predict maps --config {params.config:q} --manifest {input.manifest:q}"
-        " --preproc-dir {params.preproc_dir:q} --mask {input.mask:q} --template {input.template:q}"
-        " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} > {log:q} 2>&1"
+    rule predict_maps:
+        input:
+            manifest=rules.exclusions.output.samples,
+            arrays=preprocessed("array"),
+            mask=rules.grid.output.mask,
+            template=rules.grid.output.template,
+            package=PACKAGE_INPUT,
+            code=code("predict"),
+        output:
+            index=f"{RESULTS}/explain/maps.tsv",
+            maps=directory(f"{RESULTS}/explain/maps"),
+            group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
+            pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
+        params:
+            preproc_dir=preproc_root,
+            config=stage_config(config, ["apply", "channels"], explain=MAP_SETTINGS),
+            out_dir=parent_of("index"),
+            device=config["device"],
+        log:
+            f"{RESULTS}/logs/predict_maps.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/predict_maps.tsv"
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=120,
+            gpu=1 if config["gpu"] else 0,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.predict maps --config {params.config:q} --manifest {input.manifest:q}"
+            " --preproc-dir {params.preproc_dir:q} --mask {input.mask:q} --template {input.template:q}"
+            " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} > {log:q} 2>&1"
 
 
 rule predict_report:
     input:
-        predictions=rules.predict.output.predictions,
-        pngs=rules.predict_maps.output.pngs,
+        predictions=PREDICTIONS,
+        pngs=[] if SEGMENTATION else rules.predict_maps.output.pngs,
         qc=preprocessed("qc"),
         package=PACKAGE_INPUT,
         code=code("predict"),
     output:
         report(f"{RESULTS}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:
-        explain_dir=lambda wildcards, input: str(Path(input.pngs[0]).parent),
+        explain=lambda wildcards, input: ["--explain-dir", str(Path(input.pngs[0]).parent)] if input.pngs else [],
         qc_shown=lambda wildcards, input: input.qc[:4],
         config=stage_config(config, list(config)),
     log:
@@ -94,4 +134,4 @@ rule predict_report:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.predict report --config {params.config:q} --predictions {input.predictions:q}"
-        " --explain-dir {params.explain_dir:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"
+        " {params.explain:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"

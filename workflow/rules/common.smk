@@ -73,16 +73,17 @@ FOLD_CHOICE = [f"{RESULTS}/train/{{fold}}/variants.tsv"] if VARIANTS else []
 # Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 # Segmentation (task: segmentation): the label image is the target; `target` only stratifies the
-# split (as a categorical column); no explanation maps and no model package.
+# split (as a categorical column); no explanation maps. Applying a segmentation package needs no
+# label image; given one (config label_image), the label maps are scored against it.
 SEGMENTATION = config["task"] == "segmentation"
 SPLIT_TASK = "classification" if SEGMENTATION else config["task"]
 LABEL = bool(config["label_image"])  # preprocessing carries the label image to the template grid
 LABEL_NAMES = (config["label_image"] or {}).get("labels")
-if SEGMENTATION and not LABEL:
+if SEGMENTATION and not LABEL and not APPLY:
     raise ValueError("config `task: segmentation` needs config `label_image` (the label image per sample, e.g. "
                      "{derivatives: derivatives/tissue, filters: {suffix: dseg, desc: tissue}}).")
-if SEGMENTATION and (APPLY or config["train"]["init_from"]):
-    raise ValueError("config `task: segmentation` works without model packages: set `apply` and `train.init_from` to null.")
+if SEGMENTATION and config["train"]["init_from"]:
+    raise ValueError("config `task: segmentation` cannot fine-tune a package: set `train.init_from` to null.")
 
 
 def package_documents(folder):

@@ -220,15 +220,40 @@ def views_of(model: nn.Module) -> tuple[nn.Module, Sampler, int]:
     return model, Sampler(), 1
 
 
+SLIDING_OVERLAP = 0.5  # patches: MONAI sliding-window inference, half-patch overlap
+
+
 class SegmentationModel(nn.Module):
     """A segmentation network trained on views, applied to whole (B, C, X, Y, Z) images: (B, K,
     X, Y, Z) logits. Whole images: the network itself; slices: every slice along the axis, stacked
     back; patches: MONAI's sliding-window inference with the patch size and half-patch overlap
-    (overlapping logits averaged)."""
+    (overlapping logits averaged). ``inference()`` says which, for a package's ``spec.json``."""
 
     def __init__(self, network: nn.Module, sampler: Sampler, chunk: int = 64):
         super().__init__()
         self.network, self.sampler, self.chunk = network, sampler, chunk
+
+    def inference(self) -> dict:
+        """How whole (K, X, Y, Z) logit maps are assembled from the network's views (plain types)."""
+        kind = self.sampler.kind
+        if kind == "image":
+            return {"views": "image", "rule": "the network on the whole (B, C, X, Y, Z) image"}
+        if kind == "slices":
+            axis = self.sampler.axis
+            return {"views": "slices", "axis": axis, "views_per_call": self.chunk,
+                    "rule": f"every slice along axis {axis} (0-2 of X, Y, Z) in order, {self.chunk} per call of the "
+                            "2D network, (B, C, *slice); the slices' (K, *slice) logits stacked back along the axis"}
+        return {"views": "patches", "size": list(self.sampler.size), "overlap": SLIDING_OVERLAP,
+                "views_per_call": self.chunk,
+                "rule": f"MONAI sliding_window_inference (roi_size {list(self.sampler.size)}, overlap "
+                        f"{SLIDING_OVERLAP}, sw_batch_size {self.chunk}, mode constant): overlapping patch logits averaged"}
+
+    def views(self, x: torch.Tensor) -> torch.Tensor:
+        """The views of ``x`` (B, C, X, Y, Z) its network sees: the images, every slice (image-major,
+        in order) or the patch grid (half-patch stride, as ``PatchSampler.grid``)."""
+        if self.sampler.kind == "image":
+            return x
+        return self.sampler.prediction_views(x)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sampler.kind == "image":
@@ -237,8 +262,9 @@ class SegmentationModel(nn.Module):
             from monai.inferers import sliding_window_inference
 
             self.sampler.check(x.shape[2:])
-            return sliding_window_inference(x, list(self.sampler.size), self.chunk, self.network, overlap=0.5)
-        views, _ = self.sampler.prediction_views(x)  # (B * S, C, ...): image-major, slices in order
+            return sliding_window_inference(x, list(self.sampler.size), self.chunk, self.network,
+                                            overlap=SLIDING_OVERLAP)
+        views = self.views(x)  # (B * S, C, ...): image-major, slices in order
         outputs = torch.cat([self.network(views[i:i + self.chunk]) for i in range(0, len(views), self.chunk)])
         stacked = outputs.reshape(x.shape[0], -1, *outputs.shape[1:])  # (B, S, K, ...)
         return stacked.movedim(1, 2 + self.sampler.axis)

@@ -47,6 +47,8 @@ def package_coder(pkg, fold: str) -> TargetCoder:
 
 
 def package_model(pkg, fold: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """One fold of a model package as a network in eval mode on ``device``, its weights loaded."""
+    """One fold of a model package as a network in eval mode on ``device``, its weights loaded; a
+    segmentation package's comes wrapped in ``SegmentationModel``, as ``load_model`` wraps the study's."""
     return rebuild(pkg.spec["architecture"], pkg.spec["input"]["shape"][0], pkg.spec["outputs"],
-                   pkg.spec.get("sampler"), pkg.state_dict(fold)).to(device)
+                   pkg.spec.get("sampler"), pkg.state_dict(fold),
+                   segmentation=pkg.spec["task"] == SEGMENTATION).to(device)

@@ -18,7 +18,8 @@ inverse transform of preprocessing, nearest label).
 folds' label maps; ties go to the lowest label) with intervals → ``metrics.tsv``,
 ``predictions.tsv``, ``metrics.json``, the ensemble's maps under ``labels/`` (template grid, and
 native grid: the vote of the folds' native-grid maps) and ``performance.png`` (per-image Dice and
-HD95 per label).
+HD95 per label). A segmentation package applied to new images (``pipeline.sharing.segpredict``)
+uses the same ``predict_maps`` and ``ensemble_row``, so its maps are evaluation's.
 """
 
 from __future__ import annotations
@@ -107,14 +108,16 @@ def summary_scores(predictions: pd.DataFrame) -> dict:
 @torch.no_grad()
 def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path, channels: list[str],
                  out_dir: Path, native: bool = True) -> pd.DataFrame:
-    """Label maps of every row of ``table`` (study rows with ``label_array``) and their scores; the
-    maps are written under ``out_dir/labels`` (template grid and, with ``native``, native grid)."""
+    """Label maps of every row of ``table`` (rows with ``array``, ``path`` and, to be scored,
+    ``label_array`` and ``label``) and their scores; the maps are written under ``out_dir/labels``
+    (template grid and, with ``native``, native grid). Without ``label_array`` (apply mode without
+    label images) the rows have no scores and no ``true_labels*``."""
+    truth = "label_array" in table
     rows = []
     for row in table.itertuples():
         grid = nib.load(str(derivative_paths(preproc_dir, row.subdir, row.image_id, channels)[f"image_{channels[0]}"]))
         x = load_batch([row.array]).to(model_device(model))  # the model's device; the labels come back
         predicted = model(x)[0].argmax(0).cpu().numpy().astype(np.uint8)
-        true = np.load(row.label_array)[0]
         paths = predicted_labels(str(out_dir / "labels"), row.subdir, row.image_id, channels[0])
         Path(paths["template"]).parent.mkdir(parents=True, exist_ok=True)
         image = nib.Nifti1Image(predicted, grid.affine)
@@ -123,11 +126,11 @@ def predict_maps(model, names: list[str], table: pd.DataFrame, preproc_dir: Path
             inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
             warped = to_native(image, Path(row.path), inverse, interpolator="genericLabel")
             atomic.nib_save(nib.Nifti1Image(np.rint(warped.get_fdata()).astype(np.uint8), warped.affine), paths["native"])
-        on_native = native_scores(paths["native"], row.label, names) if native and "label" in table else {}
+        scores = label_scores(predicted, np.load(row.label_array)[0], names, grid.header.get_zooms()[:3]) if truth else {}
+        on_native = native_scores(paths["native"], row.label, names) if native and truth and "label" in table else {}
         rows.append({"participant_id": row.participant_id, "session": row.session, "image_id": row.image_id,
-                     "subdir": row.subdir, **({"split": row.split} if "split" in table else {}),
-                     **label_scores(predicted, true, names, grid.header.get_zooms()[:3]), **on_native,
-                     "true_labels": row.label_array, "true_labels_native": getattr(row, "label", ""),
+                     "subdir": row.subdir, **({"split": row.split} if "split" in table else {}), **scores, **on_native,
+                     **({"true_labels": row.label_array, "true_labels_native": getattr(row, "label", "")} if truth else {}),
                      "predicted_labels": paths["template"],
                      "predicted_labels_native": paths["native"] if native else ""})
     return pd.DataFrame(rows)
@@ -173,6 +176,28 @@ def vote(folds: list[pd.DataFrame], image_id: str, column: str, k: int, path: st
     return voted
 
 
+def ensemble_row(folds: list[pd.DataFrame], image_id: str, names: list[str], spacing, out_dir: Path,
+                 native: bool) -> dict:
+    """The ensemble of one image: the majority vote of the folds' label maps (``folds``: their
+    ``predict_maps`` rows indexed by image id) written under ``out_dir/labels`` on the template grid
+    and, with ``native``, the vote of the folds' native-grid maps; scored (template grid, voxel
+    ``spacing`` in mm, and native grid) where the folds recorded the true labels."""
+    first = folds[0].loc[image_id]
+    paths = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)
+    voted = vote(folds, image_id, "predicted_labels", len(names), paths["template"])
+    truth = first.get("true_labels")
+    scored = isinstance(truth, str) and bool(truth)
+    row = {"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
+           "subdir": first["subdir"], **(label_scores(voted, np.load(truth)[0], names, spacing) if scored else {}),
+           **({"true_labels": truth} if scored else {}), "predicted_labels": paths["template"]}
+    if native:
+        vote(folds, image_id, "predicted_labels_native", len(names), paths["native"])
+        row["predicted_labels_native"] = paths["native"]
+        if isinstance(first.get("true_labels_native"), str) and first["true_labels_native"]:
+            row.update(native_scores(paths["native"], first["true_labels_native"], names))
+    return row
+
+
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals
     (on the template grid, and on the native grid where the folds recorded native label images);
@@ -189,20 +214,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
                          "rerun the evaluation of every fold.")
     native = all("predicted_labels_native" in p and (p["predicted_labels_native"].fillna("") != "").all()
                  for p in folds)
-    rows = []
-    for image_id in ids:
-        first = folds[0].loc[image_id]
-        paths = predicted_labels(str(out_dir / "labels"), first["subdir"], image_id)
-        voted = vote(folds, image_id, "predicted_labels", len(names), paths["template"])
-        row = {"participant_id": first["participant_id"], "session": first["session"], "image_id": image_id,
-               "subdir": first["subdir"], **label_scores(voted, np.load(first["true_labels"])[0], names, spacing),
-               "true_labels": first["true_labels"], "predicted_labels": paths["template"]}
-        if native:  # the folds' native-grid maps, voted on that grid
-            vote(folds, image_id, "predicted_labels_native", len(names), paths["native"])
-            row["predicted_labels_native"] = paths["native"]
-            if isinstance(first.get("true_labels_native"), str) and first["true_labels_native"]:
-                row.update(native_scores(paths["native"], first["true_labels_native"], names))
-        rows.append(row)
+    rows = [ensemble_row(folds, image_id, names, spacing, out_dir, native) for image_id in ids]
     combined = pd.DataFrame(rows)
     fold_names = [d.name for d in fold_dirs]
     overall = {**summary_scores(combined),

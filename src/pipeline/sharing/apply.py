@@ -13,11 +13,15 @@ package's preprocessing recipe and image selection, the package's explanation se
 ingest (no target) → preprocess (the package's grid and recipe) → predict → maps → report.
 Outputs: ``predictions.tsv`` (and ``predict/fold-K/``), ``explain/maps/`` (template and native
 space), ``report.html``, beside the preprocessed images under ``derivatives/pipeline/``.
+A segmentation package labels the images instead (``pipeline.sharing.segpredict``): ``labels/``
+(the folds' majority vote, template and native grid), ``predictions.tsv`` listing them (with Dice
+and HD95 given ``--label-image``), ``predict/fold-K/``, ``report.html``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -35,12 +39,21 @@ from pipeline.common.locations import SNAKEFILE  # noqa: F401  (tests build appl
 
 
 def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: str, labels: list[str],
-                 methods: list[str] | None, session: str = "all") -> dict:
-    """The workflow config of an apply run: paths, the package's recipe and explain settings;
-    ``session``: config ``sessions`` (all, first, last or one label)."""
-    explain = dict(pkg.spec["explain"])
+                 methods: list[str] | None, session: str = "all", label_image: dict | None = None) -> dict:
+    """The workflow config of an apply run: paths, the package's recipe and explain settings (none
+    for a segmentation package: the schema's defaults, unused); ``session``: config ``sessions``
+    (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
+    package's label maps are then scored against it; its ``labels`` default to the package's)."""
+    explain = dict(pkg.spec["explain"] or {})
+    if methods and pkg.spec["explain"] is None:
+        raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "
+                         "package, which has no explanation maps; leave --methods out.")
     if methods:
         explain["methods"] = methods
+    if label_image is not None:
+        if pkg.spec["task"] != "segmentation":
+            raise InputError(f"--label-image scores label maps, but package {pkg.folder} predicts {pkg.spec['task']}.")
+        label_image = {"labels": list(pkg.spec["classes"]), **label_image}
     return {
         "bids_dir": str(bids_dir.resolve()), "results_dir": str(output_dir.resolve()),
         "target": pkg.spec["target"], "task": pkg.spec["task"],
@@ -48,6 +61,7 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
         "participants": {"include": labels, "exclude": []},
         "sessions": session,
         "explain": {**explain, "groundtruth": None},
+        **({"label_image": label_image} if label_image else {}),
         "apply": {"package": str(pkg.folder.resolve()), "name": name},
     }
 
@@ -94,6 +108,21 @@ def registry_package(model: str, version: str | None, where: str, models_dir: Pa
     return str(ref), folder
 
 
+def label_image_argument(text: str) -> dict:
+    """``--label-image``'s JSON object (config ``label_image``)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        value, problem = None, str(exc)
+    else:
+        problem = "" if isinstance(value, dict) else f"a {type(value).__name__}, not an object"
+    if problem:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a JSON object ({problem}); give config label_image as JSON, e.g. "
+            '\'{"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"}}\'')
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
@@ -109,6 +138,10 @@ def main(argv=None) -> None:
     parser.add_argument("--registry", help=f"registry folder or fsspec URL (default: ${registry.ENVIRONMENT}, "
                                            f"else {registry.DEFAULT})")
     parser.add_argument("--methods", nargs="+", help="attribution methods (default: the package's)")
+    parser.add_argument("--label-image", type=label_image_argument, metavar="JSON",
+                        help="a segmentation package: each image's label image to score the label maps against, "
+                             "as config label_image, e.g. '{\"derivatives\": \"derivatives/tissue\", "
+                             "\"filters\": {\"suffix\": \"dseg\"}}' (labels: the package's)")
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[],
                         help="further Snakemake arguments (e.g. -n), last on the line")
@@ -125,7 +158,7 @@ def main(argv=None) -> None:
             name, folder = registry_package(args.model, args.version, registry.location(args.registry), models_dir)
         pkg = package.load(folder)
         config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
-                              args.session_label)
+                              args.session_label, args.label_image)
     config_file = args.output_dir / "config.yaml"
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Export a finished study as a model package (layout: ``pipeline.sharing.package``): folder and ``.tar.gz``.
-Image-level models only: a segmentation study is refused (the workflow has no package rule for it).
 
 Every fold's ``model.pt`` becomes safetensors weights; the package predicts with the ensemble of
-folds exactly as the study's evaluation does (mean prediction, or mean class probabilities). The
-ONNX export is that ensemble in one graph; its outputs are checked against PyTorch's on the
-study's test images (max abs difference ≤ 1e-4, recorded in ``spec.json``) or the export fails.
+folds exactly as the study's evaluation does (mean prediction, or mean class probabilities; a
+segmentation study's voxel-wise majority vote of label maps, ``pipeline.sharing.segexport``). The
+ONNX export of an image-level study is that ensemble in one graph; a segmentation study's holds
+the folds' networks on views. Its outputs are checked against PyTorch's on the study's test
+images (max abs difference ≤ 1e-4, recorded in ``spec.json``) or the export fails.
 """
 
 from __future__ import annotations
@@ -24,18 +25,17 @@ from torch import nn
 from pipeline import __version__
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
-from pipeline.sharing import modelcard
-from pipeline.sharing import package
+from pipeline.sharing import modelcard, onnxcheck, package, segexport
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
 from pipeline.learning.loader import load_batch
+from pipeline.learning.losses import SEGMENTATION
 from pipeline.common.errors import InputError
 from pipeline.results.explain import mean_training_image
 from pipeline.learning.saved import load_model
 
-ONNX_TOLERANCE = 1e-4
-ONNX_OPSET = 17
+ONNX_TOLERANCE = onnxcheck.TOLERANCE
 SAME_IN_EVERY_FOLD = ("model", "target", "input_shape", "channels")
 
 
@@ -57,34 +57,17 @@ class Ensemble(nn.Module):
         return (outputs * self.scale + self.shift).mean(0)
 
 
-def export_onnx(ensemble: Ensemble, example: torch.Tensor, path: Path) -> None:
-    """Write ``ensemble`` as ONNX (input ``image``, output ``prediction``, dynamic batch).
-
-    Uses torch's TorchScript-based exporter (``dynamo=False``): it needs only the ``onnx`` package
-    and exports these networks in a second; torch is pinned, so its deprecation does not bite.
-    """
-    import warnings
-
-    with warnings.catch_warnings(), atomic.path(path) as tmp:
-        warnings.simplefilter("ignore")  # the exporter's deprecation notice and instance-norm training-mode note
-        torch.onnx.export(ensemble.eval(), (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                          input_names=["image"], output_names=["prediction"],
-                          dynamic_axes={"image": {0: "batch"}, "prediction": {0: "batch"}})
-
-
-def onnx_difference(path: Path, ensemble: Ensemble, arrays: list[str]) -> float:
-    """Max |ONNX Runtime − PyTorch| over the outputs for ``arrays`` (preprocessed ``.npy``), one image at a time."""
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    with torch.no_grad():
-        for array in arrays:
-            x = load_batch([array])
-            ours = ensemble(x).numpy()
-            theirs = session.run(None, {"image": x.numpy()})[0]
-            worst = max(worst, float(np.abs(ours - theirs).max()))
-    return worst
+def image_onnx(models: list[nn.Module], records: dict, test_arrays: list[str], path: Path) -> dict:
+    """Write the folds' ``Ensemble`` as ONNX at ``path`` and check it on the test images (one at a
+    time); the spec's ``onnx`` entry. InputError above ``onnxcheck.TOLERANCE``."""
+    ensemble = Ensemble(models, [TargetCoder(**r["coder"]) for r in records.values()]).eval()
+    onnxcheck.write(ensemble, load_batch(test_arrays[:1]), path, "prediction")
+    difference = onnxcheck.difference(path, ensemble, (load_batch([a]) for a in test_arrays))
+    if difference > ONNX_TOLERANCE:
+        raise InputError(f"{path}: ONNX Runtime differs from PyTorch by {difference:.2g} on the "
+                         f"test images (tolerance {ONNX_TOLERANCE}); the export is not faithful.")
+    return {"file": package.ONNX, "opset": onnxcheck.OPSET, "input": "image", "output": "prediction",
+            "max_abs_difference": difference, "checked_on": f"{len(test_arrays)} test images"}
 
 
 def fold_records(train_dirs: list[Path]) -> dict[str, dict]:
@@ -92,10 +75,6 @@ def fold_records(train_dirs: list[Path]) -> dict[str, dict]:
     share the architecture, target, input shape and channels."""
     records = {d.name: torch.load(d / "model.pt", weights_only=True, map_location="cpu") for d in train_dirs}
     first = next(iter(records.values()))
-    if first["coder"]["task"] == "segmentation":
-        raise InputError("Model packages hold image-level models (regression, classification); a segmentation "
-                         "study (`task: segmentation`) is not exported: its fold models are "
-                         "train/fold-K/model.pt and its label maps evaluate/*/labels.")
     for fold, record in records.items():
         for key in SAME_IN_EVERY_FOLD:
             if record[key] != first[key]:
@@ -112,10 +91,12 @@ def validation_metrics(train_dir: Path, record: dict) -> dict:
 
 
 def write_documents(folder: Path, records: dict, evaluations: dict, summary: dict, train_dirs: list[Path],
-                    recipe: dict, explain: dict) -> dict:
-    """spec.json (without the ONNX check), preprocessing.json, normalisation.json, metrics.json; returns the spec."""
+                    recipe: dict, explain: dict, models: list[nn.Module]) -> dict:
+    """spec.json (without the ONNX check), preprocessing.json, normalisation.json, metrics.json; returns
+    the spec. A segmentation spec has no explanation settings and adds ``segexport.spec_entries``."""
     first = next(iter(records.values()))
     coder = TargetCoder(**first["coder"])
+    segmentation = coder.task == SEGMENTATION
     spec = {
         "format": package.FORMAT, "format_version": package.FORMAT_VERSION,
         "architecture": first["model"], "sampler": first.get("sampler"), "task": coder.task, "target": first["target"], "classes": coder.classes,
@@ -125,7 +106,8 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
         "outputs": coder.outputs, "folds": list(records),
         "ensemble": "mean over folds of the class probabilities" if coder.task == "classification"
                     else "mean over folds of the prediction in target units",
-        "explain": explain,
+        "explain": None if segmentation else explain,
+        **(segexport.spec_entries(models, coder.classes) if segmentation else {}),
         "software": {"pipeline": __version__, **{name: version(name) for name in ("torch", "antspyx", "nilearn", "safetensors")}},
     }
     normalisation = {"input": recipe["normalisation"],
@@ -166,35 +148,31 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
     evaluations = {d.name: json.loads((d / "metrics.json").read_text()) for d in evaluate_dirs}
     if set(evaluations) != set(records):
         raise InputError(f"Evaluated folds {sorted(evaluations)} differ from trained folds {sorted(records)}.")
+    models = [load_model(d / "model.pt")[0] for d in train_dirs]
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    spec = write_documents(out_dir, records, evaluations, json.loads(summary.read_text()), train_dirs, recipe, explain)
+    spec = write_documents(out_dir, records, evaluations, json.loads(summary.read_text()), train_dirs, recipe, explain,
+                           models)
     write_tensors(out_dir, records, tables)
     (out_dir / "grid").mkdir()
     atomic.copyfile(template, out_dir / package.GRID_TEMPLATE)
     atomic.copyfile(mask, out_dir / package.GRID_MASK)
 
-    models = [load_model(d / "model.pt")[0] for d in train_dirs]
-    ensemble = Ensemble(models, [TargetCoder(**r["coder"]) for r in records.values()]).eval()
     test = next(iter(tables.values()))
     test_arrays = test.loc[test["split"] == "test", "array"].tolist()
-    export_onnx(ensemble, load_batch(test_arrays[:1]), out_dir / package.ONNX)
-    difference = onnx_difference(out_dir / package.ONNX, ensemble, test_arrays)
-    if difference > ONNX_TOLERANCE:
-        raise InputError(f"{out_dir / package.ONNX}: ONNX Runtime differs from PyTorch by {difference:.2g} on the "
-                         f"test images (tolerance {ONNX_TOLERANCE}); the export is not faithful.")
-    spec["onnx"] = {"file": package.ONNX, "opset": ONNX_OPSET, "input": "image", "output": "prediction",
-                    "max_abs_difference": difference, "checked_on": f"{len(test_arrays)} test images"}
+    write_onnx = segexport.network_onnx if spec["task"] == SEGMENTATION else image_onnx
+    spec["onnx"] = write_onnx(models, records, test_arrays, out_dir / package.ONNX)
     atomic.write_text(out_dir / package.SPEC, json.dumps(spec, indent=2) + "\n")
 
-    counts = modelcard.cohort(read_tsv(manifest), read_tsv(splits), spec["target"], spec["task"])
+    counts = modelcard.cohort(read_tsv(manifest), read_tsv(splits),
+                              None if spec["task"] == SEGMENTATION else spec["target"], spec["task"])
     metrics = json.loads((out_dir / package.METRICS).read_text())
     atomic.write_text(out_dir / package.CARD, modelcard.render(spec, recipe, metrics, counts, card))
     package.write_checksums(out_dir)
     package.verify(out_dir)
     package.pack(out_dir, archive)
-    return difference
+    return spec["onnx"]["max_abs_difference"]
 
 
 def main(argv=None) -> None:

@@ -28,9 +28,11 @@ def distribution(values: pd.Series, task: str) -> str:
     return f"{numbers.mean():.1f} ± {numbers.std():.1f} ({numbers.min():g}–{numbers.max():g})"
 
 
-def cohort(manifest: pd.DataFrame, splits: pd.DataFrame, target: str, task: str) -> pd.DataFrame:
+def cohort(manifest: pd.DataFrame, splits: pd.DataFrame, target: str | None, task: str) -> pd.DataFrame:
     """Counts and target distribution per fold and split (no ids): columns fold, split,
-    participants, images, target."""
+    participants, images, target (none for ``target`` None: a segmentation's targets are label images)."""
+    if target is None:
+        return cohort(manifest.assign(target="label image"), splits, "target", "classification").drop(columns="target")
     table = manifest.merge(splits.drop(columns="participant_id"), on="image_id")
     rows = [{"fold": "all", "split": "all", "participants": table["participant_id"].nunique(), "images": len(table),
              target: distribution(table[target], task)}]
@@ -44,10 +46,15 @@ def cohort(manifest: pd.DataFrame, splits: pd.DataFrame, target: str, task: str)
     return pd.DataFrame(rows)
 
 
+SEGMENTATION_METRICS = ("dice_", "hd95_", "native_dice_", "native_hd95_")  # per label (mm for HD95); dice_mean
+
+
 def metric_lines(metrics: dict, task: str) -> list[str]:
     """Headline test metrics of the ensemble with intervals, and the folds' mean ± sd."""
-    names = ["roc_auc", "balanced_accuracy", "accuracy", "f1"] if task == "classification" else \
-        ["mae", "corrected_mae", "rmse", "r2", "pearson_r", "baseline_mae"]
+    names = {"classification": ["roc_auc", "balanced_accuracy", "accuracy", "f1"],
+             "segmentation": sorted(k for k in metrics["test"]["ensemble"] if k.startswith(SEGMENTATION_METRICS)
+                                    and not k.endswith("_ci"))}.get(
+        task, ["mae", "corrected_mae", "rmse", "r2", "pearson_r", "baseline_mae"])
     ensemble, mean, sd = metrics["test"]["ensemble"], metrics["test"]["fold_mean"], metrics["test"]["fold_sd"]
     lines = ["| metric | ensemble (95 % interval) | folds, mean ± sd |", "|---|---|---|"]
     for name in names:
@@ -78,6 +85,9 @@ def comparison_lines(metrics: dict) -> list[str]:
 def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: dict) -> str:
     """The card's Markdown. ``card`` is config ``package`` (``intended_use``, ``limitations``)."""
     task, target, channels = spec["task"], spec["target"], spec["input"]["channels"]
+    segmentation = task == "segmentation"
+    if segmentation:  # the label names, index = label value
+        target = "label maps (" + ", ".join(f"{k} {name}" for k, name in enumerate(spec["classes"])) + ")"
     everyone = counts.iloc[0]
     test = counts[counts["split"] == "test"].iloc[0]
     words = {"target": target, "task": task, "channels": " + ".join(channels),
@@ -87,14 +97,16 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
     arch = spec["architecture"]
     validation = metrics["validation"]
     lines = [
-        f"# Model card: {task} of `{target}`", "",
+        f"# Model card: {task} of {target}" if segmentation else f"# Model card: {task} of `{target}`", "",
         f"An ensemble of {len(spec['folds'])} `{arch['name']}` networks (one per cross-validation fold; "
         f"arguments {arch['args'] or 'default'}), trained with the `pipeline` package. The package predicts "
         f"with the {spec['ensemble']}.", "",
         "## Intended use", "", use, "",
         "## Data", "",
-        f"{everyone['participants']} participants, {everyone['images']} images; target `{target}`: "
-        f"{everyone[target]}. Counts and target distribution per split (no participant ids):", "",
+        f"{everyone['participants']} participants, {everyone['images']} images; "
+        + (f"targets: each image's label image, {target}. Counts per split (no participant ids):" if segmentation
+           else f"target `{target}`: {everyone[target]}. Counts and target distribution per split (no participant ids):"),
+        "",
         counts.to_markdown(index=False), "",
         "## Performance", "",
         f"Held-out test set ({test['participants']} participants, {test['images']} images):", "",
@@ -110,7 +122,8 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
         "## Files", "",
         "`spec.json` (architecture, task, classes, input), `preprocessing.json` (the recipe), `normalisation.json` "
         "(target coder and bias correction per fold), `metrics.json`, `weights/*.safetensors`, "
-        "`statistics/train_mean.safetensors` (each fold's mean training image), `grid/`, `model.onnx` (the "
-        "ensemble), `checksums.sha256`.", "",
+        "`statistics/train_mean.safetensors` (each fold's mean training image), `grid/`, `model.onnx` ("
+        + ("every fold's network on a batch of views, see `spec.json` `inference`" if segmentation else "the ensemble")
+        + "), `checksums.sha256`.", "",
     ]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ The file format only: a fold's network is built from it by ``pipeline.learning.s
 
 Layout (every path relative to the package folder)::
 
-    spec.json               architecture, task, target, classes, input shape and channels, folds
+    spec.json               architecture, task, target, classes, input shape and channels, folds;
+                            segmentation: labels, inference (views → whole label maps), ensemble rule
     preprocessing.json      the recipe (pipeline.intake.recipe): template, grid, steps and parameters
     normalisation.json      per fold: the target coder and the brain-age bias correction
     metrics.json            validation (per fold) and test (per fold and ensemble) metrics
@@ -12,7 +13,8 @@ Layout (every path relative to the package folder)::
     weights/fold-K.safetensors   each fold's state dict
     statistics/train_mean.safetensors   each fold's mean training image (integrated gradients' baseline)
     grid/template.nii.gz, grid/brain_mask.nii.gz   the study grid the images were registered to
-    model.onnx              the ensemble of folds, (B, C, X, Y, Z) z-scored images → predictions
+    model.onnx              the ensemble of folds, (B, C, X, Y, Z) z-scored images → predictions;
+                            segmentation: the folds' networks, views → logits (pipeline.sharing.segexport)
     checksums.sha256        sha256 of every other file (``sha256sum -c`` format)
 
 Loading reads JSON and safetensors only, never a pickle, and only after every checksum matched.

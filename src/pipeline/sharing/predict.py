@@ -5,7 +5,9 @@ image_id, predicted [, predicted_corrected] [, p_<class>]) and their ensemble
 (``predictions.tsv``), computed exactly as the study's evaluation computes them.
 ``maps``: per image and method, the mean over folds of the attribution maps in template space and
 in the image's native space (``maps/sub-X/…``, indexed in ``maps.tsv``), and each method's group
-mean |map| with PNGs. ``report``: one HTML page of predictions, maps, QC and the package's card.
+mean |map| with PNGs. ``labels`` (a segmentation package): every fold's label maps and their majority vote on the
+template and the native grid (``pipeline.sharing.segpredict``). ``report``: one HTML page of
+predictions (or label maps), maps, QC and the package's card.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from pipeline.common import atomic
 from pipeline.common.cli import add_config, add_device, channel_names
 from pipeline.learning.saved import package_coder, package_model
-from pipeline.sharing import package
+from pipeline.sharing import package, segpredict
 from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
 from pipeline.common.tables import read_tsv
 from pipeline.learning.device import for_inference
@@ -104,18 +106,21 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     from pipeline.results.report import embed_png, provenance, table_html
 
     spec, test = pkg.spec, pkg.metrics["test"]["ensemble"]
-    headline = "roc_auc" if spec["task"] == "classification" else "mae"
+    segmentation = spec["task"] == "segmentation"
+    headline = {"classification": "roc_auc", "segmentation": "dice_mean"}.get(spec["task"], "mae")
     table = read_tsv(predictions)
+    what = ("Segmentation into " + ", ".join(f"{k} {html.escape(n)}" for k, n in enumerate(spec["classes"]))
+            if segmentation else f"Predictions of {html.escape(spec['task'])} of <code>{html.escape(spec['target'])}</code>")
     sections = [
-        f"<h1>Predictions of {html.escape(spec['task'])} of <code>{html.escape(spec['target'])}</code> "
-        f"by {html.escape(name)}</h1>",
+        f"<h1>{what} by {html.escape(name)}</h1>",
         f"<p>{len(table)} images of {table['participant_id'].nunique()} participants; the {html.escape(spec['ensemble'])} "
         f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. The package's own "
         f"test-set {headline}: {test[headline]:.3f}.</p>",
-        "<h2>Predictions</h2>", table_html(table),
-        "<h2>Explanation maps (template space, mean over folds and images)</h2>",
+        *(["<h2>Label maps (template and native grid)</h2>", table_html(table)] if segmentation
+          else ["<h2>Predictions</h2>", table_html(table)]),
+        *([] if segmentation else ["<h2>Explanation maps (template space, mean over folds and images)</h2>"]),
         *[embed_png(explain_dir / f"group_desc-{m}_{v}.png", f"Mean |{m}| ({v})") for m in methods
-          for v in ("slices", "glass")],
+          for v in ("slices", "glass") if not segmentation],
         "<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
         "<h2>Model card</h2>", f"<pre>{html.escape((pkg.folder / package.CARD).read_text())}</pre>",
         "<h2>Provenance</h2>", provenance(config),
@@ -130,7 +135,7 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in ("predictions", "maps"):
+    for command in ("predictions", "maps", "labels"):
         sub = commands.add_parser(command)
         add_config(sub)  # apply (package: the fetched package folder), channels; maps: explain
         sub.add_argument("--manifest", type=Path, required=True)
@@ -139,6 +144,9 @@ def main(argv=None) -> None:
         add_device(sub)
     commands.choices["predictions"].add_argument("--predictions", type=Path, required=True,
                                                  help="the ensemble's predictions (TSV) to write")
+    commands.choices["labels"].add_argument("--predictions", type=Path, required=True,
+                                            help="the ensemble's table of label maps (TSV) to write; its maps go "
+                                                 "under labels/ beside it")
     maps = commands.choices["maps"]
     maps.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
     maps.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
@@ -146,7 +154,7 @@ def main(argv=None) -> None:
     report = commands.add_parser("report")
     add_config(report)  # the whole run's config: apply (package, name), explain.methods, and the provenance
     report.add_argument("--predictions", type=Path, required=True)
-    report.add_argument("--explain-dir", type=Path, required=True)
+    report.add_argument("--explain-dir", type=Path, help="the group maps' folder (not for a segmentation package)")
     report.add_argument("--qc", type=Path, nargs="*", default=[])
     report.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -161,6 +169,14 @@ def main(argv=None) -> None:
                          args.out)
             return
         channels = channel_names(cfg)
+        if (args.command == "labels") != (pkg.spec["task"] == "segmentation"):
+            raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.predict "
+                             f"{'labels' if pkg.spec['task'] == 'segmentation' else 'predictions'}`, not {args.command}.")
+        if args.command == "labels":
+            table = segpredict.label_table(args.manifest, args.preproc_dir, channels, pkg, cfg.get("label_image"))
+            segpredict.predict_labels(pkg, table, args.preproc_dir, channels, args.out_dir, args.predictions, device)
+            print(f"{len(table)} label map(s): {args.predictions}", file=sys.stderr)
+            return
         table = image_table(args.manifest, args.preproc_dir, channels)
         if args.command == "predictions":
             print(predict_folds(pkg, table, args.out_dir, args.predictions, device).to_string(index=False),
