@@ -41,7 +41,8 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0, folds: int = 1) -> dic
         out = derivative_paths(preproc, row.subdir, row.image_id, ["T1w"], label=True)
         preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none"}, label=Path(row.label))
     seconds["preprocess"] = time.perf_counter() - start
-    splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed)
+    # stratified: two test participants of eight (the stable default draws one here)
+    splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed, method="stratified")
     manifest.to_csv(root / "manifest.tsv", sep="\t", index=False)
     splits.to_csv(root / "splits.tsv", sep="\t", index=False)
     return {"root": root, "bids": bids, "manifest": root / "manifest.tsv", "splits": root / "splits.tsv", "preproc": preproc,
