@@ -67,7 +67,9 @@ def prepare(work: Path, cohort: dict) -> dict[bool, Path]:
         override = work / f"config-antialias-{str(antialias).lower()}.json"  # JSON is YAML
         override.write_text(json.dumps({"bids_dir": str(data), "results_dir": str(results),
                                         "target": cohort["target"], "task": cohort["task"],
-                                        "preprocess": {"antialias": antialias}, "split": {"folds": cohort["folds"]},
+                                        "preprocess": {"antialias": antialias, "brain_extraction": "none"},
+                                        # the design these figures were measured with (docs/benchmarks.md)
+                                        "split": {"folds": cohort["folds"], "method": "stratified"},
                                         "explain": {"groundtruth": None}}))
         subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2",
                         "--configfile", str(REPO / "config" / "config.yaml"), str(override), "-q", "--",
