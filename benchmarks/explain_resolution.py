@@ -50,7 +50,7 @@ def settings_at(resolution: float) -> Settings:
     return Settings(window=round(WINDOW_MM / resolution), stride=round(STRIDE_MM / resolution))
 
 
-def timing(resolutions: list[float], keep: float) -> list[str]:
+def timing(resolutions: list[float], keep: float, full_occlusion: list[float]) -> list[str]:
     rows = ["| grid | voxels | " + " | ".join(METHODS) + f" | occlusion, keep {keep} |", "|---" * (len(METHODS) + 3) + "|"]
     for resolution in resolutions:
         x, _ = subject_image(resolution)
@@ -59,6 +59,9 @@ def timing(resolutions: list[float], keep: float) -> list[str]:
         settings = settings_at(resolution)
         seconds = []
         for method in [*METHODS, "refined"]:
+            if method == "occlusion" and resolution not in full_occlusion:
+                seconds.append(float("nan"))
+                continue
             chosen = replace(settings, occlusion_keep=keep) if method == "refined" else settings
             start = time.perf_counter()
             attribute(model, x, 0, ["occlusion" if method == "refined" else method], chosen, torch.zeros_like(x),
@@ -66,7 +69,8 @@ def timing(resolutions: list[float], keep: float) -> list[str]:
             seconds.append(time.perf_counter() - start)
             print(f"{resolution} mm {method}: {seconds[-1]:.1f} s", flush=True)
         shape = "×".join(map(str, x.shape[2:]))
-        rows.append(f"| {resolution:g} mm | {shape} | " + " | ".join(f"{s:.1f}" for s in seconds) + " |")
+        rows.append(f"| {resolution:g} mm | {shape} | " + " | ".join("not run" if s != s else f"{s:.1f}" for s in seconds)
+                    + " |")
     return rows
 
 
@@ -95,6 +99,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grids", type=float, nargs="*", default=[4.0, 2.0, 1.5])
     parser.add_argument("--keep", type=float, default=0.3)
+    parser.add_argument("--full-occlusion", type=float, nargs="*", default=[4.0, 2.0],
+                        help="grids (mm) where the full occlusion map is timed too (minutes per image below 2 mm)")
     parser.add_argument("--model", type=Path, help="a trained model.pt (agreement table)")
     parser.add_argument("--array", type=Path, help="one preprocessed .npy image on that model's grid")
     parser.add_argument("--mask", type=Path, help="the study grid's brain mask (default: the image's non-zero voxels)")
@@ -105,7 +111,7 @@ def main() -> None:
         print("\n".join(agreement(args.model, args.array, args.mask, [round(args.keep / k, 3) for k in (1, 2, 3)],
                                   Settings())))
     if args.grids:
-        print("\n".join(timing(args.grids, args.keep)))
+        print("\n".join(timing(args.grids, args.keep, args.full_occlusion)))
 
 
 if __name__ == "__main__":
