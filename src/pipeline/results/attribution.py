@@ -82,10 +82,11 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
     |drop| over them, and only the top ``keep`` fraction is evaluated; a voxel that no evaluated
     window covers keeps the coarse value. The cost is about (1/8 + ``keep``) of the full map's.
     """
-    if keep < 1:
-        return refined_occlusion(model, x, target, window, stride, batch, baseline, keep)
-    image, x = x.cpu(), x.to(model_device(model))
     shape = x.shape[2:]
+    coarse = None
+    if keep < 1:  # coarse to fine: the first pass, windows and stride twice as large
+        coarse = torch.from_numpy(occlusion(model, x, target, min(2 * window, *shape), 2 * stride, batch, baseline))
+    image, x = x.cpu(), x.to(model_device(model))
     reference = model(x)[0, target]
     attribution = torch.zeros(shape, dtype=torch.float64)
     counts = torch.zeros(shape, dtype=torch.float64)
@@ -95,6 +96,13 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
         counts[box] += 1
         if (image[(0, slice(None), *box)] != baseline).any():
             informative.append(box)
+    if coarse is not None:  # a window left out contributes the coarse map's mean over its box
+        estimate = [float(coarse[box].double().mean()) for box in informative]
+        ranked = sorted(range(len(informative)), key=lambda k: -abs(estimate[k]))
+        kept = ranked[:math.ceil(keep * len(ranked))]
+        for k in ranked[len(kept):]:
+            attribution[informative[k]] += estimate[k]
+        informative = [informative[k] for k in kept]
     for start in range(0, len(informative), batch):
         boxes = informative[start:start + batch]
         occluded = x.repeat(len(boxes), 1, 1, 1, 1)
@@ -102,39 +110,6 @@ def occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, bat
             occluded[(j, slice(None), *box)] = baseline
         drops = (reference - model(occluded)[:, target]).double().cpu()
         for drop, box in zip(drops, boxes):
-            attribution[box] += drop
-    return (attribution / counts).float().numpy()
-
-
-@torch.no_grad()
-def refined_occlusion(model, x: torch.Tensor, target: int, window: int, stride: int, batch: int, baseline: float,
-                      keep: float) -> np.ndarray:
-    """``occlusion`` coarse to fine (see there): a window left out contributes the coarse map's
-    mean over its box instead of its own output drop."""
-    shape = x.shape[2:]
-    coarse = torch.from_numpy(occlusion(model, x, target, min(2 * window, *shape), 2 * stride, batch, baseline))
-    coarse = coarse.double()
-    image, x = x.cpu(), x.to(model_device(model))
-    reference = model(x)[0, target]
-    attribution = torch.zeros(shape, dtype=torch.float64)
-    counts = torch.zeros(shape, dtype=torch.float64)
-    informative = []
-    for corner in itertools.product(*(window_starts(n, window, stride) for n in shape)):
-        box = tuple(slice(c, c + window) for c in corner)
-        counts[box] += 1
-        if (image[(0, slice(None), *box)] != baseline).any():
-            informative.append(box)
-    estimate = [float(coarse[box].mean()) for box in informative]
-    ranked = sorted(range(len(informative)), key=lambda k: -abs(estimate[k]))
-    chosen = [informative[k] for k in ranked[:math.ceil(keep * len(ranked))]]
-    for k in ranked[len(chosen):]:
-        attribution[informative[k]] += estimate[k]
-    for start in range(0, len(chosen), batch):
-        part = chosen[start:start + batch]
-        occluded = x.repeat(len(part), 1, 1, 1, 1)
-        for j, box in enumerate(part):
-            occluded[(j, slice(None), *box)] = baseline
-        for drop, box in zip((reference - model(occluded)[:, target]).double().cpu(), part):
             attribution[box] += drop
     return (attribution / counts).float().numpy()
 
