@@ -36,7 +36,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
-TIMEOUT = 600  # seconds; a hung status check must fail the test, not CI
+# seconds; a hung status check must fail the test, not CI. The local reference run shares 2 cores
+# with the SLURM run and `make test` in CI: at 600 s it was once killed in its last job.
+TIMEOUT = 900
 N_SUBJECTS = 10
 BATCH = 6  # images per preprocessing job (the profile's 50 would make one job here)
 CONFIG = {
@@ -46,7 +48,7 @@ CONFIG = {
     "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False, "brain_extraction": "none"},  # N4 is not what this tests
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 2, "batch_size": 4},
-    "explain": {"window": 4, "stride": 4},
+    "explain": {"window": 4, "stride": 4, "sanity_images": 0},  # the randomisation check is not what this tests
 }
 # The test node has 2 CPUs: a batch may ask for 2 (the profile's 8 would never be scheduled), and
 # both runs give train/explain the same 2 threads. Status checks start after 2 s instead of 40.
