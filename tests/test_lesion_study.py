@@ -86,7 +86,7 @@ def test_group_map_lands_on_the_lesion(study):
     cohort = Path(yaml.safe_load((study / "config" / "config.yaml").read_text())["bids_dir"])
     truth = nib.load(cohort / "derivatives" / "groundtruth" / f"space-{SPACE}_desc-group_mask.nii.gz")
     lesion = resample_to_grid(truth, mask_img.affine, mask_img.shape, order=1) > 0.5
-    group = nib.load(results / "explain" / f"group_space-{SPACE}_desc-integrated_gradients_mean.nii.gz")
+    group = nib.load(results / "explain" / f"group_space-{SPACE}_desc-integratedgradients_mean.nii.gz")
     enrichment = top_fraction_enrichment(group.get_fdata(), lesion, mask_img.get_fdata() > 0)
     print(f"integrated gradients, group map: top-5 % enrichment in the lesion {enrichment:.1f}x chance")
     assert enrichment >= 5

@@ -86,7 +86,7 @@ else:
             index=f"{RESULTS}/explain/maps.tsv",
             maps=directory(f"{RESULTS}/explain/maps"),
             group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
-            pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
+            pngs=[group_figure(f"{RESULTS}/explain", m, v) for m in METHODS for v in ("slices", "glass")],
         params:
             preproc_dir=preproc_root,
             config=stage_config(config, ["apply", "channels"], explain=MAP_SETTINGS),

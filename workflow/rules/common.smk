@@ -27,7 +27,7 @@ from pipeline.common.codegraph import code_of
 from pipeline.common.config import stage_config
 from pipeline.common.fingerprint import tree_fingerprint
 from pipeline.common.outputs import check_writable
-from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, group_map
+from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, group_figure, group_map
 from pipeline.common.paths import preprocessed as preprocessed_paths
 from pipeline.common.snakemake_compat import fix_group_components
 from pipeline.intake import recipe

@@ -50,7 +50,7 @@ rule explain_folds:
     output:
         group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
         regions=f"{RESULTS}/explain/regions.tsv",
-        pngs=expand(f"{RESULTS}/explain/group_desc-{{method}}_{{view}}.png", method=METHODS, view=["slices", "glass"]),
+        pngs=[group_figure(f"{RESULTS}/explain", m, v) for m in METHODS for v in ("slices", "glass")],
         extremes=f"{RESULTS}/explain/subjects_best_worst.png",
         validation=f"{RESULTS}/explain/validation.tsv",
         randomisation=f"{RESULTS}/explain/randomisation.tsv",

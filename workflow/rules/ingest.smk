@@ -6,6 +6,9 @@ checkpoint ingest:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
         targets=f"{RESULTS}/targets.json",
+        # The preprocessed images' folder as a BIDS-Derivatives dataset (pipeline.intake.derivatives).
+        description=f"{PREPROC}/dataset_description.json",
+        bidsignore=f"{PREPROC}/.bidsignore",
     params:
         config=stage_config(
             config,
@@ -18,6 +21,7 @@ checkpoint ingest:
         # Not an output: Snakemake would delete it before each run. Index and header checks are
         # reused from here while the files they describe are unchanged.
         cache=f"{RESULTS}/ingest_cache",
+        derivatives=PREPROC,
         # Adding, removing or resizing a file of the dataset reruns ingestion (touching does not).
         files=ingest_fingerprint(),
     log:
@@ -32,4 +36,30 @@ checkpoint ingest:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.ingest --config {params.config:q} --cache-dir {params.cache:q}"
-        " --manifest {output.manifest:q} --report {output.report:q} --targets {output.targets:q} > {log:q} 2>&1"
+        " --manifest {output.manifest:q} --report {output.report:q} --targets {output.targets:q}"
+        " --derivatives {params.derivatives:q} > {log:q} 2>&1"
+
+
+# The input dataset through bids-validator-deno (config bids_validation): a summary and a log,
+# never a stop. Its own job, not part of ingest's: turning it off or on reruns nothing else.
+rule bids_validation:
+    input:
+        code=code("bidsvalidation"),
+    output:
+        summary=f"{RESULTS}/bids_validation.json",
+    params:
+        config=stage_config(config, ["bids_dir", "non_bids", "bids_validation"]),
+        # Adding, removing or resizing a file of the dataset validates it again.
+        files=ingest_fingerprint(),
+    log:
+        f"{RESULTS}/logs/bids_validation.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/bids_validation.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.bidsvalidation --config {params.config:q} --out {output.summary:q} > {log:q} 2>&1"

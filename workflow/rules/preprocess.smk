@@ -38,6 +38,7 @@ rule preprocess:
     params:
         out_dir=lambda w, output: output.array[: output.array.index(f"/{w.subdir}/anat/")],
         config=stage_config(config, ["preprocess", "channels", "on_error"]),
+        bids_dir=BIDS,  # the sidecars' Sources are BIDS URIs into it
     log:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
@@ -53,7 +54,7 @@ rule preprocess:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.preprocess {input.images:q} --config {params.config:q} --template {input.template:q}"
-        " --mask {input.mask:q} --out-dir {params.out_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
+        " --mask {input.mask:q} --out-dir {params.out_dir:q} --bids-dir {params.bids_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
         " --label {input.label:q} --brain-mask {input.brain_mask:q} --threads {threads} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
 

@@ -97,12 +97,36 @@ def copyfile(source: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.copyfile(source, tmp)
 
 
+def spatial_header(img):
+    """Complete a NIfTI image's spatial header in place, as the BIDS validator asks: a coded sform
+    and qform (a code of 0 means "no orientation"; a missing one gets the other's code, or 1,
+    scanner, when neither has one, and the image's affine) and spatial units in mm when they are
+    unknown. Codes and units already set are kept, the affine never changes. Returns ``img``."""
+    import nibabel as nib
+
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        return img
+    header = img.header
+    affine = img.affine
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if not sform_code:
+        sform_code = qform_code or 1
+        img.set_sform(affine, code=sform_code)
+    if not qform_code:
+        img.set_qform(affine, code=sform_code)  # the best affine stays the sform's
+    xyz, t = header.get_xyzt_units()
+    if xyz == "unknown":
+        header.set_xyzt_units("mm", t)
+    return img
+
+
 def nib_save(img, final: str | os.PathLike) -> None:
-    """``nibabel.save`` atomically (the temporary name keeps ``.nii``/``.nii.gz``)."""
+    """``nibabel.save`` atomically (the temporary name keeps ``.nii``/``.nii.gz``), with the
+    spatial header completed (``spatial_header``): every NIfTI the pipeline writes goes through here."""
     import nibabel as nib
 
     with path(final) as tmp:
-        nib.save(img, str(tmp))
+        nib.save(spatial_header(img), str(tmp))
 
 
 def np_save(final: str | os.PathLike, array) -> None:

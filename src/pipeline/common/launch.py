@@ -5,6 +5,7 @@ interpreter's bin folder first on ``PATH``: the Snakemake process and (without
 ``--use-conda``/``--use-apptainer``) every job's ``python`` are the interpreter this package is
 installed in, whether or not its environment was activated. Profiles named ``default`` or ``slurm``
 are the packaged ones (``workflow/profiles/``); any other ``--profile`` value is passed as given.
+``--skip-bids-validation`` becomes ``--config bids_validation=false`` (no BIDS validation of the input).
 """
 
 from __future__ import annotations
@@ -17,6 +18,20 @@ from pathlib import Path
 from pipeline.common.locations import PROFILES, SNAKEFILE
 
 CORES = ("--cores", "-c", "--jobs", "-j", "--profile")  # without one of these, `--cores all`
+SKIP_VALIDATION = "--skip-bids-validation"
+
+
+def skip_validation(args: list[str]) -> list[str]:
+    """``args`` with ``--skip-bids-validation`` turned into the config value ``bids_validation=false``:
+    added to the user's ``--config``/``-C`` values when there are some (a second ``--config`` would
+    replace them), else as a ``--config`` of its own."""
+    if SKIP_VALIDATION not in args:
+        return list(args)
+    out = [a for a in args if a != SKIP_VALIDATION]
+    at = next((i for i, a in enumerate(out) if a in ("--config", "-C")), None)
+    if at is None:
+        return [*out, "--config", "bids_validation=false"]
+    return [*out[: at + 1], "bids_validation=false", *out[at + 1:]]
 
 
 def environment() -> dict[str, str]:
@@ -43,7 +58,7 @@ def profile_paths(args: list[str]) -> list[str]:
 
 def command(args: list[str]) -> list[str]:
     """The Snakemake command line of ``args`` (``--cores all`` unless cores, jobs or a profile are given)."""
-    args = profile_paths(args)
+    args = profile_paths(skip_validation(args))
     given = any(a in CORES or a.split("=", 1)[0] in CORES for a in args)
     return [sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), *([] if given else ["--cores", "all"]), *args]
 
@@ -57,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     """``bids-deepstudy run [SNAKEMAKE ARGS]``; exits with Snakemake's status."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args and args[0] in ("-h", "--help"):
-        print(f"usage: bids-deepstudy run [SNAKEMAKE ARGS]\n\n{__doc__}\nSnakefile: {SNAKEFILE}\n"
+        print(f"usage: bids-deepstudy run [--skip-bids-validation] [SNAKEMAKE ARGS]\n\n{__doc__}\nSnakefile: {SNAKEFILE}\n"
               "Snakemake's own options: snakemake --help")
         return
     sys.exit(snakemake(args))

@@ -12,6 +12,18 @@ from pathlib import Path
 SPACE = "MNI152NLin2009aSym"
 
 
+def desc(method: str) -> str:
+    """The ``desc-`` label of an explanation method's files: its name with only letters and digits
+    (``integrated_gradients`` → ``integratedgradients``), since a BIDS entity value may hold neither
+    ``_`` nor ``-`` (pybids would read ``desc-integrated_gradients`` as ``desc-integrated``). Every
+    map, group map and figure name goes through here; config, tables and the report keep the
+    method's own name."""
+    label = "".join(c for c in method if c.isalnum())
+    if not label:
+        raise ValueError(f"Method name {method!r} has no letter or digit to make a desc- label of.")
+    return label
+
+
 def preprocessed(root: str, subdir: str, image_id: str, channels: tuple[str, ...] | list[str] = ("T1w",),
                  label: bool = False) -> dict[str, str]:
     """Files preprocessing writes for one sample, by role.
@@ -61,13 +73,18 @@ def predicted_labels(root: str, subdir: str, image_id: str, reference: str = "T1
 def explanation_maps(root: str, subdir: str, image_id: str, method: str, reference: str = "T1w") -> dict[str, str]:
     """One method's map of one image in template space and in the image's native (reference) space."""
     stem = f"{root}/{subdir}/anat/{image_id}"
-    return {"template": f"{stem}_space-{SPACE}_desc-{method}_saliency.nii.gz",
-            "native": f"{stem}_space-{reference}_desc-{method}_saliency.nii.gz"}
+    return {"template": f"{stem}_space-{SPACE}_desc-{desc(method)}_saliency.nii.gz",
+            "native": f"{stem}_space-{reference}_desc-{desc(method)}_saliency.nii.gz"}
 
 
 def group_map(root: str, method: str, statistic: str = "mean") -> str:
     """A group-level map of ``method`` in template space."""
-    return f"{root}/group_space-{SPACE}_desc-{method}_{statistic}.nii.gz"
+    return f"{root}/group_space-{SPACE}_desc-{desc(method)}_{statistic}.nii.gz"
+
+
+def group_figure(root: str, method: str, view: str) -> str:
+    """A PNG of ``method``'s group mean map: ``view`` is ``slices`` or ``glass``."""
+    return f"{root}/group_desc-{desc(method)}_{view}.png"
 
 
 def derivative_paths(out_dir, subdir: str, image_id: str, channels=None, label: bool = False) -> dict[str, Path]:

@@ -23,6 +23,7 @@ import pandas as pd
 from pipeline.common import atomic, config
 from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
+from pipeline.intake import derivatives
 from pipeline.intake.imagecheck import image_problems
 from pipeline.common.outputs import check_writable
 from pipeline.intake.ids import with_sub_prefix
@@ -156,6 +157,8 @@ def main(argv=None) -> None:
     parser.add_argument("--manifest", type=Path, required=True)
     parser.add_argument("--report", type=Path, required=True)
     parser.add_argument("--targets", type=Path, help="target JSON (default: targets.json next to the manifest)")
+    parser.add_argument("--derivatives", type=Path, help="the preprocessed images' folder: its dataset_description.json "
+                        "and .bidsignore are written (pipeline.intake.derivatives)")
     args = parser.parse_args(argv)
     cfg = args.config
     with InputError.exit_cleanly():
@@ -169,6 +172,8 @@ def main(argv=None) -> None:
                         target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"),
                         brain_mask=cfg.get("brain_mask"))
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
+    if args.derivatives:
+        derivatives.write_dataset_files(args.derivatives, cfg["bids_dir"])
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "
           f"{len(report)} exclusions (see {args.report})", file=sys.stderr)

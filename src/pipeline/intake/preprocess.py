@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.common import atomic, config
 from pipeline.common.cli import add_config, channel_names
 from pipeline.intake import brainmask, exclusions
+from pipeline.intake.derivatives import bids_uri
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
 from pipeline.intake.recipe import sidecar_steps
@@ -112,13 +113,15 @@ def antialiased(image, grid_spacing: float):
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
                settings: dict | None = None, label: Path | None = None, brain_mask: Path | None = None,
-               threads: int = 1) -> dict:
+               threads: int = 1, raw_dir: Path | None = None) -> dict:
     """Run the chain (``pipeline.intake.recipe.STEPS``) on the ``sources`` (one per channel,
     reference first) into the grid of ``template``; write all ``out`` files; return the reference
     channel's sidecar. ``settings``: config ``preprocess`` (what it leaves out: the schema's
     defaults). ``label``: the sample's label image (same space as the reference), written to
     ``out["label_image"]`` and ``out["label_array"]``. ``brain_mask``: the reference's mask
-    from derivatives (``brain_extraction: derivatives``); ``threads``: the extractor's.
+    from derivatives (``brain_extraction: derivatives``); ``threads``: the extractor's. ``raw_dir``:
+    the input dataset, which the sidecars' ``Sources`` are BIDS URIs into (``bids:raw:sub-…``;
+    without it, ``file://`` URIs).
 
     Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
@@ -180,7 +183,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     for channel, source in zip(channels, sources):
         steps = sidecar_steps(settings, channels, channel)
         sidecars[channel] = {
-            "Sources": [str(source)],
+            "Sources": [bids_uri(source, raw_dir) if raw_dir else Path(source).resolve().as_uri()],
             "Channel": channel,
             "SpatialReference": {"space": SPACE, "grid": str(template)},
             "Steps": steps,
@@ -311,12 +314,14 @@ def write_qc(data: np.ndarray, mask: nib.Nifti1Image, png: Path, title: str, sub
     plt.close(fig)
 
 
-def _versions() -> dict:
+def _versions() -> str:
+    """``antspyx 0.6.3, nibabel …, pipeline …``: one string, as BIDS has ``SoftwareVersions``."""
     from importlib.metadata import version
 
     from pipeline import __version__
 
-    return {**{name: version(name) for name in ("antspyx", "nibabel", "numpy")}, "pipeline": __version__}
+    found = {**{name: version(name) for name in ("antspyx", "nibabel", "numpy")}, "pipeline": __version__}
+    return ", ".join(f"{name} {number}" for name, number in found.items())
 
 
 def main(argv=None) -> None:
@@ -326,6 +331,7 @@ def main(argv=None) -> None:
     parser.add_argument("--template", type=Path, required=True, help="template on the study grid (NIfTI)")
     parser.add_argument("--mask", type=Path, required=True, help="brain mask on the study grid (NIfTI)")
     parser.add_argument("--out-dir", type=Path, required=True, help="derivatives root")
+    parser.add_argument("--bids-dir", type=Path, help="the input dataset (the sidecars' Sources are BIDS URIs into it)")
     parser.add_argument("--subdir", required=True, help="sub-X[/ses-Y]")
     parser.add_argument("--image-id", required=True, help="sub-X[_ses-Y]")
     parser.add_argument("--label", type=Path, nargs="*", default=[],
@@ -343,7 +349,8 @@ def main(argv=None) -> None:
         sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.config["on_error"], args.excluded,
                                         template=args.template, mask=args.mask, channels=names,
                                         settings=args.config["preprocess"], label=label,
-                                        brain_mask=args.brain_mask[0] if args.brain_mask else None, threads=args.threads)
+                                        brain_mask=args.brain_mask[0] if args.brain_mask else None, threads=args.threads,
+                                        raw_dir=args.bids_dir)
     if sidecar is None:
         print(f"excluded {args.image_id}: see {args.excluded}", file=sys.stderr)
         return

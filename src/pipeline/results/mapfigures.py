@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common import atomic
-from pipeline.common.paths import derivative_paths, group_map
+from pipeline.common.paths import derivative_paths, group_figure, group_map
 
 
 def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, images: str = "test set") -> None:
@@ -26,10 +26,10 @@ def plot_group(out_dir: Path, template: Path, methods: list[str], n_folds: int, 
         title = f"mean |{method}|, {images}, {n_folds} fold(s)"
         display = plotting.plot_stat_map(img, bg_img=str(template), title=title, threshold=vmax * 0.3,
                                          vmax=vmax, cmap="inferno", cut_coords=(0, -17, 15), draw_cross=False)
-        atomic.savefig(display, str(out_dir / f"group_desc-{method}_slices.png"), dpi=90)
+        atomic.savefig(display, group_figure(str(out_dir), method, "slices"), dpi=90)
         display.close()
         display = plotting.plot_glass_brain(img, title=title, threshold=vmax * 0.3, vmax=vmax, cmap="inferno")
-        atomic.savefig(display, str(out_dir / f"group_desc-{method}_glass.png"), dpi=90)
+        atomic.savefig(display, group_figure(str(out_dir), method, "glass"), dpi=90)
         display.close()
 
 

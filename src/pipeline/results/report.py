@@ -16,6 +16,7 @@ from pipeline.common import atomic
 from pipeline.common.cli import add_config
 from pipeline import __version__
 from pipeline.common.locations import CHECKOUT, REPOSITORY
+from pipeline.common.paths import group_figure
 from pipeline.common.tables import read_tsv
 
 
@@ -242,7 +243,7 @@ def explanation_sections(explain: Path, methods: list[str], atlas: dict | None =
     validation (image-level tasks)."""
     sections = [
         "<h2>Explanation maps (template space, mean over folds and test participants)</h2>",
-        *[embed_png(explain / f"group_desc-{m}_{v}.png", f"Group mean |{m}| ({v})") for m in methods
+        *[embed_png(Path(group_figure(str(explain), m, v)), f"Group mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass")],
         embed_png(explain / "subjects_best_worst.png", f"{methods[0]} maps of the best and worst predicted subjects"),
         "<h3>Regions ranked by mean |attribution| (relative to the brain mean)</h3>",

@@ -39,11 +39,13 @@ from pipeline.common.locations import SNAKEFILE  # noqa: F401  (tests build appl
 
 
 def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: str, labels: list[str],
-                 methods: list[str] | None, session: str = "all", label_image: dict | None = None) -> dict:
+                 methods: list[str] | None, session: str = "all", label_image: dict | None = None,
+                 bids_validation: bool = True) -> dict:
     """The workflow config of an apply run: paths, the package's recipe and explain settings (none
     for a segmentation package: the schema's defaults, unused); ``session``: config ``sessions``
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
-    package's label maps are then scored against it; its ``labels`` default to the package's)."""
+    package's label maps are then scored against it; its ``labels`` default to the package's);
+    ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false)."""
     explain = dict(pkg.spec["explain"] or {})
     if methods and pkg.spec["explain"] is None:
         raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "
@@ -60,6 +62,7 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
         **recipe.config_keys(pkg.recipe),
         "participants": {"include": labels, "exclude": []},
         "sessions": session,
+        "bids_validation": bids_validation,
         "explain": {**explain, "groundtruth": None},
         **({"label_image": label_image} if label_image else {}),
         "apply": {"package": str(pkg.folder.resolve()), "name": name},
@@ -142,6 +145,8 @@ def main(argv=None) -> None:
                         help="a segmentation package: each image's label image to score the label maps against, "
                              "as config label_image, e.g. '{\"derivatives\": \"derivatives/tissue\", "
                              "\"filters\": {\"suffix\": \"dseg\"}}' (labels: the package's)")
+    parser.add_argument("--skip-bids-validation", action="store_true",
+                        help="do not run BIDS_DIR through bids-validator-deno (config bids_validation: false)")
     parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[],
                         help="further Snakemake arguments (e.g. -n), last on the line")
@@ -158,7 +163,7 @@ def main(argv=None) -> None:
             name, folder = registry_package(args.model, args.version, registry.location(args.registry), models_dir)
         pkg = package.load(folder)
         config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
-                              args.session_label, args.label_image)
+                              args.session_label, args.label_image, not args.skip_bids_validation)
     config_file = args.output_dir / "config.yaml"
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)

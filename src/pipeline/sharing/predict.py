@@ -34,7 +34,7 @@ from pipeline.common.errors import InputError
 from pipeline.results.evaluate import correct, ensemble, predict
 from pipeline.results.mapfigures import plot_group
 from pipeline.results.maps import GroupStatistics, save_image_maps, target_index, write_statistics
-from pipeline.common.paths import derivative_paths
+from pipeline.common.paths import derivative_paths, group_figure
 
 
 def image_table(manifest: Path, preproc_dir: Path, channels: list[str]) -> pd.DataFrame:
@@ -119,7 +119,7 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
         *(["<h2>Label maps (template and native grid)</h2>", table_html(table)] if segmentation
           else ["<h2>Predictions</h2>", table_html(table)]),
         *([] if segmentation else ["<h2>Explanation maps (template space, mean over folds and images)</h2>"]),
-        *[embed_png(explain_dir / f"group_desc-{m}_{v}.png", f"Mean |{m}| ({v})") for m in methods
+        *[embed_png(Path(group_figure(str(explain_dir), m, v)), f"Mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass") if not segmentation],
         "<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
         "<h2>Model card</h2>", f"<pre>{html.escape((pkg.folder / package.CARD).read_text())}</pre>",
