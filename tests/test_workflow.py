@@ -125,6 +125,28 @@ def test_every_stage_wrote_its_outputs(study):
     assert report.count("data:image/png;base64") >= 6
 
 
+def test_derivatives_and_the_input_pass_the_bids_validator(study, cohort):
+    """results/derivatives/pipeline is a BIDS-Derivatives dataset bids-validator-deno finds no error
+    in (issue #19); the demo input validates too, in the study's own bids_validation job."""
+    from pipeline.intake import bidsvalidation
+
+    validator = bidsvalidation.find_validator()
+    if validator is None:
+        pytest.skip("bids-validator-deno is not installed (it is in requirements.lock)")
+    derivatives = study / "results" / "derivatives" / "pipeline"
+    summary = bidsvalidation.summarise(bidsvalidation.run_validator(derivatives, validator))
+    print("\n".join(bidsvalidation.lines({"dataset": str(derivatives), **summary})))
+    assert summary["errors"] == 0, {c: e for c, e in summary["codes"].items() if e["severity"] == "error"}
+    description = json.loads((derivatives / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["DatasetLinks"]["raw"] == cohort.resolve().as_uri()
+    sidecar = json.loads(next(derivatives.rglob(f"*_space-{SPACE}_desc-preproc_T1w.json")).read_text())
+    assert all(source.startswith("bids:raw:sub-") for source in sidecar["Sources"]), sidecar["Sources"]
+    maps = pd.read_csv(study / "results" / "explain" / "fold-1" / "maps.tsv", sep="\t")
+    assert maps["template"].str.contains("_desc-integratedgradients_saliency").any()
+    own = json.loads((study / "results" / "bids_validation.json").read_text())
+    assert own["errors"] == 0 and own["dataset"] == str(cohort)
+
+
 def test_brain_age_beats_the_mean_predictor_by_half(study):
     summary = json.loads((study / "results" / "evaluate" / "metrics.json").read_text())
     table = pd.read_csv(study / "results" / "evaluate" / "metrics.tsv", sep="\t", index_col="model")

@@ -54,16 +54,22 @@ def run_validator(dataset: Path, executable: str) -> dict:
 
 
 def summarise(report: dict) -> dict:
-    """Counts by severity and, per issue code, ``{severity, count, files}`` (the first files)."""
+    """Counts by severity and, per issue code, ``{severity, count, file_count, files}`` (the first
+    ``FILES_SHOWN`` files; paths relative to the dataset, as the validator gives them)."""
     issues = report.get("issues", {}).get("issues", [])
     severities = Counter(issue.get("severity", "error") for issue in issues)
     codes: dict[str, dict] = {}
+    seen: dict[str, set] = {}
     for issue in issues:
-        entry = codes.setdefault(issue["code"], {"severity": issue.get("severity", "error"), "count": 0, "files": []})
+        entry = codes.setdefault(issue["code"], {"severity": issue.get("severity", "error"), "count": 0,
+                                                 "file_count": 0, "files": []})
         entry["count"] += 1
         where = issue.get("location") or next(iter(issue.get("affects") or []), "")
-        if where and where not in entry["files"] and len(entry["files"]) < FILES_SHOWN:
-            entry["files"].append(where)
+        if where and where not in seen.setdefault(issue["code"], set()):
+            seen[issue["code"]].add(where)
+            entry["file_count"] += 1
+            if len(entry["files"]) < FILES_SHOWN:
+                entry["files"].append(where)
     return {"errors": severities.get("error", 0), "warnings": severities.get("warning", 0),
             "codes": dict(sorted(codes.items(), key=lambda item: (item[1]["severity"] != "error", item[0])))}
 
@@ -87,8 +93,8 @@ def lines(summary: dict) -> list[str]:
     out = [f"BIDS validation of {summary['dataset']}: {summary['errors']} errors, {summary['warnings']} warnings"
            + (" (the study goes on; ingest checks every image it uses)" if summary["errors"] else "")]
     for code, entry in summary["codes"].items():
-        more = f" and {entry['count'] - len(entry['files'])} more" if entry["count"] > len(entry["files"]) else ""
-        out.append(f"  {entry['severity']} {code} ×{entry['count']}: {', '.join(entry['files'])}{more}")
+        more = f" and {entry['file_count'] - len(entry['files'])} more files" if entry["file_count"] > len(entry["files"]) else ""
+        out.append(f"  {entry['severity']} {code} ×{entry['count']}: {', '.join(entry['files']) or 'the dataset'}{more}")
     return out
 
 

@@ -24,7 +24,7 @@ RAW = "raw"  # the DatasetLinks key of the input dataset
 # Files of the derivatives tree that BIDS does not describe (yet), as .bidsignore patterns.
 IGNORED = (
     "*.npy",  # the (C, X, Y, Z) float32 arrays the loader memory-maps
-    "*_desc-qc_*.png",  # preprocessing's QC figure
+    "*.png",  # preprocessing's QC figure (bids-validator-deno 3.0.2 does not honour "*_desc-qc_*.png")
     "*_xfm.mat",  # ANTs affine transforms (BIDS transforms, BEP014, are not in the specification yet)
     "*_desc-preproc_excluded.tsv",  # preprocessing's exclusion record of each sample
 )

@@ -185,6 +185,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
         sidecars[channel] = {
             "Sources": [bids_uri(source, raw_dir) if raw_dir else Path(source).resolve().as_uri()],
             "Channel": channel,
+            "SkullStripped": True,  # 0 outside the template brain mask (normalise); BIDS requires the key
             "SpatialReference": {"space": SPACE, "grid": str(template)},
             "Steps": steps,
             "Parameters": {k: settings[k] for k in PARAMETERS},
