@@ -2,7 +2,8 @@
 
     bids-deepstudy run [SNAKEMAKE ARGS]          a study: Snakemake on the packaged Snakefile
                                                  (--cores all unless --cores/--jobs/--profile;
-                                                 --profile slurm is the packaged SLURM profile)
+                                                 --profile slurm is the packaged SLURM profile;
+                                                 --skip-bids-validation: no BIDS validation of the input)
     bids-deepstudy check CONFIG                  every config problem (python -m pipeline.configcheck)
     bids-deepstudy demo OUT_DIR [...]            the simulated demo cohort (python -m pipeline.demo)
     bids-deepstudy apply BIDS_DIR OUTPUT_DIR participant --model M [...]

@@ -2,8 +2,10 @@
 
 Writes ``manifest.tsv`` (one row per usable sample), ``ingest_report.tsv`` (one row per excluded
 sample or participant, with the reason) and ``targets.json`` (target, task, source table, class
-list). Input is a BIDS dataset, read through pybids' entity rules (``pipeline.intake.bidsindex``), or a
-non-BIDS folder described by a glob pattern and a table. The input is only ever read.
+list). With ``--derivatives``, also the preprocessed images' folder's ``dataset_description.json``
+and ``.bidsignore`` (``pipeline.intake.derivatives``). Input is a BIDS dataset, read through pybids'
+entity rules (``pipeline.intake.bidsindex``), or a non-BIDS folder described by a glob pattern and a
+table. The input is only ever read (its BIDS validation is a job of its own: ``pipeline.intake.bidsvalidation``).
 
 Steps, each reported when it loses a sample: entity filters per channel → one sample per
 reference-channel image, other channels and the label image matched by entities → sessions/runs
