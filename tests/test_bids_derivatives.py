@@ -126,8 +126,8 @@ def test_validation_is_skipped_when_off_for_non_bids_input_and_without_the_valid
 
 def test_skip_flag_of_run_becomes_the_config_value():
     assert launch.skip_validation(["--configfile", "c.yaml", "--skip-bids-validation"]) == [
-        "--configfile", "c.yaml", "--config", "bids_validation=false"]
+        "--configfile", "c.yaml", "--config", "bids_validation=False"]
     assert launch.skip_validation(["--config", "a=1", "--skip-bids-validation", "-n"]) == [
-        "--config", "bids_validation=false", "a=1", "-n"]
+        "--config", "bids_validation=False", "a=1", "-n"]
     assert launch.skip_validation(["-n"]) == ["-n"]
-    assert "bids_validation=false" in launch.command(["--skip-bids-validation"])
+    assert "bids_validation=False" in launch.command(["--skip-bids-validation"])

@@ -41,7 +41,7 @@ checkpoint ingest:
 
 
 # The input dataset through bids-validator-deno (config bids_validation): a summary and a log,
-# never a stop. Its own job, not part of ingest's: turning it off or on reruns nothing else.
+# never a stop. Its own job, not part of ingest's: turning it off or on never reruns ingest and what follows.
 rule bids_validation:
     input:
         code=code("bidsvalidation"),

@@ -5,7 +5,7 @@ interpreter's bin folder first on ``PATH``: the Snakemake process and (without
 ``--use-conda``/``--use-apptainer``) every job's ``python`` are the interpreter this package is
 installed in, whether or not its environment was activated. Profiles named ``default`` or ``slurm``
 are the packaged ones (``workflow/profiles/``); any other ``--profile`` value is passed as given.
-``--skip-bids-validation`` becomes ``--config bids_validation=false`` (no BIDS validation of the input).
+``--skip-bids-validation`` becomes ``--config bids_validation=False`` (no BIDS validation of the input).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ SKIP_VALIDATION = "--skip-bids-validation"
 
 
 def skip_validation(args: list[str]) -> list[str]:
-    """``args`` with ``--skip-bids-validation`` turned into the config value ``bids_validation=false``:
+    """``args`` with ``--skip-bids-validation`` turned into the config value ``bids_validation=False``:
     added to the user's ``--config``/``-C`` values when there are some (a second ``--config`` would
     replace them), else as a ``--config`` of its own."""
     if SKIP_VALIDATION not in args:
@@ -30,8 +30,8 @@ def skip_validation(args: list[str]) -> list[str]:
     out = [a for a in args if a != SKIP_VALIDATION]
     at = next((i for i, a in enumerate(out) if a in ("--config", "-C")), None)
     if at is None:
-        return [*out, "--config", "bids_validation=false"]
-    return [*out[: at + 1], "bids_validation=false", *out[at + 1:]]
+        return [*out, "--config", "bids_validation=False"]
+    return [*out[: at + 1], "bids_validation=False", *out[at + 1:]]
 
 
 def environment() -> dict[str, str]:
