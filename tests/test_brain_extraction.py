@@ -74,8 +74,10 @@ def test_whole_head_registers_as_well_as_the_brain_only_scan(whole_head, cohorts
     reference, _ = run(brain_only, study_grid, tmp_path / "brain", "none")
     r_head, r_brain = whole_head[0]["QC"]["correlation_with_template"], reference["QC"]["correlation_with_template"]
     assert r_head >= 0.9 and r_head >= r_brain - 0.03, (r_head, r_brain)
+    # Without extraction a single affine stage squeezed this head into the brain (r 0.17-0.48 before
+    # the rigid stage came first); rigid from the centres of mass, then affine, places it.
     unextracted, _ = run(scan(cohorts[0], HARD)[0], study_grid, tmp_path / "head", "none")
-    assert unextracted["QC"]["correlation_with_template"] < 0.5  # the phantom is hard enough to need extraction
+    assert unextracted["QC"]["correlation_with_template"] >= 0.9
 
 
 def test_whole_head_registration_error_at_landmarks_is_within_a_grid_voxel(whole_head):

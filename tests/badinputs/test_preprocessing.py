@@ -22,7 +22,8 @@ from pipeline.common.errors import InputError
 def coarse_grid(tmp_path_factory):
     d = tmp_path_factory.mktemp("grid")
     grid.write_grid(8.0, (20, 24, 20), d / "tpl.nii.gz", d / "mask.nii.gz")
-    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none"}}
+    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none",
+                                                                             "registration_resolution": None}}
 
 
 def spike(path: Path) -> Path:
