@@ -4,10 +4,10 @@ table ``qc.tsv``, ranked worst first.
 
 Scores, inside the template brain mask on the study grid (the sidecar's ``QC``):
 
-* ``correlation_with_template``: Pearson r of the preprocessed image and the template. Well
-  registered demo and phantom images score 0.92-0.98; a whole head squeezed into the brain
-  outline 0.12-0.48; noise about 0 (docs/benchmarks.md, *Registration quality control*).
-  ``preprocess.qc_min`` applies to this score.
+* ``correlation_with_template``: Pearson r of the preprocessed image and the template. The demo
+  and focal-lesion cohorts score 0.92-0.97, every test cohort 0.64 or more; a whole head squeezed
+  into the brain outline 0.12-0.48, noise about 0 (docs/benchmarks.md, *Registration quality
+  control*). ``preprocess.qc_min`` applies to this score.
 * ``mutual_information_with_template``: normalised mutual information 2 I(A; B) / (H(A) + H(B))
   of a 32 × 32 joint histogram, 0 (independent) to 1 (one determines the other); it does not
   assume a linear intensity relation, so it also speaks for contrasts unlike the template's.
