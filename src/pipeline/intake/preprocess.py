@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.common import atomic, config
 from pipeline.common.cli import add_config, channel_names
-from pipeline.intake import brainmask, exclusions
+from pipeline.intake import brainmask, exclusions, qc
 from pipeline.intake.geometry import DISAGREE_MM, ants_image, ants_native
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
@@ -213,9 +213,8 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             "Steps": steps,
             "Parameters": {k: settings[k] for k in PARAMETERS},
             "Geometry": placements[channel],
-            "QC": ({"correlation_with_template": round(similarity, 4),
-                    **({"brain_mask_dice_with_template": round(brainmask.dice(subject > 0, brain), 4)}
-                       if native is not None else {})} if channel == channels[0] else {}),
+            "QC": (qc.scores(arrays[0], fixed.numpy(), brain, subject if native is not None else None)
+                   if channel == channels[0] else {}),  # pipeline.intake.qc: correlation, mutual information, Dice
             "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
             "SoftwareVersions": _versions(),
@@ -253,7 +252,9 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
     the failure as one row of ``excluded`` (``pipeline.exclusions`` columns), leaves every ``out``
     file empty (zero bytes: Snakemake needs its declared outputs, and an empty file fails loudly
     where a made-up image would not) and returns None; a success writes ``excluded`` with its
-    header only. ``settings`` are ``preprocess``'s.
+    header only. ``settings`` are ``preprocess``'s. A sample that ``preprocess`` finished but whose
+    reference scores below config ``preprocess.qc_min`` (``pipeline.intake.qc``) is excluded the same
+    way, its sidecars and QC PNG kept (``qc_excluded``).
     """
     try:
         sidecar = preprocess(sources, out=out, **settings)
@@ -274,9 +275,30 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(path, b"")
         return None
+    reason = qc.failure(sidecar["QC"], config.resolved(["preprocess"], settings.get("settings") or {})["qc_min"],
+                        sources[0], out["qc"])
+    if reason is not None:
+        return qc_excluded(out, image_id, reason, sources[0], on_error, excluded)
     if excluded is not None:
         exclusions.write(exclusions.empty(), excluded)
     return sidecar
+
+
+def qc_excluded(out: dict[str, Path], image_id: str, reason: str, source: Path, on_error: str,
+                excluded: Path | None) -> None:
+    """Exclude a sample that ``preprocess`` finished but whose registration failed quality control
+    (config ``preprocess.qc_min``): ``stop`` (or no ``excluded``) removes its files and raises
+    InputError with ``reason``; ``continue`` writes ``reason`` to ``excluded`` and empties its files
+    like any excluded sample's, except its sidecars (with the QC scores) and QC PNG, which show why."""
+    if on_error == "stop" or excluded is None:
+        for path in out.values():
+            path.unlink(missing_ok=True)
+        raise InputError(f"{reason} ({image_id}; or set on_error: continue to exclude it and go on)")
+    for role, path in out.items():
+        if role != "qc" and not role.startswith("sidecar_"):
+            atomic.write_bytes(path, b"")
+    exclusions.write(exclusions.record(image_id, image_id.split("_")[0], "preprocess", str(source), reason), excluded)
+    return None
 
 
 def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_out: Path, array_out: Path) -> np.ndarray:

@@ -24,7 +24,7 @@ TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipe
 COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "brain_extraction",
             "registration_resolution", "channels")
 # Keys added after packages were first written, with the value that packages without them used.
-INTRODUCED = {"antialias": False, "brain_extraction": "none", "registration_resolution": None}
+INTRODUCED = {"antialias": False, "brain_extraction": "none", "registration_resolution": None, "qc_min": None}
 OFF = (False, None, "none")  # a step's key with one of these values turns it off
 
 
@@ -106,6 +106,8 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
         "antialias": bool(preprocess["antialias"]),
         "brain_extraction": preprocess.get("brain_extraction", INTRODUCED["brain_extraction"]),
         "registration_resolution": preprocess.get("registration_resolution", INTRODUCED["registration_resolution"]),
+        # Not compared: it excludes badly registered images but prepares the others no differently.
+        "qc_min": preprocess.get("qc_min", INTRODUCED["qc_min"]),
         "channels": names,
         "selection": {"bids_filters": bids_filters, "channels": channels},
         "steps": steps(preprocess, names),
@@ -116,7 +118,7 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
 def config_keys(recipe: dict) -> dict:
     """The config keys (``preprocess``, ``channels``, ``bids_filters``) that reproduce ``recipe``."""
     keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction",
-            "registration_resolution")
+            "registration_resolution", "qc_min")
     return {"preprocess": {k: recipe.get(k, INTRODUCED.get(k)) for k in keys}, "channels": recipe["selection"]["channels"],
             "bids_filters": recipe["selection"]["bids_filters"]}
 
