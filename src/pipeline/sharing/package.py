@@ -4,12 +4,12 @@ The file format only: a fold's network is built from it by ``pipeline.learning.s
 
 Layout (every path relative to the package folder)::
 
-    spec.json               architecture, task, target, classes, input shape and channels, folds,
-                            license (config package.license); segmentation: labels, inference (views → whole label maps), ensemble rule
+    spec.json               architecture, task, target, classes, input shape and channels, folds;
+                            segmentation: labels, inference (views → whole label maps), ensemble rule
     preprocessing.json      the recipe (pipeline.intake.recipe): template, grid, steps and parameters
     normalisation.json      per fold: the target coder and the brain-age bias correction
     metrics.json            validation (per fold) and test (per fold and ensemble) metrics
-    model_card.md           data summary, intended use, limitations, license
+    model_card.md           data summary, intended use, limitations
     weights/fold-K.safetensors   each fold's state dict
     statistics/train_mean.safetensors   each fold's mean training image (integrated gradients' baseline)
     grid/template.nii.gz, grid/brain_mask.nii.gz   the study grid the images were registered to
