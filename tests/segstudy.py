@@ -39,7 +39,7 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0, folds: int = 1) -> dic
     preproc = root / "derivatives"
     for row in manifest.itertuples():
         out = derivative_paths(preproc, row.subdir, row.image_id, ["T1w"], label=True)
-        preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none"}, label=Path(row.label))
+        preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none", "registration_resolution": None}, label=Path(row.label))
     seconds["preprocess"] = time.perf_counter() - start
     # stratified: two test participants of eight (the stable default draws one here)
     splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed, method="stratified")

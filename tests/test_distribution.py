@@ -74,7 +74,7 @@ def installed(tmp_path_factory) -> Path:
     start = time.perf_counter()
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"  # a copy: the build's own files stay out of the checkout
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name if source.exists() else source.mkdir() or source / name)
     for name in ("src", "workflow"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))

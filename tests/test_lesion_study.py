@@ -37,7 +37,7 @@ CONFIG = {
     # 24 training participants per fold; stratified: a test set of exactly 8 (the stable default
     # draws 5 here, too few for a ROC AUC goal)
     "split": {"test": 0.2, "folds": 4, "seed": 0, "method": "stratified"},
-    "preprocess": {"brain_extraction": "none"},  # brain-only images, as the demo
+    "preprocess": {"brain_extraction": "none", "registration_resolution": None},  # brain-only images, as the demo
     "train": {"epochs": 40},  # the default recipe, shortened for CI (100 epochs: docs/benchmarks.md, Learning)
     "explain": {"methods": ["integrated_gradients"]},
 }

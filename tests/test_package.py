@@ -14,7 +14,8 @@ import torch
 
 from minipackage import spec
 from pipeline.learning.saved import package_coder, package_model
-from pipeline.sharing import package
+from pipeline.common import config as study_config
+from pipeline.sharing import modelcard, package
 from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
@@ -72,6 +73,21 @@ def test_model_card_summarises_the_data_without_participant_ids(mini_study):
     assert "## Intended use" in card and "## Limitations" in card and "- A unit-test model." in card
     assert "sub-" not in card and not any(pid in card for pid in manifest["participant_id"])
 
+
+
+def test_the_models_license_is_in_its_card_and_spec(mini_study):
+    """config package.license: the schema's default grants none; a set one is stated as given."""
+    folder = mini_study / "package" / "model"
+    default = study_config.defaults(["package", "license"])
+    assert default == modelcard.UNSPECIFIED and spec(folder)["license"] == default
+    card = (folder / package.CARD).read_text()
+    assert "## License\n\nNo license is granted for this model (config `package.license` was not set)" in card
+    counts = modelcard.cohort(read_tsv(mini_study / "manifest.tsv"), read_tsv(mini_study / "splits.tsv"), "age",
+                              "regression")
+    metrics, recipe = (json.loads((folder / name).read_text()) for name in (package.METRICS, package.RECIPE))
+    chosen = study_config.resolved(["package"], {"license": "CC-BY-4.0"})
+    card = modelcard.render(spec(folder), recipe, metrics, counts, chosen)
+    assert "## License\n\nThis model (weights and documents of this package) is licensed under: CC-BY-4.0." in card
 
 def test_onnx_ensemble_matches_pytorch(mini_study):
     import onnxruntime

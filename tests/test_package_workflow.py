@@ -32,7 +32,7 @@ CONFIG = """
 target: age
 task: regression
 results_dir: results
-preprocess: {resolution: 8, shape: [20, 24, 20], n4: false, brain_extraction: none}
+preprocess: {resolution: 8, shape: [20, 24, 20], n4: false, brain_extraction: none, registration_resolution: null}
 split: {folds: 2, test: 0.2, seed: 0}
 train: {epochs: 2, batch_size: 4}
 explain: {window: 4, stride: 4, methods: [occlusion, gradient], gradcam_layer: features.1}

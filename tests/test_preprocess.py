@@ -13,19 +13,22 @@ from pipeline.intake import preprocess
 from pipeline.intake.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
 
 RES, SHAPE = 6.0, (26, 32, 28)
-SETTINGS = {"transform": "Affine", "brain_extraction": "none"}  # brain-only images (tests/test_brain_extraction.py)
+# Brain-only images (tests/test_brain_extraction.py); registration at 3 mm, finer than the 6 mm grid.
+SETTINGS = {"transform": "Affine", "brain_extraction": "none", "registration_resolution": 3}
+LANDMARKS_MM = [(0, -17, 6), (40, -60, 30), (-30, 20, -10)]  # template world, RAS+
 
 
-def posed_subject(path, rotation_deg, translation_mm, voxel=3.0, axes=(-1, 1, 1), contrast=None):
+def posed_subject(path, rotation_deg, translation_mm, voxel=3.0, axes=(-1, 1, 1), contrast=None, oblique_deg=(0, 0, 0)):
     """Write the template as a subject scan: world pose A, voxel size ``voxel``, axis flips ``axes``
-    (-1, 1, 1 = LAS); ``contrast`` maps template intensities (default: T1w as is). Returns A (4, 4)
-    with x_subject = A @ x_template."""
+    (-1, 1, 1 = LAS), voxel axes rotated by ``oblique_deg`` (an oblique acquisition); ``contrast``
+    maps template intensities (default: T1w as is). Returns A (4, 4) with x_subject = A @ x_template."""
     rot = Rotation.from_euler("xyz", rotation_deg, degrees=True).as_matrix()
     pose = np.eye(4)
     pose[:3, :3] = rot
     pose[:3, 3] = BRAIN_CENTRE_MM - rot @ BRAIN_CENTRE_MM + np.asarray(translation_mm)
     shape = (60, 72, 60)
     affine = np.diag([voxel * a for a in axes] + [1.0])
+    affine[:3, :3] = Rotation.from_euler("xyz", oblique_deg, degrees=True).as_matrix() @ affine[:3, :3]
     centre = pose[:3, :3] @ BRAIN_CENTRE_MM + pose[:3, 3]
     affine[:3, 3] = centre - affine[:3, :3] @ ((np.array(shape) - 1) / 2)
     bias = np.linspace(0.8, 1.2, shape[1])[None, :, None]
@@ -74,12 +77,63 @@ def test_forward_transform_recovers_the_known_pose(preprocessed):
     import ants
 
     _, pose, out, _ = preprocessed
-    transform = ants.read_transform(str(out["forward"]))
+    assert landmark_error_mm(out["forward"], pose) < 3.0  # mm, at 6 mm grid resolution
+
+
+def landmark_error_mm(forward, pose) -> float:
+    """The largest distance (mm) between where the ``forward`` transform (ANTs, LPS) and the known
+    ``pose`` put the template landmarks."""
+    import ants
+
+    transform = ants.read_transform(str(forward))
     lps = np.array([-1, -1, 1])
-    for point in [(0, -17, 6), (40, -60, 30), (-30, 20, -10)]:
-        mapped = np.array(transform.apply_to_point(list(np.array(point) * lps))) * lps
-        expected = (pose @ [*point, 1])[:3]
-        assert np.linalg.norm(mapped - expected) < 3.0  # mm, at 6 mm grid resolution
+    errors = [np.linalg.norm(np.array(transform.apply_to_point(list(np.array(p) * lps))) * lps - (pose @ [*p, 1])[:3])
+              for p in LANDMARKS_MM]
+    return float(max(errors))
+
+
+def test_registration_at_a_working_resolution_beats_the_coarse_grid(preprocessed, study_grid, tmp_path):
+    """The same scan registered on the 6 mm grid itself (``registration_resolution: null``) and at 3 mm."""
+    source, pose, out, sidecar = preprocessed
+    assert sidecar["Parameters"]["registration_resolution"] == 3
+    on_grid = preprocess.derivative_paths(tmp_path / "grid", "sub-01", "sub-01")
+    coarse = preprocess.preprocess([source], *study_grid, on_grid, settings={**SETTINGS, "registration_resolution": None})
+    fine_error, coarse_error = landmark_error_mm(out["forward"], pose), landmark_error_mm(on_grid["forward"], pose)
+    print(f"landmark error {fine_error:.2f} mm at 3 mm, {coarse_error:.2f} mm on the 6 mm grid")
+    assert fine_error < 1.5 and fine_error < coarse_error, (fine_error, coarse_error)
+    assert sidecar["QC"]["correlation_with_template"] >= coarse["QC"]["correlation_with_template"]
+
+
+def test_oblique_and_disagreeing_headers_follow_one_rule(tmp_path, study_grid):
+    """An oblique acquisition registers as well as a straight one; where qform and sform disagree
+    (here by 10 mm) the sform places the image, and the sidecar says so."""
+    source = tmp_path / "sub-02_T1w.nii.gz"
+    pose = posed_subject(source, rotation_deg=(8, -6, 5), translation_mm=(7, -5, 9), oblique_deg=(20, 0, -15))
+    img = nib.load(source)
+    shifted = img.affine.copy()
+    shifted[:3, 3] += [10.0, 0.0, 0.0]
+    img.set_qform(shifted, code=1)  # the sform (code 1 too) keeps the true placement
+    nib.save(img, source)
+    out = preprocess.derivative_paths(tmp_path / "out", "sub-02", "sub-02")
+    sidecar = preprocess.preprocess([source], *study_grid, out, settings=SETTINGS)
+    assert sidecar["Geometry"] == {"affine_from": "sform", "qform_sform_mm": pytest.approx(10.0, abs=0.01)}
+    assert landmark_error_mm(out["forward"], pose) < 1.5
+
+
+def test_a_sheared_sform_is_refused_naming_the_file(tmp_path, study_grid):
+    from pipeline.intake.imagecheck import header_problem
+
+    source = tmp_path / "sub-03_T1w.nii.gz"
+    posed_subject(source, rotation_deg=(0, 0, 0), translation_mm=(0, 0, 0))
+    img = nib.load(source)
+    sheared = img.affine.copy()
+    sheared[0, 1] = 0.5  # gantry tilt: the y axis leans into x
+    img.set_sform(sheared, code=1)
+    nib.save(img, source)
+    assert "sheared sform" in header_problem(str(source))
+    out = preprocess.derivative_paths(tmp_path / "out", "sub-03", "sub-03")
+    with pytest.raises(preprocess.InputError, match=r"sub-03_T1w\.nii\.gz: its sform is sheared"):
+        preprocess.preprocess([source], *study_grid, out, settings=SETTINGS)
 
 
 def test_native_map_lands_where_the_pose_puts_it(preprocessed, study_grid):

@@ -68,7 +68,7 @@ def test_preprocessing_carries_labels_to_the_grid_as_integers_aligned_with_the_i
     write_grid(6, shape, template, mask)
     t1w = sorted(demo.glob("sub-*/**/*_T1w.nii*"))[0]
     out = derivative_paths(tmp_path / "derivatives", "sub-001", "sub-001", ["T1w"], label=True)
-    preprocess([t1w], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none"}, label=tissue_path(demo, t1w))
+    preprocess([t1w], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none", "registration_resolution": None}, label=tissue_path(demo, t1w))
     labels = np.load(out["label_array"])
     image = np.load(out["array"])
     assert labels.dtype == np.uint8 and labels.shape == (1, *shape) and set(np.unique(labels)) <= {0, 1, 2, 3}

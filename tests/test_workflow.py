@@ -33,7 +33,8 @@ CONFIG = {
     "results_dir": "results",
     "target": "age",
     "task": "regression",
-    "preprocess": {"resolution": 5, "shape": [32, 38, 34], "n4_shrink_factor": 6, "brain_extraction": "none"},  # N4 at shrink 6: 3x faster
+    "preprocess": {"resolution": 5, "shape": [32, 38, 34], "n4_shrink_factor": 6, "brain_extraction": "none",
+                   "registration_resolution": None},  # on the grid: the working resolution is tests/test_preprocess.py's  # N4 at shrink 6: 3x faster
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 40},  # the default recipe, shortened (100 epochs: docs/benchmarks.md, Learning)
     "explain": {"window": 6, "stride": 4},  # groundtruth: set with bids_dir below

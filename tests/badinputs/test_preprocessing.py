@@ -22,7 +22,8 @@ from pipeline.common.errors import InputError
 def coarse_grid(tmp_path_factory):
     d = tmp_path_factory.mktemp("grid")
     grid.write_grid(8.0, (20, 24, 20), d / "tpl.nii.gz", d / "mask.nii.gz")
-    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none"}}
+    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none",
+                                                                             "registration_resolution": None}}
 
 
 def spike(path: Path) -> Path:
@@ -81,7 +82,9 @@ def test_failed_sample_with_stop_names_the_file_and_leaves_nothing(fault, tmp_pa
 def test_a_good_sample_writes_an_empty_record(tmp_path, coarse_grid):
     out = preprocess.derivative_paths(tmp_path / "out", "sub-01", "sub-01")
     record = tmp_path / "out" / "sub-01_excluded.tsv"
-    assert preprocess.preprocess_or_exclude([noise(tmp_path / "a.nii.gz")], out, "sub-01", "continue", record, **coarse_grid)
+    # Noise registers to nothing (r about 0): preprocess.qc_min (tests/test_qc.py) is off to see the success path.
+    settings = {**coarse_grid, "settings": {**coarse_grid["settings"], "qc_min": None}}
+    assert preprocess.preprocess_or_exclude([noise(tmp_path / "a.nii.gz")], out, "sub-01", "continue", record, **settings)
     assert exclusions.read_table(record).empty and all(p.stat().st_size > 0 for p in out.values())
 
 

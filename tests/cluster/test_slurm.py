@@ -45,7 +45,8 @@ CONFIG = {
     "results_dir": "results",
     "target": "age",
     "task": "regression",
-    "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False, "brain_extraction": "none"},  # N4 is not what this tests
+    "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False, "brain_extraction": "none",  # N4 is not what this tests
+                   "registration_resolution": None},
     "split": {"test": 0.2, "folds": 2, "seed": 0},
     "train": {"epochs": 2, "batch_size": 4},
     "explain": {"window": 4, "stride": 4, "sanity_images": 0},  # the randomisation check is not what this tests

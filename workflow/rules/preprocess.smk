@@ -81,3 +81,30 @@ rule exclusions:
     shell:
         "python -m pipeline.exclusions --ingest-report {input.report:q} --records {input.records:q}"
         " --manifest {input.manifest:q} --out {output.excluded:q} --samples {output.samples:q} > {log:q} 2>&1"
+
+
+rule qc:
+    input:
+        manifest=f"{RESULTS}/manifest.tsv",
+        excluded=rules.exclusions.output.excluded,
+        sidecars=preprocessed(f"sidecar_{CHANNELS[0]}"),
+        pngs=preprocessed("qc"),
+        code=code("qc"),
+    output:
+        table=f"{RESULTS}/qc.tsv",
+    params:
+        preproc_dir=PREPROC,
+        config=stage_config(config, ["channels"]),
+    log:
+        f"{RESULTS}/logs/qc.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/qc.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.qc --config {params.config:q} --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q}"
+        " --excluded {input.excluded:q} --out {output.table:q} > {log:q} 2>&1"

@@ -15,7 +15,9 @@ rule report:
         extremes=[] if SEGMENTATION else rules.explain_folds.output.extremes,
         regions=[] if SEGMENTATION else rules.explain_folds.output.regions,
         validation=[] if SEGMENTATION else rules.explain_folds.output.validation,
-        qc=preprocessed("qc"),
+        # Every image's registration scores, worst first; the report shows the worst rows and their QC images.
+        qc=rules.qc.output.table,
+        qc_pngs=preprocessed("qc"),
         code=code("report"),
     output:
         report(
@@ -25,7 +27,6 @@ rule report:
         ),
     params:
         results=lambda wildcards, input: str(Path(input.manifest).parent),
-        qc_shown=lambda wildcards, input: input.qc[:4],
         config=stage_config(config, list(config)),
     log:
         f"{RESULTS}/logs/report.log",
@@ -38,5 +39,5 @@ rule report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report --results {params.results:q} --qc {params.qc_shown:q}"
+        "python -m pipeline.report --results {params.results:q} --qc-table {input.qc:q}"
         " --config {params.config:q} --out {output:q} > {log:q} 2>&1"

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.common import jsoncache
 from pipeline.common.fingerprint import MISSING, file_stamp
+from pipeline.intake.geometry import SHEAR_TOLERANCE, shear
 
 HEADER_BYTES = 540  # a NIfTI-2 header; NIfTI-1 needs 348
 CACHE_VERSION = 3  # 3: JSON (checks.json); the binary checks.pkl of version 2 is never read
@@ -103,6 +104,10 @@ def header_problem(path: str, size: int | None = None, limits: dict | None = Non
                 "with a valid qform/sform (e.g. nibabel set_sform(affine, code=1))")
     if not np.isfinite(affine).all():
         return "non-finite values in the affine (sform/qform); rewrite the header with a valid affine"
+    sform, sform_code = header.get_sform(coded=True)
+    if sform_code and np.isfinite(sform).all() and shear(sform) > SHEAR_TOLERANCE:
+        return ("sheared sform (voxel axes not orthogonal), which ANTs and nibabel place differently "
+                "(pipeline.intake.geometry); resample the image onto an orthogonal grid, or exclude it")
     if abs(det3(affine[:3, :3].tolist())) < 1e-6:
         return "singular affine (zero voxel size or degenerate orientation in sform/qform); rewrite the header"
     voxel = float(np.linalg.norm(affine[:3, :3], axis=0).max())

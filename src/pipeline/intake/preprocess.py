@@ -30,36 +30,26 @@ import numpy as np
 
 from pipeline.common import atomic, config
 from pipeline.common.cli import add_config, channel_names
-from pipeline.intake import brainmask, exclusions
+from pipeline.intake import brainmask, exclusions, qc
 from pipeline.intake.derivatives import bids_uri
+from pipeline.intake.geometry import DISAGREE_MM, ants_image, ants_native
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
 from pipeline.intake.recipe import sidecar_steps
 
 
 def load_native(path: Path):
-    """Read a 3D image with ANTs, failing with a message that names the file."""
-    import ants
-
+    """Read a 3D image into ANTs, placed by ``pipeline.intake.geometry``'s rule, failing with a
+    message that names the file; returns the image and its placement."""
     try:
         nib_img = nib.load(str(path))
         if len(nib_img.shape) not in (3, 4) or (len(nib_img.shape) == 4 and nib_img.shape[3] != 1):
             raise InputError(f"{path}: expected a 3D image, got shape {nib_img.shape}.")
-        return ants.image_read(str(path), dimension=3)
+        return ants_native(path)
     except InputError:
         raise
     except Exception as exc:
         raise InputError(f"{path}: cannot read this NIfTI ({type(exc).__name__}: {exc}). Replace or exclude it.") from exc
-
-
-def ants_image(data: np.ndarray, affine: np.ndarray):
-    """An in-memory ANTs image (LPS physical space) of a 3D array with a (4, 4) RAS+ mm ``affine``."""
-    import ants
-
-    zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    to_lps = np.diag([-1.0, -1.0, 1.0])
-    return ants.from_numpy(np.asarray(data, dtype=np.float32), origin=list(to_lps @ affine[:3, 3]),
-                           spacing=list(zooms), direction=to_lps @ (affine[:3, :3] / zooms))
 
 
 def normalise(data: np.ndarray, mask: np.ndarray, source: Path, stats: np.ndarray | None = None) -> np.ndarray:
@@ -73,14 +63,22 @@ def normalise(data: np.ndarray, mask: np.ndarray, source: Path, stats: np.ndarra
 
 
 def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int, brain=None):
-    """A channel read, reoriented to the template's axes, bias-corrected and scaled to ~[0, 1].
-    With ``brain`` (its mask as an ANTs image, reoriented alike) it is zeroed outside the mask and
+    """A channel read (placed by ``pipeline.intake.geometry``'s rule), reoriented to the template's
+    axes, bias-corrected and scaled to ~[0, 1], and its placement. With ``brain`` (its mask as an
+    ANTs image, reoriented alike) N4 is fitted inside it, and the image is zeroed outside it and
     scaled by the brain's own 99th percentile."""
     import ants
 
-    image = ants.reorient_image2(load_native(source), orientation)
+    native, placement = load_native(source)
+    if (placement["qform_sform_mm"] or 0) > DISAGREE_MM:
+        print(f"warning: {source}: its qform and sform place it up to {placement['qform_sform_mm']} mm apart; "
+              "the sform is used (pipeline.intake.geometry)", file=sys.stderr)
+    image = ants.reorient_image2(native, orientation)
     if n4:
-        image = ants.n4_bias_field_correction(image, mask=ants.get_mask(image), shrink_factor=n4_shrink,
+        # The bias field is fitted inside the brain mask when there is one (ANTs' own head mask,
+        # get_mask, costs ~10 s at 1 mm and fits scalp and neck too).
+        image = ants.n4_bias_field_correction(image, mask=brain if brain is not None else ants.get_mask(image),
+                                              shrink_factor=n4_shrink,
                                               convergence={"iters": [50, 50, 30], "tol": 1e-6})
     if brain is not None:
         inside = brain.numpy() > 0
@@ -90,7 +88,41 @@ def prepared(source: Path, orientation: str, n4: bool, n4_shrink: int, brain=Non
         raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation{' and N4' if n4 else ''} "
                          "(an empty or mostly-background image), so it cannot be scaled or registered; check the "
                          "image and replace it, or leave the participant out (participants.exclude).")
-    return image / scale  # the template's intensity range
+    return image / scale, placement  # the template's intensity range
+
+
+def registration_template(fixed, resolution: float | None):
+    """The image the reference is registered to: the study grid's template ``fixed`` when
+    ``resolution`` (mm) is None or not finer than the grid, else the bundled template over the
+    same extent (centred on the brain) at ``resolution`` mm, so registration sees the anatomy at a
+    working resolution whatever the study grid."""
+    from pipeline.intake.template import template_on_grid
+
+    grid_mm = max(fixed.spacing)
+    if resolution is None or resolution >= grid_mm - 1e-6:
+        return fixed
+    shape = tuple(int(n) for n in np.ceil(np.asarray(fixed.shape) * grid_mm / resolution))
+    working = template_on_grid(resolution, shape)
+    return ants_image(working.get_fdata(dtype=np.float32), working.affine)
+
+
+def register(fixed, moving, transform: str, prefix: str) -> str:
+    """Register ``moving`` to ``fixed`` (ANTs, mutual information): a rigid stage from the images'
+    centres of mass, then (``transform: Affine``) an affine stage from the rigid result, so scaling
+    and shear are fitted only once the brain is in place. Returns the forward transform's file
+    (one affine, the stages composed)."""
+    import ants
+
+    levels = {"aff_random_sampling_rate": 0.25, "aff_shrink_factors": (4, 2, 1),
+              "aff_smoothing_sigmas": (2, 1, 0), "aff_iterations": (100, 50, 25)}
+    coarse = {"aff_random_sampling_rate": 0.25, "aff_shrink_factors": (4, 2),  # an initialiser: half the cost
+              "aff_smoothing_sigmas": (2, 1), "aff_iterations": (100, 50)}
+    rigid = ants.registration(fixed=fixed, moving=moving, type_of_transform="Rigid", outprefix=f"{prefix}rigid_",
+                              **(levels if transform == "Rigid" else coarse))["fwdtransforms"][0]
+    if transform == "Rigid":
+        return rigid
+    return ants.registration(fixed=fixed, moving=moving, type_of_transform=transform, initial_transform=[rigid],
+                             outprefix=f"{prefix}affine_", **levels)["fwdtransforms"][0]
 
 
 def antialias_sigmas(image_spacing, grid_spacing: float) -> list[float]:
@@ -129,7 +161,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     import ants
 
     settings = config.resolved(["preprocess"], settings or {})
-    transform, n4, n4_shrink, seed, antialias, extraction = (settings[k] for k in PARAMETERS)
+    transform, n4, n4_shrink, seed, antialias, extraction, working_mm = (settings[k] for k in PARAMETERS)
     channels = list(channels)
     if len(sources) != len(channels):
         raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
@@ -146,24 +178,22 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     native = brainmask.native_mask(extraction, sources[0], brain_mask, threads)
     native_brain = None
     if native is not None:
-        atomic.nib_save(native, out["brain_mask"])
-        native_brain = ants.reorient_image2(ants.image_read(str(out["brain_mask"])), orientation)
-    reference = prepared(sources[0], orientation, n4, n4_shrink, native_brain)
+        atomic.nib_save(native, out["brain_mask"])  # the image's own affine: the same grid as load_native's
+        native_brain = ants.reorient_image2(ants_image(np.asarray(native.dataobj), native.affine), orientation)
+    reference, placement = prepared(sources[0], orientation, n4, n4_shrink, native_brain)
+    placements = {channels[0]: placement}
     arrays = []
     with tempfile.TemporaryDirectory() as tmp:  # ANTs writes its transforms under outprefix
-        reg = ants.registration(fixed=fixed, moving=reference, type_of_transform=transform,
-                                outprefix=f"{tmp}/ref_", aff_random_sampling_rate=0.25,
-                                aff_shrink_factors=(4, 2, 1), aff_smoothing_sigmas=(2, 1, 0),
-                                aff_iterations=(100, 50, 25))
-        atomic.copyfile(reg["fwdtransforms"][0], out["forward"])
+        forward = register(registration_template(fixed, working_mm), reference, transform, f"{tmp}/ref_")
+        atomic.copyfile(forward, out["forward"])
         with atomic.path(out["inverse"]) as partial:
-            ants.write_transform(ants.read_transform(reg["fwdtransforms"][0]).invert(), str(partial))
+            ants.write_transform(ants.read_transform(forward).invert(), str(partial))
         subject = brain_on_grid(native_brain, fixed, out, mask_img, sources[0])
         for channel, source in zip(channels, sources):
             if channel == channels[0]:
                 moving, transforms = reference, [str(out["forward"])]
             else:
-                moving = prepared(source, orientation, n4, n4_shrink)
+                moving, placements[channel] = prepared(source, orientation, n4, n4_shrink)
                 coreg = ants.registration(fixed=reference, moving=moving, type_of_transform="Rigid",
                                           outprefix=f"{tmp}/{channel}_", aff_random_sampling_rate=0.25)
                 atomic.copyfile(coreg["fwdtransforms"][0], out[f"coreg_{channel}"])
@@ -189,9 +219,9 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             "SpatialReference": {"space": SPACE, "grid": str(template)},
             "Steps": steps,
             "Parameters": {k: settings[k] for k in PARAMETERS},
-            "QC": ({"correlation_with_template": round(similarity, 4),
-                    **({"brain_mask_dice_with_template": round(brainmask.dice(subject > 0, brain), 4)}
-                       if native is not None else {})} if channel == channels[0] else {}),
+            "Geometry": placements[channel],
+            "QC": (qc.scores(arrays[0], fixed.numpy(), brain, subject if native is not None else None)
+                   if channel == channels[0] else {}),  # pipeline.intake.qc: correlation, mutual information, Dice
             "Transforms": {"forward": out["forward"].name, "inverse": out["inverse"].name,
                            **({"to_reference": out[f"coreg_{channel}"].name} if channel != channels[0] else {})},
             "SoftwareVersions": _versions(),
@@ -202,7 +232,8 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
     return sidecars[channels[0]]
 
 
-PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction")  # the sidecar's
+PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction",
+              "registration_resolution")  # the sidecar's
 
 
 def brain_on_grid(native_brain, fixed, out: dict[str, Path], mask_img: nib.Nifti1Image, source: Path) -> np.ndarray:
@@ -228,7 +259,9 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
     the failure as one row of ``excluded`` (``pipeline.exclusions`` columns), leaves every ``out``
     file empty (zero bytes: Snakemake needs its declared outputs, and an empty file fails loudly
     where a made-up image would not) and returns None; a success writes ``excluded`` with its
-    header only. ``settings`` are ``preprocess``'s.
+    header only. ``settings`` are ``preprocess``'s. A sample that ``preprocess`` finished but whose
+    reference scores below config ``preprocess.qc_min`` (``pipeline.intake.qc``) is excluded the same
+    way, its sidecars and QC PNG kept (``qc_excluded``).
     """
     try:
         sidecar = preprocess(sources, out=out, **settings)
@@ -249,9 +282,30 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic.write_bytes(path, b"")
         return None
+    reason = qc.failure(sidecar["QC"], config.resolved(["preprocess"], settings.get("settings") or {})["qc_min"],
+                        sources[0], out["qc"])
+    if reason is not None:
+        return qc_excluded(out, image_id, reason, sources[0], on_error, excluded)
     if excluded is not None:
         exclusions.write(exclusions.empty(), excluded)
     return sidecar
+
+
+def qc_excluded(out: dict[str, Path], image_id: str, reason: str, source: Path, on_error: str,
+                excluded: Path | None) -> None:
+    """Exclude a sample that ``preprocess`` finished but whose registration failed quality control
+    (config ``preprocess.qc_min``): ``stop`` (or no ``excluded``) removes its files and raises
+    InputError with ``reason``; ``continue`` writes ``reason`` to ``excluded`` and empties its files
+    like any excluded sample's, except its sidecars (with the QC scores) and QC PNG, which show why."""
+    if on_error == "stop" or excluded is None:
+        for path in out.values():
+            path.unlink(missing_ok=True)
+        raise InputError(f"{reason} ({image_id}; or set on_error: continue to exclude it and go on)")
+    for role, path in out.items():
+        if role != "qc" and not role.startswith("sidecar_"):
+            atomic.write_bytes(path, b"")
+    exclusions.write(exclusions.record(image_id, image_id.split("_")[0], "preprocess", str(source), reason), excluded)
+    return None
 
 
 def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_out: Path, array_out: Path) -> np.ndarray:
@@ -266,7 +320,7 @@ def write_label(source: Path, fixed, affine: np.ndarray, forward: Path, image_ou
         raise InputError(f"{source}: a label image must hold integer labels 0-255 (found values "
                          f"{float(values.min()):g} to {float(values.max()):g}, integers: "
                          f"{bool(np.all(values == np.round(values)))}); check config `label_image`.")
-    warped = ants.apply_transforms(fixed, load_native(source), [str(forward)], interpolator="genericLabel")
+    warped = ants.apply_transforms(fixed, load_native(source)[0], [str(forward)], interpolator="genericLabel")
     data = np.rint(warped.numpy()).astype(np.uint8)
     image_out.parent.mkdir(parents=True, exist_ok=True)
     atomic.nib_save(nib.Nifti1Image(data, affine), image_out)

@@ -22,9 +22,9 @@ TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipe
 # Keys that must be equal for images to be prepared the same way. The registration seed is not
 # among them: any seed gives an equivalent registration.
 COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "brain_extraction",
-            "channels")
+            "registration_resolution", "channels")
 # Keys added after packages were first written, with the value that packages without them used.
-INTRODUCED = {"antialias": False, "brain_extraction": "none"}
+INTRODUCED = {"antialias": False, "brain_extraction": "none", "registration_resolution": None, "qc_min": None}
 OFF = (False, None, "none")  # a step's key with one of these values turns it off
 
 
@@ -56,7 +56,8 @@ STEPS = (
     Step("scale", "divide by the image's 99th intensity percentile (inside the brain mask when extracted)"),
     Step("coregister", "rigid co-registration of {channel} to {reference} (ANTs)",
          ("ants.registration:Rigid to {reference}",), further=True, further_only=True),
-    Step("register", "ANTs {transform} registration of {reference} to the template (seed {seed}, one ITK thread)",
+    Step("register", "ANTs registration of {reference} to the template, rigid from the centres of mass then "
+         "{transform} (working resolution {registration_resolution} mm, none: the grid's; seed {seed}, one ITK thread)",
          ("ants.registration:{transform} to template",)),
     Step("antialias", "Gaussian anti-aliasing of every channel where the grid is coarser than its voxels "
          "(FWHM sqrt(grid^2 - voxel^2) per axis)", ("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))",),
@@ -79,7 +80,7 @@ def steps(settings: dict, channels: list[str]) -> list[str]:
     chain = []
     for step in active(settings):
         targets = channels[1:] if step.further else [None]
-        chain += [step.recipe.format(reference=channels[0], channel=c, **settings) for c in targets]
+        chain += [step.recipe.format(reference=channels[0], channel=c, **{**INTRODUCED, **settings}) for c in targets]
     return chain
 
 
@@ -104,6 +105,9 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
         "seed": int(preprocess["seed"]),
         "antialias": bool(preprocess["antialias"]),
         "brain_extraction": preprocess.get("brain_extraction", INTRODUCED["brain_extraction"]),
+        "registration_resolution": preprocess.get("registration_resolution", INTRODUCED["registration_resolution"]),
+        # Not compared: it excludes badly registered images but prepares the others no differently.
+        "qc_min": preprocess.get("qc_min", INTRODUCED["qc_min"]),
         "channels": names,
         "selection": {"bids_filters": bids_filters, "channels": channels},
         "steps": steps(preprocess, names),
@@ -113,7 +117,8 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
 
 def config_keys(recipe: dict) -> dict:
     """The config keys (``preprocess``, ``channels``, ``bids_filters``) that reproduce ``recipe``."""
-    keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction")
+    keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction",
+            "registration_resolution", "qc_min")
     return {"preprocess": {k: recipe.get(k, INTRODUCED.get(k)) for k in keys}, "channels": recipe["selection"]["channels"],
             "bids_filters": recipe["selection"]["bids_filters"]}
 

@@ -133,8 +133,9 @@ def comparison_html(evaluate: Path, summary: dict) -> list[str]:
             table_html(table) if len(table) else "<p>No fold could be compared (see Diagnostics).</p>"]
 
 
-def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) -> Path:
-    """Write the HTML report from the files of a finished study under ``results``."""
+def build_report(results: Path, out: Path, qc_table: Path | None, config: dict) -> Path:
+    """Write the HTML report from the files of a finished study under ``results``; ``qc_table``:
+    ``qc.tsv`` (``pipeline.intake.qc``, worst first), or None for a study from before it."""
     # excluded.tsv: ingest's and preprocessing's exclusions (a study from before it: ingest's report).
     excluded = results / "excluded.tsv"
     exclusions = read_tsv(excluded if excluded.exists() else results / "ingest_report.tsv")
@@ -187,14 +188,38 @@ def build_report(results: Path, out: Path, qc_pngs: list[Path], config: dict) ->
     ]
     if not segmentation:
         sections += explanation_sections(explain, methods, config["explain"].get("atlas"))
-    sections += ["<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
-                 "<h2>Provenance</h2>", provenance(config)]
+    sections += [*qc_sections(qc_table, config["preprocess"].get("qc_min")), "<h2>Provenance</h2>", provenance(config)]
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}"
              "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
              ".warn{background:#fff4e0;border-left:4px solid #e69500;padding:6px 6px 6px 24px}")
     atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")
     return out
+
+
+QC_ROWS, QC_FIGURES = 20, 4  # the worst images shown in the QC table, and with their QC image
+
+
+def qc_sections(qc_table: Path | None, qc_min: float | None, rows: int = QC_ROWS, figures: int = QC_FIGURES) -> list[str]:
+    """The preprocessing quality control: the worst ``rows`` of ``qc_table`` (ranked worst first)
+    with a note of the total, then the QC images of the worst ``figures`` that have one."""
+    if qc_table is None or not Path(qc_table).exists():
+        return ["<h2>Preprocessing quality control</h2>", "<p>No QC table (a study from before qc.tsv).</p>"]
+    table = read_tsv(qc_table)
+    scores = [c for c in table.columns if c.endswith("_with_template")]
+    for column in scores:
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    excluded = int((table["excluded"] == "yes").sum())
+    gate = (f"an image below <code>preprocess.qc_min</code> {qc_min:g} is excluded" if qc_min is not None
+            else "<code>preprocess.qc_min</code> is null: no image is excluded for its scores")
+    pngs = [Path(p) for p in table["qc_png"] if Path(p).exists() and Path(p).stat().st_size > 0][:figures]
+    shown = table[["image_id", *scores, "excluded"]].head(rows)
+    return ["<h2>Preprocessing quality control (worst first)</h2>",
+            f"<p>Registration scores of every image against the template, lowest correlation first (no score: "
+            f"preprocessing failed); {gate}. The worst {len(shown)} of {len(table)} images ({excluded} excluded); "
+            "all in <code>qc.tsv</code>. The QC images of the worst follow: template brain outline red, the "
+            "image's own brain mask cyan.</p>",
+            table_html(shown), *[embed_png(p, p.name) for p in pngs]]
 
 
 def unit_sentence(summary: dict) -> str:
@@ -272,11 +297,11 @@ def explanation_sections(explain: Path, methods: list[str], atlas: dict | None =
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", type=Path, required=True)
-    parser.add_argument("--qc", type=Path, nargs="*", default=[])
+    parser.add_argument("--qc-table", type=Path, help="qc.tsv: every image's registration scores, worst first")
     add_config(parser)  # the whole study config: explain.methods, and the provenance section
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    print(f"report: {build_report(args.results, args.out, args.qc, args.config).resolve()}")
+    print(f"report: {build_report(args.results, args.out, args.qc_table, args.config).resolve()}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from torch import nn
 from pipeline import __version__
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
+from pipeline.common.config import resolved
 from pipeline.sharing import modelcard, onnxcheck, package, segexport
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
@@ -91,9 +92,10 @@ def validation_metrics(train_dir: Path, record: dict) -> dict:
 
 
 def write_documents(folder: Path, records: dict, evaluations: dict, summary: dict, train_dirs: list[Path],
-                    recipe: dict, explain: dict, models: list[nn.Module]) -> dict:
+                    recipe: dict, explain: dict, models: list[nn.Module], model_license: str) -> dict:
     """spec.json (without the ONNX check), preprocessing.json, normalisation.json, metrics.json; returns
-    the spec. A segmentation spec has no explanation settings and adds ``segexport.spec_entries``."""
+    the spec. A segmentation spec has no explanation settings and adds ``segexport.spec_entries``.
+    ``model_license`` is config ``package.license``."""
     first = next(iter(records.values()))
     coder = TargetCoder(**first["coder"])
     segmentation = coder.task == SEGMENTATION
@@ -108,6 +110,7 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
                     else "mean over folds of the prediction in target units",
         "explain": None if segmentation else explain,
         **(segexport.spec_entries(models, coder.classes) if segmentation else {}),
+        "license": model_license,
         "software": {"pipeline": __version__, **{name: version(name) for name in ("torch", "antspyx", "nilearn", "safetensors")}},
     }
     normalisation = {"input": recipe["normalisation"],
@@ -141,6 +144,7 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
            preproc_dir: Path, template: Path, mask: Path, recipe: dict, explain: dict, card: dict,
            out_dir: Path, archive: Path) -> float:
     """Write the package folder ``out_dir`` and ``archive``; return the ONNX max abs difference."""
+    card = resolved(["package"], card)  # the schema's defaults for keys a caller left out
     records = fold_records(train_dirs)
     first = next(iter(records.values()))
     channels = list(first["channels"])
@@ -153,7 +157,7 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     spec = write_documents(out_dir, records, evaluations, json.loads(summary.read_text()), train_dirs, recipe, explain,
-                           models)
+                           models, card["license"])
     write_tensors(out_dir, records, tables)
     (out_dir / "grid").mkdir()
     atomic.copyfile(template, out_dir / package.GRID_TEMPLATE)
@@ -186,7 +190,7 @@ def main(argv=None) -> None:
     parser.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
     parser.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
     # recipe (the study's preprocessing recipe, pipeline.intake.recipe), explain (methods and
-    # settings), package (the model card's intended_use and limitations)
+    # settings), package (the model card's intended_use and limitations, the model's license)
     add_config(parser)
     parser.add_argument("--out-dir", type=Path, required=True, help="the package folder to write")
     parser.add_argument("--archive", type=Path, required=True, help="the .tar.gz to write")

@@ -1,5 +1,5 @@
 """The model card of a package (Markdown): data summary without participant ids, performance,
-preprocessing, intended use and limitations."""
+preprocessing, intended use, limitations and the model's license."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ LIMITATIONS = [
     "The test metrics are estimates from a held-out set of {test} participants, with the bootstrap "
     "intervals in `metrics.json`; small test sets give wide intervals.",
 ]
+
+UNSPECIFIED = "unspecified"  # config package.license's default: no license granted
+
+
+def license_lines(model_license: str) -> list[str]:
+    """The card's *License* section for config ``package.license``."""
+    if model_license == UNSPECIFIED:
+        return ["No license is granted for this model (config `package.license` was not set): it is derived from "
+                "the study's data, whose terms may restrict sharing. Ask the study's authors before using or "
+                "redistributing it. The `pipeline` code that trained it is MIT-licensed; that does not extend to "
+                "the model."]
+    return [f"This model (weights and documents of this package) is licensed under: {model_license}."]
 
 
 def distribution(values: pd.Series, task: str) -> str:
@@ -83,7 +95,8 @@ def comparison_lines(metrics: dict) -> list[str]:
 
 
 def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: dict) -> str:
-    """The card's Markdown. ``card`` is config ``package`` (``intended_use``, ``limitations``)."""
+    """The card's Markdown. ``card`` is config ``package``, resolved (``intended_use``, ``limitations``,
+    ``license``)."""
     task, target, channels = spec["task"], spec["target"], spec["input"]["channels"]
     segmentation = task == "segmentation"
     if segmentation:  # the label names, index = label value
@@ -119,6 +132,8 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
         *[f"{i}. {step}" for i, step in enumerate(recipe["steps"], 1)], "",
         "## Limitations", "",
         *[f"- {line}" for line in limits], "",
+        "## License", "",
+        *license_lines(card["license"]), "",
         "## Files", "",
         "`spec.json` (architecture, task, classes, input), `preprocessing.json` (the recipe), `normalisation.json` "
         "(target coder and bias correction per fold), `metrics.json`, `weights/*.safetensors`, "
