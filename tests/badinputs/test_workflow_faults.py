@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 def study_config(tmp_path: Path, root: Path, **changes) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(bids_dir=str(root), results_dir=str(tmp_path / "results"), **changes)
-    config["preprocess"].update(resolution=8, shape=[20, 24, 20], n4=False)
+    # The good images are noise (builders.good_dataset): no registration scores above qc_min's 0.5.
+    config["preprocess"].update(resolution=8, shape=[20, 24, 20], n4=False, qc_min=None, registration_resolution=None)
     config["explain"]["groundtruth"] = None
     return config
 
