@@ -54,8 +54,9 @@ def placement(img: nib.Nifti1Image, path: Path | str) -> dict:
     sform, s_code = header.get_sform(coded=True)
     qform, q_code = header.get_qform(coded=True)
     if s_code:
-        if shear(sform) > SHEAR_TOLERANCE:
-            raise InputError(f"{path}: its sform is sheared (voxel axes {np.degrees(np.arccos(1 - shear(sform))):.1f}° "
+        cosine = shear(sform)
+        if cosine > SHEAR_TOLERANCE:
+            raise InputError(f"{path}: its sform is sheared (voxel axes {np.degrees(np.arccos(1 - cosine)):.1f}° "
                              "from orthogonal), which ANTs/ITK and nibabel place differently; resample the image onto "
                              "an orthogonal grid (e.g. nibabel.processing.resample_from_to), or exclude it.")
         apart = corner_distance_mm(sform, qform, img.shape) if q_code else None
@@ -73,9 +74,10 @@ def ants_image(data: np.ndarray, affine: np.ndarray):
                            spacing=list(zooms), direction=to_lps @ (affine[:3, :3] / zooms))
 
 
-def ants_native(path: Path):
-    """A native 3D image as an ANTs image placed by the rule (float32), and its ``placement``."""
-    img = nib.load(str(path))
+def ants_native(path: Path, img: nib.Nifti1Image | None = None):
+    """A native 3D image (``path``, or ``img`` already loaded from it) as an ANTs image placed by
+    the rule (float32), and its ``placement``."""
+    img = nib.load(str(path)) if img is None else img
     where = placement(img, path)
     data = np.asarray(img.dataobj, dtype=np.float32)
     return ants_image(data.reshape(data.shape[:3]), img.affine), where

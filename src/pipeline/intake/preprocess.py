@@ -45,7 +45,7 @@ def load_native(path: Path):
         nib_img = nib.load(str(path))
         if len(nib_img.shape) not in (3, 4) or (len(nib_img.shape) == 4 and nib_img.shape[3] != 1):
             raise InputError(f"{path}: expected a 3D image, got shape {nib_img.shape}.")
-        return ants_native(path)
+        return ants_native(path, nib_img)
     except InputError:
         raise
     except Exception as exc:
