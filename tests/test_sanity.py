@@ -65,3 +65,61 @@ def test_consistency_between_folds_is_flagged_when_their_maps_disagree():
     assert table.at["a", "fold_consistency_r"] > 0.9 and table.at["a", "consistency_verdict"] == "consistent between folds"
     assert table.at["b", "consistency_verdict"].startswith("flagged")
     assert table.at["a", "random_verdict"].startswith("passes") and table.at["b", "random_verdict"].startswith("fails")
+
+
+def test_study_tables_skip_and_count_undefined_correlations_written_as_n_a(tmp_path):
+    """A constant Grad-CAM map after randomisation has no rank correlation: written by the fold job
+    as n/a, read back as missing, skipped and counted; a method with none defined is not checked."""
+    import nibabel as nib
+
+    from pipeline.common import atomic
+    from pipeline.common.paths import group_map
+
+    brain = np.ones((4, 4, 4), bool)
+    rng = np.random.default_rng(0)
+    constant = np.full((4, 4, 4), 0.5)
+    folds = []
+    for k in (1, 2):
+        fold = tmp_path / f"fold-{k}"
+        fold.mkdir()
+        rows = [{"image_id": "sub-05_ses-01", "method": "gradcam", "blocks_randomised": 3, "of_blocks": 5,
+                 "from_block": "features.2", "spearman": sanity.rank_correlation(rng.random((4, 4, 4)), constant, brain)},
+                {"image_id": "sub-05_ses-01", "method": "gradcam", "blocks_randomised": 5, "of_blocks": 5,
+                 "from_block": "features.0", "spearman": float("nan")},
+                {"image_id": "sub-05_ses-01", "method": "gradient", "blocks_randomised": 5, "of_blocks": 5,
+                 "from_block": "features.0", "spearman": 0.2 * k},
+                {"image_id": "sub-06_ses-01", "method": "gradient", "blocks_randomised": 5, "of_blocks": 5,
+                 "from_block": "features.0", "spearman": float("nan")}]
+        atomic.to_csv(pd.DataFrame(rows, columns=sanity.COLUMNS), fold / "randomisation.tsv", sep="\t", index=False,
+                      float_format="%.4g")
+        assert "n/a" in (fold / "randomisation.tsv").read_text()
+        for method in ("gradcam", "gradient"):
+            nib.save(nib.Nifti1Image(rng.random((4, 4, 4)).astype(np.float32), np.eye(4)), group_map(str(fold), method))
+        folds.append(fold)
+    steps, summary = sanity.study_tables(folds, ["gradcam", "gradient"], brain)
+    full = steps[steps["blocks_randomised"] == 5].set_index("method")
+    assert full.at["gradient", "images"] == 2 and full.at["gradient", "undefined"] == 2
+    assert full.at["gradient", "spearman"] == pytest.approx(0.3)
+    assert full.at["gradcam", "images"] == 0 and full.at["gradcam", "undefined"] == 2
+    checks = summary.set_index("method")
+    assert checks.at["gradcam", "random_verdict"] == "not checked"
+    assert checks.at["gradcam", "random_model_undefined"] == 2 and checks.at["gradient", "random_model_undefined"] == 2
+    assert checks.at["gradient", "random_verdict"].startswith("passes")
+
+
+def test_tables_read_n_a_and_legacy_empty_numeric_cells_as_missing_and_keep_text(tmp_path):
+    from pipeline.common import atomic
+    from pipeline.common.tables import read_tsv
+
+    path = tmp_path / "t.tsv"
+    path.write_text("image_id\tsession\tscore\tnote\told\n"
+                    "sub-1\t\tn/a\t\t0.5\n"
+                    "sub-2\tses-1\t0.25\tkept\t\n")
+    table = read_tsv(path)
+    assert table["session"].tolist() == ["", "ses-1"] and table["image_id"].tolist() == ["sub-1", "sub-2"]
+    assert np.isnan(table.at[0, "score"]) and table.at[1, "score"] == 0.25
+    assert table["note"].tolist() == ["", "kept"]  # text keeps its empty cell
+    assert table["old"].dtype.kind == "f" and np.isnan(table.at[1, "old"])
+    atomic.to_csv(table, tmp_path / "again.tsv", sep="\t", index=False)
+    again = read_tsv(tmp_path / "again.tsv")
+    assert np.isnan(again.at[0, "score"]) and again["session"].tolist() == ["", "ses-1"]

@@ -87,7 +87,9 @@ def write_bytes(final: str | os.PathLike, data: bytes) -> None:
 
 
 def to_csv(frame, final: str | os.PathLike, **kwargs) -> None:
-    """``DataFrame.to_csv(final, **kwargs)`` atomically."""
+    """``DataFrame.to_csv(final, **kwargs)`` atomically; a TSV's missing values as ``n/a`` (BIDS)."""
+    if kwargs.get("sep") == "\t":
+        kwargs.setdefault("na_rep", "n/a")
     with path(final) as tmp:
         frame.to_csv(tmp, **kwargs)
 

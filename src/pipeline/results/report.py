@@ -52,7 +52,7 @@ def learning_curves(histories: dict[str, pd.DataFrame], png: Path) -> Path:
 
 
 def table_html(table: pd.DataFrame, index: bool = False) -> str:
-    return table.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="")
+    return table.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="n/a")
 
 
 def metrics_html(metrics: pd.DataFrame) -> str:
@@ -63,7 +63,7 @@ def metrics_html(metrics: pd.DataFrame) -> str:
         if low in metrics:
             value = metrics.at["ensemble", column]
             shown.at["ensemble", column] = f"{value:.3f} [{metrics.at['ensemble', low]:.3f}, {metrics.at['ensemble', high]:.3f}]"
-    return shown.to_html(float_format=lambda v: f"{v:.3f}", na_rep="")
+    return shown.to_html(float_format=lambda v: f"{v:.3f}", na_rep="n/a")
 
 
 def provenance(config: dict) -> str:

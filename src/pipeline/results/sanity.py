@@ -113,11 +113,13 @@ def summary(randomisation: pd.DataFrame, fold_means: dict[str, list[np.ndarray]]
     rows = []
     for method in fold_means:
         own = randomisation[randomisation["method"] == method]
-        full = own.loc[own["blocks_randomised"] == own["of_blocks"], "spearman"].mean()
-        top = own.loc[own["blocks_randomised"] == 1, "spearman"].mean()
+        values = pd.to_numeric(own.loc[own["blocks_randomised"] == own["of_blocks"], "spearman"], errors="coerce")
+        full = values.mean()
+        top = pd.to_numeric(own.loc[own["blocks_randomised"] == 1, "spearman"], errors="coerce").mean()
         pairs = [correlation(a, b, brain) for a, b in itertools.combinations(fold_means[method], 2)]
         consistency = float(np.nanmean(pairs)) if pairs and not np.all(np.isnan(pairs)) else float("nan")
         rows.append({"method": method, "random_top_block_spearman": top, "random_model_spearman": full,
+                     "random_model_undefined": int(values.isna().sum()),
                      "random_verdict": sanity_verdict(full), "fold_consistency_r": consistency,
                      "consistency_verdict": consistency_verdict(consistency, len(fold_means[method]))})
     return pd.DataFrame(rows)
@@ -125,12 +127,15 @@ def summary(randomisation: pd.DataFrame, fold_means: dict[str, list[np.ndarray]]
 
 def study_tables(fold_dirs: list[Path], methods: list[str], brain: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(each method's mean rank correlation per cascade step over the folds' checked images, the
-    per-method ``summary``) from the folds' ``randomisation.tsv`` and group mean maps."""
+    per-method ``summary``) from the folds' ``randomisation.tsv`` and group mean maps. Undefined
+    correlations (``n/a``: a constant map) are skipped and counted (``undefined``); a step with
+    none defined has no mean, and its verdict says "not checked"."""
     randomisation = pd.concat([read_tsv(d / "randomisation.tsv").assign(fold=d.name) for d in fold_dirs],
                               ignore_index=True)
     steps = (randomisation.groupby(["method", "blocks_randomised", "of_blocks", "from_block"], sort=False)["spearman"]
-             .agg(["mean", "min", "max", "count"]).reset_index()
+             .agg(["mean", "min", "max", "count", "size"]).reset_index()
              .rename(columns={"mean": "spearman", "min": "spearman_min", "max": "spearman_max", "count": "images"}))
+    steps["undefined"] = steps.pop("size") - steps["images"]  # a constant map has no rank correlation
     fold_means = {m: [np.asarray(nib.load(group_map(str(d), m, "mean")).dataobj) for d in fold_dirs] for m in methods}
     return steps, summary(randomisation, fold_means, brain)
 
