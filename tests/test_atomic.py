@@ -86,3 +86,20 @@ def test_no_stage_writes_around_atomic():
                 if "atomic." not in context and "fileobj=buffer" not in code and '"xb"' not in code:
                     offenders.append(f"{module.name}:{number + 1}: {line.strip()}")
     assert offenders == [], "write these through pipeline.common.atomic:\n" + "\n".join(offenders)
+
+
+def test_files_get_the_mode_of_a_plain_open_even_from_writers_that_restrict_it(tmp_path):
+    """safetensors creates 0600 files; through atomic they get 0666 less the umask, like open()."""
+    import os
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic.path(tmp_path / "w.safetensors") as tmp:
+        save_file({"w": torch.zeros(2)}, tmp)
+    atomic.write_text(tmp_path / "t.txt", "x")
+    old = os.umask(0o022)
+    os.umask(old)
+    for name in ("w.safetensors", "t.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~old

@@ -45,8 +45,17 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp``'s data, rename it over ``final`` and fsync the folder."""
+    """fsync ``tmp``'s data, give it the mode a plain ``open`` would (0666 less the umask: some
+    writers, safetensors among them, create 0600 files that colleagues on a shared folder cannot
+    read), rename it over ``final`` and fsync the folder."""
+    os.chmod(tmp, 0o666 & ~umask())
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
