@@ -344,3 +344,12 @@ def test_cli_writes_manifest_report_and_targets(small_bids, tmp_path):
     assert json.loads((out / "t.json").read_text()) == {"target": "group", "task": "classification",
                                                         "source": "participants.tsv", "classes": ["control", "patient"]}
     assert tree_digest(small_bids) == before
+
+
+def test_regression_on_a_text_column_says_to_classify_instead_of_a_traceback(tmp_path):
+    from conftest import write_bids
+
+    rows = [{"participant_id": f"sub-0{i}", "group": "ab"[i % 2]} for i in range(1, 5)]
+    root = write_bids(tmp_path / "bids", rows, {f"sub-0{i}": [""] for i in range(1, 5)})
+    with pytest.raises(InputError, match="(?s)not a number.*Every value of 'group' is text.*task: classification"):
+        ingest.ingest(root, "group", "regression")

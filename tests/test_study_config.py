@@ -59,3 +59,13 @@ def test_study_config_plans_a_whole_study(tmp_path):
     assert jobs["preprocess"] == "8" and jobs["qc"] == "1" and jobs["grid"] == "1"
     assert jobs["train"] == jobs["evaluate"] == jobs["explain"] == "5"
     assert {"exclusions", "split", "report", "package", "all"} <= set(jobs)
+
+
+def test_check_of_a_config_that_does_not_exist_is_a_message(tmp_path, capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as stopped:
+        configcheck.main([str(tmp_path / "nonexist.yaml")])
+    assert stopped.value.code != 0
+    error = capsys.readouterr().err
+    assert "nonexist.yaml: no such config file" in error and "Traceback" not in error

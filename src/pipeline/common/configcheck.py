@@ -84,6 +84,9 @@ def main(argv=None, cross: Iterable[Callable[[dict], list[str]]] = ()) -> None:
     parser.add_argument("--schema", type=Path, default=SCHEMA)
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
+        if not args.config.is_file():
+            raise InputError(f"{args.config}: no such config file. Start from config/study.yaml "
+                             "(a study on your own data) or config/config.yaml (the demo).")
         check(yaml.safe_load(args.config.read_text()) or {}, args.schema, cross)
     print(f"{args.config}: no problems")
 

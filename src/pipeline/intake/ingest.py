@@ -86,7 +86,7 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
 
     problems = image_problems([p for c in images for p in samples[c]], check_data, cache_dir, limits)
     for column in images:
-        reasons = samples[column].map(problems)
+        reasons = samples[column].map(problems).astype(str)  # text also when no sample is left
         bad = reasons != ""
         what = "" if column == "path" else f"{column.removeprefix('path_')} image: "
         report.append(report_rows(samples[bad], what + reasons[bad], path_column=column))
@@ -98,8 +98,11 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     if samples.empty:
         more = f"\n(and {len(report) - 20} more)" if len(report) > 20 else ""
         wanted = f" for target {target!r}" if target else ""
+        text = task == "regression" and len(report) and report["reason"].str.contains("is not a number").all()
+        hint = (f"\nEvery value of {target!r} is text: if it names classes, set `task: classification`."
+                if text else "")
         raise InputError(f"No usable image in {bids_dir}{wanted}; the exclusions:\n"
-                         f"{report.head(20).to_string()}{more}")
+                         f"{report.head(20).to_string()}{more}{hint}")
     manifest = samples.sort_values("image_id", ignore_index=True)
     classes = sorted(set(manifest[target])) if task == "classification" and target else None  # as pipeline.data encodes them
     targets = {"target": target, "task": task, "source": source["source"], "classes": classes}
