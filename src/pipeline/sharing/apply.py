@@ -46,6 +46,11 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
     package's label maps are then scored against it; its ``labels`` default to the package's);
     ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false)."""
+    refusals = recipe.unproducible(pkg.recipe)
+    if refusals:
+        raise InputError(f"Package {pkg.folder} expects input this pipeline's preprocessing cannot make "
+                         f"({'; '.join(refusals)}). Prepare the images as its model card says and run it outside "
+                         "the workflow, or import it with an input declaration this pipeline can make.")
     explain = dict(pkg.spec["explain"] or {})
     if methods and pkg.spec["explain"] is None:
         raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "

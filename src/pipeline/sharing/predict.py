@@ -105,7 +105,7 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     """One HTML page: the package, the predictions, group maps, QC images and provenance."""
     from pipeline.results.report import embed_png, provenance, table_html
 
-    spec, test = pkg.spec, pkg.metrics["test"]["ensemble"]
+    spec, test = pkg.spec, pkg.metrics["test"].get("ensemble", {})
     segmentation = spec["task"] == "segmentation"
     headline = {"classification": "roc_auc", "segmentation": "dice_mean"}.get(spec["task"], "mae")
     table = read_tsv(predictions)
@@ -114,8 +114,9 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     sections = [
         f"<h1>{what} by {html.escape(name)}</h1>",
         f"<p>{len(table)} images of {table['participant_id'].nunique()} participants; the {html.escape(spec['ensemble'])} "
-        f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. The package's own "
-        f"test-set {headline}: {test[headline]:.3f}.</p>",
+        f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. "
+        + (f"The package's own test-set {headline}: {test[headline]:.3f}.</p>" if headline in test else
+           "The package was imported: no test metrics of its own (see its model card's parity check).</p>"),
         *(["<h2>Label maps (template and native grid)</h2>", table_html(table)] if segmentation
           else ["<h2>Predictions</h2>", table_html(table)]),
         *([] if segmentation else ["<h2>Explanation maps (template space, mean over folds and images)</h2>"]),
