@@ -115,9 +115,15 @@ def test_sfcn_in_its_authors_layout_imports_with_parity_and_predicts_the_expecte
 def test_the_command_table_runs_import_and_it_refuses_an_occupied_folder(sfcn_package, capsys):
     tmp, *_ = sfcn_package
     assert COMMANDS["import"][0] == "pipeline.sharing.importer"
+    command = [str(tmp / "run_20190719_00_epoch_best_mae.p"), "--architecture", "sfcn_peng", "--arch-args",
+               json.dumps({"channels": WIDTHS}), "--voxel-size", "6", "--shape", "32", "32", "32", "--output", "bins",
+               "--bin-range", "42", "82", "1", "--target", "age", "--license", "MIT", "--intensity", "mean"]
+    main([*command, "--out", str(tmp / "cli")])
+    spec = package.load(tmp / "cli").spec
+    assert spec["output"]["bins"] == BINS and spec["target"] == "age" and spec["license"] == "MIT"
+    assert "apply will refuse this package" in capsys.readouterr().err  # --intensity mean: not made here
     with pytest.raises(SystemExit) as stop:
-        main([str(tmp / "run_20190719_00_epoch_best_mae.p"), "--out", str(tmp / "package"), "--architecture",
-              "sfcn_peng", "--voxel-size", "6", "--shape", "32", "32", "32", "--output", "bins", "--bin-range", "42", "82", "1"])
+        main([*command, "--out", str(tmp / "package")])
     assert stop.value.code == 2 and "not empty" in capsys.readouterr().err
 
 
@@ -147,8 +153,16 @@ def test_the_predict_stage_of_apply_writes_the_expected_age(sfcn_package, tmp_pa
     np.save(array, x[0].numpy())
     table = __import__("pandas").DataFrame({"participant_id": ["sub-01"], "session": [""], "image_id": ["sub-01"],
                                             "array": [str(array)]})
-    predictions = predict_folds(package.load(tmp / "package"), table, tmp_path / "predict", tmp_path / "predictions.tsv")
+    pkg = package.load(tmp / "package")
+    predictions = predict_folds(pkg, table, tmp_path / "predict", tmp_path / "predictions.tsv")
     assert np.isclose(predictions["predicted"][0], package_output(tmp / "package", x)[1][0], atol=1e-4)
+    from pipeline.sharing.predict import build_report, fold_mean_maps
+    from pipeline.results.attribution import settings_of
+
+    maps = fold_mean_maps(pkg, x, ["gradient", "gradcam"], settings_of(pkg.spec["explain"]), None)
+    assert maps["gradcam"].shape == tuple(GRID) and np.abs(maps["gradient"]).sum() > 0
+    page = build_report(pkg, "lab/sfcn:1", tmp_path / "predictions.tsv", tmp_path, [], [], {}, tmp_path / "report.html")
+    assert "imported: no test metrics of its own" in page.read_text()
 
 
 def test_a_safetensors_folder_and_a_lightning_checkpoint_import_with_parity(tmp_path):
@@ -302,3 +316,47 @@ def test_the_registry_refuses_a_licence_that_forbids_sharing_and_an_import_witho
         with pytest.raises(InputError, match=message):
             registry.register(tmp_path / name, f"lab/{name}", str(where))
     assert not where.exists() or not any(where.rglob("*"))
+
+
+def test_user_code_and_a_segmentation_network_import_and_label_as_their_source(tmp_path, monkeypatch):
+    (tmp_path / "labnets.py").write_text(
+        "from monai.networks.nets import BasicUNet\n\n"
+        "def tiny_unet(classes=3):\n"
+        "    return BasicUNet(spatial_dims=3, in_channels=1, out_channels=classes, features=(2, 2, 2, 2, 2, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from labnets import tiny_unet
+
+    source = trained_like(tiny_unet(), seed=5)
+    torch.save({"model": source.state_dict(), "optimizer": {"lr": torch.tensor(0.1)}}, tmp_path / "unet.pth")
+    x_path, y_path, x = reference(tmp_path, source, (1, *GRID))
+    spec = import_package(tmp_path / "unet.pth", tmp_path / "package", {"factory": "labnets:tiny_unet",
+                          "kwargs": {"classes": 3}}, INPUTS,
+                          {"type": "labels", "classes": ["background", "grey", "white"]}, TERMS,
+                          reference=(x_path, y_path), target="tissue")
+    written = json.loads((tmp_path / "package" / "spec.json").read_text())
+    assert written["task"] == "segmentation" and written["labels"] == {"0": "background", "1": "grey", "2": "white"}
+    assert spec["source"]["user_code"] and "**user code**" in (tmp_path / "package" / "model_card.md").read_text()
+    with torch.no_grad():
+        ours = package_model(package.load(tmp_path / "package"), "fold-1")(x).numpy()
+        assert np.abs(ours - source(x).numpy()).max() <= 1e-4
+    assert spec["onnx"]["max_abs_difference"] <= 1e-4
+
+
+def test_the_apply_workflow_plans_an_imported_package(sfcn_package, small_bids, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.sharing.apply import SNAKEFILE, apply_config
+
+    tmp, *_ = sfcn_package
+    config = apply_config(small_bids, tmp_path / "out", package.load(tmp / "package"), "lab/sfcn:1", ["01"], None)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path / "out"),
+                          "--configfile", str(tmp_path / "config.yaml"), "--cores", "1", "-n"],
+                         capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "predict_maps" in run.stdout and "predict_report" in run.stdout

@@ -172,19 +172,22 @@ def declared_recipe(inputs: dict) -> dict:
     return made
 
 
-def gradcam_layer(network: nn.Module, x: torch.Tensor) -> str | None:
-    """The last module whose output is a feature map of more than one voxel (Grad-CAM's layer)."""
+def run_noting_feature_maps(network: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, str | None]:
+    """The network's output on ``x``, and the last module whose output is a feature map of more
+    than one voxel (Grad-CAM's layer), noted on the same pass."""
     found, hooks = [], []
     for name, module in network.named_modules():
         if name and not list(module.children()):
             hooks.append(module.register_forward_hook(
                 lambda m, i, o, name=name: found.append(name) if torch.is_tensor(o) and o.dim() == x.dim()
                 and o.shape[2:].numel() > 1 else None))
-    with torch.no_grad():
-        network(x)
-    for hook in hooks:
-        hook.remove()
-    return found[-1] if found else None
+    try:
+        with torch.no_grad():
+            out = network(x).numpy()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out, (found[-1] if found else None)
 
 
 def reference_input(path: Path | None, shape: list[int], seed: int = 0) -> torch.Tensor:
@@ -242,12 +245,10 @@ def import_package(source: Path, out_dir: Path, network: dict, inputs: dict, out
         write_tensors(folder, fitted, shape)
         segmentation = coder.task == "segmentation"
         model = rebuild(architecture, shape[0], coder.outputs, None, package_state(folder), segmentation)
-        with torch.no_grad():
-            ours = model(x).numpy()
-            loaded = built.eval()(x).numpy()
-        parity = parity_entry(ours, loaded, reference[1], found["source_forward"], x, kind)
+        ours, layer = run_noting_feature_maps(model, x)
+        parity = parity_entry(ours, built.eval(), reference[1], found["source_forward"], x, kind)
         spec = write_documents(folder, source, kind, architecture, coder, shape, inputs, output, terms, target,
-                               parity, prefix, mapping, found, model if segmentation else built, x)
+                               parity, prefix, mapping, found, model if segmentation else built, layer)
         spec["onnx"] = write_onnx(folder, model, built, coder, x, Path(tmp))
         spec["import_seconds"] = round(time.perf_counter() - started, 2)
         atomic.write_text(folder / package.SPEC, json.dumps(spec, indent=2) + "\n")
@@ -280,8 +281,9 @@ def write_tensors(folder: Path, state: dict, shape: list[int]) -> None:
         save_file({FOLD: torch.zeros(shape)}, tmp)
 
 
-def parity_entry(ours, loaded, reference_output: Path | None, source_forward, x, kind: str) -> dict:
-    """The parity figure against the best reference there is; InputError above ``TOLERANCE``."""
+def parity_entry(ours, built: nn.Module, reference_output: Path | None, source_forward, x, kind: str) -> dict:
+    """The parity figure against the best reference there is (``built``: the network the source's
+    weights were loaded into, the last resort); InputError above ``TOLERANCE``."""
     if reference_output is not None:
         theirs, against = np.load(reference_output, allow_pickle=False), f"--reference-output {reference_output.name}"
     else:
@@ -289,20 +291,22 @@ def parity_entry(ours, loaded, reference_output: Path | None, source_forward, x,
         against = {"bundle": "MONAI's bundle network (ConfigParser on the bundle's inference config)",
                    "keras": "the Keras model's own forward pass (Keras 3, torch backend)"}.get(kind)
         if theirs is None:
-            theirs, against = loaded, "the network the source's weights were loaded into (no independent reference: " \
-                                      "give --reference-output)"
+            with torch.no_grad():
+                theirs = built(x).numpy()
+            against = ("the network the source's weights were loaded into (no independent reference: "
+                       "give --reference-output)")
     difference = compare(ours, theirs, against)
     if not np.isfinite(difference) or difference > TOLERANCE:
         raise InputError(f"The imported package differs from {against} by {difference:.3g} on the reference input "
                          f"(tolerance {TOLERANCE}): it does not compute what the source computes. Check the "
                          "declared input shape, the network's arguments and the mapping's layouts.")
     return {"max_abs_difference": difference, "against": against, "tolerance": TOLERANCE,
-            "reference_input": f"one image {list(x.shape[1:])}", "independent": against != kind and "no independent" not in against}
+            "reference_input": f"one image {list(x.shape[1:])}", "independent": "no independent" not in against}
 
 
 def write_documents(folder: Path, source: Path, kind: str, architecture: dict, coder: TargetCoder, shape: list[int],
                     inputs: dict, output: dict, terms: dict, target: str, parity: dict, prefix: str,
-                    mapping: Path | None, found: dict, network: nn.Module, x: torch.Tensor) -> dict:
+                    mapping: Path | None, found: dict, network: nn.Module, layer: str | None) -> dict:
     """spec.json, preprocessing.json, normalisation.json, metrics.json and the grid; returns the spec."""
     from pipeline.intake.grid import write_grid
 
@@ -311,7 +315,7 @@ def write_documents(folder: Path, source: Path, kind: str, architecture: dict, c
     explain = None
     if not segmentation:
         explain = resolved(["explain"], {})
-        explain["gradcam_layer"] = gradcam_layer(network, x) or explain["gradcam_layer"]
+        explain["gradcam_layer"] = layer or explain["gradcam_layer"]
     spec = {
         "format": package.FORMAT, "format_version": package.FORMAT_VERSION,
         "architecture": architecture, "sampler": None, "task": coder.task, "target": target,
