@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.__main__ import COMMANDS
 from pipeline.common.errors import InputError
+from pipeline.intake import brainmask, recipe
 from pipeline.learning.saved import package_coder, package_model
 from pipeline.sharing import package, registry
 from pipeline.sharing.importer import import_package, main
@@ -293,7 +294,8 @@ def test_an_input_this_pipeline_cannot_make_is_refused_by_apply_naming_the_diffe
     from pipeline.sharing.apply import apply_config
 
     tmp, *_ = sfcn_package
-    declared = {**INPUTS, "space": "MNI152Lin", "intensity": "mean", "crop": "11:171,13:205,0:160"}
+    declared = {**INPUTS, "space": "MNI152Lin", "intensity": "mean", "crop": "11:171,13:205,0:160",
+                "brain_extraction": "bet"}
     import_package(tmp / "run_20190719_00_epoch_best_mae.p", tmp_path / "sfcn", {"name": "sfcn_peng",
                    "args": {"channels": WIDTHS}}, declared, {"type": "bins", "bins": BINS}, TERMS)
     pkg = package.load(tmp_path / "sfcn")
@@ -301,6 +303,7 @@ def test_an_input_this_pipeline_cannot_make_is_refused_by_apply_naming_the_diffe
         apply_config(tmp_path, tmp_path / "out", pkg, "lab/sfcn", [], None)
     text = str(refused.value)
     assert "space: the model expects MNI152Lin" in text and "divide by the mean" in text and "crop" in text
+    assert "brain extraction: the model expects bet" in text and recipe.BRAIN_EXTRACTIONS == brainmask.METHODS
     assert "cannot make this input" in (tmp_path / "sfcn" / "model_card.md").read_text()
     assert apply_config(tmp_path, tmp_path / "out", package.load(tmp / "package"), "lab/sfcn", [], None)["preprocess"][
         "shape"] == GRID

@@ -79,7 +79,7 @@ def layer_list(config: dict, path: Path) -> list[dict]:
     return [layer for layer in layers if layer["class_name"] != "InputLayer"]
 
 
-def port_layer(layer: dict, channels: int, path: Path) -> tuple[dict, int]:
+def port_layer(layer: dict, channels: int, path: Path, rank: int = 5) -> tuple[dict, int]:
     """One Keras layer as a ``pipeline.learning.ported`` description; the channels after it."""
     kind, c = layer["class_name"], layer["config"]
     name = c["name"]
@@ -96,7 +96,7 @@ def port_layer(layer: dict, channels: int, path: Path) -> tuple[dict, int]:
                  "activation": activation(c, name, path)}, c["units"])
     if kind == "BatchNormalization":
         axis = c["axis"][0] if isinstance(c["axis"], list) else c["axis"]
-        if axis != -1:
+        if axis not in (-1, rank - 1):  # Keras 2 files record the channel axis by its number
             raise InputError(f"{path}: BatchNormalization {name} normalises axis {axis}; only the channel axis (-1).")
         return ({"name": name, "type": "batchnorm", "channels": channels, "eps": c["epsilon"],
                  "momentum": 1.0 - c["momentum"], "center": c["center"], "scale": c["scale"]}, channels)
@@ -143,13 +143,16 @@ def port(path: Path) -> dict:
     """{layers (description), state (PyTorch layout), input_shape (C, *spatial), config} of a Keras file."""
     config, weights = read(path)
     keras_layers = layer_list(config, path)
-    build = config.get("config", {}).get("build_input_shape") or keras_layers[0].get("build_config", {}).get("input_shape")
+    raw = config.get("config", {}).get("layers", [])
+    shapes = [config.get("config", {}).get("build_input_shape"), keras_layers[0].get("build_config", {}).get("input_shape"),
+              *(layer["config"].get(key) for layer in raw for key in ("batch_shape", "batch_input_shape"))]
+    build = next((shape for shape in shapes if shape), None)  # Keras 3's, then Keras 2's InputLayer
     if not build or any(n is None for n in build[1:]):
         raise InputError(f"{path}: the model's input shape {build} is not fixed; save it built on a fixed shape.")
     input_shape = [build[-1], *build[1:-1]]
     described, channels = [], input_shape[0]
     for layer in keras_layers:
-        entry, channels = port_layer(layer, channels, path)
+        entry, channels = port_layer(layer, channels, path, len(build))
         described.append(entry)
     described = flatten_width(described, input_shape)
     state = {}
