@@ -363,3 +363,10 @@ def test_the_apply_workflow_plans_an_imported_package(sfcn_package, small_bids, 
                          capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "predict_maps" in run.stdout and "predict_report" in run.stdout
+
+
+def test_a_declared_output_that_does_not_match_the_networks_is_refused(tmp_path):
+    folder = write_bundle(tmp_path / "bundle", None)
+    with pytest.raises(InputError, match=r"network gives \(1, 2\).*declared output has 3 \(logits"):
+        import_package(folder, tmp_path / "package", {}, INPUTS, {"type": "logits", "classes": ["a", "b", "c"]}, TERMS)
+    assert not (tmp_path / "package").exists() and leftovers(tmp_path) == []

@@ -78,7 +78,7 @@ def source_kind(source: Path) -> str:
     return kinds[suffix]
 
 
-def read_source(source: Path, kind: str, network: dict, channels: int, outputs: int, workdir: Path) -> dict:
+def read_source(source: Path, kind: str, network: dict, workdir: Path) -> dict:
     """{state, architecture, network description, source_forward (x → output, or None), extra}."""
     found = {"extra": {}, "source_forward": None}
     if kind == "bundle":
@@ -221,7 +221,7 @@ def import_package(source: Path, out_dir: Path, network: dict, inputs: dict, out
     kind = source_kind(source)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        found = read_source(source, kind, network, len(inputs["channels"]), 0, Path(tmp) / "source")
+        found = read_source(source, kind, network, Path(tmp) / "source")
         if kind == "bundle" and "classes" not in output and found["extra"]["outputs"].get("classes"):
             output = {**output, "classes": found["extra"]["outputs"]["classes"]}
         coder = coder_of(output)
@@ -246,6 +246,10 @@ def import_package(source: Path, out_dir: Path, network: dict, inputs: dict, out
         segmentation = coder.task == "segmentation"
         model = rebuild(architecture, shape[0], coder.outputs, None, package_state(folder), segmentation)
         ours, layer = run_noting_feature_maps(model, x)
+        if ours.ndim < 2 or ours.shape[1] != coder.outputs:
+            raise InputError(f"{source}: the network gives {tuple(ours.shape)} (batch, outputs, …), but the declared "
+                             f"output has {coder.outputs} ({output['type']}, {coder.classes or coder.bins or 'one value'}): "
+                             "declare as many classes, labels or bins as the network has outputs.")
         parity = parity_entry(ours, built.eval(), reference[1], found["source_forward"], x, kind)
         spec = write_documents(folder, source, kind, architecture, coder, shape, inputs, output, terms, target,
                                parity, prefix, mapping, found, model if segmentation else built, layer)
