@@ -186,28 +186,23 @@ def test_a_safetensors_folder_and_a_lightning_checkpoint_import_with_parity(tmp_
     assert spec["source"]["prefix_stripped"] == "model."
 
 
-def write_bundle(root: Path, network: nn.Module) -> Path:
-    """A MONAI bundle made with MONAI's own tools: its config parsed by ConfigParser, weights saved by torch."""
+def write_bundle(root: Path, network: nn.Module | None = None) -> Path:
+    """A MONAI bundle made with MONAI's own tools: ``init_bundle`` with MONAI's default inference config
+    (its `$` expressions included) around a DenseNet ``network_def`` with references, and its weights."""
     from monai.bundle import ConfigParser
+    from monai.bundle.scripts import DEFAULT_INFERENCE, DEFAULT_METADATA, init_bundle
 
-    root.mkdir()
-    (root / "configs").mkdir()
-    (root / "models").mkdir()
-    inference = {"spatial_dims": 3, "classes": 2,
+    inference = {**DEFAULT_INFERENCE, "spatial_dims": 3, "classes": 2,
                  "network_def": {"_target_": "DenseNet", "spatial_dims": "@spatial_dims", "in_channels": 1,
                                  "out_channels": "@classes", "init_features": 4, "growth_rate": 2,
                                  "block_config": [1, 1], "bn_size": 1}}
-    (root / "configs" / "inference.json").write_text(json.dumps(inference))
-    metadata = {"version": "0.1.0", "network_data_format": {
+    metadata = {**DEFAULT_METADATA, "network_data_format": {
         "inputs": {"image": {"type": "image", "num_channels": 1, "spatial_shape": GRID}},
         "outputs": {"pred": {"type": "probabilities", "format": "classification", "num_channels": 2,
                              "channel_def": {"0": "control", "1": "patient"}}}}}
-    (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
-    built = trained_like(parser.get_parsed_content("network_def"), seed=2)
-    network.load_state_dict(built.state_dict()) if network is not None else None
-    torch.save(built.state_dict(), root / "models" / "model.pt")
+    parser = ConfigParser(inference)
+    network = network or trained_like(parser.get_parsed_content("network_def"), seed=2)
+    init_bundle(str(root), network=network, metadata_str=metadata, inference_str=inference)
     return root
 
 
