@@ -282,7 +282,13 @@ def test_bad_checkpoints_get_one_clear_message_and_leave_nothing(tmp_path):
     (tmp_path / "cut.pth").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(InputError, match="not a readable PyTorch checkpoint: truncated or corrupt"):
         import_package(tmp_path / "cut.pth", tmp_path / "e", sfcn, INPUTS, bins, TERMS)
-    assert not any((tmp_path / n).exists() for n in "abcde") and leftovers(tmp_path) == []
+    from safetensors.torch import save_file
+
+    save_file(source.state_dict(), tmp_path / "whole.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "whole.safetensors").read_bytes()[:3000])
+    with pytest.raises(InputError, match="cut.safetensors is not a readable safetensors file: truncated"):
+        import_package(tmp_path / "cut.safetensors", tmp_path / "f", sfcn, INPUTS, bins, TERMS)
+    assert not any((tmp_path / n).exists() for n in "abcdef") and leftovers(tmp_path) == []
 
 
 def test_an_input_this_pipeline_cannot_make_is_refused_by_apply_naming_the_difference(sfcn_package, tmp_path):

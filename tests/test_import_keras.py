@@ -73,3 +73,6 @@ def test_a_keras_model_declared_on_another_grid_or_with_an_unported_layer_is_ref
     with pytest.raises(InputError, match=r"up.h5: layer up_sampling3d .*UpSampling3D.* has no PyTorch port"):
         import_package(tmp_path / "up.h5", tmp_path / "b", {}, INPUTS, {"type": "scalar"}, {})
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    (tmp_path / "cut.h5").write_bytes((tmp_path / "model.h5").read_bytes()[:5000])
+    with pytest.raises(InputError, match="cut.h5 is not a readable Keras model file: truncated or corrupt"):
+        import_package(tmp_path / "cut.h5", tmp_path / "c", {}, INPUTS, {"type": "scalar"}, {})
