@@ -160,6 +160,11 @@ def test_the_predict_stage_of_apply_writes_the_expected_age(sfcn_package, tmp_pa
     from pipeline.sharing.predict import build_report, fold_mean_maps
     from pipeline.results.attribution import settings_of
 
+    from pipeline.sharing.predict import predicting_expected_value
+
+    model = predicting_expected_value(package_model(pkg, "fold-1"), package_coder(pkg, "fold-1"))
+    with torch.no_grad():
+        assert np.isclose(float(model(x)), predictions["predicted"][0], atol=1e-4)  # maps explain the age itself
     maps = fold_mean_maps(pkg, x, ["gradient", "gradcam"], settings_of(pkg.spec["explain"]), None)
     assert maps["gradcam"].shape == tuple(GRID) and np.abs(maps["gradient"]).sum() > 0
     page = build_report(pkg, "lab/sfcn:1", tmp_path / "predictions.tsv", tmp_path, [], [], {}, tmp_path / "report.html")

@@ -63,6 +63,17 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
     return combined
 
 
+def predicting_expected_value(model: torch.nn.Module, coder) -> torch.nn.Module:
+    """A soft-label bins network (an imported SFCN) made to output its prediction, the expected value
+    over the bins (B, 1), so its maps explain the predicted value rather than the first bin; module
+    names stay as they are (Grad-CAM's layer). Other networks are returned as they are."""
+    if coder.bins:
+        centres = torch.tensor(coder.bins, dtype=torch.float32)
+        model.register_forward_hook(
+            lambda module, inputs, out: (torch.softmax(out, dim=1) * centres.to(out.device)).sum(1, keepdim=True))
+    return model
+
+
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
                    target_class: str | None, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (all
@@ -71,6 +82,7 @@ def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], se
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
         model, coder = package_model(pkg, fold, device), package_coder(pkg, fold)
+        model = predicting_expected_value(model, coder)
         target = target_index(model, x, coder, target_class)
         maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold),
                             classification=coder.task == "classification")  # Grad-CAM's ReLU: as the study's
