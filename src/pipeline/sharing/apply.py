@@ -169,6 +169,7 @@ def main(argv=None) -> None:
         pkg = package.load(folder)
         config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
                               args.session_label, args.label_image, not args.skip_bids_validation)
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # a package folder on disk creates nothing in it before
     config_file = args.output_dir / "config.yaml"
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
