@@ -376,3 +376,18 @@ def test_a_declared_output_that_does_not_match_the_networks_is_refused(tmp_path)
     with pytest.raises(InputError, match=r"network gives \(1, 2\).*declared output has 3 \(logits"):
         import_package(folder, tmp_path / "package", {}, INPUTS, {"type": "logits", "classes": ["a", "b", "c"]}, TERMS)
     assert not (tmp_path / "package").exists() and leftovers(tmp_path) == []
+
+
+def test_apply_runs_an_imported_package_folder_into_a_new_output_folder(sfcn_package, small_bids, tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.sharing import apply as apply_cli
+
+    tmp, *_ = sfcn_package
+    calls = []
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: calls.append(args) or 0)
+    with pytest.raises(SystemExit) as done:
+        apply_cli.main([str(small_bids), str(tmp_path / "new" / "out"), "participant", "--model", str(tmp / "package")])
+    assert done.value.code == 0 and len(calls) == 1
+    config = yaml.safe_load((tmp_path / "new" / "out" / "config.yaml").read_text())
+    assert config["preprocess"]["shape"] == GRID and config["apply"]["package"] == str((tmp / "package").resolve())
