@@ -7,6 +7,7 @@ from pipeline.learning.models import REGISTRY, build_model, main, recorded_args,
 SMALL = {
     "simple_cnn": {"channels": (4, 8), "dropout": 0.0},
     "sfcn": {"channels": (4, 4, 8, 8, 8, 4), "dropout": 0.0},
+    "sfcn_peng": {"channels": (4, 4, 8, 8, 8, 4), "dropout": 0.0},
     "alexnet": {"channels": (4, 8, 8, 8, 8), "dense": 16},
     "vgg": {"channels": (4, 8, 8, 8, 8), "convs": (1, 1, 2, 2, 2), "dense": 16},
     "resnet10": {"widths": (4, 8, 8, 8)},
@@ -17,7 +18,7 @@ SMALL = {
 SHAPE = {2: (32, 32), 3: (16, 16, 16)}
 # DenseNet and SFCN halve the grid five times; the U-Net's bottom level needs > 1 voxel.
 SHAPE_OF = {name: {2: (32, 32), 3: shape} for name, shape in
-            [("densenet121", (32, 32, 32)), ("sfcn", (32, 32, 32)), ("unet", (32, 16, 16))]}
+            [("densenet121", (32, 32, 32)), ("sfcn", (32, 32, 32)), ("sfcn_peng", (32, 32, 32)), ("unet", (32, 16, 16))]}
 
 
 def test_every_registered_model_has_small_test_settings():

@@ -10,6 +10,8 @@
                                                  a model package on new images (python -m pipeline.apply)
     bids-deepstudy register PACKAGE --name N     put a package into the registry
     bids-deepstudy fetch NAME [--out DIR]        get one (python -m pipeline.registry)
+    bids-deepstudy import SOURCE --out DIR [...] a model trained elsewhere as a package
+                                                 (python -m pipeline.sharing.importer)
 
 ``COMMAND --help`` shows each one's options. Snakemake and every job run on the interpreter this
 package is installed in (its bin folder first on PATH), so the environment needs no activating.
@@ -29,6 +31,7 @@ COMMANDS = {
     "apply": ("pipeline.sharing.apply", []),
     "register": ("pipeline.sharing.registry", ["register"]),
     "fetch": ("pipeline.sharing.registry", ["fetch"]),
+    "import": ("pipeline.sharing.importer", []),
 }
 
 

@@ -93,6 +93,10 @@ def package_documents(folder):
     except (OSError, ValueError) as exc:
         raise ValueError(f"apply.package {folder} is not a readable model package ({exc}); fetch one with "
                          "python -m pipeline.registry fetch, or run python -m pipeline.apply.") from exc
+    refusals = recipe.unproducible(package_recipe)
+    if refusals:
+        raise ValueError(f"apply.package {folder} expects input this pipeline's preprocessing cannot make: "
+                         f"{'; '.join(refusals)}.")
     differences = recipe.mismatches(package_recipe, RECIPE)
     if differences:
         raise ValueError(f"config `preprocess`/`channels` differ from the recipe of apply.package {folder}: "

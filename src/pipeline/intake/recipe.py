@@ -115,6 +115,34 @@ def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
     }
 
 
+INTENSITIES = {"zscore": "per image and channel: z-score inside the template brain mask, 0 outside",
+               "mean": "per image: divide by the mean intensity (SFCN's)",
+               "minmax": "per image: scale to [0, 1] (min-max)"}
+
+
+BRAIN_EXTRACTIONS = ("none", "deepbet", "derivatives")  # config preprocess.brain_extraction (intake.brainmask.METHODS)
+
+
+def unproducible(recipe: dict) -> list[str]:
+    """What of a (declared, imported) recipe this pipeline's preprocessing cannot make, one line
+    each (empty: it makes exactly that input): another template space, a cropped grid, another
+    brain extraction method or intensity normalisation than ours."""
+    problems = []
+    if recipe.get("space", SPACE) != SPACE:
+        problems.append(f"space: the model expects {recipe['space']}, this pipeline registers to {SPACE}")
+    if recipe.get("crop"):
+        problems.append(f"crop: the model expects the crop {recipe['crop']} of its template grid, this pipeline "
+                        f"makes a grid of shape {recipe.get('shape')} centred on the brain")
+    if recipe.get("brain_extraction", "none") not in BRAIN_EXTRACTIONS:
+        problems.append(f"brain extraction: the model expects {recipe['brain_extraction']}, this pipeline offers "
+                        f"{', '.join(BRAIN_EXTRACTIONS)}")
+    intensity = recipe.get("intensity", "zscore")
+    if intensity != "zscore":
+        problems.append(f"intensity: the model expects {INTENSITIES.get(intensity, intensity)}, this pipeline "
+                        f"makes {INTENSITIES['zscore']}")
+    return problems
+
+
 def config_keys(recipe: dict) -> dict:
     """The config keys (``preprocess``, ``channels``, ``bids_filters``) that reproduce ``recipe``."""
     keys = ("resolution", "shape", "transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain_extraction",

@@ -11,10 +11,13 @@ from pipeline.common.errors import InputError
 
 class TargetCoder:
     """Maps target values to training labels and back: z-scores (regression) or class indices.
-    Segmentation: ``classes`` are the label names (index = label value), one network output each."""
+    Segmentation: ``classes`` are the label names (index = label value), one network output each.
+    ``bins`` (regression by soft-label bins, as SFCN; imported packages only): the bin centres in
+    target units, one output each; the prediction is the expected value over the bins."""
 
-    def __init__(self, task: str, classes: list[str] | None = None, mean: float = 0.0, std: float = 1.0):
-        self.task, self.classes, self.mean, self.std = task, classes, mean, std
+    def __init__(self, task: str, classes: list[str] | None = None, mean: float = 0.0, std: float = 1.0,
+                 bins: list[float] | None = None):
+        self.task, self.classes, self.mean, self.std, self.bins = task, classes, mean, std, bins
 
     @classmethod
     def fit(cls, task: str, train_values: pd.Series, classes: list[str] | None = None) -> "TargetCoder":
@@ -31,9 +34,13 @@ class TargetCoder:
 
     @property
     def outputs(self) -> int:
+        if self.bins:
+            return len(self.bins)
         return len(self.classes) if self.task in ("classification", "segmentation") else 1
 
     def encode(self, values) -> torch.Tensor:
+        if self.bins:
+            raise InputError("Training on soft-label bins is not supported: fine-tune with a new scalar head.")
         if self.task == "classification":
             index = {c: i for i, c in enumerate(self.classes)}
             return torch.tensor([index[str(v)] for v in values], dtype=torch.long)
@@ -43,7 +50,10 @@ class TargetCoder:
         """Network outputs (B, outputs) → predictions in target units, or class probabilities (B, K)."""
         if self.task == "classification":
             return torch.softmax(outputs.float(), dim=1).numpy()
+        if self.bins:  # probabilities (the softmax of logits or of log-probabilities) times the centres
+            return (torch.softmax(outputs.float(), dim=1) * torch.tensor(self.bins)).sum(1).numpy()
         return outputs.float().squeeze(1).numpy() * self.std + self.mean
 
     def state(self) -> dict:
-        return {"task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
+        state = {"task": self.task, "classes": self.classes, "mean": self.mean, "std": self.std}
+        return {**state, "bins": self.bins} if self.bins else state

@@ -48,7 +48,7 @@ def check_architecture(spec: dict, name: str, args: dict, channels: list[str], w
 
 
 def check_preprocessing(theirs: dict, ours: dict, where: Path) -> None:
-    differences = recipe.mismatches(theirs, ours)
+    differences = recipe.unproducible(theirs) + recipe.mismatches(theirs, ours)
     if differences:
         raise InputError(f"train.init_from: the package {where} was trained on differently prepared images "
                          f"({'; '.join(differences)}). Set the study's `preprocess` keys to the package's "

@@ -29,21 +29,24 @@ class ModelSpec:
 
 
 REGISTRY: dict[str, ModelSpec] = {}
+# Networks an imported package is rebuilt with (``pipeline.sharing.importer``): their definition
+# comes from the package, not from config, so they are no `train.model` choices.
+FOREIGN: dict[str, ModelSpec] = {}
 
 
-def register(name: str, description: str, dims=(2, 3), task: str = "image"):
-    """Decorator adding a network class or factory to the registry under ``name``."""
+def register(name: str, description: str, dims=(2, 3), task: str = "image", registry: dict | None = None):
+    """Decorator adding a network class or factory to the registry (or ``FOREIGN``) under ``name``."""
     def add(build):
-        REGISTRY[name] = ModelSpec(build, description, tuple(dims), task)
+        (REGISTRY if registry is None else registry)[name] = ModelSpec(build, description, tuple(dims), task)
         return build
     return add
 
 
 def build_model(name: str, in_channels: int, outputs: int, spatial_dims: int = 3, **kwargs) -> nn.Module:
     """Instantiate the registered network ``name`` for ``spatial_dims``-D inputs of ``in_channels``."""
-    if name not in REGISTRY:
+    spec = REGISTRY.get(name) or FOREIGN.get(name)
+    if spec is None:
         raise KeyError(f"Unknown model {name!r}; registered models: {', '.join(sorted(REGISTRY))}")
-    spec = REGISTRY[name]
     if spatial_dims not in spec.dims:
         raise ValueError(f"Model {name!r} supports {spec.dims}-D inputs, not {spatial_dims}-D")
     return spec.build(in_channels=in_channels, outputs=outputs, spatial_dims=spatial_dims, **kwargs)
@@ -168,6 +171,41 @@ class SFCN(nn.Module):
         return self.classifier(self.features(x)).flatten(1)
 
 
+@register("sfcn_peng", "SFCN in its authors' published PyTorch layout: log-probabilities over soft-label bins.")
+class PublishedSFCN(nn.Module):
+    """SFCN as Peng et al. published it (github.com/ha-ha-ha-han/UKBiobank_deep_pretrain), so their
+    state dicts load: ``feature_extractor.conv_0`` … ``conv_{n-2}`` are conv 3^d (bias) - BatchNorm -
+    2x max-pool - ReLU, ``conv_{n-1}`` a 1^d conv - BatchNorm - ReLU; ``classifier`` averages,
+    drops out and maps to ``outputs`` bins with ``conv_{n}`` (1^d). Returns (B, outputs)
+    log-probabilities (their log-softmax; their code returns it in a list, shaped (B, K, 1, 1, 1));
+    with one output (a fine-tuned regression head) the output itself.
+    Their fixed ``AvgPool3d([5, 6, 5])`` (for 160x192x160 inputs) is an adaptive average here:
+    the same on their grid, and any grid works. The paper's widths and 40 age bins are the defaults.
+    """
+
+    def __init__(self, in_channels: int = 1, outputs: int = 40, channels=(32, 64, 128, 256, 256, 64),
+                 dropout: float = 0.5, spatial_dims: int = 3):
+        super().__init__()
+        conv, maxpool, avgpool, batchnorm, _ = layers(spatial_dims)
+        self.feature_extractor = nn.Sequential()
+        widths = [in_channels, *channels]
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            if i < len(channels) - 1:
+                block = [conv(a, b, 3, padding=1), batchnorm(b), maxpool(2, stride=2), nn.ReLU()]
+            else:
+                block = [conv(a, b, 1, padding=0), batchnorm(b), nn.ReLU()]
+            self.feature_extractor.add_module(f"conv_{i}", nn.Sequential(*block))
+        self.classifier = nn.Sequential()
+        self.classifier.add_module("average_pool", avgpool(1))
+        if dropout:
+            self.classifier.add_module("dropout", nn.Dropout(dropout))
+        self.classifier.add_module(f"conv_{len(channels)}", conv(channels[-1], outputs, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.classifier(self.feature_extractor(x)).flatten(1)
+        return torch.log_softmax(out, dim=1) if out.shape[1] > 1 else out
+
+
 @register("alexnet", "AlexNet as in nitrain/ANTsPyNet: 5 convs (11-5-3-3-3), 3 max-pools, 2 dense layers.")
 class AlexNet(nn.Module):
     """AlexNet in ANTsPyNet's layout (which nitrain's ``fetch_architecture('alexnet')`` serves):
@@ -257,6 +295,63 @@ def unet(in_channels: int, outputs: int, spatial_dims: int = 3, features=(32, 32
 
     return BasicUNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=outputs,
                      features=tuple(features), **kwargs)
+
+
+BUNDLE_TARGETS = "monai."  # a bundle's network_def may only build MONAI's own classes
+
+
+def check_bundle_definition(definition, where: str = "network_def") -> None:
+    """ValueError unless ``definition`` builds MONAI classes only: every ``_target_`` a MONAI name
+    (``monai.…``, or a bare class name, which MONAI looks up among its own), no ``$`` expressions
+    (Python that the bundle parser would evaluate) and no ``@`` references left unresolved."""
+    if isinstance(definition, dict):
+        for key, value in definition.items():
+            if key == "_target_" and not (isinstance(value, str) and (value.startswith(BUNDLE_TARGETS)
+                                                                      or value.isidentifier())):
+                raise ValueError(f"{where}._target_ is {value!r}: only MONAI classes are built from a bundle")
+            check_bundle_definition(value, f"{where}.{key}")
+    elif isinstance(definition, list):
+        for i, value in enumerate(definition):
+            check_bundle_definition(value, f"{where}[{i}]")
+    elif isinstance(definition, str) and definition[:1] in ("$", "@", "%"):
+        raise ValueError(f"{where} is {definition!r}: expressions and references are not rebuilt; "
+                         "the import resolves them to values")
+
+
+@register("monai_bundle", "A MONAI bundle's own network_def (MONAI classes only), built with monai.bundle.",
+          (1, 2, 3), "any", FOREIGN)
+def monai_bundle(in_channels: int = 1, outputs: int = 1, spatial_dims: int = 3, network_def: dict | None = None):
+    """The network of a MONAI bundle's ``network_def`` (references resolved at import, MONAI classes
+    only: ``check_bundle_definition``), built by ``monai.bundle.ConfigParser``. ``in_channels``,
+    ``outputs`` and ``spatial_dims`` are the definition's own."""
+    from monai.bundle import ConfigParser
+
+    check_bundle_definition(network_def)
+    return ConfigParser({"network_def": network_def}).get_parsed_content("network_def")
+
+
+@register("user_code", "A network built by user code, `module:factory` with keyword arguments (not ours).",
+          (1, 2, 3), "any", FOREIGN)
+def user_code(in_channels: int = 1, outputs: int = 1, spatial_dims: int = 3, factory: str = "",
+              kwargs: dict | None = None) -> nn.Module:
+    """``factory(**kwargs)`` from ``module:factory`` (importable where the package is used)."""
+    import importlib
+
+    module, _, name = factory.partition(":")
+    if not module or not name:
+        raise ValueError(f"user_code factory {factory!r} is not 'module:function'")
+    return getattr(importlib.import_module(module), name)(**(kwargs or {}))
+
+
+def keras_port(in_channels: int = 1, outputs: int = 1, spatial_dims: int = 3, layers: list | None = None) -> nn.Module:
+    """A Keras network ported to PyTorch (``pipeline.learning.ported``)."""
+    from pipeline.learning.ported import keras_network
+
+    return keras_network(in_channels, outputs, spatial_dims, layers)
+
+
+register("keras_port", "A Keras network ported to PyTorch from its layer list (pipeline.learning.ported).",
+         (1, 2, 3), "any", FOREIGN)(keras_port)
 
 
 def main(argv=None) -> None:

@@ -46,6 +46,11 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
     package's label maps are then scored against it; its ``labels`` default to the package's);
     ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false)."""
+    refusals = recipe.unproducible(pkg.recipe)
+    if refusals:
+        raise InputError(f"Package {pkg.folder} expects input this pipeline's preprocessing cannot make "
+                         f"({'; '.join(refusals)}). Prepare the images as its model card says and run it outside "
+                         "the workflow, or import it with an input declaration this pipeline can make.")
     explain = dict(pkg.spec["explain"] or {})
     if methods and pkg.spec["explain"] is None:
         raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "
@@ -164,6 +169,7 @@ def main(argv=None) -> None:
         pkg = package.load(folder)
         config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
                               args.session_label, args.label_image, not args.skip_bids_validation)
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # a package folder on disk creates nothing in it before
     config_file = args.output_dir / "config.yaml"
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)

@@ -142,3 +142,46 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
         + "), `checksums.sha256`.", "",
     ]
     return "\n".join(lines)
+
+
+def render_imported(spec: dict, recipe: dict, unproducible: list[str]) -> str:
+    """The card of an imported package (``pipeline.sharing.importer``): where it came from, what
+    it expects and predicts, the parity check, what this pipeline cannot prepare for it, its license."""
+    source, parity, arch, output = spec["source"], spec["parity"], spec["architecture"], spec["output"]
+    predicts = {"scalar": f"`{spec['target']}` (regression: output × {output.get('scale', 1)} + {output.get('shift', 0)})",
+                "bins": f"`{spec['target']}` as the expected value over {spec['outputs']} soft-label bins "
+                        f"(centres {output.get('bins', [None])[0]} … {output.get('bins', [None])[-1]})",
+                "logits": f"`{spec['target']}` among {spec['classes']} (class logits; probabilities by softmax)",
+                "labels": f"label maps ({', '.join(f'{k} {n}' for k, n in enumerate(spec['classes'] or []))})"}[output["type"]]
+    network = {"monai_bundle": "the MONAI bundle's own `network_def` (MONAI classes)",
+               "keras_port": "the Keras model ported layer by layer to PyTorch (`pipeline.learning.ported`)",
+               "user_code": f"**user code**, `{arch['args'].get('factory')}` (not part of this pipeline: it must be "
+                            "importable wherever the package is used, and is trusted as code)"}.get(
+        arch["name"], f"the registered `{arch['name']}` network, arguments {arch['args'] or 'default'}")
+    lines = [
+        f"# Model card: {spec['task']} of `{spec['target']}` (imported)", "",
+        f"Imported from `{source['file']}` ({source['kind']}" + (f", sha256 {source['sha256']}" if source.get("sha256") else "")
+        + f") with `bids-deepstudy import`. Network: {network}."
+        + (f" Tensor names: prefix `{source['prefix_stripped']}` stripped." if source.get("prefix_stripped") else "")
+        + (f" Tensors renamed by the mapping file `{source['mapping']}`." if source.get("mapping") else ""), "",
+        "This model was trained elsewhere: its training data, intended use and performance are its authors'. "
+        "No test metrics were measured by this pipeline; measure them on your data before relying on it.", "",
+        "## Predicts", "", predicts + ".", "",
+        "## Inputs", "",
+        f"Channels {', '.join(spec['input']['channels'])} on the {recipe['space']} grid of {recipe['resolution']:g} mm, "
+        f"shape {recipe['shape']}" + (f", crop {recipe['crop']}" if recipe.get("crop") else "")
+        + f"; brain extraction: {recipe['brain_extraction']}; intensity: {recipe['normalisation']}. "
+        f"Input tensor (B, {', '.join(map(str, spec['input']['shape']))}), float32.", "",
+        *([f"This pipeline's preprocessing cannot make this input; `apply` and fine-tuning refuse it:", "",
+           *[f"- {line}" for line in unproducible], ""] if unproducible else
+          ["This pipeline's preprocessing makes this input:", "", *[f"{i}. {s}" for i, s in enumerate(recipe["steps"], 1)], ""]),
+        "## Parity", "",
+        f"On a reference input ({parity['reference_input']}) the package, loaded as `apply` loads it, differs from "
+        f"{parity['against']} by at most {parity['max_abs_difference']:.3g} (tolerance {parity['tolerance']}). "
+        f"ONNX Runtime on `model.onnx` differs from PyTorch by {spec['onnx']['max_abs_difference']:.3g}.", "",
+        "## License", "",
+        *(["No license was declared at import (`--license`): ask the model's authors before using or redistributing it."]
+          if spec["license"] == UNSPECIFIED else license_lines(spec["license"])),
+        *([] if spec.get("redistribution", True) else ["", "Its license forbids redistribution: the registry refuses it."]), "",
+    ]
+    return "\n".join(lines)

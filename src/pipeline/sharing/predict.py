@@ -63,6 +63,17 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
     return combined
 
 
+def predicting_expected_value(model: torch.nn.Module, coder) -> torch.nn.Module:
+    """A soft-label bins network (an imported SFCN) made to output its prediction, the expected value
+    over the bins (B, 1), so its maps explain the predicted value rather than the first bin; module
+    names stay as they are (Grad-CAM's layer). Other networks are returned as they are."""
+    if coder.bins:
+        centres = torch.tensor(coder.bins, dtype=torch.float32)
+        model.register_forward_hook(
+            lambda module, inputs, out: (torch.softmax(out, dim=1) * centres.to(out.device)).sum(1, keepdim=True))
+    return model
+
+
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
                    target_class: str | None, device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
     """Each method's map of one image (1, C, X, Y, Z), averaged over the folds' networks (all
@@ -71,6 +82,7 @@ def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], se
     sums = {m: 0.0 for m in methods}
     for fold in pkg.folds:
         model, coder = package_model(pkg, fold, device), package_coder(pkg, fold)
+        model = predicting_expected_value(model, coder)
         target = target_index(model, x, coder, target_class)
         maps, _ = attribute(model, x, target, methods, settings, pkg.train_mean(fold),
                             classification=coder.task == "classification")  # Grad-CAM's ReLU: as the study's
@@ -105,7 +117,7 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     """One HTML page: the package, the predictions, group maps, QC images and provenance."""
     from pipeline.results.report import embed_png, provenance, table_html
 
-    spec, test = pkg.spec, pkg.metrics["test"]["ensemble"]
+    spec, test = pkg.spec, pkg.metrics["test"].get("ensemble", {})
     segmentation = spec["task"] == "segmentation"
     headline = {"classification": "roc_auc", "segmentation": "dice_mean"}.get(spec["task"], "mae")
     table = read_tsv(predictions)
@@ -114,8 +126,9 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     sections = [
         f"<h1>{what} by {html.escape(name)}</h1>",
         f"<p>{len(table)} images of {table['participant_id'].nunique()} participants; the {html.escape(spec['ensemble'])} "
-        f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. The package's own "
-        f"test-set {headline}: {test[headline]:.3f}.</p>",
+        f"of {len(spec['folds'])} <code>{html.escape(spec['architecture']['name'])}</code> networks. "
+        + (f"The package's own test-set {headline}: {test[headline]:.3f}.</p>" if headline in test else
+           "The package was imported: no test metrics of its own (see its model card's parity check).</p>"),
         *(["<h2>Label maps (template and native grid)</h2>", table_html(table)] if segmentation
           else ["<h2>Predictions</h2>", table_html(table)]),
         *([] if segmentation else ["<h2>Explanation maps (template space, mean over folds and images)</h2>"]),

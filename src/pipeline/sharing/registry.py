@@ -124,7 +124,7 @@ def register(source: Path, name: str, where: str) -> Ref:
     fs, root = open_registry(where)
     with tempfile.TemporaryDirectory() as tmp:
         folder = package.unpack(source, Path(tmp) / "unpacked") if Path(source).is_file() else Path(source)
-        package.load(folder)  # checksums, weight format, spec version
+        check_terms(package.load(folder).spec, Path(source))  # checksums, weight format, spec version; licence
         archive = package.pack(folder, Path(tmp) / ARCHIVE)
         ref = claim(fs, root, ref, where)
         target = f"{root}/{ref.owner}/{ref.name}/{ref.version}"
@@ -136,6 +136,19 @@ def register(source: Path, name: str, where: str) -> Ref:
             release(fs, target)
             raise
     return ref
+
+
+def check_terms(spec: dict, source: Path) -> None:
+    """A registry is shared: refuse a package whose licence forbids redistribution, and an imported
+    package (``pipeline.sharing.importer``) that declares no licence."""
+    license_ = spec.get("license")
+    if spec.get("redistribution") is False:
+        raise InputError(f"{source}: its licence ({license_ or 'none given'}) forbids redistribution, and a registry "
+                         "shares what it holds. Keep the package as a folder and apply it from there.")
+    if spec.get("source") and (not license_ or license_ == "unspecified"):
+        raise InputError(f"{source} was imported from a model trained elsewhere and has no licence field; its "
+                         "authors' terms decide whether it may be shared. Import it again with --license "
+                         "(SPDX id or the licence's text), then register it.")
 
 
 def claim(fs, root: str, ref: Ref, where: str) -> Ref:
