@@ -210,6 +210,7 @@ def test_calibration_fits_on_the_labelled_subset_and_scores_only_the_others(tmp_
     assert summary["slope"] == pytest.approx(slope) and summary["intercept"] == pytest.approx(intercept)
     assert summary["slope_ci"][0] < 0.6 < summary["slope_ci"][1] and summary["intercept_ci"][0] < summary["intercept"]
     assert summary["participants"] == {"calibration": 6, "evaluation": 5, "applied": 1}
+    assert summary["warnings"] == [] and summary["without_predictions"] == []
     roles = table.set_index("image_id")["role"]
     assert roles["sub-01_ses-2"] == "calibration" and roles["sub-02"] == "evaluation" and roles["sub-12"] == "applied"
     calibrated = table[table["role"] == "calibration"]["predicted_calibrated"]

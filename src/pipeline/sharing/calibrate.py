@@ -115,8 +115,22 @@ def calibrate(predictions: pd.DataFrame, known: pd.Series, chosen: list[str] | N
                "calibration_participants": used, "without_predictions": absent,
                "participants": {role: int(table.loc[table["role"] == role, "participant_id"].nunique())
                                 for role in ("calibration", "evaluation", "applied")},
-               "evaluation": evaluation}
+               "evaluation": evaluation, "warnings": warnings(correction, absent)}
     return table, summary
+
+
+def warnings(correction: dict, absent: list[str]) -> list[str]:
+    """What makes the fit doubtful: a slope interval that holds 0 or is far from 1, participants left out."""
+    found = []
+    low, high = correction["slope_ci"]
+    if low <= 0 <= high:
+        found.append(f"the slope's 95 % interval ({low:.3g} to {high:.3g}) includes 0: the predictions of the calibration "
+                     "participants barely follow their targets, and dividing by the slope may amplify noise; calibrate "
+                     "on more participants or a wider range of targets")
+    if absent:
+        found.append(f"{len(absent)} calibration participant(s) have no prediction (no image, or excluded): "
+                     f"{', '.join(absent)}")
+    return found
 
 
 def summary_line(summary: dict) -> str:
@@ -142,7 +156,7 @@ def main(argv=None) -> None:
                                    str(args.table))
     atomic.to_csv(table, args.out_tsv, sep="\t", index=False)
     atomic.write_text(args.out_json, json.dumps(summary, indent=2, default=float) + "\n")
-    print(summary_line(summary), file=sys.stderr)
+    print(summary_line(summary), *[f"warning: {w}" for w in summary["warnings"]], sep="\n", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,8 @@ def calibration_section(summary_file: Path) -> list[str]:
              f"<p>{html.escape(summary_line(summary))}; {html.escape(summary['convention'])} "
              f"({html.escape(summary['interval'])}). Calibration participants: {counts['calibration']} (never scored); "
              f"held out with a known target: {counts['evaluation']}; without one: {counts['applied']}. "
-             "Calibrated predictions: <code>predictions_calibrated.tsv</code>.</p>"]
+             "Calibrated predictions: <code>predictions_calibrated.tsv</code>.</p>",
+             *[f"<p><b>Warning:</b> {html.escape(w)}.</p>" for w in summary.get("warnings", [])]]
     scores = summary["evaluation"]
     if scores:
         def ci(key):
