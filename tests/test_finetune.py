@@ -125,7 +125,7 @@ def test_a_package_of_40_age_bins_gets_one_regression_output(mini_study, tmp_pat
     from minipackage import with_outputs
 
     binned = with_outputs(mini_study / "package" / "model", tmp_path / "binned", 40,
-                          output={"type": "soft-label bins", "bin_centres": BINS})
+                          output={"type": "bins", "bins": BINS})
     start = package.load(binned).state_dict("fold-1")
     assert start["head.3.weight"].shape == (40, 8)
     study = mini_study
@@ -135,7 +135,7 @@ def test_a_package_of_40_age_bins_gets_one_regression_output(mini_study, tmp_pat
                   tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
     log = capsys.readouterr().err
     assert ("new head (head.3.bias, head.3.weight from random weights): the package has 40 output(s) (regression of "
-            "'age', 40 soft-label bins centred 3-81), this study 1 (regression of 'age')") in log
+            "'age' by 40 soft-label bins centred 3-81), this study 1 (regression of 'age')") in log
     assert tuned["head.3.weight"].shape == (1, 8)
     backbone = [k for k in start if k.startswith("features") and not k.endswith("num_batches_tracked")]
     assert backbone and all(torch.equal(start[k], tuned[k]) for k in backbone)

@@ -10,6 +10,9 @@
                                                  a model package on new images (python -m pipeline.apply)
     bids-deepstudy register PACKAGE --name N     put a package into the registry
     bids-deepstudy fetch NAME [--out DIR]        get one (python -m pipeline.registry)
+    bids-deepstudy models list [--registry R]    the registry's packages: versions, task, input, licence
+    bids-deepstudy inspect PACKAGE               what a package (folder, .tar.gz or registry name) expects
+                                                 and predicts, parity, licence (python -m pipeline.zoo)
 
 ``COMMAND --help`` shows each one's options. Snakemake and every job run on the interpreter this
 package is installed in (its bin folder first on PATH), so the environment needs no activating.
@@ -29,6 +32,8 @@ COMMANDS = {
     "apply": ("pipeline.sharing.apply", []),
     "register": ("pipeline.sharing.registry", ["register"]),
     "fetch": ("pipeline.sharing.registry", ["fetch"]),
+    "models": ("pipeline.sharing.zoo", []),
+    "inspect": ("pipeline.sharing.zoo", ["inspect"]),
 }
 
 

@@ -71,12 +71,11 @@ def output_words(spec: dict) -> str:
     """The package's output in words, with its declared output type when the spec has one
     (``spec["output"]["type"]``, e.g. an imported model's soft-label bins)."""
     declared = spec.get("output") if isinstance(spec.get("output"), dict) else {}
-    kind = declared.get("type")
-    centres = declared.get("bin_centres") or declared.get("centres") or declared.get("bins")
     words = f"{spec['task']} of {spec['target']!r}" + (f" into {spec['classes']}" if spec["classes"] else "")
-    if isinstance(centres, list) and centres:
-        return f"{words}, {len(centres)} {kind or 'bins'} centred {min(centres):g}-{max(centres):g}"
-    return f"{words}, {kind}" if kind else words
+    centres = declared.get("bins")
+    if declared.get("type") == "bins" and isinstance(centres, list) and centres:
+        return f"{words} by {len(centres)} soft-label bins centred {min(centres):g}-{max(centres):g}"
+    return words
 
 
 def head_reason(spec: dict, coder: TargetCoder, target: str) -> str | None:
