@@ -58,7 +58,7 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
     explain = dict(pkg.spec["explain"] or {})
     if (methods or not maps) and pkg.spec["explain"] is None:
         raise InputError(f"--maps/--methods choose explanation maps, but package {pkg.folder} is a {pkg.spec['task']} "
-                         "package, which has none; leave them out.")
+                         "package, which has no explanation maps; leave them out.")
     if calibration is not None:
         calibration = calibration_config(pkg, calibration, labels)
     if methods:
