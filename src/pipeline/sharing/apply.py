@@ -56,7 +56,7 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
     ``maps``: config ``apply.maps`` (false: predictions only); ``calibration``: config
     ``apply.calibration`` ({table, column, participants}, checked here: ``calibration_config``)."""
     explain = dict(pkg.spec["explain"] or {})
-    if (methods or not maps) and pkg.spec["explain"] is None:
+    if methods and pkg.spec["explain"] is None:  # --maps none asks for nothing a segmentation package lacks
         raise InputError(f"--maps/--methods choose explanation maps, but package {pkg.folder} is a {pkg.spec['task']} "
                          "package, which has no explanation maps; leave them out.")
     if calibration is not None:
