@@ -183,3 +183,18 @@ def test_backbone_lr_factor_gives_the_head_and_the_backbone_their_own_learning_r
         table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives",
                             "fold-1", ["T1w"])
         train(table, "age", "regression", {**HYPER, "backbone_lr_factor": 0.5}, tmp_path / "scratch", channels=["T1w"])
+
+
+def test_the_config_check_refuses_fine_tuning_keys_without_a_package(tmp_path):
+    from pipeline.configcheck import check
+
+    base = {"bids_dir": str(tmp_path), "target": "age", "task": "regression"}
+    with pytest.raises(InputError) as refused:
+        check({**base, "train": {"freeze": "features", "variants": {"slow": {"backbone_lr_factor": 0.1}}}})
+    message = str(refused.value)
+    assert "config `train` sets freeze 'features', which freezes a package's pre-trained layers, but " \
+           "`train.init_from` is null" in message
+    assert "config `train.variants.slow` sets backbone_lr_factor 0.1" in message
+    check({**base, "train": {"init_from": "lab/brainage:1", "freeze": ["features.0"], "backbone_lr_factor": 0.1}})
+    with pytest.raises(InputError, match=r"train.backbone_lr_factor.*0"):
+        check({**base, "train": {"init_from": "lab/brainage:1", "backbone_lr_factor": 0}})

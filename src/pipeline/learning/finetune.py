@@ -33,6 +33,25 @@ from pipeline.common.errors import InputError
 from pipeline.learning.models import build_model, recorded_args, resolved_args
 
 
+def problems(config: dict) -> list[str]:
+    """Fine-tuning keys set without ``train.init_from`` (the config filled in with the schema's
+    defaults; each variant too): they would be ignored, or fail in every training job."""
+    from pipeline.learning.variants import hyperparameters
+
+    train, found = config["train"], []
+    for variant in [None, *train.get("variants", {})]:
+        hyper, where = hyperparameters(train, variant), "`train`" if variant is None else f"`train.variants.{variant}`"
+        if hyper.get("init_from"):
+            continue
+        if hyper.get("backbone_lr_factor", 1) != 1:
+            found.append(f"config {where} sets backbone_lr_factor {hyper['backbone_lr_factor']}, which slows a package's "
+                         "pre-trained layers, but `train.init_from` is null: set init_from, or the factor to 1.")
+        if hyper.get("freeze"):
+            found.append(f"config {where} sets freeze {hyper['freeze']!r}, which freezes a package's pre-trained layers, "
+                         "but `train.init_from` is null: set init_from, or freeze to false.")
+    return found
+
+
 def source_fold(fold: str, folds: list[str]) -> str:
     """The package fold that study ``fold`` (``fold-K``) starts from: ((K - 1) mod n) + 1."""
     k = int(fold.removeprefix("fold-"))
