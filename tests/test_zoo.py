@@ -95,3 +95,12 @@ def test_inspect_refuses_what_apply_refuses(mini_study, zoo, tmp_path, capsys):
         assert done.value.code == 2 and says in capsys.readouterr().err
     cli(["models", "list", "--registry", str(tmp_path / "empty")])
     assert "no packages in" in capsys.readouterr().err
+    broken = tmp_path / "broken" / "lab" / "bad" / "1"
+    broken.mkdir(parents=True)
+    (broken / registry.ARCHIVE).write_bytes(b"not a gzip archive")
+    (broken / f"{registry.ARCHIVE}.sha256").write_text("0" * 64 + f"  {registry.ARCHIVE}\n")
+    shutil.copytree(tmp_path / "broken", tmp_path / "mixed")
+    registry.register(mini_study / "package" / "model", "lab/good", str(tmp_path / "mixed"))
+    rows = registry_rows(str(tmp_path / "mixed"))
+    assert [r["name"] for r in rows] == ["lab/bad", "lab/good"] and rows[1]["task"] == "regression"
+    assert rows[0]["task"].startswith("unreadable: ") and "not a readable package archive" in rows[0]["task"]

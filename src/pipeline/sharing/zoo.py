@@ -72,8 +72,13 @@ def registry_rows(where: str) -> list[dict]:
         ref = registry.Ref(owner, name, None)
         known = registry.versions(fs, root, ref)
         archive = f"{root}/{owner}/{name}/{known[-1]}/{registry.ARCHIVE}"
-        with fs.open(archive, "rb") as opened:
-            docs = documents_in_archive(opened, archive)
+        try:
+            with fs.open(archive, "rb") as opened:
+                docs = documents_in_archive(opened, archive)
+        except InputError as exc:  # one damaged archive does not hide the others
+            rows.append({"name": f"{owner}/{name}", "versions": known, "task": f"unreadable: {exc}", "target": NA,
+                         "input": NA, "license": NA, "imported": NA})
+            continue
         spec, recipe = docs[package.SPEC], docs[package.RECIPE]
         rows.append({"name": f"{owner}/{name}", "versions": known, "task": spec.get("task", NA),
                      "target": spec.get("target", NA), "input": recipe_summary(recipe),
