@@ -80,3 +80,28 @@ def build(root: Path) -> Path:
 
 def spec(folder: Path) -> dict:
     return json.loads((folder / "spec.json").read_text())
+
+
+def with_outputs(folder: Path, dest: Path, outputs: int, **spec_changes) -> Path:
+    """A copy of the package ``folder`` whose networks have ``outputs`` outputs (the backbone's
+    weights kept, a random head), its spec changed by ``spec_changes``, checksums rewritten: e.g.
+    a brain-age package with SFCN-style soft-label bins."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.learning.models import build_model
+    from pipeline.sharing import package
+
+    shutil.copytree(folder, dest)
+    spec = {**json.loads((dest / package.SPEC).read_text()), "outputs": outputs, **spec_changes}
+    torch.manual_seed(0)
+    for fold in spec["folds"]:
+        path = dest / package.weights_file(fold)
+        state = load_file(path)
+        fresh = build_model(spec["architecture"]["name"], 1, outputs, **spec["architecture"]["args"]).state_dict()
+        save_file({k: (v if fresh[k].shape == v.shape else fresh[k]).contiguous() for k, v in state.items()}, path)
+    (dest / package.SPEC).write_text(json.dumps(spec, indent=2))
+    package.write_checksums(dest)
+    return dest

@@ -9,7 +9,7 @@ from minipackage import HYPER, RECIPE
 from pipeline.sharing import package
 from pipeline.intake.study import study_table
 from pipeline.common.errors import InputError
-from pipeline.learning.finetune import freeze, head_keys, source_fold
+from pipeline.learning.finetune import freeze, freeze_layers, head_keys, source_fold
 from pipeline.learning.models import build_model
 from pipeline.learning.train import train
 
@@ -115,3 +115,86 @@ def test_the_workflow_fetches_the_package_to_start_from(mini_study, small_bids, 
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
     assert package.load(tmp_path / "results" / "init" / "lab" / "brainage" / "3").spec["target"] == "age"
+
+
+BINS = list(range(3, 83, 2))  # 40 soft-label age bins, SFCN-style
+
+
+def test_a_package_of_40_age_bins_gets_one_regression_output(mini_study, tmp_path, capsys):
+    """40 soft-label bins → one scalar: the head is replaced, the reason printed, the backbone kept."""
+    from minipackage import with_outputs
+
+    binned = with_outputs(mini_study / "package" / "model", tmp_path / "binned", 40,
+                          output={"type": "bins", "bins": BINS})
+    start = package.load(binned).state_dict("fold-1")
+    assert start["head.3.weight"].shape == (40, 8)
+    study = mini_study
+    table = study_table(study / "manifest.tsv", study / "splits.tsv", study / "derivatives", "fold-1", ["T1w"])
+    init = {"package": binned, "recipe": RECIPE, "fold": "fold-1"}
+    tuned = train(table, "age", "regression", {**HYPER, "epochs": 1, "init_from": "lab/sfcn:1", "freeze": "features"},
+                  tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
+    log = capsys.readouterr().err
+    assert ("new head (head.3.bias, head.3.weight from random weights): the package has 40 output(s) (regression of "
+            "'age' by 40 soft-label bins centred 3-81), this study 1 (regression of 'age')") in log
+    assert tuned["head.3.weight"].shape == (1, 8)
+    backbone = [k for k in start if k.startswith("features") and not k.endswith("num_batches_tracked")]
+    assert backbone and all(torch.equal(start[k], tuned[k]) for k in backbone)
+
+
+def test_freeze_by_layer_name(mini_study, tmp_path, capsys):
+    start = package.load(mini_study / "package" / "model").state_dict("fold-1")
+    tuned = fine_tune(mini_study, tmp_path, freeze=["features.0"])
+    assert "training only features.1.0.weight" in capsys.readouterr().err
+    first = [k for k in start if k.startswith("features.0.") and not k.endswith("num_batches_tracked")]
+    assert any(k.endswith("running_mean") for k in first) and all(torch.equal(start[k], tuned[k]) for k in first)
+    assert not torch.equal(start["features.1.0.weight"], tuned["features.1.0.weight"])
+    model = build_model("simple_cnn", 1, 1, channels=[4, 8])
+    with pytest.raises(InputError, match=r"train.freeze \['feature'\] names no layer of the network; its layers "
+                                         r"with parameters: features, features.0.0, features.0.1"):
+        freeze_layers(model, ["feature"])  # matched at dots, not as text
+    with pytest.raises(InputError, match="freezes every parameter"):
+        freeze_layers(model, ["features", "head"])
+    with pytest.raises(InputError, match=r"freezes head.3.bias, head.3.weight, the new head"):
+        fine_tune(mini_study, tmp_path / "cls", target="group", task="classification", freeze=["head"])
+
+
+def test_backbone_lr_factor_gives_the_head_and_the_backbone_their_own_learning_rates(mini_study, tmp_path):
+    from pipeline.learning.coder import TargetCoder
+    from pipeline.learning.process import Process
+    from pipeline.learning.train import resolve
+    from pipeline.learning.trainer import build_trainer
+
+    hyper = resolve({**HYPER, "init_from": "lab/brainage:1", "backbone_lr_factor": 0.1})
+    trainer = build_trainer(hyper, 1, TargetCoder("regression"), Process.start("cpu"), lambda network: network)
+    head, backbone = trainer.optimizer.param_groups
+    names = {id(p): n for n, p in trainer.network.named_parameters()}
+    assert (head["name"], head["lr"], backbone["name"], backbone["lr"]) == ("head", 0.01, "backbone", 0.001)
+    assert sorted(names[id(p)] for p in head["params"]) == ["head.3.bias", "head.3.weight"]
+    assert len(backbone["params"]) == len(names) - 2
+    plain = build_trainer(resolve({**HYPER, "init_from": "lab/brainage:1"}), 1, TargetCoder("regression"),
+                          Process.start("cpu"), lambda network: network)
+    assert len(plain.optimizer.param_groups) == 1  # factor 1: one group, as before
+
+    fine_tune(mini_study, tmp_path, epochs=2, backbone_lr_factor=0.25)  # the schedule keeps the ratio
+    groups = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["head", "backbone"]
+    assert groups[1]["lr"] == pytest.approx(0.25 * groups[0]["lr"]) and groups[0]["initial_lr"] == 0.01
+    with pytest.raises(InputError, match="backbone_lr_factor is 0.5, .* but train.init_from is null"):
+        table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives",
+                            "fold-1", ["T1w"])
+        train(table, "age", "regression", {**HYPER, "backbone_lr_factor": 0.5}, tmp_path / "scratch", channels=["T1w"])
+
+
+def test_the_config_check_refuses_fine_tuning_keys_without_a_package(tmp_path):
+    from pipeline.configcheck import check
+
+    base = {"bids_dir": str(tmp_path), "target": "age", "task": "regression"}
+    with pytest.raises(InputError) as refused:
+        check({**base, "train": {"freeze": "features", "variants": {"slow": {"backbone_lr_factor": 0.1}}}})
+    message = str(refused.value)
+    assert "config `train` sets freeze 'features', which freezes a package's pre-trained layers, but " \
+           "`train.init_from` is null" in message
+    assert "config `train.variants.slow` sets backbone_lr_factor 0.1" in message
+    check({**base, "train": {"init_from": "lab/brainage:1", "freeze": ["features.0"], "backbone_lr_factor": 0.1}})
+    with pytest.raises(InputError, match=r"train.backbone_lr_factor.*0"):
+        check({**base, "train": {"init_from": "lab/brainage:1", "backbone_lr_factor": 0}})

@@ -12,6 +12,9 @@
     bids-deepstudy fetch NAME [--out DIR]        get one (python -m pipeline.registry)
     bids-deepstudy import SOURCE --out DIR [...] a model trained elsewhere as a package
                                                  (python -m pipeline.sharing.importer)
+    bids-deepstudy models list [--registry R]    the registry's packages: versions, task, input, licence
+    bids-deepstudy inspect PACKAGE               what a package (folder, .tar.gz or registry name) expects
+                                                 and predicts, parity, licence (python -m pipeline.zoo)
 
 ``COMMAND --help`` shows each one's options. Snakemake and every job run on the interpreter this
 package is installed in (its bin folder first on PATH), so the environment needs no activating.
@@ -32,6 +35,8 @@ COMMANDS = {
     "register": ("pipeline.sharing.registry", ["register"]),
     "fetch": ("pipeline.sharing.registry", ["fetch"]),
     "import": ("pipeline.sharing.importer", []),
+    "models": ("pipeline.sharing.zoo", []),
+    "inspect": ("pipeline.sharing.zoo", ["inspect"]),
 }
 
 

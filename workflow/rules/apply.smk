@@ -1,8 +1,12 @@
 # Apply mode (config `apply`): a fetched model package predicts for, and explains, every ingested image;
 # a segmentation package labels every image instead (template and native grid; no explanation maps).
+# `apply.maps: false` (--maps none) predicts only; `apply.calibration` (--calibrate-on) recalibrates
+# a regression package's predictions to this site (pipeline.sharing.calibrate).
 PACKAGE = APPLY["package"]
 PACKAGE_INPUT = f"{PACKAGE}/checksums.sha256"
 PREDICTIONS = f"{RESULTS}/predictions.tsv"
+MAPS = APPLY.get("maps", True) and not SEGMENTATION
+CALIBRATION = APPLY.get("calibration")
 
 
 if SEGMENTATION:
@@ -109,10 +113,40 @@ else:
             " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} > {log:q} 2>&1"
 
 
+if CALIBRATION:
+
+    rule calibrate:
+        input:
+            predictions=PREDICTIONS,
+            table=CALIBRATION["table"],
+            code=code("calibrate"),
+        output:
+            summary=f"{RESULTS}/calibration.json",
+            predictions=f"{RESULTS}/predictions_calibrated.tsv",
+        params:
+            column=CALIBRATION["column"],
+            participants=CALIBRATION.get("participants", []),
+        log:
+            f"{RESULTS}/logs/calibrate.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/calibrate.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=5,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.calibrate --predictions {input.predictions:q} --table {input.table:q}"
+            " --column {params.column:q} --participants {params.participants:q} --out-json {output.summary:q}"
+            " --out-tsv {output.predictions:q} > {log:q} 2>&1"
+
+
 rule predict_report:
     input:
         predictions=PREDICTIONS,
-        pngs=[] if SEGMENTATION else rules.predict_maps.output.pngs,
+        pngs=rules.predict_maps.output.pngs if MAPS else [],
+        calibration=rules.calibrate.output.summary if CALIBRATION else [],
         qc=preprocessed("qc"),
         package=PACKAGE_INPUT,
         code=code("predict"),
@@ -120,6 +154,7 @@ rule predict_report:
         report(f"{RESULTS}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:
         explain=lambda wildcards, input: ["--explain-dir", str(Path(input.pngs[0]).parent)] if input.pngs else [],
+        calibration=lambda wildcards, input: ["--calibration", input.calibration] if input.calibration else [],
         qc_shown=lambda wildcards, input: input.qc[:4],
         config=stage_config(config, list(config)),
     log:
@@ -134,4 +169,4 @@ rule predict_report:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.predict report --config {params.config:q} --predictions {input.predictions:q}"
-        " {params.explain:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"
+        " {params.explain:q} {params.calibration:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"

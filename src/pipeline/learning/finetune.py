@@ -7,10 +7,16 @@ Rules, each failing with a message that names both sides:
 - weights: study fold K starts from package fold ((K - 1) mod n) + 1 of its n folds;
 - head: the output layer (the parameters whose shape depends on the number of outputs) is kept
   when the package predicts the same thing (task, target and class list); otherwise it starts
-  from random weights, with the reason printed: a different number of classes cannot fit, and the
-  same number of different classes (or another target) would mean something else;
+  from random weights, with the reason printed: a different number of outputs cannot fit (e.g. a
+  package's 40 soft-label age bins and this study's one regression output), and the same number
+  of different classes (or another target) would mean something else;
 - ``train.freeze``: ``true`` trains only the last layer with parameters, an integer N the last N;
-  frozen BatchNorm layers keep their running statistics (momentum 0).
+  a layer name or a list of them (``features``, ``["features.0", "features.1"]``) freezes every
+  parameter of those layers and of the layers inside them (matched at dots: ``features.1`` is not
+  ``features.10``); a new head is never frozen; frozen BatchNorm layers keep their running
+  statistics (momentum 0);
+- ``train.backbone_lr_factor``: the head trains at ``learning_rate``, every other (pre-trained)
+  parameter at ``learning_rate`` × the factor (``parameter_groups``; 1: one group).
 """
 
 from __future__ import annotations
@@ -25,6 +31,25 @@ from pipeline.intake import recipe
 from pipeline.learning.coder import TargetCoder
 from pipeline.common.errors import InputError
 from pipeline.learning.models import build_model, recorded_args, resolved_args
+
+
+def problems(config: dict) -> list[str]:
+    """Fine-tuning keys set without ``train.init_from`` (the config filled in with the schema's
+    defaults; each variant too): they would be ignored, or fail in every training job."""
+    from pipeline.learning.variants import hyperparameters
+
+    train, found = config["train"], []
+    for variant in [None, *train.get("variants", {})]:
+        hyper, where = hyperparameters(train, variant), "`train`" if variant is None else f"`train.variants.{variant}`"
+        if hyper.get("init_from"):
+            continue
+        if hyper.get("backbone_lr_factor", 1) != 1:
+            found.append(f"config {where} sets backbone_lr_factor {hyper['backbone_lr_factor']}, which slows a package's "
+                         "pre-trained layers, but `train.init_from` is null: set init_from, or the factor to 1.")
+        if hyper.get("freeze"):
+            found.append(f"config {where} sets freeze {hyper['freeze']!r}, which freezes a package's pre-trained layers, "
+                         "but `train.init_from` is null: set init_from, or freeze to false.")
+    return found
 
 
 def source_fold(fold: str, folds: list[str]) -> str:
@@ -61,9 +86,20 @@ def head_keys(name: str, args: dict, in_channels: int) -> set[str]:
     return {k for k in one if one[k].shape != two[k].shape}
 
 
+def output_words(spec: dict) -> str:
+    """The package's output in words, with its declared output type when the spec has one
+    (``spec["output"]["type"]``, e.g. an imported model's soft-label bins)."""
+    declared = spec.get("output") if isinstance(spec.get("output"), dict) else {}
+    words = f"{spec['task']} of {spec['target']!r}" + (f" into {spec['classes']}" if spec["classes"] else "")
+    centres = declared.get("bins")
+    if declared.get("type") == "bins" and isinstance(centres, list) and centres:
+        return f"{words} by {len(centres)} soft-label bins centred {min(centres):g}-{max(centres):g}"
+    return words
+
+
 def head_reason(spec: dict, coder: TargetCoder, target: str) -> str | None:
     """Why the package's head cannot be kept (None when it can)."""
-    theirs = f"{spec['task']} of {spec['target']!r}" + (f" into {spec['classes']}" if spec["classes"] else "")
+    theirs = output_words(spec)
     ours = f"{coder.task} of {target!r}" + (f" into {coder.classes}" if coder.classes else "")
     if spec["outputs"] != coder.outputs:
         return f"the package has {spec['outputs']} output(s) ({theirs}), this study {coder.outputs} ({ours})"
@@ -72,9 +108,60 @@ def head_reason(spec: dict, coder: TargetCoder, target: str) -> str | None:
     return None
 
 
+def layers_with_parameters(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+
+
+def named_by(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` belongs to layer ``prefix`` (itself or a layer inside it)."""
+    prefix = prefix.rstrip(".")
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def freeze_layers(model: nn.Module, prefixes: list[str]) -> list[str]:
+    """Freeze every parameter of the layers named ``prefixes`` (and of the layers inside them);
+    return the names of the parameters left to train. A prefix that names nothing is an error
+    listing the network's layers."""
+    names = [n for n, _ in model.named_parameters()]
+    unknown = [p for p in prefixes if not any(named_by(n, p) for n in names)]
+    if unknown:
+        layers = sorted({n.rsplit(".", 1)[0] for n in names} | {n.split(".", 1)[0] for n in names})
+        raise InputError(f"train.freeze {unknown} names no layer of the network; its layers with parameters: "
+                         f"{', '.join(layers)}.")
+    frozen = {n for n in names if any(named_by(n, p) for p in prefixes)}
+    if len(frozen) == len(names):
+        raise InputError(f"train.freeze {prefixes} freezes every parameter of the network; leave a layer to train "
+                         "(e.g. the head).")
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    for _, module in layers_with_parameters(model):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.momentum = 0.0  # running statistics stay the package's
+    return [n for n in names if n not in frozen]
+
+
+def freeze_setting(value) -> int | list[str]:
+    """Config ``train.freeze`` as a count of trainable last layers (0: none frozen) or a list of layer names."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return 1 if value is True else int(value or 0)
+
+
+def parameter_groups(network: nn.Module, head: set[str], learning_rate: float, factor: float) -> list[dict]:
+    """AdamW's parameter groups: the head's parameters at ``learning_rate``, every other one (the
+    pre-trained backbone) at ``learning_rate * factor``; the head's group first (history's ``lr``)."""
+    named = list(network.named_parameters())
+    groups = [{"name": "head", "params": [p for n, p in named if n in head], "lr": learning_rate},
+              {"name": "backbone", "params": [p for n, p in named if n not in head], "lr": learning_rate * factor}]
+    return [g for g in groups if g["params"]]
+
+
 def freeze(model: nn.Module, trainable: int) -> list[str]:
     """Freeze every layer with parameters except the last ``trainable``; return the trainable layers' names."""
-    layers = [(n, m) for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
+    layers = layers_with_parameters(model)
     if trainable >= len(layers):
         raise InputError(f"train.freeze {trainable} leaves nothing frozen: the network has {len(layers)} layers "
                          "with parameters.")
@@ -103,7 +190,15 @@ def initialise(model: nn.Module, folder: Path, hyper: dict, coder: TargetCoder, 
         raise InputError(f"{folder / package.weights_file(start)} does not fit the network: missing {missing}, "
                          f"unexpected {unexpected}.")
     print(f"{fold}: starting from {folder} {start}", file=sys.stderr)
-    trainable = 1 if hyper["freeze"] is True else int(hyper["freeze"] or 0)
-    if trainable:
-        print(f"{fold}: training only {', '.join(freeze(model, trainable))}", file=sys.stderr)
+    setting = freeze_setting(hyper["freeze"])
+    if isinstance(setting, list):
+        trained = freeze_layers(model, setting)
+        frozen_head = sorted(k for k in head_keys(hyper["model"], hyper["model_args"], len(channels))
+                             if k in dict(model.named_parameters()) and k not in trained) if reason else []
+        if frozen_head:
+            raise InputError(f"train.freeze {setting} freezes {', '.join(frozen_head)}, the new head, which starts from "
+                             "random weights and must train; name only layers before it.")
+        print(f"{fold}: training only {', '.join(trained)}", file=sys.stderr)
+    elif setting:
+        print(f"{fold}: training only {', '.join(freeze(model, setting))}", file=sys.stderr)
     return model

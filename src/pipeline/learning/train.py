@@ -101,6 +101,9 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
     shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
     if hyper["init_from"] and init is None:
         raise InputError(f"train.init_from is {hyper['init_from']!r} but no fetched package was given (--init-from).")
+    if hyper["backbone_lr_factor"] != 1 and init is None:
+        raise InputError(f"train.backbone_lr_factor is {hyper['backbone_lr_factor']}, which slows the pre-trained "
+                         "layers of a package, but train.init_from is null: set init_from, or the factor to 1.")
     from_package = None
     if init is not None:
         from pipeline.learning.finetune import initialise

@@ -139,7 +139,8 @@ def sampler_config(sampler: Sampler) -> dict:
 def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Process,
                   initialise: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Trainer:
     """Network (``initialise``d, e.g. from a model package; DDP-wrapped with several processes),
-    AdamW, cosine schedule, loss scaler."""
+    AdamW (fine-tuning with ``train.backbone_lr_factor`` != 1: the head's and the backbone's
+    parameter groups, ``pipeline.learning.finetune.parameter_groups``), cosine schedule, loss scaler."""
     sampler = build_sampler(hyper["sampler"])
     if hyper["model"] in REGISTRY:
         kind = REGISTRY[hyper["model"]].task  # "image" or "segmentation"
@@ -163,7 +164,14 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
 
         model = DistributedDataParallel(network, device_ids=[process.device.index] if process.device.type == "cuda"
                                         else None)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
+    parameters = network.parameters()
+    if initialise is not None and hyper["backbone_lr_factor"] != 1:  # fine-tuning: a slower pre-trained backbone
+        from pipeline.learning.finetune import head_keys, parameter_groups
+
+        head = head_keys(hyper["model"], hyper["model_args"], in_channels)
+        parameters = parameter_groups(network, head, hyper["learning_rate"], hyper["backbone_lr_factor"])
+        print("learning rates: " + ", ".join(f"{g['name']} {g['lr']:g}" for g in parameters), file=sys.stderr)
+    optimizer = torch.optim.AdamW(parameters, lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
     amp = bool(hyper["amp"]) and process.device.type == "cuda"
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp)

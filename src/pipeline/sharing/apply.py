@@ -2,6 +2,8 @@
 
     python -m pipeline.apply BIDS_DIR OUTPUT_DIR participant --model MODEL [--version V]
                              [--participant-label 01 02] [--session-label 1] [--registry R] [--cores N]
+                             [--maps none | --maps occlusion,gradient]
+                             [--calibrate-on TABLE [--calibrate-column C] [--calibrate-participants 01 02 ...]]
 
 MODEL is a package folder or a ``model.tar.gz`` on disk (an existing path wins), else a registry
 name ``owner/name[:version]`` (``--version V`` is the same as ``:V``; default: the highest). A
@@ -13,6 +15,11 @@ package's preprocessing recipe and image selection, the package's explanation se
 ingest (no target) → preprocess (the package's grid and recipe) → predict → maps → report.
 Outputs: ``predictions.tsv`` (and ``predict/fold-K/``), ``explain/maps/`` (template and native
 space), ``report.html``, beside the preprocessed images under ``derivatives/pipeline/``.
+``--maps none`` predicts only (no ``predict_maps`` job); ``--maps a,b`` computes those methods
+(``saliency`` is ``gradient``). ``--calibrate-on`` (a regression package) recalibrates the
+predictions to this site without training: the brain-age linear correction fitted on the
+labelled participants of TABLE only (``pipeline.sharing.calibrate``) → ``calibration.json``,
+``predictions_calibrated.tsv`` and a report section; the calibration participants are never scored.
 A segmentation package labels the images instead (``pipeline.sharing.segpredict``): ``labels/``
 (the folds' majority vote, template and native grid), ``predictions.tsv`` listing them (with Dice
 and HD95 given ``--label-image``), ``predict/fold-K/``, ``report.html``.
@@ -40,21 +47,25 @@ from pipeline.common.locations import SNAKEFILE  # noqa: F401  (tests build appl
 
 def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: str, labels: list[str],
                  methods: list[str] | None, session: str = "all", label_image: dict | None = None,
-                 bids_validation: bool = True) -> dict:
+                 bids_validation: bool = True, maps: bool = True, calibration: dict | None = None) -> dict:
     """The workflow config of an apply run: paths, the package's recipe and explain settings (none
     for a segmentation package: the schema's defaults, unused); ``session``: config ``sessions``
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
     package's label maps are then scored against it; its ``labels`` default to the package's);
-    ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false)."""
+    ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false);
+    ``maps``: config ``apply.maps`` (false: predictions only); ``calibration``: config
+    ``apply.calibration`` ({table, column, participants}, checked here: ``calibration_config``)."""
     refusals = recipe.unproducible(pkg.recipe)
     if refusals:
         raise InputError(f"Package {pkg.folder} expects input this pipeline's preprocessing cannot make "
                          f"({'; '.join(refusals)}). Prepare the images as its model card says and run it outside "
                          "the workflow, or import it with an input declaration this pipeline can make.")
     explain = dict(pkg.spec["explain"] or {})
-    if methods and pkg.spec["explain"] is None:
-        raise InputError(f"--methods chooses attribution methods, but package {pkg.folder} is a {pkg.spec['task']} "
-                         "package, which has no explanation maps; leave --methods out.")
+    if methods and pkg.spec["explain"] is None:  # --maps none asks for nothing a segmentation package lacks
+        raise InputError(f"--maps/--methods choose explanation maps, but package {pkg.folder} is a {pkg.spec['task']} "
+                         "package, which has no explanation maps; leave them out.")
+    if calibration is not None:
+        calibration = calibration_config(pkg, calibration, labels)
     if methods:
         explain["methods"] = methods
     if label_image is not None:
@@ -70,8 +81,51 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
         "bids_validation": bids_validation,
         "explain": {**explain, "groundtruth": None},
         **({"label_image": label_image} if label_image else {}),
-        "apply": {"package": str(pkg.folder.resolve()), "name": name},
+        "apply": {"package": str(pkg.folder.resolve()), "name": name, "maps": maps, "calibration": calibration},
     }
+
+
+def calibration_config(pkg: package.Package, calibration: dict, labels: list[str]) -> dict:
+    """Config ``apply.calibration`` checked before any job runs: a regression package, a readable
+    table with the column, labelled calibration participants among those applied to."""
+    from pipeline.intake.ids import with_sub_prefix
+    from pipeline.sharing.calibrate import MINIMUM, targets
+
+    if pkg.spec["task"] != "regression":
+        raise InputError(f"--calibrate-on recalibrates a regression package's predictions; package {pkg.folder} "
+                         f"predicts {pkg.spec['task']}.")
+    table = Path(calibration["table"]).expanduser().resolve()
+    if not table.is_file():
+        raise InputError(f"--calibrate-on {calibration['table']}: no such file; give a TSV with participant_id and "
+                         "the target column (e.g. the dataset's participants.tsv).")
+    column = calibration.get("column") or pkg.spec["target"]
+    known = targets(table, column)
+    chosen = sorted({with_sub_prefix(p) for p in calibration.get("participants") or []}) or sorted(known.index)
+    unlabelled = [p for p in chosen if p not in known.index]
+    if unlabelled:
+        raise InputError(f"--calibrate-participants {', '.join(unlabelled)}: no {column} in {table}.")
+    applied = {with_sub_prefix(p) for p in labels}
+    outside = [p for p in chosen if applied and p not in applied]
+    if outside:
+        raise InputError(f"Calibration participant(s) {', '.join(outside)} are not among --participant-label; add them "
+                         "(their images must be predicted to fit the correction).")
+    if len(chosen) < MINIMUM:
+        raise InputError(f"Calibration needs at least {MINIMUM} labelled participants; {table} gives {len(chosen)}.")
+    return {"table": str(table), "column": column, "participants": list(calibration.get("participants") or [])}
+
+
+def maps_argument(text: str) -> list[str]:
+    """``--maps``: ``none`` → [], else comma-separated attribution methods (``saliency`` = ``gradient``)."""
+    from pipeline.results.attribution import METHODS
+
+    if text.strip().lower() == "none":
+        return []
+    chosen = [{"saliency": "gradient"}.get(m.strip(), m.strip()) for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"{text!r}: give none, or methods separated by commas from: "
+                                         f"{', '.join(METHODS)} (saliency = gradient)")
+    return chosen
 
 
 def run_workflow(config_file: Path, output_dir: Path, cores: int, extra: list[str]) -> int:
@@ -145,7 +199,19 @@ def main(argv=None) -> None:
                              "(config `sessions`; default: all)")
     parser.add_argument("--registry", help=f"registry folder or fsspec URL (default: ${registry.ENVIRONMENT}, "
                                            f"else {registry.DEFAULT})")
-    parser.add_argument("--methods", nargs="+", help="attribution methods (default: the package's)")
+    parser.add_argument("--maps", type=maps_argument, metavar="none|METHOD,METHOD",
+                        help="explanation maps: none (predictions only), or attribution methods separated by commas, "
+                             "e.g. occlusion,gradient (default: the package's)")
+    parser.add_argument("--methods", nargs="+", help="attribution methods, space-separated (as --maps a,b)")
+    calibrate = parser.add_argument_group("recalibration of a regression package to this site, without training")
+    calibrate.add_argument("--calibrate-on", type=Path, metavar="TABLE",
+                           help="TSV with participant_id and the target (e.g. BIDS_DIR/participants.tsv): the linear "
+                                "correction predicted = a + b*true is fitted on its labelled participants, applied "
+                                "to the others")
+    calibrate.add_argument("--calibrate-column", help="the target column of TABLE (default: the package's target)")
+    calibrate.add_argument("--calibrate-participants", nargs="+", metavar="LABEL",
+                           help="fit on these participants only (default: every one with a value in TABLE); the "
+                                "others with a value are scored, raw and calibrated")
     parser.add_argument("--label-image", type=label_image_argument, metavar="JSON",
                         help="a segmentation package: each image's label image to score the label maps against, "
                              "as config label_image, e.g. '{\"derivatives\": \"derivatives/tissue\", "
@@ -167,10 +233,20 @@ def main(argv=None) -> None:
         else:
             name, folder = registry_package(args.model, args.version, registry.location(args.registry), models_dir)
         pkg = package.load(folder)
-        config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, args.methods,
-                              args.session_label, args.label_image, not args.skip_bids_validation)
-    args.output_dir.mkdir(parents=True, exist_ok=True)  # a package folder on disk creates nothing in it before
+        if args.maps is not None and args.methods:
+            raise InputError("Give --maps or --methods, not both.")
+        methods = args.maps or args.methods
+        calibration = None
+        if args.calibrate_on is not None:
+            calibration = {"table": str(args.calibrate_on), "column": args.calibrate_column,
+                           "participants": args.calibrate_participants or []}
+        elif args.calibrate_column or args.calibrate_participants:
+            raise InputError("--calibrate-column and --calibrate-participants need --calibrate-on TABLE.")
+        config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, methods,
+                              args.session_label, args.label_image, not args.skip_bids_validation,
+                              maps=args.maps != [], calibration=calibration)
     config_file = args.output_dir / "config.yaml"
+    args.output_dir.mkdir(parents=True, exist_ok=True)  # a package folder on disk unpacks nothing there first
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
     sys.exit(run_workflow(config_file, args.output_dir, args.cores, args.snakemake_args))

@@ -112,9 +112,38 @@ def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, cha
     return index
 
 
-def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir: Path, methods: list[str],
-                 qc_pngs: list[Path], config: dict, out: Path) -> Path:
-    """One HTML page: the package, the predictions, group maps, QC images and provenance."""
+def calibration_section(summary_file: Path) -> list[str]:
+    """The report's recalibration: the fit with its intervals, who it was fitted on, the held-out scores."""
+    import json
+
+    from pipeline.results.report import table_html
+    from pipeline.sharing.calibrate import summary_line
+
+    summary = json.loads(Path(summary_file).read_text())
+    counts = summary["participants"]
+    lines = ["<h2>Recalibration to this site (no training)</h2>",
+             f"<p>{html.escape(summary_line(summary))}; {html.escape(summary['convention'])} "
+             f"({html.escape(summary['interval'])}). Calibration participants: {counts['calibration']} (never scored); "
+             f"held out with a known target: {counts['evaluation']}; without one: {counts['applied']}. "
+             "Calibrated predictions: <code>predictions_calibrated.tsv</code>.</p>",
+             *[f"<p><b>Warning:</b> {html.escape(w)}.</p>" for w in summary.get("warnings", [])]]
+    scores = summary["evaluation"]
+    if scores:
+        def ci(key):
+            low, high = scores.get(key) or (float("nan"), float("nan"))
+            return f"{low:.3f} to {high:.3f}"
+
+        rows = [{"metric": m, "raw": scores[m], "raw 95 % CI": ci(f"{m}_ci"), "calibrated": scores[f"calibrated_{m}"],
+                 "calibrated 95 % CI": ci(f"calibrated_{m}_ci")} for m in ("mae", "rmse", "r2", "pearson_r")]
+        lines += [f"<p>Held-out participants ({scores['n']}), over participants with bootstrap intervals:</p>",
+                  table_html(pd.DataFrame(rows))]
+    return lines
+
+
+def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir: Path | None, methods: list[str],
+                 qc_pngs: list[Path], config: dict, out: Path, calibration: Path | None = None) -> Path:
+    """One HTML page: the package, the predictions (and their recalibration), group maps, QC images
+    and provenance. ``explain_dir`` None: no maps were asked for."""
     from pipeline.results.report import embed_png, provenance, table_html
 
     spec, test = pkg.spec, pkg.metrics["test"].get("ensemble", {})
@@ -131,9 +160,12 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
            "The package was imported: no test metrics of its own (see its model card's parity check).</p>"),
         *(["<h2>Label maps (template and native grid)</h2>", table_html(table)] if segmentation
           else ["<h2>Predictions</h2>", table_html(table)]),
+        *(calibration_section(calibration) if calibration else []),
         *([] if segmentation else ["<h2>Explanation maps (template space, mean over folds and images)</h2>"]),
+        *(["<p>Not computed: predictions only (<code>--maps none</code>).</p>"]
+          if explain_dir is None and not segmentation else []),
         *[embed_png(Path(group_figure(str(explain_dir), m, v)), f"Mean |{m}| ({v})") for m in methods
-          for v in ("slices", "glass") if not segmentation],
+          for v in ("slices", "glass") if not segmentation and explain_dir is not None],
         "<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
         "<h2>Model card</h2>", f"<pre>{html.escape((pkg.folder / package.CARD).read_text())}</pre>",
         "<h2>Provenance</h2>", provenance(config),
@@ -168,6 +200,7 @@ def main(argv=None) -> None:
     add_config(report)  # the whole run's config: apply (package, name), explain.methods, and the provenance
     report.add_argument("--predictions", type=Path, required=True)
     report.add_argument("--explain-dir", type=Path, help="the group maps' folder (not for a segmentation package)")
+    report.add_argument("--calibration", type=Path, help="calibration.json of a recalibrated regression package")
     report.add_argument("--qc", type=Path, nargs="*", default=[])
     report.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -179,7 +212,7 @@ def main(argv=None) -> None:
         if args.command == "report":
             name = cfg["apply"].get("name") or cfg["apply"]["package"]
             build_report(pkg, name, args.predictions, args.explain_dir, cfg["explain"]["methods"], args.qc, cfg,
-                         args.out)
+                         args.out, args.calibration)
             return
         channels = channel_names(cfg)
         if (args.command == "labels") != (pkg.spec["task"] == "segmentation"):

@@ -1,0 +1,6 @@
+"""``python -m pipeline.zoo``: the command line of ``pipeline.sharing.zoo``."""
+
+from pipeline.sharing.zoo import main
+
+if __name__ == "__main__":
+    main()
