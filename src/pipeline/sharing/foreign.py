@@ -52,8 +52,8 @@ def read_torch(path: Path) -> dict[str, torch.Tensor]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise InputError(f"{path} holds pickled Python objects, not only tensors (e.g. a whole model saved with "
-                         f"`torch.save(model)`); unpickling could run any code, so it is refused. {EXPORT_HINT}") from exc
+        raise InputError(f"{path} holds pickled Python objects, not only tensors (e.g. a whole model saved instead "
+                         f"of its state_dict()); unpickling could run any code, so it is refused. {EXPORT_HINT}") from exc
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path} is not a readable PyTorch checkpoint: truncated or corrupt ({exc}). "
                          "Get the file again and compare its checksum with the published one.") from exc

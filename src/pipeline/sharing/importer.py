@@ -349,9 +349,9 @@ def write_onnx(folder: Path, model: nn.Module, network: nn.Module, coder: Target
     """model.onnx: the network with its decoding (a segmentation network: its logits), checked on ``x``."""
     path = folder / package.ONNX
     if coder.task == "segmentation":
-        array = tmp / "reference.npy"
-        np.save(array, x[0].numpy())
-        return segexport.network_onnx([model], {}, [str(array)], path)
+        with atomic.path(tmp / "reference.npy") as array:
+            np.save(array, x[0].numpy())
+        return segexport.network_onnx([model], {}, [str(tmp / "reference.npy")], path)
     decoded = Decoded(network, coder).eval()
     onnxcheck.write(decoded, x, path, "prediction")
     difference = onnxcheck.difference(path, decoded, [x])
