@@ -114,7 +114,7 @@ def linear_row(results: Path, cohort: dict, classes, work: Path) -> tuple[list, 
     import nibabel as nib
     import numpy as np
 
-    from pipeline.learning import linear
+    from pipeline.results import linear
     from pipeline.common.tables import read_tsv
     from pipeline.intake.study import study_table
     from pipeline.results.evaluate import ensemble

@@ -66,8 +66,7 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
     from pipeline.common import atomic
     from pipeline.results.attribution import SIGNED, Settings, attribute
     from pipeline.common.tables import read_tsv
-    from pipeline.learning.loader import load_batch
-    from pipeline.results.explain import mean_training_image
+    from pipeline.learning.loader import load_batch, mean_training_image
     from pipeline.results.maps import FoldMeanMaps, GroupStatistics, write_statistics
     from pipeline.results.validation import top_fraction_enrichment
     from pipeline.learning.saved import load_model
@@ -77,7 +76,7 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
         return
     table = read_tsv(table_path)
     if stage == "linear":
-        from pipeline.learning import linear
+        from pipeline.results import linear
 
         mask = np.ones(np.load(table["array"].iloc[0], mmap_mode="r").shape[1:], dtype=bool)
         record = linear.run(table, "fold-1", "age", "regression", mask, out_dir / "linear", memory_mb=linear_mb)

@@ -17,6 +17,45 @@ from pipeline.common import config as study_config
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 
+# `make test` runs on two pytest-xdist workers (``--dist loadscope``, ``StudyScheduling`` below):
+# each test module goes whole to one worker (its module-scoped study is built once), the modules
+# that share the session-scoped ``small_study`` go to the same worker, and the modules known to take
+# minutes go first so that the two workers finish together (docs/benchmarks.md, Test-suite time).
+SHARED_STUDY_MODULES = {"test_faults.py": "small_study", "test_package_workflow.py": "small_study"}
+LONG_FIRST = ["test_workflow.py", "test_lesion_study.py", "small_study", "test_real_scans.py", "test_docs.py",
+              "test_workflow_faults.py", "test_segmentation.py", "test_segmentation_package.py"]
+
+
+def scope_of(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module's path, or the study its module shares."""
+    module = nodeid.split("::", 1)[0]
+    return SHARED_STUDY_MODULES.get(Path(module).name, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under ``--dist loadscope``: scopes by ``scope_of``, in collection order (no reordering)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StudyScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    config.option.loadscopereorder = False
+    return StudyScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "small_study" in getattr(item, "fixturenames", ()) and item.path.name not in SHARED_STUDY_MODULES:
+            raise pytest.UsageError(f"{item.nodeid} uses small_study: add {item.path.name} to "
+                                    "SHARED_STUDY_MODULES in tests/conftest.py (one worker builds the study)")
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(SHARED_STUDY_MODULES.get(item.path.name, item.path.name), len(rank)))
+
+
 def write_bids(root: Path, participants: list[dict], images: dict[str, list[str]], shape=(12, 14, 12), seed=0) -> Path:
     """A BIDS dataset: ``participants`` rows, and per participant id a list of sessions ('' = none)."""
     rng = np.random.default_rng(seed)
@@ -100,3 +139,16 @@ def mini_study(tmp_path_factory) -> Path:
 def stage_config(**keys) -> str:
     """A stage's ``--config`` as the workflow passes it: ``keys`` and the schema's defaults."""
     return json.dumps(study_config.resolved([], {"bids_dir": "unused", "target": "age", "task": "regression", **keys}))
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """One small real study run by Snakemake (tests/smallstudy.py), shared by the fault and the
+    package/apply end-to-end tests: a dict of ``cohort``, its ``read_only`` copy the study read,
+    that copy's ``digest`` before the run, and the study's ``workdir``."""
+    import smallstudy
+
+    root = tmp_path_factory.mktemp("small_study")
+    study = smallstudy.build(root)
+    yield study
+    smallstudy.writable(study["read_only"])  # let pytest clean it up

@@ -92,7 +92,7 @@ def with_outputs(folder: Path, dest: Path, outputs: int, **spec_changes) -> Path
     from safetensors.torch import load_file, save_file
 
     from pipeline.learning.models import build_model
-    from pipeline.sharing import package
+    from pipeline.common import package
 
     shutil.copytree(folder, dest)
     spec = {**json.loads((dest / package.SPEC).read_text()), "outputs": outputs, **spec_changes}

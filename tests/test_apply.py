@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import stage_config
-from pipeline.sharing import package
+from pipeline.common import package
 from pipeline.sharing.apply import SNAKEFILE, apply_config
 from pipeline.intake.ingest import ingest, main as ingest_main
 
@@ -61,7 +61,8 @@ def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, s
     table = run.stdout.split("Job stats:")[1].split("\n\n")[0]
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
     assert jobs == {"ingest": 1, "exclusions": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1,
-                    "bids_validation": 1, "all": 1}
+                    "bids_validation": 1, "all": 1, "qc": 1, "predict_retest": 1,  # test-retest: qc's and the model's
+                    "apply_output": 1}  # the output folder as a BIDS derivative dataset
     ingest_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.ingest" in line)
     assert '"target": null' in ingest_command and '"task": "regression"' in ingest_command  # images only
     grid_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.grid" in line)
@@ -107,28 +108,47 @@ def test_apply_mode_checks_the_grad_cam_layer_against_the_packages_network(mini_
 
 
 def test_apply_takes_a_package_archive_or_folder_on_disk(mini_study, small_bids, tmp_path, monkeypatch):
-    """--model names an archive or folder on disk: no registry; the archive is unpacked once, by its sha256."""
+    """--model names an archive or folder on disk: no registry; the archive is unpacked once, by its
+    sha256, into the work folder, where the config goes and Snakemake runs."""
     from pipeline.sharing import apply as apply_cli
 
     calls = []
-    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: calls.append(args) or 0)
-    archive, out = mini_study / "package" / "model.tar.gz", tmp_path / "out"
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args, readable=False: calls.append(args) or 0)
+    archive, out, work = mini_study / "package" / "model.tar.gz", tmp_path / "out", tmp_path / "work"
     for _ in range(2):
         with pytest.raises(SystemExit) as done:
-            apply_cli.main([str(small_bids), str(out), "participant", "--model", str(archive),
+            apply_cli.main([str(small_bids), str(out), "participant", "--model", str(archive), "--work-dir", str(work),
                             "--session-label", "ses-01", "--registry", str(tmp_path / "no-registry")])
         assert done.value.code == 0
-    [unpacked] = (out / "models").iterdir()
+    [unpacked] = (work / "models").iterdir()
     assert unpacked.name == f"archive-{package.sha256(archive)[:16]}"
-    config = yaml.safe_load((out / "config.yaml").read_text())
+    config = yaml.safe_load((work / "config.yaml").read_text())
     assert config["apply"]["package"] == str(unpacked.resolve()) and str(archive) in config["apply"]["name"]
-    assert config["sessions"] == "ses-01"
-    assert calls[0][:4] == ["--directory", str(out), "--configfile", str(out / "config.yaml")]
+    assert config["sessions"] == "ses-01" and config["work_dir"] == str(work.resolve())
+    assert calls[0][:6] == ["--directory", str(work.resolve()), "--configfile", str(work.resolve() / "config.yaml"),
+                            "--cores", "all"]  # the same default as run's
 
     folder = mini_study / "package" / "model"
     with pytest.raises(SystemExit):
-        apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder)])
-    assert yaml.safe_load((out / "config.yaml").read_text())["apply"]["package"] == str(folder.resolve())
+        apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder), "--work-dir", str(work)])
+    assert yaml.safe_load((work / "config.yaml").read_text())["apply"]["package"] == str(folder.resolve())
+
+
+def test_apply_dry_run_writes_nothing_and_plans_one_line_per_job(mini_study, small_bids, tmp_path, capsys,
+                                                                   monkeypatch):
+    """`apply … --dry-run` (Snakemake plans for real): the archive unpacked, the config written and
+    Snakemake's state kept in a scratch folder; no OUTPUT_DIR and no work folder afterwards."""
+    from pipeline.sharing import apply as apply_cli
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as done:
+        apply_cli.main([str(small_bids), "out", "participant", "--model", str(mini_study / "package" / "model.tar.gz"),
+                        "--skip-bids-validation", "--dry-run"])
+    out = capsys.readouterr()
+    assert done.value.code == 0, out.err[-3000:]
+    assert out.out.startswith("plan: ") and "  predict" in out.out and "add --print-commands (-p)" in out.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # neither out/ nor work/
 
 
 def test_apply_refuses_a_version_it_cannot_honour(mini_study, small_bids, tmp_path, capsys):
@@ -138,7 +158,8 @@ def test_apply_refuses_a_version_it_cannot_honour(mini_study, small_bids, tmp_pa
     for model, version, says in [(str(archive), "1", "is a package on disk"), ("lab/brainage:1", "2", "give one")]:
         with pytest.raises(SystemExit) as done:
             apply_cli.main([str(small_bids), str(tmp_path / "out"), "participant", "--model", model,
-                            "--version", version, "--registry", str(tmp_path / "registry")])
+                            "--version", version, "--registry", str(tmp_path / "registry"),
+                            "--work-dir", str(tmp_path / "work")])
         assert done.value.code == 2 and says in capsys.readouterr().err
 
 
@@ -151,13 +172,14 @@ def test_apply_can_predict_only_or_compute_chosen_maps(mini_study, small_bids, t
     """--maps none plans no map job (the report says so); --maps a,b puts those methods in the run's config."""
     from pipeline.sharing import apply as apply_cli
 
-    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: 0)
-    folder, out = mini_study / "package" / "model", tmp_path / "out"
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args, readable=False: 0)
+    folder, out, work = mini_study / "package" / "model", tmp_path / "out", tmp_path / "work"
     for maps, methods, enabled in (("none", ["occlusion", "gradient"], False), ("saliency,occlusion",
                                                                                ["gradient", "occlusion"], True)):
         with pytest.raises(SystemExit):
-            apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder), "--maps", maps])
-        config = yaml.safe_load((out / "config.yaml").read_text())
+            apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder), "--maps", maps,
+                            "--work-dir", str(work)])
+        config = yaml.safe_load((work / "config.yaml").read_text())
         assert config["apply"]["maps"] is enabled and config["explain"]["methods"] == methods
     with pytest.raises(SystemExit) as done:
         apply_cli.main([str(small_bids), str(out), "participant", "--model", str(folder), "--maps", "shap"])
@@ -165,6 +187,7 @@ def test_apply_can_predict_only_or_compute_chosen_maps(mini_study, small_bids, t
 
     pkg = package.load(folder)
     config = apply_config(small_bids, out, pkg, "lab/brainage:1", [], None, maps=False)
+    out.mkdir(exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     run = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(out),

@@ -1,10 +1,12 @@
-"""The house rules of the code (docs/ARCHITECTURE.md), checked on the real source: no import cycle,
-no module over 450 lines, every rule's code inputs derived from the import graph, one source per
+"""The house rules of the code (docs/ARCHITECTURE.md), checked on the real source: imports go down
+the layers, no import cycle, no module over 450 lines, every rule's code inputs derived from the import graph, one source per
 fact (defaults in the schema, registries behind the schema's enums, one preprocessing chain)."""
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import re
 from pathlib import Path
 
@@ -13,12 +15,14 @@ import yaml
 
 from pipeline.common import codegraph, config
 from pipeline.common.locations import PACKAGE, WORKFLOW
-from pipeline.intake import ingest, recipe
-from pipeline.learning import linear, models
+from pipeline.intake import ingest, recipe, steps
+from pipeline.learning import models
+from pipeline.results import linear
 from pipeline.results import attribution, metrics
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 450
+ROOMS = ("common", "intake", "learning", "results", "sharing")  # the layers, lowest first
 
 
 def modules() -> list[str]:
@@ -28,6 +32,74 @@ def modules() -> list[str]:
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
+
+
+def layer(name: str) -> int | str:
+    """A module's layer: -1 the package itself (``pipeline``: its version), 0 to 4 its room in
+    ``ROOMS``, 5 an entry point (``pipeline.<stage>``, ``pipeline.__main__``), "demo" beside them."""
+    parts = name.split(".")
+    if len(parts) == 1:
+        return -1
+    if parts[1] == "demo":
+        return "demo"
+    return ROOMS.index(parts[1]) if parts[1] in ROOMS else len(ROOMS)
+
+
+def upward_imports(names: list[str], package: Path = PACKAGE) -> list[str]:
+    """Each import, at module level or inside a function, that runs up the layers: a room importing
+    a higher room or an entry point, anything but an entry point importing ``demo``, ``demo``
+    importing an entry point, the package itself importing any of its modules."""
+    found = []
+    for name in names:
+        here = layer(name)
+        for other in sorted(codegraph.imported(codegraph.module_file(name, package), package)):
+            there = layer(other)
+            if there == "demo":
+                bad = here not in ("demo", len(ROOMS))
+            elif here == "demo":
+                bad = there == len(ROOMS)
+            else:
+                bad = there > here
+            if bad:
+                found.append(f"{name} -> {other}")
+    return found
+
+
+def test_imports_go_down_the_layers():
+    """common < intake < learning < results < sharing < entry points, demo beside: a module never
+    imports one of a higher layer, so a job's code (its import closure, ``codegraph``) holds no
+    module of a later stage, and editing one reruns no earlier stage."""
+    assert upward_imports(modules()) == []
+
+
+def test_later_stages_hold_no_other_stages_command():
+    """Downward imports the layers allow that would still rerun jobs for nothing: the stages that
+    carry maps or labels to native space hold geometry, not the preprocessing chain (ANTs jobs'
+    code), and export holds the mean training image, not the explain command."""
+    for stage in ("evaluate", "explain", "predict", "export"):
+        assert "pipeline.intake.preprocess" not in codegraph.closure(f"pipeline.{stage}"), stage
+    assert "pipeline.results.explain" not in codegraph.closure("pipeline.export")
+
+
+def test_the_layer_check_sees_imports_inside_functions(tmp_path):
+    root = tmp_path / "pipeline"
+    for folder in (root, *(root / room for room in (*ROOMS, "demo"))):
+        folder.mkdir()
+        (folder / "__init__.py").write_text("")
+    (root / "stage.py").write_text("from pipeline.sharing import pack\nfrom pipeline.demo import cohort\n")
+    (root / "common" / "base.py").write_text("import numpy\n")
+    (root / "intake" / "grid.py").write_text("from pipeline.common import base\n\n\n"
+                                             "def f():\n    from pipeline.sharing import pack\n")
+    (root / "learning" / "train.py").write_text("import pipeline.results.diagnostics\nimport pipeline.stage\n")
+    (root / "results" / "diagnostics.py").write_text("from pipeline.intake.grid import f\n")
+    (root / "sharing" / "pack.py").write_text("from pipeline import demo\n")
+    (root / "demo" / "cohort.py").write_text("from pipeline.intake import grid\nfrom pipeline import stage\n")
+    names = ["pipeline.stage", "pipeline.common.base", "pipeline.intake.grid", "pipeline.learning.train",
+             "pipeline.results.diagnostics", "pipeline.sharing.pack", "pipeline.demo.cohort"]
+    assert upward_imports(names, root) == [
+        "pipeline.intake.grid -> pipeline.sharing", "pipeline.intake.grid -> pipeline.sharing.pack",
+        "pipeline.learning.train -> pipeline.results.diagnostics", "pipeline.learning.train -> pipeline.stage",
+        "pipeline.sharing.pack -> pipeline.demo", "pipeline.demo.cohort -> pipeline.stage"]
 
 
 def test_no_import_cycle_and_no_long_module():
@@ -63,6 +135,32 @@ def test_code_inputs_follow_imports_inside_functions_and_through_packages(tmp_pa
     (root / "unused.py").write_text("")
     found = {p.relative_to(root).as_posix() for p in codegraph.code_of("pipeline.entry", package=root)}
     assert found == {"__init__.py", "entry.py", "a/__init__.py", "a/lib.py", "a/deep.py", "other.py"}
+
+
+def test_the_code_fingerprint_moves_with_code_and_not_with_docstrings_or_comments(tmp_path):
+    """Editing a docstring or a comment of a module a command imports leaves the command's
+    fingerprint file untouched (its jobs do not rerun); editing code rewrites it."""
+    root = tmp_path / "pipeline"
+    root.mkdir()
+    (root / "__init__.py").write_text('"""The package."""\n')
+    (root / "atomic.py").write_text('"""Atomic writes."""\n\n\ndef write(x):\n    """Write x."""\n    return x + 1\n')
+    (root / "stage.py").write_text("from pipeline import atomic\n\nprint(atomic.write(1))\n")
+    (root / "unrelated.py").write_text("y = 2\n")
+    folder = tmp_path / ".snakemake" / "pipeline-code"
+    path = codegraph.fingerprint_file("pipeline.stage", folder, package=root)
+    before = path.read_text()
+    assert [line.split("  ")[1] for line in before.splitlines()] == ["pipeline/__init__.py", "pipeline/atomic.py",
+                                                                    "pipeline/stage.py"]
+    os.utime(path, (1, 1))
+    (root / "atomic.py").write_text('"""Atomic writes, reworded."""\n\n\ndef write(x):\n    # a comment\n\n'
+                                    '    """Write x, reworded."""\n    return x + 1  # and another\n')
+    (root / "unrelated.py").write_text("y = 3\n")
+    assert codegraph.fingerprint_file("pipeline.stage", folder, package=root) == path
+    assert path.stat().st_mtime == 1 and path.read_text() == before
+    (root / "atomic.py").write_text('"""Atomic writes."""\n\n\ndef write(x):\n    return x + 2\n')
+    codegraph.fingerprint_file("pipeline.stage", folder, package=root)
+    assert path.stat().st_mtime > 1 and path.read_text() != before
+    assert before.splitlines()[2] == path.read_text().splitlines()[2]  # stage.py itself did not change
 
 
 def test_every_rule_declares_the_code_of_its_command():
@@ -139,15 +237,18 @@ def test_code_defaults_that_mirror_the_config_are_the_schemas():
 
 def test_the_preprocessing_chain_is_one_list():
     """Each step's switch is a preprocess key, the recipe compares every key that changes the images,
-    and the recipe's steps and a sidecar's Steps are both written from ``recipe.STEPS``."""
+    and the recipe's steps and a sidecar's Steps are both written from ``steps.STEPS``, each step
+    with the code that runs it (``tests/test_preprocess.py`` adds one and finds it in both)."""
     keys = set(config.section(["preprocess"])["properties"])
-    assert {step.key for step in recipe.STEPS if step.key} <= keys
+    assert {step.key for step in steps.STEPS if step.key} <= keys
+    assert all(callable(step.run) for step in steps.STEPS) and len({s.name for s in steps.STEPS}) == len(steps.STEPS)
     settings = config.defaults(["preprocess"])
     study = recipe.from_config(settings, {"T1w": {"suffix": "T1w"}, "FLAIR": {"suffix": "FLAIR"}}, {})
     assert set(recipe.COMPARED) <= set(study) and keys - {"seed"} <= set(study)
-    assert len(study["steps"]) == len([s for s in recipe.STEPS if s.key is None or settings[s.key] not in recipe.OFF])
+    assert len(study["steps"]) == len([s for s in steps.STEPS if s.key is None or settings[s.key] not in steps.OFF])
     assert "rigid co-registration of FLAIR to T1w (ANTs)" in study["steps"]
-    assert recipe.sidecar_steps(settings, ["T1w", "FLAIR"], "FLAIR")[2] == "ants.registration:Rigid to T1w"
+    ran = recipe.active(settings)
+    assert recipe.sidecar_steps(ran, settings, ["T1w", "FLAIR"], "FLAIR")[2] == "ants.registration:Rigid to T1w"
     off = recipe.steps({**settings, "n4": False, "antialias": False}, ["T1w"])
     assert not any("N4" in s or "anti-aliasing" in s for s in off)
 
@@ -161,3 +262,22 @@ def test_stages_take_their_settings_as_one_config(command):
     assert "add_config(" in source
     for flag in ("--target", "--task", "--channels", "--settings", "--hyperparameters", "--methods"):
         assert f'"{flag}"' not in source, (command, flag)
+
+
+def test_parsed_modules_are_cached_by_content_across_processes(tmp_path, monkeypatch):
+    """A Snakemake start reads each module's imports and hash from the user's cache; an edited
+    module (even one of the same size and modification time) is parsed again."""
+    monkeypatch.setattr(codegraph, "CACHE", tmp_path / "cache" / "codegraph.json")
+    codegraph.read_cache.cache_clear()
+    module = tmp_path / "m.py"
+    module.write_text("import pipeline.a\n")
+    first = codegraph.parsed(module)
+    codegraph.save_cache()
+    saved = json.loads(codegraph.CACHE.read_text())
+    assert [names for names, _ in saved.values()] == [["pipeline.a"]]
+    codegraph.read_cache.cache_clear()  # a new process
+    stat = module.stat()
+    module.write_text("import pipeline.b\n")  # same size, same times
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert codegraph.parsed(module)[0] == {"pipeline.b"} and codegraph.parsed(module)[1] != first[1]
+    codegraph.read_cache.cache_clear()

@@ -56,11 +56,12 @@ def test_library_writers_round_trip(tmp_path):
     img = nib.Nifti1Image(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4))
     atomic.nib_save(img, tmp_path / "map.nii.gz")
     atomic.np_save(tmp_path / "array.npy", np.ones((1, 2, 2, 2), np.float32))
-    atomic.to_csv(pd.DataFrame({"a": [1]}), tmp_path / "t.tsv", sep="\t", index=False)
+    atomic.to_csv(pd.DataFrame({"epoch": [1]}), tmp_path / "t.tsv", sep="\t", index=False)
     assert nib.load(tmp_path / "map.nii.gz").get_fdata().sum() == 28  # gzipped: nibabel read the suffix
     assert np.load(tmp_path / "array.npy").shape == (1, 2, 2, 2)
-    assert (tmp_path / "t.tsv").read_text() == "a\n1\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["array.npy", "map.nii.gz", "t.tsv"]
+    assert (tmp_path / "t.tsv").read_text() == "epoch\n1\n"
+    # A TSV comes with its data dictionary (pipeline.common.columns; tests/test_columns.py)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["array.npy", "map.nii.gz", "t.json", "t.tsv"]
 
 
 # Calls that create an output file directly; each stage must use pipeline.common.atomic instead.

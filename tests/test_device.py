@@ -107,7 +107,7 @@ def test_evaluation_on_the_device_path_equals_the_code_before_it(mini_study, tmp
 
 
 def test_apply_mode_on_the_device_path_reproduces_the_study(mini_study, tmp_path):
-    from pipeline.sharing import package
+    from pipeline.common import package
     from pipeline.sharing.predict import fold_mean_maps, predict_folds
 
     pkg = package.load(mini_study / "package" / "model")
@@ -131,7 +131,7 @@ def test_apply_mode_on_the_device_path_reproduces_the_study(mini_study, tmp_path
 
 def test_explanation_of_a_fold_on_the_device_path_equals_the_maps_of_the_cpu_model(mini_study, tmp_path,
                                                                                   monkeypatch):
-    from pipeline.results import explain
+    from pipeline.results import explain, maps as mapfiles
 
     written = {}  # the maps explain_fold saves (native space needs real preprocessing: not in this study)
 
@@ -141,7 +141,7 @@ def test_explanation_of_a_fold_on_the_device_path_equals_the_maps_of_the_cpu_mod
             groups[method].add(data)
         return {m: {"template": "", "native": ""} for m in maps}
 
-    monkeypatch.setattr(explain, "save_image_maps", save)
+    monkeypatch.setattr(mapfiles, "save_image_maps", save)  # write_maps saves through it
     settings = attribution.Settings(window=4, stride=4, smoothgrad_samples=2, ig_steps=4, gradcam_layer="features.1")
     methods, table = list(attribution.METHODS), fold_table(mini_study)
     model_path = mini_study / "train" / "fold-1" / "model.pt"

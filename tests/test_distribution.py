@@ -41,7 +41,7 @@ def test_pyproject_lists_every_subpackage_and_the_workflow():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     listed = set(project["tool"]["setuptools"]["packages"])
     found = {"pipeline"} | {f"pipeline.{p.parent.name}" for p in (ROOT / "src" / "pipeline").glob("*/__init__.py")}
-    assert listed == found | {"pipeline.workflow"}
+    assert listed == found | {"pipeline.workflow", "pipeline.config"}
     assert project["project"]["name"] == DISTRIBUTION and "bids-deepstudy" in project["project"]["scripts"]
 
 
@@ -76,7 +76,7 @@ def installed(tmp_path_factory) -> Path:
     source = root / "source"  # a copy: the build's own files stay out of the checkout
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name if source.exists() else source.mkdir() or source / name)
-    for name in ("src", "workflow"):
+    for name in ("src", "workflow", "config"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
                     "--no-index", "-q", "-w", str(root / "dist")], check=True, capture_output=True, env=bare_env())
@@ -99,9 +99,11 @@ def command(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_the_installed_wheel_carries_the_workflow(installed, tmp_path):
     where = subprocess.run([str(installed / "bin" / "python"), "-c",
-                            "import pipeline, pipeline.common.locations as l; print(pipeline.__file__); print(l.SNAKEFILE)"],
+                            "import pipeline, pipeline.common.locations as l; print(pipeline.__file__); print(l.SNAKEFILE); "
+                            "print(l.STUDY_CONFIG)"],
                            cwd=tmp_path, env=bare_env(), capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).is_relative_to(installed) for p in where) and Path(where[1]).is_file()
+    assert Path(where[2]).read_text() == (ROOT / "config" / "study.yaml").read_text()  # what `init` fills in
 
 
 def test_the_console_command_dry_runs_a_study_and_checks_configs_from_another_folder(installed, small_bids, tmp_path):
@@ -110,7 +112,7 @@ def test_the_console_command_dry_runs_a_study_and_checks_configs_from_another_fo
     config = study_config(tmp_path, small_bids)
     check = command(installed, "check", str(config), cwd=elsewhere)
     assert check.returncode == 0 and "no problems" in check.stdout, check.stderr
-    dry = command(installed, "run", "-n", "--configfile", str(config), cwd=elsewhere)
+    dry = command(installed, "run", "-n", "-p", "--configfile", str(config), cwd=elsewhere)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "python -m pipeline.ingest" in dry.stdout and f"profile {installed}" in dry.stderr  # the packaged one
 

@@ -123,3 +123,32 @@ def test_every_method_works_on_a_real_network_of_each_sampler(kind):
     for method, data in maps.items():
         assert data.shape == SHAPE and np.isfinite(data).all(), method
         assert (data != 0).mean() > 0.5, method  # every voxel reaches the output of this network
+
+
+def test_the_gradcam_layer_check_reads_known_networks_from_the_cache_without_torch(tmp_path):
+    """The config check lists a network's layers once; later checks (a Snakemake start, `check`)
+    read them from the user's cache and import no torch, with the same messages."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json, sys\n"
+              "from pipeline.common.config import fill, schema\n"
+              "from pipeline.results import explainconfig\n"
+              "config = fill(schema(), {'bids_dir': 'x', 'target': 'age', 'task': 'regression',\n"
+              "                         'explain': {'methods': ['gradcam'], 'gradcam_layer': sys.argv[1]}})\n"
+              "print(json.dumps([explainconfig.problems(config), 'torch' in sys.modules]))\n")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+
+    def check(layer: str) -> tuple[list[str], bool]:
+        done = subprocess.run([sys.executable, "-c", script, layer], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return tuple(json.loads(done.stdout.splitlines()[-1]))
+
+    first_problems, first_torch = check("features.9")
+    assert first_torch and "`explain.gradcam_layer` is 'features.9'" in first_problems[0] and "features.1" in first_problems[0]
+    again = check("features.9")
+    assert again == (first_problems, False)
+    assert check("features.1") == ([], False)
+    assert (tmp_path / "bids-deepstudy" / "layers.json").is_file()

@@ -1,10 +1,11 @@
 """Faults: kill -9 mid-study and rerun, a read-only input dataset, and the same seed twice.
 
-One tiny study (8 mm grid, two folds, gradient maps only) runs twice for the module, each time
-from scratch in a fresh folder with the same config and seed:
+One tiny study (8 mm grid, two folds; tests/smallstudy.py) runs twice, each time from scratch in a
+fresh folder with the same config and seed:
 
 * **reference**: uninterrupted, the whole workflow, on a copy of the cohort made read-only
-  (``chmod -R a-w``);
+  (``chmod -R a-w``): the session's shared small study (conftest ``small_study``, which the
+  package/apply test reads too);
 * **interrupted**: in a fresh folder, killed with SIGKILL (Snakemake and every job of its session)
   while preprocessing jobs run, unlocked and rerun (the default profile's ``rerun-incomplete``),
   killed again once a fold's training has written a checkpoint but not its model, unlocked and
@@ -20,36 +21,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
-import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from pipeline.demo.cohort import make_demo
+from smallstudy import N_SUBJECTS, command, env, run, tree_digest, write_config
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-N_SUBJECTS = 8
-CONFIG = {
-    "results_dir": "results",
-    "target": "age",
-    "task": "regression",
-    "check_data": False,
-    "preprocess": {"resolution": 8, "shape": [20, 24, 20], "n4": False, "brain_extraction": "none",
-                   "registration_resolution": None},
-    "split": {"test": 0.2, "folds": 2, "seed": 0},
-    "train": {"epochs": 30, "batch_size": 2, "patience": 30, "augmentation": {}},
-    "explain": {"methods": ["gradient"], "groundtruth": None},
-}
 # Compared between runs, relative to results/ (every fold's explanation maps are added; not
 # manifest.tsv, which names the dataset's folder, and the reference reads a copy).
 COMPARED = ["splits.tsv", "evaluate/fold-1/metrics.json", "evaluate/fold-1/predictions.tsv",
@@ -58,26 +42,6 @@ COMPARED = ["splits.tsv", "evaluate/fold-1/metrics.json", "evaluate/fold-1/predi
 # evaluation summary, group explanation, report and package add work the comparison does not need).
 TARGETS = [f"results/{stage}/fold-{k}/{name}" for k in (1, 2)
            for stage, name in (("evaluate", "metrics.json"), ("explain", "maps.tsv"))]
-
-
-def env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1", "OMP_NUM_THREADS": "1"}
-
-
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), "--cores", "2", *args]
-
-
-def write_config(workdir: Path, bids_dir: Path) -> None:
-    (workdir / "config").mkdir(parents=True, exist_ok=True)
-    (workdir / "config" / "config.yaml").write_text(yaml.safe_dump({**CONFIG, "bids_dir": str(bids_dir)}))
-
-
-def run(workdir: Path, *targets: str) -> subprocess.CompletedProcess:
-    done = subprocess.run(command(*targets), cwd=workdir, env=env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-5000:]
-    return done
 
 
 def session_pids(sid: int) -> list[int]:
@@ -125,11 +89,6 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 and mode of every file under ``root``, by relative path."""
-    return {str(p.relative_to(root)): f"{p.stat().st_mode:o} {digest(p)}" for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def outputs(workdir: Path) -> dict[str, str]:
     """sha256 of the compared results and of every explanation map (NIfTI)."""
     results = workdir / "results"
@@ -149,35 +108,15 @@ def weights(workdir: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    return make_demo(tmp_path_factory.mktemp("faults") / "demo", n_subjects=N_SUBJECTS, seed=0)
+def reference(small_study) -> Path:
+    return small_study["workdir"]
 
 
 @pytest.fixture(scope="module")
-def read_only_cohort(tmp_path_factory, cohort) -> tuple[Path, dict[str, str]]:
-    """A copy of the cohort with every write bit removed, and its digest taken before any run."""
-    copy = tmp_path_factory.mktemp("readonly") / "demo"
-    shutil.copytree(cohort, copy)
-    for path in [copy, *copy.rglob("*")]:
-        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-    yield copy, tree_digest(copy)
-    for path in [copy, *copy.rglob("*")]:  # let pytest clean it up
-        path.chmod(path.stat().st_mode | stat.S_IWUSR)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, read_only_cohort) -> Path:
-    workdir = tmp_path_factory.mktemp("reference")
-    write_config(workdir, read_only_cohort[0])
-    run(workdir)
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory, cohort) -> dict:
+def interrupted(tmp_path_factory, small_study) -> dict:
     """The study killed during preprocessing and during training, each time rerun."""
     workdir = tmp_path_factory.mktemp("interrupted")
-    write_config(workdir, cohort)
+    write_config(workdir, small_study["cohort"])
     results = workdir / "results"
 
     def arrays() -> list[Path]:  # final names only, not the hidden temporaries of writes in flight
@@ -208,10 +147,10 @@ def interrupted(tmp_path_factory, cohort) -> dict:
             "resumed_at": resumed_at}
 
 
-def test_read_only_input_is_never_written(reference, read_only_cohort):
+def test_read_only_input_is_never_written(reference, small_study):
     """The whole workflow ran on a read-only copy; its digest is unchanged. As root, chmod does not
     stop writes, so the digest comparison (content and mode of every file) is the real check."""
-    copy, before = read_only_cohort
+    copy, before = small_study["read_only"], small_study["digest"]
     assert (reference / "results" / "package" / "model.tar.gz").exists()
     assert tree_digest(copy) == before
 

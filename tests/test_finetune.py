@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from minipackage import HYPER, RECIPE
-from pipeline.sharing import package
+from pipeline.common import package
 from pipeline.intake.study import study_table
 from pipeline.common.errors import InputError
 from pipeline.learning.finetune import freeze, freeze_layers, head_keys, source_fold
@@ -71,6 +72,37 @@ def test_the_same_outputs_with_another_meaning_get_a_new_head(mini_study, tmp_pa
     assert "the package's outputs mean regression of 'age', this study's regression of 'height'" in capsys.readouterr().err
 
 
+def test_a_new_head_starts_as_the_linear_probe_of_the_pretrained_features(mini_study, capsys):
+    """Another target: the new head is the ridge fit of the normalised target on the package's
+    pooled features of the training images, exactly (what fine-tuning then starts from)."""
+    from sklearn.linear_model import RidgeCV
+
+    from pipeline.learning.coder import TargetCoder
+    from pipeline.learning.finetune import initialise
+
+    table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives", "fold-1",
+                        ["T1w"])
+    rows = table[table["split"] == "train"]
+    height = rows["age"].to_numpy(float) * 0.5 + 100.0
+    coder = TargetCoder("regression", mean=float(height.mean()), std=float(height.std()))
+    y = coder.encode(height)
+    hyper = {**HYPER, "model": "simple_cnn", "model_args": {"channels": [4, 8]}, "freeze": False, "head_init": "probe", "package_head": "keep"}
+    model = initialise(build_model("simple_cnn", 1, 1, channels=[4, 8]), mini_study / "package" / "model", hyper, coder,
+                       "height", ["T1w"], RECIPE, "fold-1", probe=(rows["array"].tolist(), y)).eval()
+    assert "new head fitted on the pre-trained features of" in capsys.readouterr().err
+    x = torch.from_numpy(np.stack([np.load(a) for a in rows["array"]]).astype(np.float32))
+    features = []
+    model.head[3].register_forward_pre_hook(lambda module, inputs: features.append(inputs[0]))
+    with torch.no_grad():
+        out = model(x)[:, 0].numpy()
+    expected = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(features[0].numpy(), y.numpy()).predict(features[0].numpy())
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+    random_head = initialise(build_model("simple_cnn", 1, 1, channels=[4, 8]), mini_study / "package" / "model",
+                             {**hyper, "head_init": "random"}, coder, "height", ["T1w"], RECIPE, "fold-1",
+                             probe=(rows["array"].tolist(), y)).eval()
+    assert not torch.equal(random_head.head[3].weight, model.head[3].weight)
+
+
 def test_architecture_and_preprocessing_mismatches_name_both(mini_study, tmp_path):
     with pytest.raises(InputError, match=r"simple_cnn \{'channels': \[4, 8\]\} on channels \['T1w'\], this study "
                                          r"simple_cnn \{'channels': \[4, 16\]\}"):
@@ -120,25 +152,68 @@ def test_the_workflow_fetches_the_package_to_start_from(mini_study, small_bids, 
 BINS = list(range(3, 83, 2))  # 40 soft-label age bins, SFCN-style
 
 
-def test_a_package_of_40_age_bins_gets_one_regression_output(mini_study, tmp_path, capsys):
-    """40 soft-label bins → one scalar: the head is replaced, the reason printed, the backbone kept."""
+def binned_package(mini_study, tmp_path):
     from minipackage import with_outputs
 
-    binned = with_outputs(mini_study / "package" / "model", tmp_path / "binned", 40,
-                          output={"type": "bins", "bins": BINS})
+    return with_outputs(mini_study / "package" / "model", tmp_path / "binned", 40, output={"type": "bins", "bins": BINS})
+
+
+def test_a_package_of_40_age_bins_keeps_its_head_and_predicts_their_expected_value(mini_study, tmp_path, capsys):
+    """An age study from a package of 40 soft-label age bins keeps the bins (package_head: keep):
+    it trains their expected value, its model.pt and its exported ensemble predict it."""
+    from pipeline.learning.saved import load_model
+    from pipeline.sharing.export import Ensemble
+
+    binned = binned_package(mini_study, tmp_path)
     start = package.load(binned).state_dict("fold-1")
-    assert start["head.3.weight"].shape == (40, 8)
-    study = mini_study
-    table = study_table(study / "manifest.tsv", study / "splits.tsv", study / "derivatives", "fold-1", ["T1w"])
+    table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives", "fold-1",
+                        ["T1w"])
     init = {"package": binned, "recipe": RECIPE, "fold": "fold-1"}
-    tuned = train(table, "age", "regression", {**HYPER, "epochs": 1, "init_from": "lab/sfcn:1", "freeze": "features"},
+    tuned = train(table, "age", "regression", {**HYPER, "epochs": 2, "init_from": "lab/sfcn:1", "freeze": "features"},
+                  tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
+    assert "new head" not in capsys.readouterr().err
+    assert tuned["head.3.weight"].shape == (40, 8) and not torch.equal(tuned["head.3.weight"], start["head.3.weight"])
+    model, coder, _ = load_model(tmp_path / "out" / "model.pt")
+    assert coder.bins == BINS and coder.task == "regression"
+    x = torch.from_numpy(np.stack([np.load(a) for a in table["array"][:3]]))
+    with torch.no_grad():
+        logits = model(x)
+        expected = (torch.softmax(logits, 1) * torch.tensor(BINS, dtype=torch.float32)).sum(1)
+        assert np.allclose(coder.decode(logits), expected.numpy(), atol=1e-5)
+        assert torch.allclose(Ensemble([model], [coder])(x).squeeze(1), expected, atol=1e-5)
+    # training read the expected value as a z-score: its recorded MAE is the decoded one's
+    history = __import__("pandas").read_csv(tmp_path / "out" / "history.tsv", sep="\t")
+    assert np.isfinite(history["val_mae"]).all() and (history["val_mae"] < 40).all()
+
+
+def test_package_head_new_replaces_40_age_bins_with_one_regression_output(mini_study, tmp_path, capsys):
+    """package_head: new → one scalar: the head is replaced, the reason printed, the backbone kept."""
+    binned = binned_package(mini_study, tmp_path)
+    start = package.load(binned).state_dict("fold-1")
+    table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives", "fold-1",
+                        ["T1w"])
+    init = {"package": binned, "recipe": RECIPE, "fold": "fold-1"}
+    tuned = train(table, "age", "regression", {**HYPER, "epochs": 1, "init_from": "lab/sfcn:1", "freeze": "features",
+                                               "package_head": "new"},
                   tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
     log = capsys.readouterr().err
-    assert ("new head (head.3.bias, head.3.weight from random weights): the package has 40 output(s) (regression of "
-            "'age' by 40 soft-label bins centred 3-81), this study 1 (regression of 'age')") in log
+    assert "new head (head.3.bias, head.3.weight from random weights): config train.package_head is new" in log
     assert tuned["head.3.weight"].shape == (1, 8)
     backbone = [k for k in start if k.startswith("features") and not k.endswith("num_batches_tracked")]
     assert backbone and all(torch.equal(start[k], tuned[k]) for k in backbone)
+
+
+def test_frozen_batchnorm_normalises_with_the_package_statistics_in_training():
+    """A BatchNorm layer whose parameters are frozen stays in eval mode when training starts."""
+    from pipeline.learning.trainer import train_mode
+
+    network = build_model("sfcn", 1, 1, channels=[4, 4, 4])
+    freeze_layers(network, ["features"])
+    train_mode(network)
+    norms = [m for m in network.modules() if isinstance(m, torch.nn.BatchNorm3d)]
+    frozen = [m for m in norms if not any(p.requires_grad for p in m.parameters())]
+    assert frozen and not any(m.training for m in frozen)
+    assert all(m.training for m in norms if m not in frozen) and network.training
 
 
 def test_freeze_by_layer_name(mini_study, tmp_path, capsys):

@@ -16,7 +16,8 @@ from pipeline.__main__ import COMMANDS
 from pipeline.common.errors import InputError
 from pipeline.intake import brainmask, recipe
 from pipeline.learning.saved import package_coder, package_model
-from pipeline.sharing import package, registry
+from pipeline.common import package
+from pipeline.sharing import registry
 from pipeline.sharing.importer import import_package, main
 
 GRID = [32, 32, 32]
@@ -139,11 +140,24 @@ def test_an_imported_package_is_registered_fetched_and_fine_tuned_from(sfcn_pack
 
     pkg = package.load(folder)
     model = build_model("sfcn_peng", 1, 1, channels=WIDTHS)
-    hyper = {"model": "sfcn_peng", "model_args": {"channels": WIDTHS}, "freeze": 0}
+    hyper = {"model": "sfcn_peng", "model_args": {"channels": WIDTHS}, "freeze": 0, "package_head": "keep"}
     initialise(model, folder, hyper, TargetCoder("regression", mean=50.0, std=10.0), "age", ["T1w"], pkg.recipe, "fold-1")
     start = pkg.state_dict("fold-1")
     assert torch.equal(model.state_dict()["feature_extractor.conv_0.0.weight"], start["feature_extractor.conv_0.0.weight"])
     assert "new head" in capsys.readouterr().err and model.eval()(x).shape == (1, 1)
+
+
+def test_fine_tuning_an_imported_package_compares_only_the_declared_input(sfcn_package):
+    from pipeline.learning.finetune import check_preprocessing
+
+    tmp, *_ = sfcn_package
+    theirs = package.load(tmp / "package").recipe
+    ours = {**theirs, "imported": False, "n4": False, "registration_resolution": 4, "antialias": False}
+    check_preprocessing(theirs, ours, tmp / "package")  # how the study registers is its own choice
+    with pytest.raises(InputError, match=r"resolution: package 6.0, study 4.0"):
+        check_preprocessing(theirs, {**ours, "resolution": 4.0}, tmp / "package")
+    with pytest.raises(InputError, match=r"registration_resolution: package 2, study 4"):
+        check_preprocessing({**theirs, "imported": False}, ours, tmp / "package")  # our own packages: all of it
 
 
 def test_the_predict_stage_of_apply_writes_the_expected_age(sfcn_package, tmp_path):
@@ -385,9 +399,10 @@ def test_apply_runs_an_imported_package_folder_into_a_new_output_folder(sfcn_pac
 
     tmp, *_ = sfcn_package
     calls = []
-    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args, readable=False: calls.append(args) or 0)
     with pytest.raises(SystemExit) as done:
-        apply_cli.main([str(small_bids), str(tmp_path / "new" / "out"), "participant", "--model", str(tmp / "package")])
+        apply_cli.main([str(small_bids), str(tmp_path / "new" / "out"), "participant", "--model", str(tmp / "package"),
+                        "--work-dir", str(tmp_path / "new" / "work")])
     assert done.value.code == 0 and len(calls) == 1
-    config = yaml.safe_load((tmp_path / "new" / "out" / "config.yaml").read_text())
+    config = yaml.safe_load((tmp_path / "new" / "work" / "config.yaml").read_text())
     assert config["preprocess"]["shape"] == GRID and config["apply"]["package"] == str((tmp / "package").resolve())

@@ -13,7 +13,7 @@ keras = pytest.importorskip("keras")
 
 from pipeline.common.errors import InputError  # noqa: E402
 from pipeline.learning.saved import package_coder, package_model  # noqa: E402
-from pipeline.sharing import package  # noqa: E402
+from pipeline.common import package  # noqa: E402
 from pipeline.sharing.importer import import_package  # noqa: E402
 
 GRID = (9, 11, 9)  # odd sizes: "same" padding then pads unevenly, as TensorFlow does

@@ -2,9 +2,9 @@
 lesion in deep grey matter, 40 participants, at the demo's 4 mm grid.
 
 The study runs the real workflow once for the module (classification of ``group``); the tests
-read its files: the deep ensemble must find the lesion (ROC AUC ≥ 0.9) where the linear baseline
-fitted to the same arrays does (≥ 0.95), learn its training data, and its maps must land on the
-lesion.
+read its files: the deep ensemble must find the lesion (ROC AUC ≥ 0.9, and never more than 0.05
+below the linear baseline fitted to the same arrays), learn its training data, and its maps must
+land on the lesion.
 """
 
 from __future__ import annotations
@@ -34,12 +34,14 @@ CONFIG = {
     "results_dir": "results",
     "target": "group",
     "task": "classification",
-    # 24 training participants per fold; stratified: a test set of exactly 8 (the stable default
-    # draws 5 here, too few for a ROC AUC goal)
-    "split": {"test": 0.2, "folds": 4, "seed": 0, "method": "stratified"},
+    # the default stable design, stratified by class: a test set of 4 + 4, 12 + 12 training
+    # participants per fold (with 2 folds, 8 + 8: too few, the split warns)
+    "split": {"test": 0.2, "folds": 4, "seed": 0},
     "preprocess": {"brain_extraction": "none", "registration_resolution": None},  # brain-only images, as the demo
     "train": {"epochs": 40},  # the default recipe, shortened for CI (100 epochs: docs/benchmarks.md, Learning)
-    "explain": {"methods": ["integrated_gradients"]},
+    # no randomisation cascade (explain.sanity_images): 30 % of each explain job here, and none of
+    # this test's checks; tests/test_sanity.py asserts it and test_workflow.py's study runs it
+    "explain": {"methods": ["integrated_gradients"], "sanity_images": 0},
 }
 
 
@@ -63,8 +65,10 @@ def test_deep_ensemble_finds_the_lesion_where_the_linear_baseline_does(study):
     summary = json.loads((evaluate / "metrics.json").read_text())
     comparison = pd.read_csv(evaluate / "comparison.tsv", sep="\t")
     print(comparison.to_string(index=False))
-    assert summary["linear"]["roc_auc"] >= 0.95
-    assert summary["ensemble"]["roc_auc"] >= 0.9
+    # issue #26's goal: never more than 0.05 below the logistic baseline on the same arrays and split
+    # (on this default split's test set of 4 + 4 the baseline reaches only 0.6: the deep model must
+    # not need it to be easy)
+    assert summary["ensemble"]["roc_auc"] >= max(0.9, summary["linear"]["roc_auc"] - 0.05)
     row = comparison.set_index(["model", "metric"]).loc[("ensemble", "roc_auc")]
     assert row["verdict"] != "linear better"
     assert set(comparison["model"]) == {"fold-1", "fold-2", "fold-3", "fold-4", "ensemble"}

@@ -1,5 +1,5 @@
 """The linear baseline (pipeline.linear), the paired comparison (pipeline.results.compare) and the
-learning diagnostics (pipeline.results.diagnostics), on real arrays written to disk."""
+learning diagnostics (pipeline.learning.curves, pipeline.results.diagnostics), on real arrays written to disk."""
 
 import json
 
@@ -9,8 +9,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from pipeline.results import compare
+from pipeline.learning import curves
 from pipeline.results import diagnostics
-from pipeline.learning import linear
+from pipeline.results import linear
 from pipeline.results.evaluate import summarise
 
 GRID = (8, 10, 8)
@@ -151,21 +152,21 @@ def history(train_loss, val_loss, **columns):
 
 def test_diagnostics_say_when_training_did_not_fit_diverged_or_was_cut_short():
     flat = history([1.1, 1.0, 0.98, 1.02, 0.99, 1.0], [1.0, 1.0, 0.97, 1.0, 1.01, 1.0])
-    assert [f["finding"] for f in diagnostics.training(flat, "regression")] == ["did_not_fit"]
+    assert [f["finding"] for f in curves.training(flat, "regression")] == ["did_not_fit"]
     chance = history([0.7] * 6, [0.69] * 5 + [0.7], train_accuracy=[0.5, 0.55, 0.5, 0.52, 0.5, 0.55])
-    found = diagnostics.training(chance, "classification", majority=0.5)
+    found = curves.training(chance, "classification", majority=0.5)
     assert found[0]["finding"] == "did_not_fit" and "most frequent class scores 0.50" in found[0]["message"]
     diverged = history([0.9, 0.5, 0.3, 0.1, 0.05, 0.02], [0.8, 0.4, 0.5, 0.7, 0.9, 1.2])
-    found = diagnostics.training(diverged, "regression")
+    found = curves.training(diverged, "regression")
     assert [f["finding"] for f in found] == ["validation_diverged"] and found[0]["best_epoch"] == 2
     improving = history([0.9, 0.5, 0.3, 0.2], [0.8, 0.5, 0.4, 0.3])
-    assert [f["finding"] for f in diagnostics.training(improving, "regression")] == ["still_improving"]
+    assert [f["finding"] for f in curves.training(improving, "regression")] == ["still_improving"]
     healthy = history([0.9, 0.5, 0.3, 0.2, 0.2], [0.8, 0.5, 0.3, 0.32, 0.33])
-    assert diagnostics.training(healthy, "regression") == []
+    assert curves.training(healthy, "regression") == []
     # A fold of a CI run: the best validation loss at epoch 1 of 12, rising then wandering back.
     stuck = history([0.76, 0.69, 0.6, 0.55, 0.5, 0.4, 0.3, 0.28, 0.2, 0.15, 0.1, 0.09],
                     [0.69, 0.75, 0.86, 0.99, 1.03, 1.14, 1.27, 1.1, 0.96, 0.9, 0.85, 0.8])
-    found = diagnostics.training(stuck, "regression")
+    found = curves.training(stuck, "regression")
     assert [f["finding"] for f in found] == ["best_at_start"] and found[0]["best_epoch"] == 1
     assert "epoch 1 of 12" in found[0]["message"]
 

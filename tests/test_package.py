@@ -15,7 +15,9 @@ import torch
 from minipackage import spec
 from pipeline.learning.saved import package_coder, package_model
 from pipeline.common import config as study_config
-from pipeline.sharing import modelcard, package
+from pipeline.common import package
+from pipeline.sharing import tarball
+from pipeline.sharing import modelcard
 from pipeline.common.tables import read_tsv
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
@@ -62,7 +64,7 @@ def test_archive_holds_the_folder_and_is_reproducible(mini_study, tmp_path):
     with tarfile.open(archive) as tar:
         names = {m.name for m in tar.getmembers() if m.isfile()}
     assert names == {f"model/{name}" for name in package.files(["fold-1", "fold-2"])}
-    again = package.pack(mini_study / "package" / "model", tmp_path / "again.tar.gz")
+    again = tarball.pack(mini_study / "package" / "model", tmp_path / "again.tar.gz")
     assert package.sha256(again) == package.sha256(archive)
 
 
@@ -200,7 +202,7 @@ def test_an_archive_with_paths_outside_its_folder_is_refused(mini_study, tmp_pat
     archive = traversal_archive(tmp_path / "evil.tar.gz", mini_study / "package" / "model", member, kind)
     dest = tmp_path / "out" / "inner"
     with pytest.raises(InputError, match=message) as error:
-        package.unpack(archive, dest)
+        tarball.unpack(archive, dest)
     assert member.rstrip("/") in str(error.value) or kind == "symlink" or "one package folder" in message
     assert not dest.exists() and not (tmp_path / "escaped.txt").exists()
     assert not (tmp_path / "out" / "escaped.txt").exists()
@@ -230,7 +232,7 @@ def test_a_member_naming_no_file_is_refused_cleanly(tmp_path, name, content):
     dest = tmp_path / "out"
     with pytest.raises(InputError, match=r"odd\.tar\.gz holds a member named '(\.|model/\.|)', which names no file "
                                          r"or folder inside the package folder\. Refusing .* re-create the archive"):
-        package.unpack(archive, dest)
+        tarball.unpack(archive, dest)
     assert not dest.exists()
 
 
@@ -242,26 +244,26 @@ def test_an_archive_over_the_size_limit_is_refused_before_extracting(tmp_path, m
                                          r"member 'model/weights/fold-1\.safetensors'\), over the limit of 1\.0 MiB "
                                          r"\(1048576 bytes\) .* raise the limit: set the environment variable "
                                          r"PIPELINE_MAX_UNPACKED_BYTES"):
-        package.unpack(archive, dest, max_bytes=2**20)
-    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(2**20))
+        tarball.unpack(archive, dest, max_bytes=2**20)
+    monkeypatch.setenv(tarball.MAX_UNPACKED_VARIABLE, str(2**20))
     with pytest.raises(InputError, match="over the limit of 1.0 MiB"):
-        package.unpack(archive, dest)
+        tarball.unpack(archive, dest)
     assert not dest.exists()
-    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(4 * 2**20))
-    assert (package.unpack(archive, dest) / "weights" / "fold-1.safetensors").stat().st_size == 3 * 2**20
-    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, "4G")
+    monkeypatch.setenv(tarball.MAX_UNPACKED_VARIABLE, str(4 * 2**20))
+    assert (tarball.unpack(archive, dest) / "weights" / "fold-1.safetensors").stat().st_size == 3 * 2**20
+    monkeypatch.setenv(tarball.MAX_UNPACKED_VARIABLE, "4G")
     with pytest.raises(InputError, match=r"\$PIPELINE_MAX_UNPACKED_BYTES is '4G'; set it to a whole number of bytes"):
-        package.unpack(archive, tmp_path / "again")
+        tarball.unpack(archive, tmp_path / "again")
 
 
 def test_a_bomb_is_refused_at_its_header_without_inflating_it(tmp_path, monkeypatch):
     """A member declaring 5 TiB (its data left out): refused by the default limit from the header
     alone, before tarfile reads past it (which would fail on the missing data instead)."""
-    monkeypatch.delenv(package.MAX_UNPACKED_VARIABLE, raising=False)
+    monkeypatch.delenv(tarball.MAX_UNPACKED_VARIABLE, raising=False)
     archive = small_archive(tmp_path / "bomb.tar.gz", ("model/model.onnx", b"", 5 * 2**40))
     with pytest.raises(InputError, match=r"unpacks to at least 5120\.0 GiB .* over the limit of 4\.0 GiB"):
-        package.unpack(archive, tmp_path / "out")
-    assert not (tmp_path / "out").exists() and package.MAX_UNPACKED_BYTES == 4 * 2**30
+        tarball.unpack(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and tarball.MAX_UNPACKED_BYTES == 4 * 2**30
 
 
 def test_input_shape_and_classes_come_from_the_recorded_model(mini_study):

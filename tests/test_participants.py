@@ -6,7 +6,8 @@ import pytest
 from sklearn import metrics as skm
 
 from pipeline.common.errors import InputError
-from pipeline.results.participants import by_participant, ordered, participant_metrics
+from pipeline.intake.classes import ordered
+from pipeline.results.participants import by_participant, participant_metrics
 
 
 def two_session_predictions() -> pd.DataFrame:

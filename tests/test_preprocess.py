@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.intake import grid
 from pipeline.intake import preprocess
+from pipeline.intake.geometry import to_native
 from pipeline.intake.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
 
 RES, SHAPE = 6.0, (26, 32, 28)
@@ -144,7 +145,7 @@ def test_native_map_lands_where_the_pose_puts_it(preprocessed, study_grid):
     world = ijk @ mask_img.affine[:3, :3].T + mask_img.affine[:3, 3]
     centre = np.array([35.0, -40.0, 20.0])  # right parietal
     blob = np.exp(-np.sum((world - centre) ** 2, -1) / (2 * 8.0**2)).astype(np.float32)
-    native = preprocess.to_native(nib.Nifti1Image(blob, mask_img.affine), source, out["inverse"])
+    native = to_native(nib.Nifti1Image(blob, mask_img.affine), source, out["inverse"])
     assert native.shape == nib.load(source).shape
     np.testing.assert_allclose(native.affine, nib.load(source).affine)
     com_vox = np.array(center_of_mass(native.get_fdata()))
@@ -200,3 +201,49 @@ def test_preprocessing_is_reproducible(preprocessed, study_grid, tmp_path):
     preprocess.preprocess([source], *study_grid, again, settings=SETTINGS)
     np.testing.assert_array_equal(np.load(again["array"]), np.load(out["array"]))
     assert again["forward"].read_bytes() == out["forward"].read_bytes()
+
+
+def test_a_step_added_to_the_list_runs_and_is_recorded(tmp_path, study_grid, monkeypatch):
+    """One ``Step`` in ``steps.STEPS`` is all a step needs: it runs at its place in the chain (here a
+    clip of the scaled intensities, between scaling and registration), its words are in the
+    recipe and its entry in the sidecar's ``Steps``, at that place; a step its key switches off
+    neither runs nor appears. The recipe's words are those of the steps that ran."""
+    from pipeline.common import config
+    from pipeline.intake import recipe, steps
+
+    source = tmp_path / "sub-05_T1w.nii.gz"
+    posed_subject(source, rotation_deg=(4, -3, 2), translation_mm=(3, -2, 4))
+    settings = {**SETTINGS, "registration_resolution": None, "antialias": False}
+    plain = preprocess.derivative_paths(tmp_path / "plain", "sub-05", "sub-05")
+    preprocess.preprocess([source], *study_grid, plain, settings=settings)
+
+    seen = []
+
+    def clip(c):
+        image = c.images[c.reference]
+        seen.append(float(image.max()))
+        c.images[c.reference] = image.new_image_like(np.minimum(image.numpy(), 0.5).astype(np.float32))
+
+    def never(c):
+        raise AssertionError("a step switched off ran")
+
+    added = [steps.Step("clip", "clip {reference} at 0.5 (seed {seed})", ("clip at 0.5",), run=clip),
+             steps.Step("never", "never said", ("never recorded",), key="antialias", run=never)]
+    at = [s.name for s in steps.STEPS].index("register")
+    monkeypatch.setattr(steps, "STEPS", (*steps.STEPS[:at], *added, *steps.STEPS[at:]))
+    out = preprocess.derivative_paths(tmp_path / "out", "sub-05", "sub-05")
+    sidecar = preprocess.preprocess([source], *study_grid, out, settings=settings)
+
+    assert len(seen) == 1 and seen[0] > 0.5  # it ran once, on the scaled image (99th percentile 1)
+    assert not np.array_equal(np.load(out["array"]), np.load(plain["array"]))
+    plain_steps = json.loads(plain["sidecar_T1w"].read_text())["Steps"]
+    written = json.loads(out["sidecar_T1w"].read_text())["Steps"]
+    assert written == sidecar["Steps"]
+    registration = plain_steps.index("ants.registration:Affine to template")
+    assert written == [*plain_steps[:registration], "clip at 0.5", *plain_steps[registration:]]
+    resolved = config.resolved(["preprocess"], settings)
+    words = recipe.from_config(resolved, {"T1w": {"suffix": "T1w"}}, {})["steps"]
+    assert "clip T1w at 0.5 (seed 1)" in words and "never said" not in words
+    assert words == recipe.words(recipe.active(resolved), resolved, ["T1w"])
+    assert [s.name for s in recipe.active(resolved)] == ["reorient", "n4", "scale", "coregister", "clip", "register",
+                                                       "resample", "normalise", "stack"]

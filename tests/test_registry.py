@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from pipeline.sharing import package
+from pipeline.common import package
 from pipeline.sharing import registry
 from pipeline.common.errors import InputError
 from pipeline.sharing.registry import main as registry_main

@@ -25,7 +25,8 @@ from pipeline.common.tables import read_tsv  # noqa: E402
 from pipeline.learning.loader import load_batch  # noqa: E402
 from pipeline.learning.saved import load_model, package_model  # noqa: E402
 from pipeline.results.segmentation import majority  # noqa: E402
-from pipeline.sharing import package  # noqa: E402
+from pipeline.common import package  # noqa: E402
+from pipeline.sharing import tarball  # noqa: E402
 from pipeline.sharing.apply import SNAKEFILE, apply_config  # noqa: E402
 from pipeline.sharing.onnxcheck import TOLERANCE  # noqa: E402
 from pipeline.sharing.segpredict import label_table, predict_labels  # noqa: E402
@@ -58,7 +59,7 @@ def test_export_writes_a_segmentation_package(study):
         json.loads(study["summary"].read_text())["ensemble"]["dice_mean"])
     card = (folder / package.CARD).read_text()
     assert "segmentation of label maps (0 background, 1 CSF, 2 GM, 3 WM)" in card and "| dice_GM |" in card
-    top, _ = package.check_members(__import__("tarfile").open(study["archive"]), study["archive"])
+    top, _ = tarball.check_members(__import__("tarfile").open(study["archive"]), study["archive"])
     assert top == "model"
 
 
@@ -163,13 +164,14 @@ def test_apply_report_says_it_is_a_segmentation(study, tmp_path):
 def test_apply_command_passes_the_label_image_with_the_packages_labels(study, tmp_path, monkeypatch):
     from pipeline.sharing import apply as apply_cli
 
-    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args: 0)
+    monkeypatch.setattr(apply_cli.launch, "snakemake", lambda args, readable=False: 0)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as done:
         apply_cli.main([str(study["bids"]), str(out), "participant", "--model", str(study["archive"]),
+                        "--work-dir", str(tmp_path / "work"),
                         "--label-image", '{"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg"}}'])
     assert done.value.code == 0
-    config = yaml.safe_load((out / "config.yaml").read_text())
+    config = yaml.safe_load((tmp_path / "work" / "config.yaml").read_text())
     assert config["task"] == "segmentation" and config["explain"] == {"groundtruth": None}
     assert config["label_image"] == {"labels": ["background", "CSF", "GM", "WM"], "derivatives": "derivatives/tissue",
                                      "filters": {"suffix": "dseg"}}
@@ -202,7 +204,8 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
     n_images = len(read_tsv(out / "manifest.tsv"))
     assert jobs == {"exclusions": 1, "grid": 1, "preprocess": n_images, "predict_labels": 1, "predict_report": 1,
-                    "bids_validation": 1, "all": 1}
+                    "bids_validation": 1, "all": 1, "qc": 1,  # qc: the preprocessing test-retest in the report
+                    "apply_output": 1}  # the output folder as a BIDS derivative dataset (label maps)
     command = next(line for line in run.stdout.splitlines() if "python -m pipeline.predict labels" in line)
     assert f"{out}/predictions.tsv" in command
     preprocess = next(line for line in run.stdout.splitlines() if "python -m pipeline.preprocess" in line)
@@ -216,21 +219,38 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
 def test_apply_workflow_on_the_studys_test_participant_reproduces_its_label_maps(study, tmp_path):
     """The real apply workflow (ingest → preprocessing again → predict_labels → report) on the
     study's test participant, with its label image: the same maps on both grids and the same Dice
-    as the study's evaluation (~1 min on 2 cores)."""
+    as the study's evaluation (~1 min on 2 cores). With a work folder (as ``apply`` runs it), the
+    output folder is a BIDS derivative dataset of the label maps the validator finds no error in."""
+    from pipeline.common.paths import predicted_labels
+    from pipeline.intake import bidsvalidation
+
     pkg = package.load(study["package"])
     evaluation = read_tsv(study["root"] / "evaluate" / "predictions.tsv").set_index("image_id")
     participants = sorted({evaluation.loc[i, "participant_id"] for i in evaluation.index})
-    out = tmp_path / "out"
+    out, work = tmp_path / "out", tmp_path / "work"
     label_image = {"derivatives": "derivatives/tissue", "filters": {"suffix": "dseg", "desc": "tissue"}}
-    config = apply_config(study["bids"], out, pkg, "lab/tissue:1", participants, None, label_image=label_image)
-    out.mkdir()
-    (out / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(out)
-    applied = read_tsv(out / "predictions.tsv").set_index("image_id")
+    config = apply_config(study["bids"], out, pkg, "lab/tissue:1", participants, None, label_image=label_image,
+                          work_dir=work)
+    work.mkdir()
+    (work / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(work)
+    applied = read_tsv(work / "predictions.tsv").set_index("image_id")
     assert sorted(applied.index) == sorted(evaluation.index)
+    manifest = read_tsv(work / "manifest.tsv").set_index("image_id")
     for image_id, row in applied.iterrows():
-        for column in ("predicted_labels", "predicted_labels_native"):
+        published = predicted_labels(str(out), manifest.at[image_id, "subdir"], image_id)
+        for column, space in (("predicted_labels", "template"), ("predicted_labels_native", "native")):
             ours, theirs = nib.load(row[column]), nib.load(evaluation.loc[image_id, column])
             assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
+            assert np.array_equal(np.asarray(nib.load(published[space]).dataobj), np.asarray(ours.dataobj))
         assert row["dice_mean"] == pytest.approx(evaluation.loc[image_id, "dice_mean"])
     assert "Segmentation into 0 background" in (out / "report.html").read_text()
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".npy", ".yaml", ".log", ".mat"))], files
+    scans = pd.concat([read_tsv(p) for p in out.rglob("*_scans.tsv")])
+    assert scans["filename"].str.endswith("_desc-predicted_dseg.nii.gz").sum() == 2 * len(applied)
+    validator = bidsvalidation.find_validator()
+    if validator is not None:
+        summary = bidsvalidation.summarise(bidsvalidation.run_validator(out, validator))
+        print("\n".join(bidsvalidation.lines({"dataset": str(out), **summary})))
+        assert summary["errors"] == 0, {c: e for c, e in summary["codes"].items() if e["severity"] == "error"}

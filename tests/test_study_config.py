@@ -26,7 +26,7 @@ def test_study_config_passes_every_check_with_real_scan_settings():
     pre = config["preprocess"]
     assert pre["brain_extraction"] == "deepbet" and pre["resolution"] == 2 and pre["qc_min"] is not None
     assert config["split"]["folds"] == 5 and config["explain"]["groundtruth"] is None
-    assert "demo" not in config["bids_dir"]
+    assert "demo" not in config["bids_dir"] and config["results_dir"] != "results"  # the demo's
 
 
 def test_study_grid_covers_the_template_brain():
@@ -50,7 +50,7 @@ def test_study_config_plans_a_whole_study(tmp_path):
                                "--cores", "1", *args, "--config", f"bids_dir={bids}"],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
-    ingest = snakemake("results/manifest.tsv")
+    ingest = snakemake(f"{yaml.safe_load(STUDY.read_text())['results_dir']}/manifest.tsv")
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     plan = snakemake("-n", "--quiet", "rules")
     assert plan.returncode == 0, plan.stderr[-3000:]

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.common import columns
 from pipeline.demo.cohort import make_demo
 from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.template import SPACE, resample_to_grid
@@ -126,6 +127,41 @@ def test_every_stage_wrote_its_outputs(study):
     assert report.count("data:image/png;base64") >= 6
 
 
+def test_the_report_fits_a_laptop_screen(study):
+    """The report's tables are split to at most report.MAX_COLUMNS columns, counts print as integers, the
+    settings are a table, and in headless Chromium (when installed) the page is no wider than 1366 px."""
+    from browser import find_browser, page_width
+    from pipeline.results.htmltables import MAX_COLUMNS
+
+    page = study / "results" / "report.html"
+    text = page.read_text()
+    widths = [len(re.findall(r"<th[ >]", t.split("</tr>")[0])) for t in re.findall(r"<table.*?</table>", text, re.S)]
+    assert widths and max(widths) <= MAX_COLUMNS and "<details>" in text and "class='settings'" in text
+    assert not re.search(r"<td>[1-9]\d*\.000</td>", text) and "test participant" in text  # counts as integers
+    if find_browser() is None:
+        pytest.skip("no headless Chromium (apt-get install chromium-headless-shell): width not measured")
+    assert page_width(page) <= 1366
+
+
+def test_every_table_has_a_data_dictionary_of_its_columns(study):
+    """Every TSV of the study has its BIDS data dictionary beside it (pipeline.common.columns), with an
+    entry that describes each of its columns (issue #29). Not ours to describe: Snakemake's benchmark
+    files, and preprocessing's per-sample exclusion records in the derivatives (excluded.tsv gathers them)."""
+    results = study / "results"
+    tables = [p for p in results.rglob("*.tsv")
+              if p.relative_to(results).parts[0] not in ("benchmarks", "derivatives") and not p.name.startswith(".")]
+    assert len(tables) >= 20, tables
+    for tsv in tables:
+        header = pd.read_csv(tsv, sep="\t", nrows=0).columns.tolist()
+        dictionary = json.loads(columns.sidecar_of(tsv).read_text())
+        assert set(header) <= set(dictionary), (tsv, set(header) - set(dictionary))
+        blank = [c for c in header if dictionary[c]["Description"] == columns.UNDOCUMENTED]
+        assert not blank, (tsv, blank)
+    gated = json.loads((results / "qc.json").read_text())["correlation_with_template"]
+    assert re.search(r"This study's threshold: [0-9.]+ \(config preprocess.qc_min\)", gated["Description"])
+    assert "ensemble" in json.loads((results / "evaluate" / "metrics.json").read_text())  # the summary, not a dictionary
+
+
 def test_derivatives_and_the_input_pass_the_bids_validator(study, cohort):
     """results/derivatives/pipeline is a BIDS-Derivatives dataset bids-validator-deno finds no error
     in (issue #19); the demo input validates too, in the study's own bids_validation job."""
@@ -146,6 +182,13 @@ def test_derivatives_and_the_input_pass_the_bids_validator(study, cohort):
     assert maps["template"].str.contains("_desc-integratedgradients_saliency").any()
     own = json.loads((study / "results" / "bids_validation.json").read_text())
     assert own["errors"] == 0 and own["dataset"] == str(cohort)
+    # The test predictions and explanation maps: a derivative dataset of their own (issue #29).
+    outputs = study / "results" / "derivatives" / "predictions"
+    summary = bidsvalidation.summarise(bidsvalidation.run_validator(outputs, validator))
+    print("\n".join(bidsvalidation.lines({"dataset": str(outputs), **summary})))
+    assert summary["errors"] == 0, {c: e for c, e in summary["codes"].items() if e["severity"] == "error"}
+    assert set(pd.read_csv(outputs / "participants.tsv", sep="\t")["participant_id"]) == set(maps["participant_id"])
+    assert len(list(outputs.rglob("*_desc-occlusion_saliency.nii.gz"))) == 2 * maps["image_id"].nunique()
 
 
 def test_brain_age_beats_the_mean_predictor_by_half(study):
@@ -174,10 +217,10 @@ def test_group_occlusion_map_falls_on_the_age_effect(study, cohort):
     assert enrichment >= 5
     validation = pd.read_csv(study / "results" / "explain" / "validation.tsv", sep="\t")
     print(validation.to_string(index=False))
-    row = validation.set_index(["method", "space", "level"]).loc[("occlusion", "template", "group")]
-    assert row["enrichment"] == pytest.approx(enrichment, rel=1e-3)
-    native = validation.set_index(["method", "space", "level"]).loc[("occlusion", "native", "subject"), "enrichment"]
-    assert native >= 3  # each subject's own map, in its scanner space
+    row = validation.set_index("method").loc["occlusion"]  # one row per method
+    assert row["enrichment_template_group"] == pytest.approx(enrichment, rel=1e-3)
+    assert row["enrichment_native_subject"] >= 3  # each subject's own map, in its scanner space
+    assert validation["reading"].str.len().gt(20).all() and not validation["method"].duplicated().any()
 
 
 def test_native_maps_land_where_the_known_pose_puts_them(study, cohort):
@@ -210,6 +253,24 @@ def test_complete_study_dry_run_schedules_nothing(study):
     assert scheduled(snakemake(study, "-n")) == {}
 
 
+def test_touching_or_documenting_code_reruns_nothing(study):
+    """Code inputs are fingerprints of the syntax without docstrings (pipeline.common.codegraph): a
+    module whose file is newer than every output (a checkout, a docstring edit) reruns no job."""
+    from pipeline.common.locations import PACKAGE
+
+    touched = [PACKAGE / "common" / "atomic.py", PACKAGE / "learning" / "train.py"]
+    times = [(p.stat().st_atime, p.stat().st_mtime) for p in touched]
+    try:
+        for path in touched:
+            os.utime(path)
+        assert scheduled(snakemake(study, "-n")) == {}
+    finally:
+        for path, (atime, mtime) in zip(touched, times):
+            os.utime(path, (atime, mtime))
+    fingerprints = sorted(p.name for p in (study / ".snakemake" / "pipeline-code").glob("*.sha256"))
+    assert "pipeline.train.sha256" in fingerprints and "pipeline.preprocess.sha256" in fingerprints
+
+
 def test_training_change_reruns_training_not_preprocessing(study):
     write_config(study, train={"epochs": 31})
     try:
@@ -218,7 +279,7 @@ def test_training_change_reruns_training_not_preprocessing(study):
         write_config(study)
     assert "preprocess" not in jobs and "grid" not in jobs and "ingest" not in jobs and "split" not in jobs
     assert jobs == {"all": 1, "train": 2, "evaluate": 2, "evaluate_folds": 1, "explain": 2, "explain_folds": 1,
-                    "report": 1, "package": 1}
+                    "bids_outputs": 1, "report": 1, "package": 1}
 
 
 def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):

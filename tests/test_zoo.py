@@ -8,7 +8,8 @@ import pytest
 
 from minipackage import with_outputs
 from pipeline.__main__ import main as cli
-from pipeline.sharing import package, registry
+from pipeline.common import package
+from pipeline.sharing import registry
 from pipeline.sharing.zoo import describe, registry_rows
 
 BINS = [float(b) for b in range(3, 83, 2)]

@@ -1,10 +1,19 @@
 """``bids-deepstudy`` (also ``python -m pipeline``): one command for every entry point.
 
-    bids-deepstudy run [SNAKEMAKE ARGS]          a study: Snakemake on the packaged Snakefile
-                                                 (--cores all unless --cores/--jobs/--profile;
+    bids-deepstudy run BIDS_DIR OUTPUT_DIR participant|group [--config-file my.yaml] [--work-dir DIR]
+                       [--participant-label ...] [--cores N] [--device cpu|cuda] [--dry-run]
+                                                 a study as a BIDS App (run --help)
+    bids-deepstudy run [SNAKEMAKE ARGS]          a study: the config and data pre-flight, then Snakemake
+                                                 on the packaged Snakefile (python -m pipeline.run;
+                                                 --skip-preflight: no data pre-flight;
+                                                 --cores all unless --cores/--jobs/--profile;
                                                  --profile slurm is the packaged SLURM profile;
                                                  --skip-bids-validation: no BIDS validation of the input)
-    bids-deepstudy check CONFIG                  every config problem (python -m pipeline.configcheck)
+    bids-deepstudy init BIDS_DIR [--target COL] [--out my.yaml]
+                                                 a study config for a dataset, from config/study.yaml
+                                                 with its facts filled in (python -m pipeline.intake.initconfig)
+    bids-deepstudy check CONFIG                  every config problem, then the data pre-flight: the
+                                                 dataset's index and headers (python -m pipeline.configcheck)
     bids-deepstudy demo OUT_DIR [...]            the simulated demo cohort (python -m pipeline.demo)
     bids-deepstudy apply BIDS_DIR OUTPUT_DIR participant --model M [...]
                                                  a model package on new images (python -m pipeline.apply)
@@ -28,7 +37,8 @@ import sys
 PROG = "bids-deepstudy"
 # command → (module whose main(argv) runs it, arguments put before the user's)
 COMMANDS = {
-    "run": ("pipeline.common.launch", []),
+    "run": ("pipeline.run", []),
+    "init": ("pipeline.intake.initconfig", []),
     "check": ("pipeline.configcheck", []),
     "demo": ("pipeline.demo.__main__", []),
     "apply": ("pipeline.sharing.apply", []),

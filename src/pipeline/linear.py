@@ -1,6 +1,6 @@
-"""``python -m pipeline.linear``: the command line of ``pipeline.learning.linear``."""
+"""``python -m pipeline.linear``: the command line of ``pipeline.results.linear``."""
 
-from pipeline.learning.linear import main
+from pipeline.results.linear import main
 
 if __name__ == "__main__":
     main()

@@ -28,7 +28,8 @@ from pipeline.intake import exclusions
 from pipeline.intake import imagecheck
 from pipeline.intake import ingest
 from pipeline.common.errors import InputError
-from pipeline.sharing import package, registry
+from pipeline.sharing import tarball
+from pipeline.sharing import registry
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = ["sub-01", "sub-02", "sub-03"]
@@ -259,9 +260,9 @@ def test_ingest_outputs_are_never_half_written(tmp_path, monkeypatch):
 @pytest.mark.parametrize("case", ARCHIVE_CASES)
 def test_bad_package_archive_is_refused_with_its_name_and_registers_nothing(case, tmp_path, monkeypatch, capsys):
     archive = package_archive(tmp_path / "model.tar.gz", ARCHIVE_CASES[case][0])
-    monkeypatch.setenv(package.MAX_UNPACKED_VARIABLE, str(ARCHIVE_LIMIT))
+    monkeypatch.setenv(tarball.MAX_UNPACKED_VARIABLE, str(ARCHIVE_LIMIT))
     extracted = []
-    monkeypatch.setattr(package.tarfile.TarFile, "extractall", lambda *a, **k: extracted.append(a))
+    monkeypatch.setattr(tarball.tarfile.TarFile, "extractall", lambda *a, **k: extracted.append(a))
     with pytest.raises(SystemExit) as exit_info:
         registry.main(["register", str(archive), "--name", "lab/model", "--registry", str(tmp_path / "registry")])
     err = capsys.readouterr().err

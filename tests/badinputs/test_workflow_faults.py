@@ -23,8 +23,10 @@ REPO = Path(__file__).resolve().parents[2]
 def study_config(tmp_path: Path, root: Path, **changes) -> dict:
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config.update(bids_dir=str(root), results_dir=str(tmp_path / "results"), **changes)
-    # The good images are noise (builders.good_dataset): no registration scores above qc_min's 0.5.
+    # The good images are noise (builders.good_dataset): no registration scores above qc_min's 0.5
+    # or config qc's floors.
     config["preprocess"].update(resolution=8, shape=[20, 24, 20], n4=False, qc_min=None, registration_resolution=None)
+    config["qc"] = {"floors": {}, "ceilings": {}}  # nor any cohort QC floor (config qc)
     config["explain"]["groundtruth"] = None
     return config
 

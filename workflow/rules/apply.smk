@@ -2,6 +2,8 @@
 # a segmentation package labels every image instead (template and native grid; no explanation maps).
 # `apply.maps: false` (--maps none) predicts only; `apply.calibration` (--calibrate-on) recalibrates
 # a regression package's predictions to this site (pipeline.sharing.calibrate).
+# Every stage writes in the work folder (RESULTS, config work_dir); the output folder (OUTPUT, config
+# results_dir) receives one BIDS derivative dataset (rule apply_output) and the report.
 PACKAGE = APPLY["package"]
 PACKAGE_INPUT = f"{PACKAGE}/checksums.sha256"
 PREDICTIONS = f"{RESULTS}/predictions.tsv"
@@ -142,16 +144,47 @@ if CALIBRATION:
             " --out-tsv {output.predictions:q} > {log:q} 2>&1"
 
 
+if not SEGMENTATION:
+
+    rule predict_retest:
+        # Test-retest of the model: per pair of one participant's images, the predictions' difference
+        # and the maps' similarity (pipeline.results.retest).
+        input:
+            predictions=PREDICTIONS,
+            index=rules.predict_maps.output.index if MAPS else [],
+            mask=rules.grid.output.mask,
+            code=code("predict"),
+        output:
+            f"{RESULTS}/retest_predictions.tsv",
+        params:
+            maps=lambda wildcards, input: ["--maps-dir", str(Path(input.index).parent)] if input.index else [],
+        log:
+            f"{RESULTS}/logs/predict_retest.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/predict_retest.tsv"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.predict retest --predictions {input.predictions:q} {params.maps:q}"
+            " --mask {input.mask:q} --out {output:q} > {log:q} 2>&1"
+
+
 rule predict_report:
     input:
         predictions=PREDICTIONS,
+        # Test-retest: of preprocessing (qc's retest.tsv) and of the model (not for a segmentation package).
+        retest=[rules.qc.output.retest] + ([] if SEGMENTATION else [rules.predict_retest.output[0]]),
         pngs=rules.predict_maps.output.pngs if MAPS else [],
         calibration=rules.calibrate.output.summary if CALIBRATION else [],
         qc=preprocessed("qc"),
         package=PACKAGE_INPUT,
         code=code("predict"),
     output:
-        report(f"{RESULTS}/report.html", caption="../report/apply.rst", category="Predictions"),
+        report(f"{OUTPUT}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:
         explain=lambda wildcards, input: ["--explain-dir", str(Path(input.pngs[0]).parent)] if input.pngs else [],
         calibration=lambda wildcards, input: ["--calibration", input.calibration] if input.calibration else [],
@@ -169,4 +202,39 @@ rule predict_report:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.predict report --config {params.config:q} --predictions {input.predictions:q}"
-        " {params.explain:q} {params.calibration:q} --qc {params.qc_shown:q} --out {output:q} > {log:q} 2>&1"
+        " {params.explain:q} {params.calibration:q} --qc {params.qc_shown:q} --retest {input.retest:q}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
+rule apply_output:
+    # The output folder as one BIDS derivative dataset (pipeline.sharing.applyout): the preprocessed
+    # images, the maps or label maps with BIDS names, participants and scans tables of the predictions.
+    input:
+        manifest=rules.exclusions.output.samples,
+        predictions=rules.calibrate.output.predictions if CALIBRATION else PREDICTIONS,
+        index=rules.predict_maps.output.index if MAPS else [],
+        images=preprocessed(f"image_{CHANNELS[0]}"),
+        package=PACKAGE_INPUT,
+        code=code("applyout"),
+    output:
+        description=f"{OUTPUT}/dataset_description.json",
+        participants=f"{OUTPUT}/participants.tsv",
+    params:
+        config=stage_config(config, ["apply", "bids_dir", "channels", "explain"]),
+        maps=lambda wildcards, input: ["--maps-index", input.index] if input.index else [],
+        preproc_dir=PREPROC,
+        out_dir=parent_of("description"),
+    log:
+        f"{RESULTS}/logs/apply_output.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/apply_output.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.applyout --config {params.config:q} --manifest {input.manifest:q}"
+        " --preproc-dir {params.preproc_dir:q} --predictions {input.predictions:q} {params.maps:q}"
+        " --out-dir {params.out_dir:q} > {log:q} 2>&1"

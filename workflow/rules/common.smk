@@ -23,7 +23,8 @@ if SRC.is_dir():
     sys.path.insert(0, str(SRC.parent))
 shell.prefix(JOB_PREFIX)
 from pipeline import configcheck  # the schema's checks and the stages' checks across keys
-from pipeline.common.codegraph import code_of
+from pipeline.common.codegraph import fingerprint_file
+from pipeline.common.errors import InputError
 from pipeline.common.config import stage_config
 from pipeline.common.fingerprint import tree_fingerprint
 from pipeline.common.outputs import check_writable
@@ -33,22 +34,45 @@ from pipeline.common.snakemake_compat import fix_group_components
 from pipeline.intake import recipe
 from pipeline.learning import launch, variants
 from pipeline.sharing import registry
-from pipeline.sharing.package import files as package_files
+from pipeline.common.package import files as package_files
 
 # Every config problem at once, each naming its key and what to set (then validate fills in defaults);
 # a Grad-CAM layer is checked against the configured network, built on torch's meta device.
-configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
-validate(config, schema="../schemas/config.schema.yaml")
-check_writable(Path(config["results_dir"]), create=False)
+try:
+    configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    validate(config, schema="../schemas/config.schema.yaml")
+    check_writable(Path(config["results_dir"]), create=False)
+    if config["work_dir"]:
+        check_writable(Path(config["work_dir"]), key="work_dir", create=False)
+except InputError as error:  # the message alone: no file/line prefix and no traceback
+    print(f"ERROR: {error}", file=sys.stderr)
+    sys.exit(2)
 
 # Cluster profiles batch preprocessing with --group-components; Snakemake 9 needs a fix for that
 # in a workflow with a checkpoint (see pipeline/snakemake_compat.py).
 fix_group_components()
 
-RESULTS = config["results_dir"]
+# The output folder (the BIDS-App command's OUTPUT_DIR).
+OUTPUT = config["results_dir"]
+# Config work_dir (the BIDS-App command's --work-dir): what only the workflow itself reads again goes
+# there instead of results_dir: the trained networks with their checkpoints and TensorBoard logs
+# (train/), the study grid (grid/), ingest's cache, a package fetched for fine-tuning (init/).
+WORK = config["work_dir"] or OUTPUT
+# Where the stages write. A study: the output folder. Apply mode (config apply): the work folder, every
+# stage of it; the output folder is then one BIDS derivative dataset, written last (rule apply_output),
+# and the report (without work_dir, as a plain `snakemake --configfile` run, both are the same folder).
+RESULTS = WORK if config["apply"] else OUTPUT
 BIDS = config["bids_dir"]
-PREPROC = f"{RESULTS}/derivatives/pipeline"
-GRID = f"{RESULTS}/grid"
+# Preprocessing writes in the work folder (its arrays, which every later stage reads, beside its images).
+# A study with a work folder publishes the images, sidecars, transforms and QC figures (not the arrays)
+# to the output folder's derivatives/pipeline (rule publish_preprocessed, hard links); without one the
+# two are the same folder, as is apply mode's (its output folder is a dataset of its own, apply_output).
+PREPROC = f"{WORK}/derivatives/pipeline"
+PUBLISHED = f"{OUTPUT}/derivatives/pipeline"
+PUBLISH = not config["apply"] and PUBLISHED != PREPROC
+# The ensemble's test predictions and their explanation maps, a BIDS derivative dataset (pipeline.bidsout).
+PREDICTIONS_DATASET = f"{RESULTS}/derivatives/predictions"
+GRID = f"{WORK}/grid"
 CHANNELS = list(config["channels"])  # the first is the reference (registration, native space)
 FOLDS = [f"fold-{k}" for k in range(1, config["split"]["folds"] + 1)]
 RECIPE = recipe.from_config(config["preprocess"], config["channels"], config["bids_filters"])
@@ -61,15 +85,15 @@ SETTINGS = {k: EXPLAIN[k] for k in ("window", "stride", "baseline", "smoothgrad_
 MAP_SETTINGS = {k: v for k, v in EXPLAIN.items() if k not in ("groundtruth", "atlas")}
 # Fine-tuning (config train.init_from): the package is fetched into INIT_DIR ("latest" without a version).
 INIT = registry.parse_name(config["train"]["init_from"]) if config["train"]["init_from"] else None
-INIT_DIR = f"{RESULTS}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None
+INIT_DIR = f"{WORK}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None
 # Hyperparameter variants (config train.variants): one training job per fold and variant, in
 # train/fold-K/variant-NAME; select_variant copies the best on validation to train/fold-K.
 VARIANTS = config["train"]["variants"]
 variants.check(config["train"])
 TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
-FOLD_MODEL, FOLD_HISTORY = (f"{RESULTS}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
+FOLD_MODEL, FOLD_HISTORY = (f"{WORK}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
 # With variants, a fold's model is their choice: asking for variants.tsv trains them in a finished study too.
-FOLD_CHOICE = [f"{RESULTS}/train/{{fold}}/variants.tsv"] if VARIANTS else []
+FOLD_CHOICE = [f"{WORK}/train/{{fold}}/variants.tsv"] if VARIANTS else []
 # Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 # Segmentation (task: segmentation): the label image is the target; `target` only stratifies the
@@ -114,10 +138,14 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9]+",
 
 
+CODE_FINGERPRINTS = Path(".snakemake") / "pipeline-code"
+
+
 def code(command):
-    """The code ``python -m pipeline.<command>`` runs: its module and every package module it imports
-    (pipeline.common.codegraph). Listed as inputs: editing one of them reruns the jobs that run it."""
-    return [str(path) for path in code_of(f"pipeline.{command}")]
+    """The fingerprint of the code ``python -m pipeline.<command>`` runs: its module and every package
+    module it imports, docstrings and comments left out (pipeline.common.codegraph). Listed as an
+    input: editing that code reruns the jobs that run it; editing a docstring or comment does not."""
+    return str(fingerprint_file(f"pipeline.{command}", CODE_FINGERPRINTS))
 
 
 def ingest_tables(wildcards):

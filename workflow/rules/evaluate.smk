@@ -43,7 +43,7 @@ rule evaluate_folds:
         # Regression and classification: each fold's linear baseline and training diagnostics.
         linear=[] if SEGMENTATION else expand(rules.linear.output.metrics, fold=FOLDS),
         linear_predictions=[] if SEGMENTATION else expand(rules.linear.output.predictions, fold=FOLDS),
-        diagnostics=[] if SEGMENTATION else expand(f"{RESULTS}/train/{{fold}}/diagnostics.json", fold=FOLDS),
+        diagnostics=[] if SEGMENTATION else expand(f"{WORK}/train/{{fold}}/diagnostics.json", fold=FOLDS),
         code=code("evaluate"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",

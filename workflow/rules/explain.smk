@@ -54,6 +54,8 @@ rule explain_folds:
         extremes=f"{RESULTS}/explain/subjects_best_worst.png",
         validation=f"{RESULTS}/explain/validation.tsv",
         randomisation=f"{RESULTS}/explain/randomisation.tsv",
+        # Test-retest of the model: per pair of one participant's test images (pipeline.results.retest).
+        retest=f"{RESULTS}/retest_predictions.tsv",
         # Classification: each true class's group maps apart (class-<name>/) and classes.tsv.
         classes=[directory(f"{RESULTS}/explain/classes")] if config["task"] == "classification" else [],
     params:
@@ -74,4 +76,34 @@ rule explain_folds:
     shell:
         "python -m pipeline.explain group {params.fold_dirs:q} --config {params.config:q} --manifest {input.manifest:q}"
         " --predictions {input.predictions:q} --preproc-dir {params.preproc_dir:q} --template {input.template:q}"
-        " --mask {input.mask:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"
+        " --mask {input.mask:q} --out-dir {params.out_dir:q} --retest {output.retest:q} > {log:q} 2>&1"
+
+
+# The ensemble's test predictions and each test image's fold-mean maps as a BIDS derivative dataset.
+rule bids_outputs:
+    input:
+        indexes=expand(rules.explain.output.index, fold=FOLDS),
+        predictions=rules.evaluate_folds.output.predictions,
+        manifest=rules.exclusions.output.samples,
+        # The preprocessed images the maps' sidecars name as their sources: the published dataset.
+        preprocessed=rules.publish_preprocessed.output[0] if PUBLISH else rules.ingest.output.description,
+        code=code("bidsout"),
+    output:
+        directory(PREDICTIONS_DATASET),
+    params:
+        fold_dirs=parents_of("indexes"),
+        preproc_dir=lambda wildcards, input: input.preprocessed if PUBLISH else str(Path(input.preprocessed).parent),
+        config=stage_config(config, ["bids_dir", "channels", "target", "task"], explain={"methods": METHODS}),
+    log:
+        f"{RESULTS}/logs/bids_outputs.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/bids_outputs.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    conda:
+        "../envs/pipeline.yaml"
+    shell:
+        "python -m pipeline.bidsout {params.fold_dirs:q} --config {params.config:q} --predictions {input.predictions:q}"
+        " --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q} --out-dir {output:q} > {log:q} 2>&1"

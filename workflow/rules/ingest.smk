@@ -20,7 +20,7 @@ checkpoint ingest:
         ),
         # Not an output: Snakemake would delete it before each run. Index and header checks are
         # reused from here while the files they describe are unchanged.
-        cache=f"{RESULTS}/ingest_cache",
+        cache=f"{WORK}/ingest_cache",
         derivatives=lambda w, output: output.description.rsplit("/", 1)[0],  # PREPROC
         # Adding, removing or resizing a file of the dataset reruns ingestion (touching does not).
         files=ingest_fingerprint(),

@@ -59,15 +59,21 @@ rule preprocess:
         " > {log:q} 2>&1"
 
 
+# Ingest's and preprocessing's exclusions, then the cohort registration QC (config qc) over every
+# image preprocessing finished: one table of what is left out and why, and the samples left.
 rule exclusions:
     input:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
         records=exclusion_records,
+        sidecars=preprocessed(f"sidecar_{CHANNELS[0]}"),
         code=code("exclusions"),
     output:
         excluded=f"{RESULTS}/excluded.tsv",
         samples=f"{RESULTS}/samples.tsv",
+    params:
+        preproc_dir=PREPROC,
+        config=stage_config(config, ["qc", "channels"]),
     log:
         f"{RESULTS}/logs/exclusions.log",
     benchmark:
@@ -80,7 +86,8 @@ rule exclusions:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.exclusions --ingest-report {input.report:q} --records {input.records:q}"
-        " --manifest {input.manifest:q} --out {output.excluded:q} --samples {output.samples:q} > {log:q} 2>&1"
+        " --manifest {input.manifest:q} --out {output.excluded:q} --samples {output.samples:q}"
+        " --preproc-dir {params.preproc_dir:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 rule qc:
@@ -89,12 +96,15 @@ rule qc:
         excluded=rules.exclusions.output.excluded,
         sidecars=preprocessed(f"sidecar_{CHANNELS[0]}"),
         pngs=preprocessed("qc"),
+        arrays=preprocessed("array"),
+        mask=rules.grid.output.mask,
         code=code("qc"),
     output:
         table=f"{RESULTS}/qc.tsv",
+        retest=f"{RESULTS}/retest.tsv",
     params:
         preproc_dir=PREPROC,
-        config=stage_config(config, ["channels"]),
+        config=stage_config(config, ["channels"], qc_min=config["preprocess"].get("qc_min")),
     log:
         f"{RESULTS}/logs/qc.log",
     benchmark:
@@ -107,4 +117,35 @@ rule qc:
         "../envs/pipeline.yaml"
     shell:
         "python -m pipeline.qc --config {params.config:q} --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q}"
-        " --excluded {input.excluded:q} --out {output.table:q} > {log:q} 2>&1"
+        " --excluded {input.excluded:q} --out {output.table:q} --mask {input.mask:q} --retest {output.retest:q}"
+        " > {log:q} 2>&1"
+
+
+if PUBLISH:
+
+    rule publish_preprocessed:
+        # Config work_dir: the preprocessed images as a BIDS derivative dataset in the output folder,
+        # every file preprocessing wrote but the arrays (pipeline.intake.publish; hard links).
+        input:
+            manifest=f"{RESULTS}/manifest.tsv",
+            images=preprocessed(f"image_{CHANNELS[0]}"),
+            excluded=rules.exclusions.output.excluded,  # every sample's preprocessing finished
+            code=code("publish"),
+        output:
+            directory(PUBLISHED),
+        params:
+            preproc_dir=PREPROC,
+            config=stage_config(config, ["bids_dir", "channels", "label_image"]),
+        log:
+            f"{RESULTS}/logs/publish_preprocessed.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/publish_preprocessed.tsv"
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        conda:
+            "../envs/pipeline.yaml"
+        shell:
+            "python -m pipeline.publish --config {params.config:q} --manifest {input.manifest:q}"
+            " --preproc-dir {params.preproc_dir:q} --out-dir {output:q} > {log:q} 2>&1"

@@ -15,6 +15,7 @@ rule report:
         extremes=[] if SEGMENTATION else rules.explain_folds.output.extremes,
         regions=[] if SEGMENTATION else rules.explain_folds.output.regions,
         validation=[] if SEGMENTATION else rules.explain_folds.output.validation,
+        retest=[] if SEGMENTATION else rules.explain_folds.output.retest,
         # Every image's registration scores, worst first; the report shows the worst rows and their QC images.
         qc=rules.qc.output.table,
         qc_pngs=preprocessed("qc"),
@@ -27,6 +28,7 @@ rule report:
         ),
     params:
         results=lambda wildcards, input: str(Path(input.manifest).parent),
+        train_dir=lambda wildcards, input: str(Path(input.histories[0]).parents[1]),
         config=stage_config(config, list(config)),
     log:
         f"{RESULTS}/logs/report.log",
@@ -39,5 +41,5 @@ rule report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report --results {params.results:q} --qc-table {input.qc:q}"
+        "python -m pipeline.report --results {params.results:q} --train-dir {params.train_dir:q} --qc-table {input.qc:q}"
         " --config {params.config:q} --out {output:q} > {log:q} 2>&1"

@@ -9,10 +9,10 @@ rule train:
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
         code=code("train"),
     output:
-        model=f"{RESULTS}/train/{TRAIN_RUN}/model.pt",
-        history=f"{RESULTS}/train/{TRAIN_RUN}/history.tsv",
-        diagnostics=f"{RESULTS}/train/{TRAIN_RUN}/diagnostics.json",
-        hyperparameters=f"{RESULTS}/train/{TRAIN_RUN}/hyperparameters.json",
+        model=f"{WORK}/train/{TRAIN_RUN}/model.pt",
+        history=f"{WORK}/train/{TRAIN_RUN}/history.tsv",
+        diagnostics=f"{WORK}/train/{TRAIN_RUN}/diagnostics.json",
+        hyperparameters=f"{WORK}/train/{TRAIN_RUN}/hyperparameters.json",
     params:
         # One process, or torchrun with one per GPU (config train.gpus > 1: pipeline.learning.launch).
         launcher=lambda wildcards: launch.launcher(launch.processes(config["train"], wildcards.get("variant"))),
@@ -53,15 +53,15 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
 
     rule select_variant:
         input:
-            histories=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
-            models=lambda wildcards: [f"{RESULTS}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
+            histories=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
+            models=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
             code=code("variants"),
         output:
-            model=f"{RESULTS}/train/{{fold}}/model.pt",
-            history=f"{RESULTS}/train/{{fold}}/history.tsv",
-            diagnostics=f"{RESULTS}/train/{{fold}}/diagnostics.json",
-            hyperparameters=f"{RESULTS}/train/{{fold}}/hyperparameters.json",
-            variants=f"{RESULTS}/train/{{fold}}/variants.tsv",
+            model=f"{WORK}/train/{{fold}}/model.pt",
+            history=f"{WORK}/train/{{fold}}/history.tsv",
+            diagnostics=f"{WORK}/train/{{fold}}/diagnostics.json",
+            hyperparameters=f"{WORK}/train/{{fold}}/hyperparameters.json",
+            variants=f"{WORK}/train/{{fold}}/variants.tsv",
         params:
             fold_dir=parent_of("model"),
             config=stage_config(config, ["train"]),

@@ -95,12 +95,37 @@ def write_bytes(final: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def to_csv(frame, final: str | os.PathLike, **kwargs) -> None:
-    """``DataFrame.to_csv(final, **kwargs)`` atomically; a TSV's missing values as ``n/a`` (BIDS)."""
+def to_csv(frame, final: str | os.PathLike, meanings=None, **kwargs) -> None:
+    """``DataFrame.to_csv(final, **kwargs)`` atomically; a TSV's missing values as ``n/a`` (BIDS)
+    and, beside a ``.tsv``, its data dictionary (``write_dictionary``; ``meanings``: the writer's own
+    ``columns.Column`` entries, for names only it knows)."""
     if kwargs.get("sep") == "\t":
         kwargs.setdefault("na_rep", "n/a")
     with path(final) as tmp:
         frame.to_csv(tmp, **kwargs)
+    if Path(final).suffix == ".tsv":
+        write_dictionary(final, written_columns(frame, kwargs), meanings)
+
+
+def written_columns(frame, kwargs: dict) -> list[str]:
+    """The header ``frame.to_csv(**kwargs)`` writes: the index's names (when written), then the columns."""
+    names = list(kwargs.get("columns") if kwargs.get("columns") is not None else frame.columns)
+    if kwargs.get("index", True):
+        names = [n if n is not None else "" for n in frame.index.names] + names
+    return [str(n) for n in names]
+
+
+def write_dictionary(tsv: str | os.PathLike, names, meanings=None) -> Path:
+    """Write the BIDS data dictionary of the table ``tsv`` with columns ``names`` beside it
+    (``pipeline.common.columns``: ``sidecar_of``, ``dictionary``); return its path."""
+    import json
+
+    from pipeline.common import columns
+
+    sidecar = columns.sidecar_of(tsv)
+    write_text(sidecar, json.dumps(columns.dictionary(names, meanings, where=str(tsv)), indent=2,
+                                   ensure_ascii=False) + "\n")
+    return sidecar
 
 
 def copyfile(source: str | os.PathLike, final: str | os.PathLike) -> None:

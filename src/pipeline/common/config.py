@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+from pathlib import Path
 
 from pipeline.common.errors import InputError
 from pipeline.common.locations import SCHEMA
@@ -24,7 +25,25 @@ from pipeline.common.locations import SCHEMA
 def schema() -> dict:
     import yaml
 
-    return yaml.safe_load(SCHEMA.read_text())
+    return yaml.load(SCHEMA.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # libyaml: 10× faster
+
+
+def read_file(path: Path, named: str | None = None) -> dict:
+    """A config file as a mapping; InputError naming it (as ``named``, default its path) when it is
+    missing, not YAML or not a mapping."""
+    import yaml
+
+    if not path.is_file():
+        raise InputError(f"{named or path}: no such config file. Start from config/study.yaml "
+                         "(a study on your own data) or config/config.yaml (the demo).")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path} is not valid YAML: {exc}. Fix the line it names.") from None
+    if config is not None and not isinstance(config, dict):
+        raise InputError(f"{path} holds a {type(config).__name__}, not a mapping of config keys; "
+                         "start from config/study.yaml.")
+    return config or {}
 
 
 def section(path: list[str]) -> dict:

@@ -20,6 +20,7 @@ import yaml
 from jsonschema import Draft202012Validator
 
 from pipeline.common.config import fill
+from pipeline.common.config import schema as config_schema
 from pipeline.common.errors import InputError
 from pipeline.common.locations import SCHEMA
 
@@ -69,7 +70,7 @@ def problems(config: dict, schema: dict) -> list[str]:
 def check(config: dict, schema_path: Path = SCHEMA, cross: Iterable[Callable[[dict], list[str]]] = ()) -> None:
     """InputError listing every problem of ``config`` (none: returns quietly): the schema's, else
     those of each ``cross`` check on the config filled in with the schema's defaults."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    schema = config_schema() if Path(schema_path) == SCHEMA else yaml.safe_load(Path(schema_path).read_text())
     found = problems(config, schema)
     if not found:
         filled = fill(schema, config)

@@ -30,6 +30,14 @@ WORKFLOW = workflow_folder()
 SNAKEFILE = WORKFLOW / "Snakefile"
 SCHEMA = WORKFLOW / "schemas" / "config.schema.yaml"
 PROFILES = WORKFLOW / "profiles"
+# The example configs (config/*.yaml of a checkout; pipeline/config/ inside the wheel): study.yaml, the
+# settings for real scans that `bids-deepstudy init` fills in and the BIDS-App `run` defaults to.
+CONFIGS = PACKAGE / "config" if (PACKAGE / "config" / "study.yaml").is_file() else REPOSITORY / "config"
+STUDY_CONFIG = CONFIGS / "study.yaml"
+# What a Snakemake start or a config check would otherwise recompute each time, kept per user across
+# studies (plain JSON, keyed by content: pipeline.common.codegraph, pipeline.results.explainconfig):
+# $XDG_CACHE_HOME/bids-deepstudy, default ~/.cache/bids-deepstudy. Deleting it only costs time.
+USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bids-deepstudy"
 
 
 def code_files() -> list[Path]:

@@ -10,7 +10,8 @@ intensity scale, voxel size and orientation. The effects:
 * group: patients carry a focal hypointense lesion, by default in the right temporal white
   matter (about 2 cm across, 45-65 % darker at its core); ``--lesion-site deep-gm
   --lesion-radius 5 --lesion-contrast 0.25 0.40 --lesion-jitter 3`` makes the hard case instead:
-  a 1 cm lesion in the right putamen, 25-40 % darker, its centre jittered ±3 mm per patient.
+  a 1 cm lesion in the right putamen, 25-40 % darker, its centre jittered ±3 mm per patient
+  (``--lesion-site thalamus`` or ``hippocampus``: the right thalamus or the left hippocampus).
 
 The raw dataset (``participants.tsv``, ``sub-XXX/[ses-YY/]anat/*_T1w.nii[.gz]``) is what a
 study reads. ``derivatives/groundtruth`` holds the answers (effect masks, effect parameters,

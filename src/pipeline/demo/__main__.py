@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     lesion = parser.add_argument_group("patients' lesion (default: the temporal white-matter lesion)")
     lesion.add_argument("--lesion-site", choices=sorted(LESION_SITES), default="temporal-wm")
     lesion.add_argument("--lesion-radius", type=float, metavar="MM", help="nominal radius (each patient's: "
-                        "x uniform(0.8, 1.2)); default: the site's (temporal-wm 10, deep-gm 5)")
+                        "x uniform(0.8, 1.2)); default: the site's (temporal-wm 10, deep-gm, thalamus and hippocampus 5)")
     lesion.add_argument("--lesion-contrast", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="range of the fraction of intensity lost at the core (default 0.45 0.65)")
     lesion.add_argument("--lesion-jitter", type=float, default=0.0, metavar="MM",

@@ -22,6 +22,8 @@ class Sphere:
 LESION_SITES = {  # where patients' lesions sit (nominal centre and radius; --lesion-site)
     "temporal-wm": Sphere("right temporal white matter", (38.0, -25.0, 0.0), 10.0, 1.5),
     "deep-gm": Sphere("right putamen (deep grey matter)", (25.0, 2.0, 0.0), 5.0, 1.0),
+    "thalamus": Sphere("right thalamus", (12.0, -18.0, 8.0), 5.0, 1.0),
+    "hippocampus": Sphere("left hippocampus", (-28.0, -22.0, -14.0), 5.0, 1.0),
 }
 
 

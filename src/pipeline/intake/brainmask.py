@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.common.errors import InputError
+from pipeline.intake.geometry import load_3d
 
 METHODS = ("none", "deepbet", "derivatives")
 BRAIN_ML = (300.0, 3000.0)  # a mask outside this volume found no brain (or the whole head)
@@ -41,8 +42,10 @@ def deepbet_mask(image: nib.Nifti1Image, threads: int = 1) -> np.ndarray:
 def derivative_mask(path: Path, image: nib.Nifti1Image, source: Path) -> np.ndarray:
     """Boolean mask (> 0) of the NIfTI ``path``, which must share the grid of ``image`` (``source``)."""
     try:
-        mask = nib.load(str(path))
+        mask = load_3d(path)
         values = np.asarray(mask.dataobj)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"{path}: cannot read this brain mask ({type(exc).__name__}: {exc}); "
                          "check config `brain_mask`.") from exc
@@ -61,7 +64,7 @@ def native_mask(method: str, source: Path, mask_source: Path | None = None, thre
         return None
     if method not in METHODS:
         raise InputError(f"preprocess.brain_extraction must be one of {list(METHODS)}, not {method!r}.")
-    image = nib.load(str(source))
+    image = load_3d(source)  # a trailing singleton axis dropped: the mask is 3D like the image ANTs gets
     if method == "deepbet":
         mask = deepbet_mask(image, threads)
     elif mask_source is None:

@@ -1,10 +1,11 @@
 """The preprocessed images as a BIDS-Derivatives dataset: its ``dataset_description.json``, its
 ``.bidsignore`` and the BIDS URIs its sidecars name their sources by.
 
-Standard library only. ``results/derivatives/pipeline`` (and apply mode's ``OUTPUT_DIR/derivatives/
-pipeline``) passes ``bids-validator-deno`` with no error (``tests/test_workflow.py``): a
+Standard library only. ``results/derivatives/pipeline`` (with config ``work_dir``, both the work
+folder's and the one published from it, ``pipeline.intake.publish``) passes ``bids-validator-deno``
+with no error (``tests/test_workflow.py``, ``tests/test_bidsapp.py``): a
 description with ``DatasetType: derivative``, ``GeneratedBy`` this package and its version, and
-``DatasetLinks`` naming the raw dataset ``raw``, so that ``Sources`` read
+``SourceDatasets`` and ``DatasetLinks`` naming the raw dataset (``raw``), so that ``Sources`` read
 ``bids:raw:sub-01/anat/sub-01_T1w.nii.gz``. The files BIDS has no place for yet (the ``.npy``
 arrays the loader reads, the QC PNGs, the ANTs ``.mat`` transforms and preprocessing's exclusion
 records) stay where they are and are declared in ``.bidsignore`` (``IGNORED``).
@@ -30,27 +31,35 @@ IGNORED = (
 )
 
 
-def bids_uri(path: str | os.PathLike, raw_dir: str | os.PathLike) -> str:
-    """``path`` inside the raw dataset ``raw_dir`` as a BIDS URI, ``bids:raw:sub-01/anat/…``;
-    a path outside it as an absolute ``file://`` URI (BIDS allows any URI there)."""
+def bids_uri(path: str | os.PathLike, raw_dir: str | os.PathLike, key: str = RAW) -> str:
+    """``path`` inside the dataset ``raw_dir`` as a BIDS URI, ``bids:raw:sub-01/anat/…`` (``key``:
+    its DatasetLinks key); a path outside it as an absolute ``file://`` URI (BIDS allows any URI there)."""
     path, root = Path(path).resolve(), Path(raw_dir).resolve()
     try:
         relative = path.relative_to(root)
     except ValueError:
         return path.as_uri()
-    return f"bids:{RAW}:{relative.as_posix()}"
+    return f"bids:{key}:{relative.as_posix()}"
 
 
-def dataset_description(raw_dir: str | os.PathLike, name: str = "Preprocessed images") -> dict:
-    """The ``dataset_description.json`` of a derivatives folder made from the raw dataset ``raw_dir``."""
+PREPROCESSING = "Registration to MNI152NLin2009aSym and intensity normalisation (the Steps of each sidecar)"
+
+
+def dataset_description(raw_dir: str | os.PathLike, name: str = "Preprocessed images", what: str = PREPROCESSING,
+                        links: dict[str, str | os.PathLike] | None = None) -> dict:
+    """The ``dataset_description.json`` of a derivatives folder made from the raw dataset ``raw_dir``
+    (and from the datasets ``links``: {DatasetLinks key: folder}, e.g. the preprocessed images):
+    ``GeneratedBy`` this package doing ``what``; ``SourceDatasets`` and ``DatasetLinks`` name each
+    source by its ``file://`` URI, so that sidecars' ``Sources`` can read ``bids:<key>:sub-…``."""
+    sources = {RAW: raw_dir, **(links or {})}
+    uris = {key: Path(folder).resolve().as_uri() for key, folder in sources.items()}
     return {
         "Name": name,
         "BIDSVersion": "1.10.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": NAME, "Version": __version__,
-                         "Description": "Registration to MNI152NLin2009aSym and intensity normalisation "
-                                        "(the Steps of each sidecar)"}],
-        "DatasetLinks": {RAW: Path(raw_dir).resolve().as_uri()},
+        "GeneratedBy": [{"Name": NAME, "Version": __version__, "Description": what}],
+        "SourceDatasets": [{"URL": uri} for uri in uris.values()],
+        "DatasetLinks": uris,
     }
 
 

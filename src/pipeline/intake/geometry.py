@@ -13,7 +13,12 @@ needs no resampling before it. Two cases are decided here because readers disagr
   refused, with a message; resample the image onto an orthogonal grid first.
 
 Native images are handed to ANTs through ``ants_native`` (nibabel's data and affine), never
-through ITK's own reader, so every step sees the same geometry.
+through ITK's own reader, so every step sees the same geometry; ``to_native`` carries a map on the
+study grid back onto an image's native grid (maps, label maps). ANTs is imported inside the
+functions that use it, never with this module: the stages that only read geometry (evaluation,
+explanation) do not load it. Every reader opens a native image
+with ``load_3d``: a trailing singleton axis (X×Y×Z×1, as some converters write) is dropped, a true
+4D image refused naming the file; nibabel applies ``scl_slope``/``scl_inter`` to the data.
 """
 
 from __future__ import annotations
@@ -28,6 +33,20 @@ from pipeline.common.errors import InputError
 
 SHEAR_TOLERANCE = 1e-3  # |cos| of the angle between two axes of the sform counted as orthogonal
 DISAGREE_MM = 0.1  # qform and sform placing a corner further apart than this are reported
+
+
+def load_3d(path: Path | str) -> nib.Nifti1Image:
+    """The image at ``path`` as one 3D volume: trailing singleton axes (shape X×Y×Z×1[×1…]) are
+    dropped (nibabel's ``squeeze_image``: data, affine and header kept); InputError naming the
+    file and its shape for any other shape (a 4D image with several volumes, a 2D image)."""
+    img = nib.load(str(path))
+    shape = tuple(img.shape)
+    if len(shape) > 3 and all(n == 1 for n in shape[3:]):
+        img = nib.funcs.squeeze_image(img)
+    if len(img.shape) != 3:
+        raise InputError(f"{path}: expected one 3D volume, got shape {shape}; save the volume to use on its own "
+                         "(e.g. nibabel's index_img), or leave the file out (bids_filters, participants.exclude).")
+    return img
 
 
 def shear(affine: np.ndarray) -> float:
@@ -77,7 +96,18 @@ def ants_image(data: np.ndarray, affine: np.ndarray):
 def ants_native(path: Path, img: nib.Nifti1Image | None = None):
     """A native 3D image (``path``, or ``img`` already loaded from it) as an ANTs image placed by
     the rule (float32), and its ``placement``."""
-    img = nib.load(str(path)) if img is None else img
+    img = load_3d(path) if img is None else img
     where = placement(img, path)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return ants_image(data.reshape(data.shape[:3]), img.affine), where
+    return ants_image(np.asarray(img.dataobj, dtype=np.float32), img.affine), where
+
+
+def to_native(map_img: nib.Nifti1Image, native_path: Path, inverse: Path, interpolator: str = "linear") -> nib.Nifti1Image:
+    """Resample a template-grid map onto the native grid of ``native_path`` (its header only is
+    read) with the inverse transform; the result carries the native image's affine."""
+    import ants
+
+    native = load_3d(native_path)
+    grid = ants_image(np.zeros(native.shape[:3], dtype=np.float32), native.affine)
+    moving = ants_image(np.asarray(map_img.dataobj, dtype=np.float32), map_img.affine)
+    warped = ants.apply_transforms(grid, moving, [str(inverse)], interpolator=interpolator)
+    return nib.Nifti1Image(warped.numpy().astype(np.float32), native.affine)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 
-from pipeline.common import atomic
+from pipeline.common import atomic, package
 from pipeline.common.cli import add_config
 from pipeline.intake.template import brain_mask_on_grid, template_on_grid
 
@@ -20,9 +20,7 @@ def write_grid(resolution: float, shape: tuple[int, int, int], template_out: Pat
 
 
 def copy_package_grid(folder: Path, template_out: Path, mask_out: Path) -> None:
-    """Copy a verified model package's grid template and mask (``pipeline.sharing.package``)."""
-    from pipeline.sharing import package
-
+    """Copy a verified model package's grid template and mask (``pipeline.common.package``)."""
     package.verify(folder)
     template_out.parent.mkdir(parents=True, exist_ok=True)
     atomic.copyfile(folder / package.GRID_TEMPLATE, template_out)

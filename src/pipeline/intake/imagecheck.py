@@ -67,9 +67,10 @@ def header_problem(path: str, size: int | None = None, limits: dict | None = Non
     """Why the file's header rules it out as one 3D image (``""`` when it is usable).
 
     Catches: a missing, unreadable (permissions) or zero-byte file, text or other data under a
-    NIfTI name, a truncated header or (uncompressed) truncated data, a 4D or 2D image, a zero
-    dimension, invalid qform/sform codes, a singular or non-finite affine, and an image over
-    ``limits`` (``DEFAULT_LIMITS``: voxel count, voxel edge in mm). Only the header is read.
+    NIfTI name, a truncated header or (uncompressed) truncated data, a 4D image of several volumes
+    (X×Y×Z×1 passes: readers drop the singleton axis, ``geometry.load_3d``) or a 2D image, a zero
+    dimension, voxel sizes (pixdim) zero, negative or not finite, invalid qform/sform codes, a
+    singular or non-finite affine, and an image over ``limits`` (``DEFAULT_LIMITS``: voxel count, voxel edge in mm). Only the header is read.
     """
     limits = {**DEFAULT_LIMITS, **(limits or {})}
     if size is None:
@@ -82,6 +83,12 @@ def header_problem(path: str, size: int | None = None, limits: dict | None = Non
         header = read_header(path)
         shape = header.get_data_shape()
         dtype = header.get_data_dtype()
+        zooms = tuple(float(v) for v in header["pixdim"][1:4])
+        if not all(np.isfinite(v) and v > 0 for v in zooms):  # before the affine: nibabel refuses or repairs them
+            return (f"voxel sizes pixdim[1:4] = {zooms} hold a zero, negative or non-finite value, which readers "
+                    "repair differently (nibabel reads 0 as 1 mm and takes absolute values, so the qform and "
+                    "sform disagree); rewrite the header with positive voxel sizes (nibabel: "
+                    "img.header.set_zooms, or set_qform/set_sform from a valid affine)")
         affine = header.get_best_affine()
     except PermissionError:
         return "permission denied: the file cannot be read; make it readable (chmod a+r) or remove it"

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from pipeline.common import atomic, config
+from pipeline.common import atomic, columns, config
 from pipeline.common.cli import add_config
 from pipeline.common.errors import InputError
 from pipeline.intake import derivatives
@@ -31,9 +31,9 @@ from pipeline.common.outputs import check_writable
 from pipeline.intake.ids import with_sub_prefix
 from pipeline.intake.nonbids import non_bids_input
 from pipeline.intake.reportrows import REPORT_COLUMNS, report_rows
-from pipeline.intake.selection import DERIVED_COLUMNS, bids_input, chosen
+from pipeline.intake.selection import DERIVED_COLUMNS, MANIFEST_COLUMNS, bids_input, chosen
 from pipeline.intake.targets import join_targets
-from pipeline.results.participants import ordered
+from pipeline.intake.classes import ordered
 
 DEFAULT_FILTERS = config.defaults(["bids_filters"])  # the schema's, for calls without a config
 DEFAULT_CHANNELS = config.defaults(["channels"])
@@ -139,8 +139,37 @@ def unimaged(participants: pd.Series, seen: set, dropped: set, policy: str) -> p
     return pd.DataFrame(rows, columns=REPORT_COLUMNS)
 
 
-def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path) -> None:
-    """The three outputs: manifest and report TSVs, target JSON; each replaced whole (never half-written)."""
+def table_meanings(manifest: pd.DataFrame, targets: dict, bids_dir: Path | None = None) -> dict[str, columns.Column]:
+    """Data dictionary entries of the manifest's columns carried over from the target table (every
+    column but the image columns): the dataset's own entry where it has one (its top-level
+    ``participants.json``, and ``sessions.json`` for sessions.tsv columns), else where the column
+    comes from; the target's says that it is the target."""
+    own = set(MANIFEST_COLUMNS) | set(DERIVED_COLUMNS)
+    carried = [c for c in manifest.columns if c not in own and not c.startswith("path_")]
+    described = {}
+    for name in ("participants.json", "sessions.json") if bids_dir is not None else ():
+        sidecar = Path(bids_dir) / name
+        if sidecar.is_file():
+            try:
+                described.update(columns.from_sidecar(json.loads(sidecar.read_text())))
+            except (ValueError, AttributeError):  # not a data dictionary: the provenance describes them
+                pass
+    source = targets.get("source") or "target table"
+    meanings = {}
+    for name in carried:
+        entry = described.get(name, columns.Column(name, f"Column {name!r} of the input's {source}, carried unchanged "
+                                                          "(see the input dataset's own description of it)."))
+        if name == targets.get("target"):
+            entry = columns.Column(entry.long_name, f"The study's target (config target), from the input's {source}. "
+                                   + entry.description, entry.units, entry.levels)
+        meanings[name] = entry
+    return meanings
+
+
+def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path, bids_dir: Path | None = None) -> None:
+    """The three outputs: manifest and report TSVs, target JSON; each replaced whole (never half-written).
+    Then the TSVs' data dictionaries (``pipeline.common.columns``; the target table's columns from
+    ``bids_dir``'s participants.json where it describes them)."""
     manifest.parent.mkdir(parents=True, exist_ok=True)
     # Nested: nothing is renamed into place unless all three were written.
     with atomic.path(targets) as t:
@@ -149,6 +178,8 @@ def write_outputs(result: Ingested, manifest: Path, report: Path, targets: Path)
             result.report.to_csv(r, sep="\t", index=False)
             with atomic.path(manifest) as m:
                 result.manifest.to_csv(m, sep="\t", index=False)
+    atomic.write_dictionary(report, result.report.columns)
+    atomic.write_dictionary(manifest, result.manifest.columns, table_meanings(result.manifest, result.targets, bids_dir))
 
 
 def main(argv=None) -> None:
@@ -176,7 +207,8 @@ def main(argv=None) -> None:
                         cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"],
                         target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"),
                         brain_mask=cfg.get("brain_mask"))
-    write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json")
+    write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json",
+                  None if cfg["non_bids"] else Path(cfg["bids_dir"]))
     if args.derivatives:
         derivatives.write_dataset_files(args.derivatives, cfg["bids_dir"])
     manifest, report = result.manifest, result.report

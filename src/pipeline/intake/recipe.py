@@ -1,6 +1,7 @@
 """The preprocessing recipe: how a model's input images are prepared, as a plain dict.
 
-Standard library only: the Snakefile imports it. A model package carries the recipe of its study
+The Snakefile imports it (and, for the words of the chain, ``pipeline.intake.steps``, which loads
+numpy but neither ANTs nor nibabel). A model package carries the recipe of its study
 (``preprocessing.json``); fine-tuning checks the new study's recipe against it and applying a
 package prepares new images with it.
 
@@ -14,81 +15,42 @@ package prepares new images with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from pipeline.common.paths import SPACE
+from pipeline.intake import steps as steps_module
+from pipeline.intake.steps import Step
 
 TEMPLATE = "MNI ICBM152 2009a symmetric T1w, 1 mm, as bundled with nilearn (pipeline.intake.template)"
 # Keys that must be equal for images to be prepared the same way. The registration seed is not
 # among them: any seed gives an equivalent registration.
 COMPARED = ("space", "resolution", "shape", "transform", "n4", "n4_shrink_factor", "antialias", "brain_extraction",
             "registration_resolution", "channels")
+# What an imported package's recipe declares (``bids-deepstudy import``): the input itself, not how
+# the study computes it (N4, registration settings, anti-aliasing are the study's own choice).
+DECLARED = ("space", "resolution", "shape", "brain_extraction", "channels")
 # Keys added after packages were first written, with the value that packages without them used.
 INTRODUCED = {"antialias": False, "brain_extraction": "none", "registration_resolution": None, "qc_min": None}
-OFF = (False, None, "none")  # a step's key with one of these values turns it off
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step of the preprocessing chain (``pipeline.intake.preprocess`` runs them in this order).
-
-    ``key``: the config ``preprocess`` key that turns it on (None: always); ``recipe``: the step in
-    words for the recipe and the model card (``{reference}``, ``{channel}`` and the preprocess
-    keys filled in); ``further``: done once per channel after the reference; ``sidecar``: the
-    entries it adds to each channel's sidecar ``Steps`` (``further_only``: only in those channels';
-    ``reference_only``: only in the reference's)."""
-
-    name: str
-    recipe: str
-    sidecar: tuple[str, ...] = ()
-    key: str | None = None
-    further: bool = False
-    further_only: bool = False
-    reference_only: bool = False
-
-
-STEPS = (
-    Step("reorient", "read each channel (ANTs), reorient to the template's axes", ("reorient",)),
-    Step("n4", "N4 bias-field correction (shrink factor {n4_shrink_factor})", ("N4BiasFieldCorrection",), key="n4"),
-    Step("extract", "brain extraction of {reference} ({brain_extraction}; pipeline.intake.brainmask): zero outside "
-         "its brain mask, written on the native grid", ("brain extraction ({brain_extraction})",), key="brain_extraction",
-         reference_only=True),
-    Step("scale", "divide by the image's 99th intensity percentile (inside the brain mask when extracted)"),
-    Step("coregister", "rigid co-registration of {channel} to {reference} (ANTs)",
-         ("ants.registration:Rigid to {reference}",), further=True, further_only=True),
-    Step("register", "ANTs registration of {reference} to the template, rigid from the centres of mass then "
-         "{transform} (working resolution {registration_resolution} mm, none: the grid's; seed {seed}, one ITK thread)",
-         ("ants.registration:{transform} to template",)),
-    Step("antialias", "Gaussian anti-aliasing of every channel where the grid is coarser than its voxels "
-         "(FWHM sqrt(grid^2 - voxel^2) per axis)", ("anti-aliasing Gaussian (FWHM sqrt(grid^2 - voxel^2))",),
-         key="antialias"),
-    Step("resample", "linear resampling of every channel onto the template grid (grid/template.nii.gz)"),
-    Step("normalise", "z-score each channel inside the template brain mask (grid/brain_mask.nii.gz), its mean and "
-         "sd where the sample's brain mask overlaps it; 0 outside",
-         ("template brain mask", "z-score inside mask")),
-    Step("stack", "stack the channels: a (C, X, Y, Z) float32 array"),
-)
 
 
 def active(settings: dict) -> list[Step]:
-    """The steps that run with config ``preprocess`` ``settings``."""
-    return [step for step in STEPS if step.key is None or settings.get(step.key, INTRODUCED.get(step.key)) not in OFF]
+    """The steps of the chain (``pipeline.intake.steps.STEPS``) that run with config ``preprocess``
+    ``settings`` (a key it leaves out: its value in packages written before it, ``INTRODUCED``)."""
+    return steps_module.active({**INTRODUCED, **settings})
+
+
+def words(ran: list[Step], settings: dict, channels: list[str]) -> list[str]:
+    """The recipe's ``steps``: the words of the steps ``ran`` (or that will run), in order."""
+    return [line for step in ran for line in step.words({**INTRODUCED, **settings}, channels)]
 
 
 def steps(settings: dict, channels: list[str]) -> list[str]:
-    """The preprocessing chain, in words, in order (the recipe's ``steps``)."""
-    chain = []
-    for step in active(settings):
-        targets = channels[1:] if step.further else [None]
-        chain += [step.recipe.format(reference=channels[0], channel=c, **{**INTRODUCED, **settings}) for c in targets]
-    return chain
+    """The preprocessing chain, in words, in order (the recipe's ``steps``): the words of the
+    steps that ``pipeline.intake.preprocess`` runs with ``settings``."""
+    return words(active(settings), settings, channels)
 
 
-def sidecar_steps(settings: dict, channels: list[str], channel: str) -> list[str]:
-    """The ``Steps`` of ``channel``'s sidecar."""
-    further = channel != channels[0]
-    return [entry.format(reference=channels[0], **settings) for step in active(settings)
-            if (further or not step.further_only) and not (further and step.reference_only) for entry in step.sidecar]
+def sidecar_steps(ran: list[Step], settings: dict, channels: list[str], channel: str) -> list[str]:
+    """The ``Steps`` of ``channel``'s sidecar: the entries of the steps that ``ran``, in order."""
+    return [entry for step in ran for entry in step.entries(settings, channels, channel)]
 
 
 def from_config(preprocess: dict, channels: dict, bids_filters: dict) -> dict:
@@ -157,6 +119,8 @@ def compared(recipe: dict) -> dict:
 
 
 def mismatches(package: dict, study: dict) -> list[str]:
-    """``'<key>: package <value>, study <value>'`` for every compared key that differs."""
+    """``'<key>: package <value>, study <value>'`` for every compared key that differs (of an
+    imported package's recipe, only the ``DECLARED`` input)."""
+    keys = DECLARED if package.get("imported") else COMPARED
     package, study = compared(package), compared(study)
-    return [f"{key}: package {package[key]}, study {study[key]}" for key in COMPARED if package[key] != study[key]]
+    return [f"{key}: package {package[key]}, study {study[key]}" for key in keys if package[key] != study[key]]

@@ -1,4 +1,5 @@
-"""The study table: the manifest joined to one fold's splits and to the preprocessed arrays, by image id."""
+"""The study table: the manifest joined to one fold's splits and to the preprocessed arrays, by image id;
+apply mode's image table: the manifest and the arrays, without splits."""
 
 from __future__ import annotations
 
@@ -32,8 +33,21 @@ def study_table(manifest: Path, splits: Path, preproc_dir: Path, fold: str, chan
         raise InputError(f"{splits} has no split for images {', '.join(merged.loc[missing, 'image_id'])}; rerun the split rule.")
     if (merged["participant_id"] != merged["participant_id_split"]).any():
         raise InputError(f"{splits} and {manifest} disagree on a participant id; rerun the split rule.")
-    paths = [derivative_paths(preproc_dir, s, i, channels, label) for s, i in zip(merged["subdir"], merged["image_id"])]
-    merged["array"] = [str(p["array"]) for p in paths]
+    return with_arrays(merged, preproc_dir, channels, label).drop(columns="participant_id_split")
+
+
+def image_table(manifest: Path, preproc_dir: Path, channels: list[str] | None = None, label: bool = False) -> pd.DataFrame:
+    """The study table without a design (apply mode: every image is predicted): the manifest's
+    rows with each image's preprocessed ``array`` path (and ``label_array`` with ``label``)."""
+    return with_arrays(read_tsv(manifest), preproc_dir, channels, label)
+
+
+def with_arrays(table: pd.DataFrame, preproc_dir: Path, channels: list[str] | None = None,
+                label: bool = False) -> pd.DataFrame:
+    """``table`` (``subdir``, ``image_id``) with each image's preprocessed ``array`` path, and its
+    ``label_array`` path with ``label``; the paths of ``pipeline.common.paths.derivative_paths``."""
+    paths = [derivative_paths(preproc_dir, s, i, channels, label) for s, i in zip(table["subdir"], table["image_id"])]
+    table["array"] = [str(p["array"]) for p in paths]
     if label:
-        merged["label_array"] = [str(p["label_array"]) for p in paths]
-    return merged.drop(columns="participant_id_split")
+        table["label_array"] = [str(p["label_array"]) for p in paths]
+    return table

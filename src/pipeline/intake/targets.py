@@ -4,6 +4,7 @@ read as strings, each joined to the samples by id, and the samples without a usa
 from __future__ import annotations
 
 import csv
+import difflib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -114,7 +115,12 @@ def check_targets(samples: pd.DataFrame, target: str, task: str) -> tuple[pd.Dat
 
 
 def missing_column_error(target: str, path: Path, columns) -> InputError:
-    return InputError(f"{path} has no column {target!r} (the configured `target`). "
+    """The error for a ``target`` the table lacks: its columns, and the closest one (``agee`` → ``age``)."""
+    columns = [str(c) for c in columns]
+    lowered = {c.lower(): c for c in columns}
+    close = difflib.get_close_matches(str(target).lower(), list(lowered), n=1)
+    hint = f" Did you mean `target: {lowered[close[0]]}`?" if close else ""
+    return InputError(f"{path} has no column {target!r} (the configured `target`).{hint} "
                       f"Its columns are: {', '.join(columns)}. Set `target` to one of them, or add the column.")
 
 

@@ -6,15 +6,18 @@ Rules, each failing with a message that names both sides:
 - preprocessing: the package's recipe must equal the study's (``pipeline.intake.recipe.COMPARED``);
 - weights: study fold K starts from package fold ((K - 1) mod n) + 1 of its n folds;
 - head: the output layer (the parameters whose shape depends on the number of outputs) is kept
-  when the package predicts the same thing (task, target and class list); otherwise it starts
-  from random weights, with the reason printed: a different number of outputs cannot fit (e.g. a
-  package's 40 soft-label age bins and this study's one regression output), and the same number
-  of different classes (or another target) would mean something else;
+  when the package predicts the same thing (task, target and class list; a package's soft-label
+  bins of this study's regression target count, ``package_bins``: the study then trains and
+  predicts their expected value) and ``train.package_head`` is ``keep``; otherwise it starts
+  from random weights, with the reason printed: a different number of outputs cannot fit, and
+  the same number of different classes (or another target) would mean something else; with ``train.head_init:
+  probe`` (default) the new head is then fitted in closed form on the pre-trained features of the
+  training images (``probe_head``: a linear probe before fine-tuning, LP-FT);
 - ``train.freeze``: ``true`` trains only the last layer with parameters, an integer N the last N;
   a layer name or a list of them (``features``, ``["features.0", "features.1"]``) freezes every
   parameter of those layers and of the layers inside them (matched at dots: ``features.1`` is not
   ``features.10``); a new head is never frozen; frozen BatchNorm layers keep their running
-  statistics (momentum 0);
+  statistics (momentum 0) and normalise with them in training too (``trainer.train_mode``);
 - ``train.backbone_lr_factor``: the head trains at ``learning_rate``, every other (pre-trained)
   parameter at ``learning_rate`` × the factor (``parameter_groups``; 1: one group).
 """
@@ -24,32 +27,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
-from pipeline.sharing import package
+from pipeline.common import package
 from pipeline.intake import recipe
 from pipeline.learning.coder import TargetCoder
 from pipeline.common.errors import InputError
 from pipeline.learning.models import build_model, recorded_args, resolved_args
-
-
-def problems(config: dict) -> list[str]:
-    """Fine-tuning keys set without ``train.init_from`` (the config filled in with the schema's
-    defaults; each variant too): they would be ignored, or fail in every training job."""
-    from pipeline.learning.variants import hyperparameters
-
-    train, found = config["train"], []
-    for variant in [None, *train.get("variants", {})]:
-        hyper, where = hyperparameters(train, variant), "`train`" if variant is None else f"`train.variants.{variant}`"
-        if hyper.get("init_from"):
-            continue
-        if hyper.get("backbone_lr_factor", 1) != 1:
-            found.append(f"config {where} sets backbone_lr_factor {hyper['backbone_lr_factor']}, which slows a package's "
-                         "pre-trained layers, but `train.init_from` is null: set init_from, or the factor to 1.")
-        if hyper.get("freeze"):
-            found.append(f"config {where} sets freeze {hyper['freeze']!r}, which freezes a package's pre-trained layers, "
-                         "but `train.init_from` is null: set init_from, or freeze to false.")
-    return found
 
 
 def source_fold(fold: str, folds: list[str]) -> str:
@@ -95,6 +81,18 @@ def output_words(spec: dict) -> str:
     if declared.get("type") == "bins" and isinstance(centres, list) and centres:
         return f"{words} by {len(centres)} soft-label bins centred {min(centres):g}-{max(centres):g}"
     return words
+
+
+def package_bins(folder: Path, task: str, target: str) -> list[float] | None:
+    """The bin centres of a package that predicts this study's regression ``target`` as soft-label
+    bins (an imported SFCN), whose head a fine-tuning study can keep; None otherwise."""
+    spec = package.load(folder).spec
+    declared = spec.get("output") if isinstance(spec.get("output"), dict) else {}
+    centres = declared.get("bins")
+    if (task, declared.get("type"), spec.get("task"), spec.get("target")) == ("regression", "bins", task, target) \
+            and isinstance(centres, list) and centres:
+        return [float(c) for c in centres]
+    return None
 
 
 def head_reason(spec: dict, coder: TargetCoder, target: str) -> str | None:
@@ -172,24 +170,74 @@ def freeze(model: nn.Module, trainable: int) -> list[str]:
     return [n for n, _ in layers[-trainable:]]
 
 
+def probe_head(model: nn.Module, head: set[str], arrays: list[str], y, coder: TargetCoder) -> str | None:
+    """Fit a new head in closed form on the pre-trained features of the training images (a linear
+    probe: ridge regression on the normalised target, or logistic regression), so fine-tuning
+    starts from a head that already reads the features (LP-FT, Kumar et al. 2022) instead of a
+    random one that would pull the pre-trained layers towards noise. Returns what was done, or None
+    where it does not apply (a head that is not one linear map of pooled features)."""
+    from sklearn.linear_model import LogisticRegression, RidgeCV
+
+    names = {key.rsplit(".", 1)[0] for key in head}
+    if len(names) != 1 or coder.task not in ("regression", "classification"):
+        return None
+    layer = model.get_submodule(names.pop())
+    features = []
+    hook = layer.register_forward_pre_hook(lambda module, inputs: features.append(inputs[0].detach().flatten(1)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(arrays), 8):
+                model(torch.from_numpy(np.stack([np.load(a) for a in arrays[start:start + 8]]).astype(np.float32)))
+    finally:
+        hook.remove()
+        model.train(was_training)
+    x, target = torch.cat(features).numpy(), np.asarray(y)
+    if x.shape[1] != layer.weight[0].numel():
+        return None
+    if coder.task == "regression":
+        fit = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(x, target)
+        weight, bias = fit.coef_[None], np.atleast_1d(fit.intercept_)
+    else:
+        if len(np.unique(target)) < 2:
+            return None
+        fit = LogisticRegression(max_iter=2000).fit(x, target)
+        weight, bias = fit.coef_, fit.intercept_
+        if len(coder.classes) == 2:  # one score for class 1: split it over the two logits
+            weight, bias = np.concatenate([-weight, weight]) / 2, np.array([-bias[0], bias[0]]) / 2
+        elif len(fit.classes_) != len(coder.classes):
+            return None
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight, dtype=layer.weight.dtype).reshape(layer.weight.shape))
+        if layer.bias is not None:
+            layer.bias.copy_(torch.as_tensor(bias, dtype=layer.bias.dtype))
+    return f"fitted on the pre-trained features of {len(arrays)} training image(s) ({type(fit).__name__})"
+
+
 def initialise(model: nn.Module, folder: Path, hyper: dict, coder: TargetCoder, target: str, channels: list[str],
-               study_recipe: dict, fold: str) -> nn.Module:
-    """Load a package fold's weights into ``model`` (built from ``hyper``), following the module's rules."""
+               study_recipe: dict, fold: str, probe: tuple[list[str], object] | None = None) -> nn.Module:
+    """Load a package fold's weights into ``model`` (built from ``hyper``), following the module's rules.
+    A new head is fitted by ``probe_head`` on ``probe`` (training arrays, encoded targets) with
+    ``train.head_init: probe``."""
     pkg = package.load(folder)
     check_architecture(pkg.spec, hyper["model"], hyper["model_args"], channels, folder)
     check_preprocessing(pkg.recipe, study_recipe, folder)
     start = source_fold(fold, pkg.folds)
     state = pkg.state_dict(start)
-    reason = head_reason(pkg.spec, coder, target)
+    reason = "config train.package_head is new" if hyper["package_head"] == "new" else head_reason(pkg.spec, coder, target)
     if reason:
         head = head_keys(hyper["model"], hyper["model_args"], len(channels))
         state = {k: v for k, v in state.items() if k not in head}
-        print(f"{fold}: new head ({', '.join(sorted(head))} from random weights): {reason}", file=sys.stderr)
+        print(f"{fold}: new head ({', '.join(sorted(head))} from random weights): {reason}", file=sys.stderr)  # a probe may follow
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or (set(missing) and not reason):
         raise InputError(f"{folder / package.weights_file(start)} does not fit the network: missing {missing}, "
                          f"unexpected {unexpected}.")
     print(f"{fold}: starting from {folder} {start}", file=sys.stderr)
+    if reason and probe is not None and hyper["head_init"] == "probe":
+        how = probe_head(model, head, *probe, coder)
+        print(f"{fold}: new head {how or 'left random (not one linear map of pooled features)'}", file=sys.stderr)
     setting = freeze_setting(hyper["freeze"])
     if isinstance(setting, list):
         trained = freeze_layers(model, setting)

@@ -1,16 +1,20 @@
-"""Batches of preprocessed arrays: memory-mapped headers, ``readinto`` reads, a read-ahead thread."""
+"""Batches of preprocessed arrays: memory-mapped headers, ``readinto`` reads, a read-ahead thread;
+and a fold's mean training image."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from pipeline.common.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def open_array(path: str) -> np.ndarray:
@@ -26,6 +30,17 @@ def open_array(path: str) -> np.ndarray:
 def load_batch(paths: list[str]) -> torch.Tensor:
     """(B, C, X, Y, Z) float32 batch from memory-mapped (C, X, Y, Z) ``.npy`` arrays."""
     return torch.from_numpy(np.stack([open_array(p) for p in paths]).astype(np.float32, copy=False))
+
+
+def mean_training_image(table: pd.DataFrame) -> torch.Tensor:
+    """The mean (C, X, Y, Z) image of the fold's training rows (integrated gradients' baseline),
+    summed one image at a time in float64 (memory of one image, whatever the cohort)."""
+    paths = table.loc[table["split"] == "train", "array"]
+    total = None
+    for path in paths:
+        image = load_batch([path])[0].double()
+        total = image if total is None else total.add_(image)
+    return (total / len(paths)).float()
 
 
 def read_into(target: np.ndarray, mapped: np.memmap, path: str) -> None:

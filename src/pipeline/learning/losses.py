@@ -10,18 +10,46 @@ from pipeline.learning.coder import TargetCoder
 SEGMENTATION = "segmentation"
 
 
-def loss_fn(task: str):
+def loss_fn(task: str, class_weights: torch.Tensor | None = None):
+    """The task's loss; ``class_weights`` (K,) weight a classification cross-entropy per true class
+    (its mean is then the weighted mean, so balanced weights give every class the same say)."""
     if task == SEGMENTATION:
         from monai.losses import DiceCELoss
 
         return DiceCELoss(to_onehot_y=True, softmax=True)
-    return torch.nn.CrossEntropyLoss() if task == "classification" else torch.nn.MSELoss()
+    if task == "classification":
+        return torch.nn.CrossEntropyLoss(weight=class_weights)
+    return torch.nn.MSELoss()
 
 
-def task_loss(criterion, task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    if task == SEGMENTATION:  # (B, K, *spatial) logits, (B, 1, *spatial) labels
+def balanced_weights(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(K,) class weights n / (K_present · n_c) of the class indices ``labels`` (scikit-learn's
+    "balanced"): each class present contributes equally to a weighted mean loss, whatever its
+    share. A class absent from ``labels`` gets weight 1 (it adds nothing to this loss)."""
+    counts = torch.bincount(labels.long().cpu(), minlength=k).double()
+    present = counts > 0
+    weights = torch.ones(k, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
+
+
+def balanced_accuracy(correct: torch.Tensor, counts: torch.Tensor) -> float:
+    """Mean recall over the classes present: ``correct`` and ``counts`` are (K,) per-class sums."""
+    present = counts > 0
+    return float((correct[present] / counts[present]).mean()) if present.any() else float("nan")
+
+
+def class_sums(outputs: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(2K,) per-class correct predictions, then per-class counts, of (B, K) logits and (B,) labels."""
+    labels = labels.long().cpu()
+    hit = outputs.detach().argmax(1).cpu() == labels
+    return torch.cat([torch.bincount(labels[hit], minlength=k), torch.bincount(labels, minlength=k)]).double()
+
+
+def task_loss(criterion, coder: TargetCoder, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if coder.task == SEGMENTATION:  # (B, K, *spatial) logits, (B, 1, *spatial) labels
         return criterion(outputs.float(), targets.long())
-    return criterion(outputs.float() if task == "classification" else outputs.float().squeeze(1), targets)
+    return criterion(outputs.float() if coder.task == "classification" else coder.scalar(outputs.float()), targets)
 
 
 def label_dice(predicted: torch.Tensor, true: torch.Tensor, k: int) -> torch.Tensor:
@@ -54,7 +82,7 @@ def metric(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> f
         return float(mean_dice(outputs, labels).mean())
     if coder.task == "classification":
         return float((outputs.argmax(1) == labels).float().mean())
-    return float(((outputs.squeeze(1) - labels).abs() * coder.std).mean())
+    return float(((coder.scalar(outputs) - labels).abs() * coder.std).mean())
 
 
 def metric_sum(coder: TargetCoder, outputs: torch.Tensor, labels: torch.Tensor) -> float:

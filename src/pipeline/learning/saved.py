@@ -42,7 +42,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[torch.nn
 
 
 def package_coder(pkg, fold: str) -> TargetCoder:
-    """The target coder of one fold of a model package (``pipeline.sharing.package.Package``)."""
+    """The target coder of one fold of a model package (``pipeline.common.package.Package``)."""
     return TargetCoder(**pkg.normalisation["target"][fold])
 
 
@@ -52,3 +52,15 @@ def package_model(pkg, fold: str, device: torch.device | str = "cpu") -> torch.n
     return rebuild(pkg.spec["architecture"], pkg.spec["input"]["shape"][0], pkg.spec["outputs"],
                    pkg.spec.get("sampler"), pkg.state_dict(fold),
                    segmentation=pkg.spec["task"] == SEGMENTATION).to(device)
+
+
+def predicting_expected_value(model: torch.nn.Module, coder) -> torch.nn.Module:
+    """A soft-label bins network (an imported SFCN, or a study fine-tuned from one) made to output
+    its prediction, the expected value over the bins (B, 1), so its maps explain the predicted
+    value rather than the first bin; module names stay as they are (Grad-CAM's layer). Other
+    networks are returned as they are."""
+    if coder.bins:
+        centres = torch.tensor(coder.bins, dtype=torch.float32)
+        model.register_forward_hook(
+            lambda module, inputs, out: (torch.softmax(out, dim=1) * centres.to(out.device)).sum(1, keepdim=True))
+    return model

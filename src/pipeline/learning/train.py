@@ -6,12 +6,19 @@ with the same draws (nearest neighbour) and cut into the same slices or patches;
 network (``unet``) is trained with MONAI's DiceCELoss (softmax, one-hot target) and validated
 on whole images by the mean Dice of the labels other than 0 (background).
 
+Classification weights the cross-entropy by class (``train.class_weights: balanced``, the
+default): each training class gets weight n / (K · n_c), so a network that answers the majority
+class is not rewarded for it, and the validation loss that selects the checkpoint is the mean over
+classes of each class's mean cross-entropy (``Trainer.validate``), which an unbalanced validation
+set cannot lower by favouring its majority class.
+
 Writes ``model.pt`` (best weights on validation loss, or on validation Dice for segmentation,
 + everything needed to use them; tensors
 and plain types only), ``history.tsv`` (one row per epoch, rewritten after each: losses,
-metrics, learning rate, seconds, optimisation steps and ``data_wait``, the fraction of the
-epoch's training time spent waiting for data), ``hyperparameters.json`` (the resolved settings),
-``diagnostics.json`` (``pipeline.results.diagnostics.training``: did the network fit, did validation diverge),
+metrics — classification: accuracy and balanced accuracy —, learning rate, seconds, optimisation
+steps and ``data_wait``, the fraction of the epoch's training time spent waiting for data),
+``hyperparameters.json`` (the resolved settings; classification: the class weights used),
+``diagnostics.json`` (``pipeline.learning.curves.training``: did the network fit, did validation diverge),
 TensorBoard logs, an MLflow run with ``tracking: mlflow`` (``pipeline.learning.tracking``), and ``checkpoints/last.pt``
 and ``best.pt``. An interrupted run resumes exactly from ``last.pt`` (weights, optimizer,
 scheduler, loss scaler, every RNG state, epoch, early-stopping state) when settings, data and
@@ -91,7 +98,12 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         y_train = y_val = None  # the label images, read by the loaders
         labels = {"train": train_rows["label_array"].tolist(), "val": val_rows["label_array"].tolist()}
     else:
-        coder = TargetCoder.fit(task, train_rows[target], classes)
+        bins = None
+        if init is not None and hyper["package_head"] == "keep":
+            from pipeline.learning.finetune import package_bins
+
+            bins = package_bins(init["package"], task, target)  # a kept soft-label bins head
+        coder = TargetCoder.fit(task, train_rows[target], classes, bins)
         y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
         labels = {"train": None, "val": None}
     train_loader = ArrayLoader(train_rows["array"].tolist(), labels["train"], prefetch=hyper["prefetch"],
@@ -109,9 +121,10 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         from pipeline.learning.finetune import initialise
 
         def from_package(network):
+            probe = (train_rows["array"].tolist(), y_train) if hyper["sampler"]["kind"] == "image" else None
             return initialise(network, init["package"], hyper, coder, target, list(channels or ["T1w"]),
-                              init["recipe"], init["fold"])
-    trainer = build_trainer(hyper, shape[0], coder, process, from_package)
+                              init["recipe"], init["fold"], probe)
+    trainer = build_trainer(hyper, shape[0], coder, process, from_package, y_train)
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +150,8 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         row = {"epoch": epoch, "train_loss": fit["loss"], "val_loss": val["loss"], f"train_{name}": fit["metric"],
                f"val_{name}": val["metric"], "lr": lr, "seconds": time.perf_counter() - start,
                "steps": fit["steps"], "data_wait": fit["data_wait"]}
+        if task == "classification":
+            row.update(train_balanced_accuracy=fit["balanced_accuracy"], val_balanced_accuracy=val["balanced_accuracy"])
         state["history"].append(row)
         bar.set_postfix(train_loss=f"{fit['loss']:.3f}", val_loss=f"{val['loss']:.3f}",
                         **{f"val_{name}": f"{val['metric']:.3f}"}, data_wait=f"{fit['data_wait']:.1%}")
@@ -154,19 +169,21 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
             save_atomic(checkpoint(trainer, run_id, generator, state), last)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-        if epoch - state["best_epoch"] >= hyper["patience"]:
+        if epoch - state["best_epoch"] >= hyper["patience"] and epoch >= hyper["min_epochs"]:
             print(f"early stopping at epoch {epoch}: no validation improvement for {hyper['patience']} epochs",
                   file=sys.stderr)
             break
     trackers.close()
     train_loader.close()
     val_loader.close()
-    majority = float(train_rows[target].astype(str).value_counts(normalize=True).max()) \
-        if task == "classification" else None
-    return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper,
+    majority = {name: float(rows[target].astype(str).value_counts(normalize=True).max())
+                for name, rows in (("train", train_rows), ("val", val_rows))} if task == "classification" else None
+    weights = {} if trainer.class_weights is None else \
+        {"class_weight_values": dict(zip(coder.classes, trainer.class_weights.tolist()))}
+    return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper, **weights,
                                              "sampler": sampler_config(trainer.sampler),
                                              "device": process.device.type, "processes": process.world},
-                  process, majority)
+                  process, majority, coder.outputs if task == "classification" else 2)
 
 
 def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> TargetCoder:
@@ -185,10 +202,11 @@ def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> Tar
 
 
 def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process,
-           majority: float | None = None) -> dict:
+           majority: dict | None = None, classes: int = 2) -> dict:
     """Copy the best checkpoint to ``model.pt``; write history, resolved hyperparameters and the
-    training diagnostics (``majority``: the most frequent training class's share)."""
-    from pipeline.results import diagnostics
+    training diagnostics (``majority``: the most frequent class's share of the training and of the
+    validation images, by ``train`` and ``val``; ``classes``: how many classes)."""
+    from pipeline.learning import curves
 
     if process.world > 1:
         import torch.distributed as dist
@@ -199,7 +217,8 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
         save_atomic(best, out_dir / "model.pt")
         atomic.to_csv(pd.DataFrame(state["history"]), out_dir / "history.tsv", sep="\t", index=False)
         atomic.write_text(out_dir / "hyperparameters.json", json.dumps(hyper, indent=2))
-        findings = diagnostics.training(pd.DataFrame(state["history"]), hyper["task"], majority)
+        findings = curves.training(pd.DataFrame(state["history"]), hyper["task"], majority,
+                                        epochs=hyper.get("epochs"), classes=classes)
         atomic.write_text(out_dir / "diagnostics.json", json.dumps({"findings": findings}, indent=2))
     return best
 

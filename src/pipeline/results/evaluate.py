@@ -39,7 +39,9 @@ from pipeline.intake.study import study_table
 from pipeline.learning.device import for_inference, model_device
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
-from pipeline.results.participants import by_participant, ordered, participant_metrics
+from pipeline.results.metrics import COLUMNS as METRIC_COLUMNS
+from pipeline.intake.classes import ordered
+from pipeline.results.participants import by_participant, participant_metrics
 from pipeline.results.summary import excluded_by_stage, summary_table
 from pipeline.learning.saved import load_model
 
@@ -167,8 +169,10 @@ def against_linear(deep: dict[str, pd.DataFrame], linear_dirs: list[Path], task:
     return compare.comparison_tables(deep, linear, task, classes, means), overall, skipped
 
 
-def study_diagnostics(train_dirs: list[Path], comparison: pd.DataFrame, task: str, skipped: list[str]) -> dict:
-    """Every fold's training findings (its ``diagnostics.json``) and the comparison's findings."""
+def study_diagnostics(train_dirs: list[Path], comparison: pd.DataFrame, task: str, skipped: list[str],
+                      tests: dict[str, pd.DataFrame] | None = None) -> dict:
+    """Every fold's training findings (its ``diagnostics.json``) followed by the findings of its
+    test predictions (``tests``: by fold name), and the comparison's findings."""
     from pipeline.results import compare
     from pipeline.results import diagnostics
 
@@ -176,6 +180,8 @@ def study_diagnostics(train_dirs: list[Path], comparison: pd.DataFrame, task: st
     for d in train_dirs:
         path = d / "diagnostics.json"
         folds[d.name] = json.loads(path.read_text())["findings"] if path.exists() else []
+    for name, rows in (tests or {}).items():
+        folds[name] = folds.get(name, []) + diagnostics.predicted(rows, task)
     return {"folds": folds, "study": diagnostics.compared(compare.headline(comparison, task), task, skipped)}
 
 
@@ -208,8 +214,8 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
     table, summary = summary_table(metrics, names, overall)
     _, images = summary_table([m.get("image_level", m) for m in metrics], names, overall["image_level"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
-    atomic.to_csv(images, out_dir / "metrics_images.tsv", sep="\t")
+    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t", meanings=METRIC_COLUMNS)
+    atomic.to_csv(images, out_dir / "metrics_images.tsv", sep="\t", meanings=METRIC_COLUMNS)
     atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": task, "target": target, "classes": metrics[0]["classes"], "folds": names, "ensemble": overall,
               "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}
@@ -220,14 +226,16 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
         comparison, result["linear"], skipped = against_linear(deep, linear_dirs, task, classes, train_mean)
         result["comparison"] = comparison.to_dict(orient="records")
         atomic.to_csv(comparison, out_dir / "comparison.tsv", sep="\t", index=False)
-        found = study_diagnostics(train_dirs or [], comparison, task, skipped)
+        found = study_diagnostics(train_dirs or [], comparison, task, skipped, dict(zip(names, predictions)))
         atomic.write_text(out_dir / "diagnostics.json", json.dumps(found, indent=2, default=float))
     atomic.write_text(out_dir / "metrics.json", json.dumps(result, indent=2, default=float))
-    title = f"Ensemble of {len(names)} fold(s), test set"
+    # One point per participant (its mean over its images), the unit of metrics.tsv and of the legend's MAE.
+    people = by_participant(combined, classes)
+    title = f"Ensemble of {len(names)} fold(s), {len(people)} test participant row(s)"
     if classes:
-        plot_classification(combined, classes, title, out_dir / "performance.png")
+        plot_classification(people, classes, title, out_dir / "performance.png")
     else:
-        plot_regression(combined, overall["image_level"], target, title, out_dir / "performance.png")
+        plot_regression(people, overall, target, title, out_dir / "performance.png")
     return result
 
 

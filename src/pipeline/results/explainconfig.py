@@ -4,16 +4,25 @@
 ``features.2``), whatever ``train.sampler``: a slice or patch model's wrapper is resolved to its
 network (``sampler.views_of``). The check builds each network the explain stage will see on
 PyTorch's meta device (no weights, no memory) and lists its layers; torch is imported only then.
+The layers are kept in the user's cache (``pipeline.common.locations.USER_CACHE``) by the network's
+settings, the code that builds it and the torch and MONAI versions, so later checks and Snakemake
+starts of the same network need no torch.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
+from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pipeline.common import codegraph, jsoncache
 from pipeline.common.errors import InputError
+from pipeline.common.locations import USER_CACHE
+
+LAYER_CACHE = USER_CACHE / "layers.json"
 
 
 def layer_choices(network) -> list[str]:
@@ -24,9 +33,9 @@ def layer_choices(network) -> list[str]:
             if name and (isinstance(module, _ConvNd) or next(module.children(), None) is not None)]
 
 
-def unknown_layer(layer: str, network, owner: str) -> str:
-    """The message for a Grad-CAM ``layer`` that ``network`` (described by ``owner``) lacks."""
-    choices = layer_choices(network)
+def unknown_layer(layer: str, choices: list[str], owner: str) -> str:
+    """The message for a Grad-CAM ``layer`` that a network (described by ``owner``, with the layer
+    ``choices``) lacks."""
     close = difflib.get_close_matches(layer, choices, n=1)
     hint = f" Did you mean `{close[0]}`?" if close else ""
     return (f"config `explain.gradcam_layer` is {layer!r}, a layer {owner} does not have.{hint} Names are those "
@@ -37,7 +46,7 @@ def find_layer(network, layer: str, owner: str = "the model"):
     """The module of ``network`` named ``layer`` (``named_modules``); InputError listing the choices."""
     modules = dict(network.named_modules())
     if not layer or layer not in modules:  # "" is the whole network: no spatial activations
-        raise InputError(unknown_layer(layer, network, owner))
+        raise InputError(unknown_layer(layer, layer_choices(network), owner))
     return modules[layer]
 
 
@@ -51,23 +60,26 @@ def meta_network(name: str, in_channels: int, spatial_dims: int, args: dict):
         return build_model(name, in_channels, 1, spatial_dims, **args)
 
 
-def explained_networks(config: dict) -> Iterator[tuple[str, Callable[[], object]]]:
-    """(owner, build) of every network the explain stage sees: the package's in apply mode, else
-    ``train.model`` and each of ``train.variants`` that changes the network."""
+def package_network(arch: dict, in_channels: int):
+    """A package's network (its spec's ``architecture``) on the meta device."""
+    from pipeline.learning.models import recorded_args
+
+    return meta_network(arch["name"], in_channels, arch.get("spatial_dims", 3), recorded_args(arch["name"], arch["args"]))
+
+
+def explained_networks(config: dict) -> Iterator[tuple[str, dict, Callable[[], object]]]:
+    """(owner, settings, build) of every network the explain stage sees: the package's in apply mode,
+    else ``train.model`` and each of ``train.variants`` that changes the network; ``settings`` is
+    what the network is built from (its key in the layer cache)."""
     if config.get("apply"):
         try:
             spec = json.loads((Path(config["apply"]["package"]) / "spec.json").read_text())
         except (OSError, ValueError):
             return  # the workflow reports an unreadable package, naming it
-        from pipeline.learning.models import recorded_args
-
         arch = spec["architecture"]
-        yield (f"the package's network ({arch['name']})",
-               lambda: meta_network(arch["name"], spec["input"]["shape"][0], arch.get("spatial_dims", 3),
-                                    recorded_args(arch["name"], arch["args"])))
+        yield (f"the package's network ({arch['name']})", {"architecture": arch, "input": spec["input"]},
+               lambda: package_network(arch, spec["input"]["shape"][0]))
         return
-    from pipeline.learning.sampler import build_sampler
-
     train, seen = config["train"], set()
     for variant in [None, *train.get("variants", {})]:
         hyper = {**train, **(train["variants"][variant] if variant else {})}
@@ -76,8 +88,10 @@ def explained_networks(config: dict) -> Iterator[tuple[str, Callable[[], object]
         if network in seen:
             continue
         seen.add(network)
-        yield (f"{owner} ({hyper['model']})",
-               lambda h=hyper: meta_network(h["model"], len(config["channels"]), build_sampler(h["sampler"]).spatial_dims,
+        settings = {"model": hyper["model"], "model_args": hyper["model_args"], "sampler": hyper["sampler"],
+                    "channels": len(config["channels"])}
+        yield (f"{owner} ({hyper['model']})", settings,
+               lambda h=hyper: meta_network(h["model"], len(config["channels"]), spatial_dims(h["sampler"]),
                                             h["model_args"]))
 
 
@@ -91,15 +105,47 @@ def problems(config: dict) -> list[str]:
                      "Set a valid value: a stride of at most the window.")
     if "gradcam" not in explain["methods"] or config.get("task") == "segmentation":
         return found
-    for owner, build in explained_networks(config):
-        try:
-            network = build()
-        except (KeyError, ValueError, TypeError) as exc:
-            found.append(f"config {owner}: the network cannot be built to check `explain.gradcam_layer` ({exc}). "
-                         "Set a valid value.")
-            continue
-        try:
-            find_layer(network, explain["gradcam_layer"], owner)
-        except InputError as exc:
-            found.append(str(exc))
+    for owner, settings, build in explained_networks(config):
+        layers = network_layers(settings, build)
+        if "error" in layers:
+            found.append(f"config {owner}: the network cannot be built to check `explain.gradcam_layer` "
+                         f"({layers['error']}). Set a valid value.")
+        elif explain["gradcam_layer"] not in layers["modules"] or not explain["gradcam_layer"]:
+            found.append(unknown_layer(explain["gradcam_layer"], layers["choices"], owner))
     return found
+
+
+def spatial_dims(sampler: dict) -> int:
+    from pipeline.learning.sampler import build_sampler
+
+    return build_sampler(sampler).spatial_dims
+
+
+def network_layers(settings: dict, build: Callable[[], object]) -> dict:
+    """``{"modules": every module name, "choices": layer_choices}`` of the network ``build`` makes
+    from ``settings``, or ``{"error": why it cannot be built}``; from the layer cache when the same
+    settings, code and library versions were seen before."""
+    code = codegraph.fingerprint("pipeline.learning.models", "pipeline.learning.sampler")
+    versions = {name: library_version(name) for name in ("torch", "monai")}
+    key = hashlib.sha256(json.dumps([settings, code, versions], sort_keys=True, default=str).encode()).hexdigest()
+    cache = jsoncache.read(LAYER_CACHE)
+    cache = cache if isinstance(cache, dict) else {}
+    if key in cache:
+        return cache[key]
+    try:
+        network = build()
+        layers = {"modules": [name for name, _ in network.named_modules()], "choices": layer_choices(network)}
+    except (KeyError, ValueError, TypeError) as exc:
+        layers = {"error": str(exc)}
+    try:
+        jsoncache.write(LAYER_CACHE, {**(cache if len(cache) < 500 else {}), key: layers})
+    except OSError:
+        pass  # an unwritable cache only costs the next check the same time
+    return layers
+
+
+def library_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None

@@ -2,12 +2,14 @@
 space, group statistics accumulated one map at a time, fold-mean maps read on demand, the region table
 (the coarse template-derived atlas, or the user's ``explain.atlas``).
 
-Shared by the study's explain stage and apply mode's ``predict maps``.
+Shared by the study's explain stage and apply mode's ``predict maps``: ``write_maps`` is the one loop of
+both (image → maps → template and native space → group statistics → ``maps.tsv``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import nibabel as nib
@@ -17,9 +19,9 @@ import torch
 
 from pipeline.common import atomic
 from pipeline.common.errors import InputError
-from pipeline.common.paths import explanation_maps, group_map
+from pipeline.common.paths import derivative_paths, explanation_maps, group_map
 from pipeline.common.tables import read_tsv
-from pipeline.intake.preprocess import to_native
+from pipeline.intake.geometry import to_native
 from pipeline.results.atlas import atlas_on_grid
 from pipeline.results.attribution import SIGNED
 from pipeline.results.useratlas import Atlas, labels_on_grid, load_atlas
@@ -58,6 +60,32 @@ def save_image_maps(maps: dict[str, np.ndarray], row, affine: np.ndarray, invers
         groups[method].add(data)
         written[method] = paths
     return written
+
+
+def write_maps(table: pd.DataFrame, maps_of: Callable, affine: np.ndarray, preproc_dir: Path, channels: list[str],
+               out_dir: Path, methods: list[str], ids: tuple[str, ...] = ("image_id", "participant_id")) -> pd.DataFrame:
+    """The one map-writing path of the study's explain stage (one fold's network) and apply mode's
+    ``predict maps`` (the mean over a package's folds). For every image of ``table`` (one row per
+    image: ``image_id``, ``participant_id``, ``subdir``, ``path``), in order, ``maps_of(i, row)``
+    (``i`` from 1) gives its maps by method and, by method, the further columns of its rows of the
+    index; the maps are written in template space (``affine``) and, through the image's inverse
+    preprocessing transform, on its native grid (``save_image_maps``), and added to each method's
+    group statistics, written last (``write_statistics``). Returns the index, written as
+    ``out_dir/maps.tsv``: one row per image and method, columns ``ids``, ``method``, the further
+    columns, ``template`` and ``native``."""
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
+    groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
+    for i, row in enumerate(table.itertuples(index=False), 1):
+        maps, columns = maps_of(i, row)
+        inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
+        for method, paths in save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups).items():
+            rows.append({**{c: getattr(row, c) for c in ids}, "method": method, **columns.get(method, {}), **paths})
+        print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
+    for method, group in groups.items():
+        write_statistics(group, affine, out_dir, method)
+    index = pd.DataFrame(rows)
+    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
+    return index
 
 
 class GroupStatistics:

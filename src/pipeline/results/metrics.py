@@ -1,7 +1,8 @@
 """Test-set metrics of image-level predictions, and their bootstrap intervals over participants.
 
 ``METRICS`` is the registry: per task, each metric's name, whether lower is better, its point
-estimate (scikit-learn or SciPy on the predictions) and its vectorised form for the bootstrap.
+estimate (scikit-learn or SciPy on the predictions), its vectorised form for the bootstrap, and
+its meaning for the tables' data dictionaries (``COLUMNS``, ``pipeline.common.columns``).
 
 The bootstrap resamples participants with replacement (every image of a drawn participant comes
 along), ``SAMPLES`` times with a fixed seed. A draw is a vector of integer weights over the rows,
@@ -24,6 +25,8 @@ import pandas as pd
 from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
+from pipeline.common.columns import Column
+
 SAMPLES = 1000
 NOT_BOOTSTRAPPED = {"n", "train_mean", "best_epoch", "correction_slope", "correction_intercept"}
 
@@ -35,6 +38,8 @@ class Metric:
     name: str
     lower_is_better: bool
     weighted: Callable[["Rows", np.ndarray], np.ndarray]
+    long_name: str  # the data dictionary's LongName and Description (``COLUMNS``)
+    description: str
 
 
 @dataclass
@@ -139,12 +144,47 @@ def _roc_auc(rows: Rows, w: np.ndarray) -> np.ndarray:
 
 
 METRICS = {
-    "regression": [Metric("mae", True, _mae), Metric("rmse", True, _rmse), Metric("r2", False, _r2),
-                   Metric("pearson_r", False, _pearson)],
-    "classification": [Metric("accuracy", False, _accuracy), Metric("balanced_accuracy", False, _balanced_accuracy),
-                       Metric("roc_auc", False, _roc_auc), Metric("f1", False, _f1)],
+    "regression": [
+        Metric("mae", True, _mae, "Mean absolute error", "Mean |predicted - true| over the test set (metrics.tsv: "
+               "over participants, each one's mean prediction over its images; metrics_images.tsv: over images), in "
+               "the target's units."),
+        Metric("rmse", True, _rmse, "Root mean squared error", "Square root of the mean (predicted - true)² over the "
+               "test set, in the target's units."),
+        Metric("r2", False, _r2, "Coefficient of determination", "R²: 1 - residual / total sum of squares over the "
+               "test set (1 is perfect, 0 is no better than the test mean, negative is worse)."),
+        Metric("pearson_r", False, _pearson, "Pearson correlation", "Pearson correlation of predicted and true over "
+               "the test set (-1 to 1)."),
+    ],
+    "classification": [
+        Metric("accuracy", False, _accuracy, "Accuracy", "Share of the test set (participants, or images in "
+               "metrics_images.tsv) whose most probable class is the true one (0 to 1)."),
+        Metric("balanced_accuracy", False, _balanced_accuracy, "Balanced accuracy", "Mean over the classes of the "
+               "share of each class classified right (0 to 1; 1 / classes is chance)."),
+        Metric("roc_auc", False, _roc_auc, "Area under the ROC curve", "ROC AUC of the positive class's probability "
+               "(binary; config positive_class), else the mean one-vs-rest AUC (0.5 is chance, 1 is perfect)."),
+        Metric("f1", False, _f1, "F1 score", "Harmonic mean of precision and recall of the positive class "
+               "(binary), else their macro mean over the classes (0 to 1)."),
+    ],
 }
 HEADLINE = {"regression": "mae", "classification": "roc_auc"}
+
+
+def _direction(metric: Metric) -> str:
+    return " Lower is better." if metric.lower_is_better else " Higher is better."
+
+
+# The data dictionary of the metrics' columns (``pipeline.common.columns``; writers pass it as
+# ``atomic.to_csv(meanings=COLUMNS)``): every metric above, and the other numbers of a metrics row.
+COLUMNS = {
+    **{m.name: Column(m.long_name, m.description + _direction(m)) for task in METRICS.values() for m in task},
+    "n": Column("Test images", "Number of test images scored."),
+    "train_mean": Column("Training mean", "Mean target of the fold's training images: the prediction of the "
+                         "trivial baseline (baseline_mae). Not a test metric."),
+    "baseline_mae": Column("Baseline MAE", "The mean absolute error of always predicting train_mean, on the same "
+                           "test set, in the target's units: what the model must beat."),
+    "mae_ratio_to_baseline": Column("MAE relative to the baseline", "mae / baseline_mae: below 1 the model beats "
+                                    "predicting the training mean (0.5: half its error). Lower is better."),
+}
 
 
 def lower_is_better(task: str, name: str) -> bool:

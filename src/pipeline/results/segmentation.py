@@ -38,11 +38,11 @@ from pipeline.common.tables import read_tsv
 from pipeline.learning.device import model_device
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
-from pipeline.results.metrics import mean_intervals
+from pipeline.results.metrics import COLUMNS as METRIC_COLUMNS, mean_intervals
 from pipeline.common.paths import predicted_labels
 from pipeline.common.paths import derivative_paths
 from pipeline.learning.losses import label_dice
-from pipeline.intake.preprocess import to_native
+from pipeline.intake.geometry import to_native
 
 HD_PERCENTILE = 95
 
@@ -221,7 +221,7 @@ def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None
                **{f"{k}_ci": v for k, v in mean_intervals(combined, score_columns(combined)).items()}}
     table, summary = summary_table(metrics, fold_names, overall)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t")
+    atomic.to_csv(summary, out_dir / "metrics.tsv", sep="\t", meanings=METRIC_COLUMNS)
     atomic.to_csv(combined, out_dir / "predictions.tsv", sep="\t", index=False)
     result = {"task": metrics[0]["task"], "target": metrics[0]["target"], "classes": names, "folds": fold_names,
               "ensemble": overall, "fold_mean": table.mean().to_dict(), "fold_sd": table.std().to_dict()}

@@ -67,3 +67,13 @@ def validation_table(fold_dirs: list[Path], template_maps: dict[str, Mapping[str
         rows.append({"method": method, "space": "native", "level": "subject", "enrichment": np.mean(scores),
                      "chance": np.mean(chances)})
     return pd.DataFrame(rows)
+
+
+def per_method(table: pd.DataFrame) -> pd.DataFrame:
+    """``validation_table`` as one row per method: ``enrichment_<space>_<level>`` for each of its
+    rows and ``chance_<space>`` (the true effect's share of the brain there)."""
+    wide = table.pivot_table(index="method", columns=["space", "level"], values="enrichment", sort=False)
+    wide.columns = [f"enrichment_{space}_{level}" for space, level in wide.columns]
+    chance = table.pivot_table(index="method", columns="space", values="chance", aggfunc="first", sort=False)
+    chance.columns = [f"chance_{space}" for space in chance.columns]
+    return wide.join(chance).reset_index()

@@ -1,20 +1,27 @@
 """Apply a model package to a BIDS dataset (BIDS-Apps convention)::
 
     python -m pipeline.apply BIDS_DIR OUTPUT_DIR participant --model MODEL [--version V]
-                             [--participant-label 01 02] [--session-label 1] [--registry R] [--cores N]
+                             [--participant-label 01 02] [--session-label 1] [--registry R]
+                             [--work-dir DIR] [--cores N] [--device cpu|cuda] [--dry-run]
                              [--maps none | --maps occlusion,gradient]
                              [--calibrate-on TABLE [--calibrate-column C] [--calibrate-participants 01 02 ...]]
 
+The options it shares with ``bids-deepstudy run``'s BIDS-App form have the same meaning and
+defaults (``pipeline.common.bidsapp``: ``--cores all``, ``--work-dir ./work``).
 MODEL is a package folder or a ``model.tar.gz`` on disk (an existing path wins), else a registry
 name ``owner/name[:version]`` (``--version V`` is the same as ``:V``; default: the highest). A
-registry package is fetched into ``OUTPUT_DIR/models/<owner>/<name>/<version>``, an archive is
-unpacked into ``OUTPUT_DIR/models/archive-<sha256 prefix>``, a folder is used where it is; each is
-verified (checksums, safetensors) before use. Then it writes ``OUTPUT_DIR/config.yaml`` (the
+registry package is fetched into ``WORK_DIR/models/<owner>/<name>/<version>``, an archive is
+unpacked into ``WORK_DIR/models/archive-<sha256 prefix>``, a folder is used where it is; each is
+verified (checksums, safetensors) before use. Then it writes ``WORK_DIR/config.yaml`` (the
 package's preprocessing recipe and image selection, the package's explanation settings,
-``apply.package``) and runs the study's own Snakefile in its apply mode:
-ingest (no target) → preprocess (the package's grid and recipe) → predict → maps → report.
-Outputs: ``predictions.tsv`` (and ``predict/fold-K/``), ``explain/maps/`` (template and native
-space), ``report.html``, beside the preprocessed images under ``derivatives/pipeline/``.
+``apply.package``) and runs the study's own Snakefile in its apply mode, in the work folder
+(``.snakemake/`` goes there; a dry run, ``--dry-run``, does all of this in a temporary folder
+when the work folder does not exist yet, and writes nothing):
+ingest (no target) → preprocess (the package's grid and recipe) → predict → maps → report → output.
+Every stage writes in the work folder: ``predictions.tsv`` (and ``predict/fold-K/``), ``explain/maps/``
+(template and native space), the preprocessed images and arrays under ``derivatives/pipeline/``.
+OUTPUT_DIR is one BIDS derivative dataset (``pipeline.sharing.applyout``: the preprocessed images,
+the maps with BIDS names, participants and scans tables of the predictions) and ``report.html``.
 ``--maps none`` predicts only (no ``predict_maps`` job); ``--maps a,b`` computes those methods
 (``saliency`` is ``gradient``). ``--calibrate-on`` (a regression package) recalibrates the
 predictions to this site without training: the brain-age linear correction fitted on the
@@ -22,7 +29,8 @@ labelled participants of TABLE only (``pipeline.sharing.calibrate``) → ``calib
 ``predictions_calibrated.tsv`` and a report section; the calibration participants are never scored.
 A segmentation package labels the images instead (``pipeline.sharing.segpredict``): ``labels/``
 (the folds' majority vote, template and native grid), ``predictions.tsv`` listing them (with Dice
-and HD95 given ``--label-image``), ``predict/fold-K/``, ``report.html``.
+and HD95 given ``--label-image``), ``predict/fold-K/`` in the work folder; the label maps in
+OUTPUT_DIR's dataset; ``report.html``.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.common import atomic
-from pipeline.sharing import package
+from pipeline.common import atomic, bidsapp
+from pipeline.common import package
+from pipeline.sharing import tarball
 from pipeline.intake import recipe
 from pipeline.sharing import registry
 from pipeline.common.errors import InputError
@@ -47,14 +56,16 @@ from pipeline.common.locations import SNAKEFILE  # noqa: F401  (tests build appl
 
 def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: str, labels: list[str],
                  methods: list[str] | None, session: str = "all", label_image: dict | None = None,
-                 bids_validation: bool = True, maps: bool = True, calibration: dict | None = None) -> dict:
+                 bids_validation: bool = True, maps: bool = True, calibration: dict | None = None,
+                 work_dir: Path | None = None, device: str | None = None) -> dict:
     """The workflow config of an apply run: paths, the package's recipe and explain settings (none
     for a segmentation package: the schema's defaults, unused); ``session``: config ``sessions``
     (all, first, last or one label); ``label_image``: config ``label_image`` (a segmentation
     package's label maps are then scored against it; its ``labels`` default to the package's);
     ``bids_validation``: config ``bids_validation`` (``--skip-bids-validation`` sets it false);
     ``maps``: config ``apply.maps`` (false: predictions only); ``calibration``: config
-    ``apply.calibration`` ({table, column, participants}, checked here: ``calibration_config``)."""
+    ``apply.calibration`` ({table, column, participants}, checked here: ``calibration_config``);
+    ``work_dir``: config ``work_dir``; ``device``: config ``device`` (``cuda`` also sets ``gpu``)."""
     refusals = recipe.unproducible(pkg.recipe)
     if refusals:
         raise InputError(f"Package {pkg.folder} expects input this pipeline's preprocessing cannot make "
@@ -74,6 +85,8 @@ def apply_config(bids_dir: Path, output_dir: Path, pkg: package.Package, name: s
         label_image = {"labels": list(pkg.spec["classes"]), **label_image}
     return {
         "bids_dir": str(bids_dir.resolve()), "results_dir": str(output_dir.resolve()),
+        **({"work_dir": str(Path(work_dir).resolve())} if work_dir is not None else {}),
+        **({"device": device} if device else {}), **({"gpu": True} if device == "cuda" else {}),
         "target": pkg.spec["target"], "task": pkg.spec["task"],
         **recipe.config_keys(pkg.recipe),
         "participants": {"include": labels, "exclude": []},
@@ -128,10 +141,11 @@ def maps_argument(text: str) -> list[str]:
     return chosen
 
 
-def run_workflow(config_file: Path, output_dir: Path, cores: int, extra: list[str]) -> int:
-    """Run the Snakefile on ``config_file`` in ``output_dir``; return Snakemake's exit status."""
-    return launch.snakemake(["--directory", str(output_dir), "--configfile", str(config_file),
-                             "--cores", str(cores), *extra])
+def run_workflow(config_file: Path, directory: Path, cores: int | str, extra: list[str], readable: bool = False) -> int:
+    """Run the Snakefile on ``config_file`` in ``directory`` (the work folder); return Snakemake's exit
+    status. ``readable``: a dry run shown as ``pipeline.common.launch.plan``."""
+    return launch.snakemake(["--directory", str(directory), "--configfile", str(config_file),
+                             "--cores", str(cores), *extra], readable=readable)
 
 
 def is_path(model: str) -> bool:
@@ -141,7 +155,7 @@ def is_path(model: str) -> bool:
 
 def local_package(model: Path, models_dir: Path) -> tuple[str, Path]:
     """(name recorded in the config, verified package folder) of a package folder or ``.tar.gz`` on disk.
-    An archive is unpacked (after ``package.unpack``'s checks) into ``models_dir/archive-<sha256[:16]>``,
+    An archive is unpacked (after ``tarball.unpack``'s checks) into ``models_dir/archive-<sha256[:16]>``,
     reused when that folder is already there."""
     model = model.expanduser().resolve()
     if model.is_dir():
@@ -151,7 +165,7 @@ def local_package(model: Path, models_dir: Path) -> tuple[str, Path]:
     if not dest.exists():
         models_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=models_dir) as tmp:
-            folder = package.unpack(model, Path(tmp))
+            folder = tarball.unpack(model, Path(tmp))
             package.load(folder)
             shutil.move(str(folder), str(dest))
     return f"{model} (sha256 {digest})", package.load(dest).folder
@@ -187,16 +201,10 @@ def label_image_argument(text: str) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bids_dir", type=Path, help="the BIDS dataset (read only)")
-    parser.add_argument("output_dir", type=Path, help="where predictions, maps and the report go")
-    parser.add_argument("analysis_level", choices=["participant"], help="BIDS-Apps level: participant")
+    bidsapp.add_arguments(parser, levels=("participant",))
     parser.add_argument("--model", required=True,
                         help="a package folder or model.tar.gz on disk, else a registry name owner/name[:version]")
     parser.add_argument("--version", help="registry version of --model (default: the highest registered)")
-    parser.add_argument("--participant-label", nargs="+", default=[], help="participants (with or without sub-)")
-    parser.add_argument("--session-label", default="all", metavar="LABEL",
-                        help="one session per participant: a label (with or without ses-), first or last "
-                             "(config `sessions`; default: all)")
     parser.add_argument("--registry", help=f"registry folder or fsspec URL (default: ${registry.ENVIRONMENT}, "
                                            f"else {registry.DEFAULT})")
     parser.add_argument("--maps", type=maps_argument, metavar="none|METHOD,METHOD",
@@ -216,16 +224,28 @@ def main(argv=None) -> None:
                         help="a segmentation package: each image's label image to score the label maps against, "
                              "as config label_image, e.g. '{\"derivatives\": \"derivatives/tissue\", "
                              "\"filters\": {\"suffix\": \"dseg\"}}' (labels: the package's)")
-    parser.add_argument("--skip-bids-validation", action="store_true",
-                        help="do not run BIDS_DIR through bids-validator-deno (config bids_validation: false)")
-    parser.add_argument("--cores", type=int, default=1)
     parser.add_argument("--snakemake-args", nargs=argparse.REMAINDER, default=[],
                         help="further Snakemake arguments (e.g. -n), last on the line")
     args = parser.parse_args(argv)
     with InputError.exit_cleanly():
         if not args.bids_dir.is_dir():
             raise InputError(f"BIDS_DIR {args.bids_dir} is not a folder.")
-        models_dir = args.output_dir / "models"
+        work = bidsapp.work_folder(args.work_dir, args.output_dir)
+        slots = bidsapp.gpu_slots(args, {})
+    with tempfile.TemporaryDirectory(prefix="bids-deepstudy-dry-run-") as scratch:
+        status = prepare_and_run(args, work, Path(scratch) if args.dry_run else None, slots)
+    sys.exit(status)
+
+
+def prepare_and_run(args: argparse.Namespace, work: Path, scratch: Path | None, slots: list[str]) -> int:
+    """Fetch or unpack the package into the work folder, write its config there and run Snakemake in
+    it. A dry run (``scratch``, a temporary folder) writes nothing: the config goes to ``scratch``,
+    and so do the package (unless the work folder holds it already) and Snakemake's state (unless
+    the work folder exists)."""
+    with InputError.exit_cleanly():
+        models_dir = work / "models"
+        if scratch is not None and not models_dir.is_dir():
+            models_dir = scratch / "models"
         if is_path(args.model):
             if args.version is not None:
                 raise InputError(f"--version picks a registry version, but --model {args.model} is a package on disk.")
@@ -243,13 +263,17 @@ def main(argv=None) -> None:
         elif args.calibrate_column or args.calibrate_participants:
             raise InputError("--calibrate-column and --calibrate-participants need --calibrate-on TABLE.")
         config = apply_config(args.bids_dir, args.output_dir, pkg, name, args.participant_label, methods,
-                              args.session_label, args.label_image, not args.skip_bids_validation,
-                              maps=args.maps != [], calibration=calibration)
-    config_file = args.output_dir / "config.yaml"
-    args.output_dir.mkdir(parents=True, exist_ok=True)  # a package folder on disk unpacks nothing there first
+                              args.session_label or "all", args.label_image, not args.skip_bids_validation,
+                              maps=args.maps != [], calibration=calibration, work_dir=work, device=args.device)
+    config_file = (scratch or work) / "config.yaml"
+    directory = scratch if scratch is not None and not work.exists() else work
+    if scratch is None:
+        bidsapp.claim(work, args.output_dir)  # creates it; a package folder on disk unpacks nothing there first
     atomic.write_text(config_file, yaml.safe_dump(config, sort_keys=False))
     print(f"applying {name} ({folder}) to {args.bids_dir}; config {config_file}", file=sys.stderr)
-    sys.exit(run_workflow(config_file, args.output_dir, args.cores, args.snakemake_args))
+    extra = [*slots, *(["-n"] if args.dry_run else []), *args.snakemake_args]
+    readable = launch.readable_dry_run(extra) and not args.print_commands
+    return run_workflow(config_file, directory, args.cores, extra, readable)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Export a finished study as a model package (layout: ``pipeline.sharing.package``): folder and ``.tar.gz``.
+"""Export a finished study as a model package (layout: ``pipeline.common.package``): folder and ``.tar.gz``.
 
 Every fold's ``model.pt`` becomes safetensors weights; the package predicts with the ensemble of
 folds exactly as the study's evaluation does (mean prediction, or mean class probabilities; a
@@ -26,14 +26,14 @@ from pipeline import __version__
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
 from pipeline.common.config import resolved
-from pipeline.sharing import modelcard, onnxcheck, package, segexport
+from pipeline.common import package
+from pipeline.sharing import modelcard, onnxcheck, segexport, tarball
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
-from pipeline.learning.loader import load_batch
+from pipeline.learning.loader import load_batch, mean_training_image
 from pipeline.learning.losses import SEGMENTATION
 from pipeline.common.errors import InputError
-from pipeline.results.explain import mean_training_image
 from pipeline.learning.saved import load_model
 
 ONNX_TOLERANCE = onnxcheck.TOLERANCE
@@ -42,19 +42,24 @@ SAME_IN_EVERY_FOLD = ("model", "target", "input_shape", "channels")
 
 class Ensemble(nn.Module):
     """The folds' networks and target decoding in one module: (B, C, X, Y, Z) → the mean over folds
-    of the prediction in target units, (B, 1), or of the class probabilities, (B, K)."""
+    of the prediction in target units, (B, 1), or of the class probabilities, (B, K). Soft-label
+    bins (a head kept from an imported SFCN): each fold's expected value over its bins."""
 
     def __init__(self, models: list[nn.Module], coders: list[TargetCoder]):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.classification = coders[0].task == "classification"
+        self.binned = bool(coders[0].bins)
         self.register_buffer("scale", torch.tensor([c.std for c in coders], dtype=torch.float32).view(-1, 1, 1))
         self.register_buffer("shift", torch.tensor([c.mean for c in coders], dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("centres", torch.tensor(coders[0].bins or [0.0], dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         outputs = torch.stack([model(x) for model in self.models])  # (folds, B, outputs)
         if self.classification:
             return torch.softmax(outputs, dim=2).mean(0)
+        if self.binned:
+            return (torch.softmax(outputs, dim=2) * self.centres).sum(2, keepdim=True).mean(0)
         return (outputs * self.scale + self.shift).mean(0)
 
 
@@ -106,6 +111,7 @@ def write_documents(folder: Path, records: dict, evaluations: dict, summary: dic
         "input": {"shape": list(first["input_shape"]), "channels": list(first["channels"]), "dtype": "float32",
                   "axes": "(batch, channel, x, y, z): voxels of the template grid (RAS+), z-scored per image"},
         "outputs": coder.outputs, "folds": list(records),
+        **({"output": {"type": "bins", "bins": coder.bins}} if coder.bins else {}),
         "ensemble": "mean over folds of the class probabilities" if coder.task == "classification"
                     else "mean over folds of the prediction in target units",
         "explain": None if segmentation else explain,
@@ -175,7 +181,7 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
     atomic.write_text(out_dir / package.CARD, modelcard.render(spec, recipe, metrics, counts, card))
     package.write_checksums(out_dir)
     package.verify(out_dir)
-    package.pack(out_dir, archive)
+    tarball.pack(out_dir, archive)
     return spec["onnx"]["max_abs_difference"]
 
 

@@ -1,4 +1,4 @@
-"""Import a model trained elsewhere as an ordinary model package (layout: ``pipeline.sharing.package``)::
+"""Import a model trained elsewhere as an ordinary model package (layout: ``pipeline.common.package``)::
 
     bids-deepstudy import SOURCE --out PACKAGE [network] [input] [output] [--license L] [...]
 
@@ -49,7 +49,8 @@ from pipeline.intake import recipe
 from pipeline.learning.coder import TargetCoder
 from pipeline.learning.models import build_model
 from pipeline.learning.saved import rebuild
-from pipeline.sharing import bundle, foreign, kerasport, modelcard, onnxcheck, package, segexport
+from pipeline.common import package
+from pipeline.sharing import bundle, foreign, kerasport, modelcard, onnxcheck, segexport
 
 TOLERANCE = onnxcheck.TOLERANCE
 FOLD = "fold-1"

@@ -6,8 +6,11 @@ image_id, predicted [, predicted_corrected] [, p_<class>]) and their ensemble
 ``maps``: per image and method, the mean over folds of the attribution maps in template space and
 in the image's native space (``maps/sub-X/…``, indexed in ``maps.tsv``), and each method's group
 mean |map| with PNGs. ``labels`` (a segmentation package): every fold's label maps and their majority vote on the
-template and the native grid (``pipeline.sharing.segpredict``). ``report``: one HTML page of
-predictions (or label maps), maps, QC and the package's card.
+template and the native grid (``pipeline.sharing.segpredict``). ``retest``: per pair of one
+participant's images (two scans of one session, or of sessions close in time), the difference of
+their predictions and the similarity of their maps (``retest_predictions.tsv``,
+``pipeline.results.retest``). ``report``: one HTML page of predictions (or label maps), maps,
+test-retest, QC and the package's card.
 """
 
 from __future__ import annotations
@@ -24,25 +27,21 @@ import torch
 
 from pipeline.common import atomic
 from pipeline.common.cli import add_config, add_device, channel_names
-from pipeline.learning.saved import package_coder, package_model
-from pipeline.sharing import package, segpredict
-from pipeline.results.attribution import SIGNED, Settings, attribute, settings_of
+from pipeline.learning.saved import package_coder, package_model, predicting_expected_value
+from pipeline.common import package
+from pipeline.sharing import segpredict
+from pipeline.results.attribution import Settings, attribute, settings_of
 from pipeline.common.tables import read_tsv
 from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch
 from pipeline.common.errors import InputError
 from pipeline.results.evaluate import correct, ensemble, predict
 from pipeline.results.mapfigures import plot_group
-from pipeline.results.maps import GroupStatistics, save_image_maps, target_index, write_statistics
-from pipeline.common.paths import derivative_paths, group_figure
-
-
-def image_table(manifest: Path, preproc_dir: Path, channels: list[str]) -> pd.DataFrame:
-    """The manifest's rows with each image's preprocessed ``array`` path."""
-    table = read_tsv(manifest)
-    table["array"] = [str(derivative_paths(preproc_dir, s, i, channels)["array"])
-                      for s, i in zip(table["subdir"], table["image_id"])]
-    return table
+from pipeline.results import maps as mapfiles
+from pipeline.results.maps import FoldMeanMaps, target_index
+from pipeline.results.retest import retest_table
+from pipeline.common.paths import group_figure
+from pipeline.intake.study import image_table
 
 
 def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out: Path,
@@ -61,17 +60,6 @@ def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out:
     combined = ensemble(folds, pkg.spec["classes"])
     atomic.to_csv(combined, out, sep="\t", index=False)
     return combined
-
-
-def predicting_expected_value(model: torch.nn.Module, coder) -> torch.nn.Module:
-    """A soft-label bins network (an imported SFCN) made to output its prediction, the expected value
-    over the bins (B, 1), so its maps explain the predicted value rather than the first bin; module
-    names stay as they are (Grad-CAM's layer). Other networks are returned as they are."""
-    if coder.bins:
-        centres = torch.tensor(coder.bins, dtype=torch.float32)
-        model.register_forward_hook(
-            lambda module, inputs, out: (torch.softmax(out, dim=1) * centres.to(out.device)).sum(1, keepdim=True))
-    return model
 
 
 def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], settings: Settings,
@@ -94,22 +82,29 @@ def fold_mean_maps(pkg: package.Package, x: torch.Tensor, methods: list[str], se
 def write_maps(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, channels: list[str], mask: Path,
                template: Path, methods: list[str], settings: Settings, target_class: str | None,
                out_dir: Path, device: torch.device | str = "cpu") -> pd.DataFrame:
-    """Every image's fold-mean maps (template and native space), group statistics and PNGs; the index.
-    The networks run on ``device``."""
-    affine = nib.load(str(mask)).affine
-    groups, rows = {m: GroupStatistics(SIGNED[m]) for m in methods}, []
-    for i, row in enumerate(table.itertuples(index=False), 1):
-        maps = fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class, device)
-        inverse = derivative_paths(preproc_dir, row.subdir, row.image_id, channels)["inverse"]
-        for method, paths in save_image_maps(maps, row, affine, inverse, out_dir, channels[0], groups).items():
-            rows.append({"image_id": row.image_id, "participant_id": row.participant_id, "method": method, **paths})
-        print(f"[{i}/{len(table)}] {row.image_id}", file=sys.stderr)
-    for method, group in groups.items():
-        write_statistics(group, affine, out_dir, method)
+    """Every image's fold-mean maps (template and native space), group statistics (the study's
+    map-writing path, ``pipeline.results.maps.write_maps``) and PNGs; the index. The networks run
+    on ``device``."""
+    def maps_of(i: int, row) -> tuple[dict[str, np.ndarray], dict]:
+        return fold_mean_maps(pkg, load_batch([row.array]), methods, settings, target_class, device), {}
+
+    index = mapfiles.write_maps(table, maps_of, nib.load(str(mask)).affine, preproc_dir, channels, out_dir, methods)
     plot_group(out_dir, template, methods, len(pkg.folds), f"{len(table)} image(s)")
-    index = pd.DataFrame(rows)
-    atomic.to_csv(index, out_dir / "maps.tsv", sep="\t", index=False)
     return index
+
+
+def write_retest(predictions: Path, maps_dir: Path | None, mask: Path, out: Path) -> pd.DataFrame:
+    """``retest_predictions.tsv`` (``pipeline.results.retest``): per pair of one participant's
+    images, the difference of their predictions and, with ``maps_dir`` (its ``maps.tsv``), the
+    similarity of each method's maps in template space inside the brain ``mask``."""
+    maps = {}
+    if maps_dir is not None:
+        methods = read_tsv(maps_dir / "maps.tsv")["method"].unique()
+        maps = {m: FoldMeanMaps([maps_dir], m, "template") for m in methods}  # one "fold": the folds' mean
+    table = retest_table(read_tsv(predictions), maps, np.asarray(nib.load(str(mask)).dataobj))
+    atomic.to_csv(table, out, sep="\t", index=False)
+    print(f"test-retest: {len(table)} pair(s) of one participant's images in {out}", file=sys.stderr)
+    return table
 
 
 def calibration_section(summary_file: Path) -> list[str]:
@@ -125,7 +120,8 @@ def calibration_section(summary_file: Path) -> list[str]:
              f"<p>{html.escape(summary_line(summary))}; {html.escape(summary['convention'])} "
              f"({html.escape(summary['interval'])}). Calibration participants: {counts['calibration']} (never scored); "
              f"held out with a known target: {counts['evaluation']}; without one: {counts['applied']}. "
-             "Calibrated predictions: <code>predictions_calibrated.tsv</code>.</p>",
+             "Calibrated predictions: <code>predicted_calibrated</code> in the participants and scans tables "
+             "(all columns: <code>predictions_calibrated.tsv</code> in the work folder).</p>",
              *[f"<p><b>Warning:</b> {html.escape(w)}.</p>" for w in summary.get("warnings", [])]]
     scores = summary["evaluation"]
     if scores:
@@ -141,10 +137,13 @@ def calibration_section(summary_file: Path) -> list[str]:
 
 
 def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir: Path | None, methods: list[str],
-                 qc_pngs: list[Path], config: dict, out: Path, calibration: Path | None = None) -> Path:
-    """One HTML page: the package, the predictions (and their recalibration), group maps, QC images
-    and provenance. ``explain_dir`` None: no maps were asked for."""
-    from pipeline.results.report import embed_png, provenance, table_html
+                 qc_pngs: list[Path], config: dict, out: Path, calibration: Path | None = None,
+                 retest: list[Path] = ()) -> Path:
+    """One HTML page: the package, the predictions (and their recalibration), group maps, test-retest
+    (``retest``: ``retest.tsv`` and ``retest_predictions.tsv``, where given), QC images and
+    provenance. ``explain_dir`` None: no maps were asked for."""
+    from pipeline.results import retest as model_retest
+    from pipeline.results.report import embed_png, provenance, retest_paragraph, table_html
 
     spec, test = pkg.spec, pkg.metrics["test"].get("ensemble", {})
     segmentation = spec["task"] == "segmentation"
@@ -166,6 +165,10 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
           if explain_dir is None and not segmentation else []),
         *[embed_png(Path(group_figure(str(explain_dir), m, v)), f"Mean |{m}| ({v})") for m in methods
           for v in ("slices", "glass") if not segmentation and explain_dir is not None],
+        *(["<h2>Test–retest</h2>"] if retest else []),
+        *[line for path in retest for line in (
+            retest_paragraph(Path(path)) if Path(path).name == "retest.tsv"
+            else model_retest.paragraph(Path(path), spec["task"], spec["target"]))],
         "<h2>Preprocessing quality control (first images)</h2>", *[embed_png(p, p.name) for p in qc_pngs],
         "<h2>Model card</h2>", f"<pre>{html.escape((pkg.folder / package.CARD).read_text())}</pre>",
         "<h2>Provenance</h2>", provenance(config),
@@ -177,7 +180,17 @@ def build_report(pkg: package.Package, name: str, predictions: Path, explain_dir
     return out
 
 
-def main(argv=None) -> None:
+def package_for(cfg: dict, command: str) -> package.Package:
+    """The fetched package of the apply config (``apply.package``); InputError where ``command``
+    (``predictions``, ``maps``, ``labels``) is not for its task."""
+    pkg = package.load(Path(cfg["apply"]["package"]))
+    if (command == "labels") != (pkg.spec["task"] == "segmentation"):
+        raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.predict "
+                         f"{'labels' if pkg.spec['task'] == 'segmentation' else 'predictions'}`, not {command}.")
+    return pkg
+
+
+def command_line() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     for command in ("predictions", "maps", "labels"):
@@ -196,44 +209,51 @@ def main(argv=None) -> None:
     maps.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
     maps.add_argument("--template", type=Path, required=True, help="study-grid template (NIfTI)")
     maps.add_argument("--threads", type=int, default=1)
+    retest = commands.add_parser("retest", help="test-retest of the predictions and maps (pipeline.results.retest)")
+    retest.add_argument("--predictions", type=Path, required=True, help="the ensemble's predictions (TSV)")
+    retest.add_argument("--maps-dir", type=Path, help="the folder of maps.tsv (omitted: predictions only)")
+    retest.add_argument("--mask", type=Path, required=True, help="study-grid brain mask (NIfTI)")
+    retest.add_argument("--out", type=Path, required=True, help="retest_predictions.tsv to write")
     report = commands.add_parser("report")
     add_config(report)  # the whole run's config: apply (package, name), explain.methods, and the provenance
     report.add_argument("--predictions", type=Path, required=True)
     report.add_argument("--explain-dir", type=Path, help="the group maps' folder (not for a segmentation package)")
     report.add_argument("--calibration", type=Path, help="calibration.json of a recalibrated regression package")
     report.add_argument("--qc", type=Path, nargs="*", default=[])
+    report.add_argument("--retest", type=Path, nargs="*", default=[],
+                        help="retest.tsv (preprocessing) and retest_predictions.tsv (predictions and maps)")
     report.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = command_line().parse_args(argv)
+    if args.command == "retest":
+        write_retest(args.predictions, args.maps_dir, args.mask, args.out)
+        return
     cfg = args.config
     with InputError.exit_cleanly():
-        if args.command != "report":  # `device: cuda` without a GPU fails before any work
-            device = for_inference(args.device)
-        pkg = package.load(Path(cfg["apply"]["package"]))
         if args.command == "report":
-            name = cfg["apply"].get("name") or cfg["apply"]["package"]
-            build_report(pkg, name, args.predictions, args.explain_dir, cfg["explain"]["methods"], args.qc, cfg,
-                         args.out, args.calibration)
+            build_report(package.load(Path(cfg["apply"]["package"])), cfg["apply"].get("name") or cfg["apply"]["package"],
+                         args.predictions, args.explain_dir, cfg["explain"]["methods"], args.qc, cfg, args.out,
+                         args.calibration, args.retest)
             return
-        channels = channel_names(cfg)
-        if (args.command == "labels") != (pkg.spec["task"] == "segmentation"):
-            raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.predict "
-                             f"{'labels' if pkg.spec['task'] == 'segmentation' else 'predictions'}`, not {args.command}.")
+        device = for_inference(args.device)  # `device: cuda` without a GPU fails before any work
+        pkg, channels = package_for(cfg, args.command), channel_names(cfg)
         if args.command == "labels":
             table = segpredict.label_table(args.manifest, args.preproc_dir, channels, pkg, cfg.get("label_image"))
             segpredict.predict_labels(pkg, table, args.preproc_dir, channels, args.out_dir, args.predictions, device)
             print(f"{len(table)} label map(s): {args.predictions}", file=sys.stderr)
-            return
-        table = image_table(args.manifest, args.preproc_dir, channels)
-        if args.command == "predictions":
-            print(predict_folds(pkg, table, args.out_dir, args.predictions, device).to_string(index=False),
-                  file=sys.stderr)
+        elif args.command == "predictions":
+            combined = predict_folds(pkg, image_table(args.manifest, args.preproc_dir, channels), args.out_dir,
+                                     args.predictions, device)
+            print(combined.to_string(index=False), file=sys.stderr)
         else:
             torch.set_num_threads(args.threads)
             explain = cfg["explain"]
-            write_maps(pkg, table, args.preproc_dir, channels, args.mask, args.template, explain["methods"],
-                       settings_of(explain), explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir,
-                       device)
-
+            write_maps(pkg, image_table(args.manifest, args.preproc_dir, channels), args.preproc_dir, channels,
+                       args.mask, args.template, explain["methods"], settings_of(explain),
+                       explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir, device)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ Without a version, ``register`` takes the next integer (1, 2, …) and ``fetch``
 (PEP 440 order; versions that are not PEP 440 come first, alphabetically). Fetching checks the
 archive's sha256, refuses archives with links or paths outside their folder or over
 $PIPELINE_MAX_UNPACKED_BYTES unpacked (default 4 GiB), then checks the
-package's own checksums and weight format (``pipeline.sharing.package.verify``). Standard library only
+package's own checksums and weight format (``pipeline.common.package.verify``). Standard library only
 at import: the Snakefile imports ``parse_name``.
 """
 
@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from pipeline.sharing import package
+from pipeline.common import package
+from pipeline.sharing import tarball
 from pipeline.common.errors import InputError
 
 DEFAULT = "~/.local/share/pipeline/registry"
@@ -123,9 +124,9 @@ def register(source: Path, name: str, where: str) -> Ref:
     ref = parse_name(name)
     fs, root = open_registry(where)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = package.unpack(source, Path(tmp) / "unpacked") if Path(source).is_file() else Path(source)
+        folder = tarball.unpack(source, Path(tmp) / "unpacked") if Path(source).is_file() else Path(source)
         check_terms(package.load(folder).spec, Path(source))  # checksums, weight format, spec version; licence
-        archive = package.pack(folder, Path(tmp) / ARCHIVE)
+        archive = tarball.pack(folder, Path(tmp) / ARCHIVE)
         ref = claim(fs, root, ref, where)
         target = f"{root}/{ref.owner}/{ref.name}/{ref.version}"
         try:
@@ -222,7 +223,7 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
         if package.sha256(archive) != expected:
             raise InputError(f"{source}: sha256 checksum mismatch with {source}.sha256; the registry copy is "
                              "corrupt or was tampered with. Refusing it.")
-        folder = package.unpack(archive, Path(tmp) / "unpacked")
+        folder = tarball.unpack(archive, Path(tmp) / "unpacked")
         package.load(folder)
         shutil.move(str(folder), str(dest))
     return ref, dest

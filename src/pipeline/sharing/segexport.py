@@ -27,7 +27,7 @@ from pipeline.common.errors import InputError
 from pipeline.learning.loader import load_batch
 from pipeline.learning.sampler import SegmentationModel
 from pipeline.sharing import onnxcheck
-from pipeline.sharing.package import ONNX
+from pipeline.common.package import ONNX
 
 ENSEMBLE = ("voxel-wise majority vote of the folds' label maps (each fold's argmax over its logits); "
             "ties go to the lowest label")

@@ -21,11 +21,11 @@ import torch
 
 from pipeline.common import atomic
 from pipeline.common.errors import InputError
-from pipeline.common.paths import derivative_paths
 from pipeline.common.tables import read_tsv
+from pipeline.intake.study import with_arrays
 from pipeline.learning.saved import package_model
 from pipeline.results.segmentation import ensemble_row, predict_maps
-from pipeline.sharing import package
+from pipeline.common import package
 
 
 def label_table(manifest: Path, preproc_dir: Path, channels: list[str], pkg: package.Package,
@@ -39,11 +39,7 @@ def label_table(manifest: Path, preproc_dir: Path, channels: list[str], pkg: pac
     if label and names and list(names) != list(pkg.spec["classes"]):
         raise InputError(f"config label_image.labels {list(names)} differ from the labels of package {pkg.folder} "
                          f"{pkg.spec['classes']} (index = label value); give the package's, or leave them out.")
-    paths = [derivative_paths(preproc_dir, s, i, channels, label) for s, i in zip(table["subdir"], table["image_id"])]
-    table["array"] = [str(p["array"]) for p in paths]
-    if label:
-        table["label_array"] = [str(p["label_array"]) for p in paths]
-    return table
+    return with_arrays(table, preproc_dir, channels, label)
 
 
 def predict_labels(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path, channels: list[str],

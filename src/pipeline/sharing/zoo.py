@@ -26,7 +26,9 @@ import tempfile
 from pathlib import Path
 
 from pipeline.common.errors import InputError
-from pipeline.sharing import package, registry
+from pipeline.common import package
+from pipeline.sharing import tarball
+from pipeline.sharing import registry
 
 NA = "n/a"
 OUTPUT_TYPES = {"regression": "scalar", "classification": "class probabilities (softmax of logits)",
@@ -183,7 +185,7 @@ def open_package(model: str, version: str | None, where: str, tmp: Path) -> tupl
     if path.exists():
         if version is not None:
             raise InputError(f"--version picks a registry version, but {model} is a package on disk.")
-        folder = path if path.is_dir() else package.unpack(path, tmp)
+        folder = path if path.is_dir() else tarball.unpack(path, tmp)
         return str(path), package.load(folder)
     ref = registry.parse_name(model)
     if version is not None:

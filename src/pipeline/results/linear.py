@@ -42,7 +42,8 @@ from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
 from pipeline.learning.loader import open_array
 from pipeline.common.errors import InputError
-from pipeline.results.participants import ordered, participant_metrics
+from pipeline.intake.classes import ordered
+from pipeline.results.participants import participant_metrics
 
 PENALTIES = np.logspace(-6, 2, 17)  # relative to the mean squared singular value of the training features
 MIN_TRAIN_PER_CLASS, MIN_VAL_PER_CLASS = 2, 1
