@@ -9,7 +9,7 @@ subject, and participants.tsv. Every file is empty except the T1w images, which 
 as zero-byte), and the JSON sidecars, which hold ``{}`` (pybids parses them).
 
 Timed, in one process (imports excluded, the tree in the OS file cache for every method):
-* ingest cold: ``python -m pipeline.ingest`` as the workflow runs it (``check_data: false``) with an
+* ingest cold: ``python -m pipeline.intake.ingest`` as the workflow runs it (``check_data: false``) with an
   empty cache folder: walks the tree, parses every NIfTI name, reads every selected header, joins
   participants.tsv, writes manifest, report and targets;
 * ingest warm: the same again, nothing changed (index and header checks come from the cache);
@@ -64,7 +64,7 @@ def write_tree(root: Path, n_subjects: int) -> Path:
 
 
 def run_ingest(root: Path, out: Path) -> int:
-    """``python -m pipeline.ingest`` in this process (stderr captured); the manifest's row count."""
+    """``python -m pipeline.intake.ingest`` in this process (stderr captured); the manifest's row count."""
     from pipeline.common import config
 
     keys = config.resolved([], {"bids_dir": str(root), "target": "age", "task": "regression", "check_data": False})

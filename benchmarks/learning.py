@@ -8,8 +8,8 @@
 Generates the cohort (``pipeline.demo``; the lesion cohort with ``--lesion-site deep-gm
 --lesion-radius 5 --lesion-contrast 0.25 0.40 --lesion-jitter 3``), preprocesses it twice with
 the real workflow (``preprocess.antialias`` false and true, the study's 4 mm grid), then trains,
-per recipe, every fold's network with ``pipeline.train`` and predicts the test images with
-``pipeline.evaluate.predict``, and fits the linear baseline (``pipeline.linear``) per fold. The
+per recipe, every fold's network with ``pipeline.learning.train`` and predicts the test images with
+``pipeline.results.evaluate.predict``, and fits the linear baseline (``pipeline.results.linear``) per fold. The
 recipes go from the defaults before this change to today's, one change at a time. Prints a
 Markdown table: per fold and for the ensemble of folds, the deep model's and the linear model's
 test MAE (regression) or ROC AUC (classification), the ensemble's 95 % bootstrap interval over

@@ -12,7 +12,7 @@ cache filled):
   a time, in this process (the files memory-mapped once): the limit; and the same copies into
   one reused batch array (B, 1, X, Y, Z), the least any batch loader does;
 * this loader: ``pipeline.learning.loader.ArrayLoader`` (memory-mapped arrays, a read-ahead thread),
-  without augmentation and with ``pipeline.augment`` random affine (rotation 5°, scaling 0.05,
+  without augmentation and with ``pipeline.learning.augment`` random affine (rotation 5°, scaling 0.05,
   translation 2 voxels) + Gaussian noise (sd 0.05), applied to each batch as training does: on
   the CPU, resampled by ``pipeline.learning.resample``'s kernel; on the GPU when there is one, by torch;
   and, to show what the kernel gains, the same draws resampled on the CPU by torch's

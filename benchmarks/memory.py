@@ -6,19 +6,19 @@ For each size N, writes N synthetic (1, X, Y, Z) float32 volumes into a temporar
 preprocessed cache format (``.npy``, what ``pipeline.learning.loader.ArrayLoader`` memory-maps), then runs,
 each in a fresh Python process (one run):
 
-* **import**: the child imports ``pipeline.train`` and ``pipeline.explain`` and stops: the floor;
+* **import**: the child imports ``pipeline.learning.train`` and ``pipeline.results.explain`` and stops: the floor;
 * **train**: ``pipeline.learning.train.train`` for one epoch (``simple_cnn``, batch ``--batch``, one
   thread; 80 % train, 20 % validation), writing checkpoints, ``history.tsv`` and ``model.pt``;
 * **explain**: the fold's mean training image (integrated gradients' baseline), then the
   ``gradient`` map of **every** one of the N images with the trained model, each written as a
   template-space NIfTI and added to the group statistics (mean, sd, t), which are written at the
   end: ``pipeline.results.explain.explain_fold`` without the native-space maps (those need ANTs transforms);
-* **group**: what the group step over folds (``python -m pipeline.explain group``) does with those
+* **group**: what the group step over folds (``python -m pipeline.results.explain group``) does with those
   maps, given as two folds' ``maps.tsv``: the fold-mean map of every image through
   ``pipeline.results.maps.FoldMeanMaps`` into the group statistics, then a second pass over them (the
   validation table's per-subject enrichment); and **group, maps held**: the same with every
   fold-mean map kept in a dict first, as the group step did before ``FoldMeanMaps``;
-* **linear**: the fold's linear baseline, ``pipeline.linear.run`` (ridge on every voxel of the
+* **linear**: the fold's linear baseline, ``pipeline.results.linear.run`` (ridge on every voxel of the
   images, 70 % train, 20 % validation, 10 % test), with ``--linear-mb`` as its memory budget: the
   block size it chose is printed beside its peak.
 

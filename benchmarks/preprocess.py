@@ -12,7 +12,7 @@ anti-aliased resampling onto the grid, z-score, writing.
   smoothing and resampling, nibabel/numpy writing, each timed on its own in this process;
 * **pipeline**: ``pipeline.intake.preprocess.preprocess`` in this process (the same chain plus
   reorientation, scaling, the working template, masks, QC scores, sidecars and the QC PNG);
-* **job**: ``python -m pipeline.preprocess`` as Snakemake runs it, in a fresh process (imports
+* **job**: ``python -m pipeline.intake.preprocess`` as Snakemake runs it, in a fresh process (imports
   included), with its peak resident memory.
 
 ITK runs on one thread in all three, as in the pipeline, whose registration is reproducible only
@@ -106,9 +106,9 @@ def pipeline_seconds(image: Path, grid: dict, settings: dict, work: Path, thread
 
 
 def job(image: Path, grid: dict, settings: dict, work: Path, threads: int) -> tuple[float, float]:
-    """Seconds and peak resident memory (MB) of ``python -m pipeline.preprocess`` in a fresh process."""
+    """Seconds and peak resident memory (MB) of ``python -m pipeline.intake.preprocess`` in a fresh process."""
     config = json.dumps({"preprocess": settings, "channels": {"T1w": {"suffix": "T1w"}}, "on_error": "stop"})
-    command = [sys.executable, "-m", "pipeline.preprocess", str(image), "--config", config, "--template",
+    command = [sys.executable, "-m", "pipeline.intake.preprocess", str(image), "--config", config, "--template",
                str(grid["template"]), "--mask", str(grid["mask"]), "--out-dir", str(work / "job"), "--subdir",
                "sub-001", "--image-id", "sub-001", "--threads", str(threads)]
     start = time.perf_counter()
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         print(f"| {name} | {seconds:.1f} |")
     print(f"| **floor (sum)** | **{total:.1f}** |")
     print(f"| pipeline `preprocess()`, same process | {ours:.1f} (overhead {100 * (ours / total - 1):+.0f} %) |")
-    print(f"| job `python -m pipeline.preprocess`, fresh process | {job_s:.1f} (overhead {100 * (job_s / total - 1):+.0f} %), "
+    print(f"| job `python -m pipeline.intake.preprocess`, fresh process | {job_s:.1f} (overhead {100 * (job_s / total - 1):+.0f} %), "
           f"peak {peak_mb:.0f} MB |")
 
 

@@ -1,5 +1,5 @@
 """Test-retest of real scan A with a model package (issue 27, item 5): the two sessions of one
-person, applied to as a user would (``python -m pipeline.apply``), and the three test-retest
+person, applied to as a user would (``bids-deepstudy apply``), and the three test-retest
 figures the run writes: the preprocessed images' correlation (``retest.tsv``), the difference of the
 two predictions and the similarity of the two explanation maps (``retest_predictions.tsv``).
 
@@ -54,11 +54,11 @@ def datasets(scans: Path, work: Path, inputs: list[str]) -> dict[str, Path]:
 
 
 def apply(bids: Path, out: Path, package: Path, cores: int) -> float:
-    """``python -m pipeline.apply`` on ``bids``; its seconds (a failed run's output tail is printed:
+    """``bids-deepstudy apply`` on ``bids``; its seconds (a failed run's output tail is printed:
     e.g. every image excluded by quality control)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.apply", str(bids), str(out), "participant", "--model",
+    done = subprocess.run([sys.executable, "-m", "pipeline", "apply", str(bids), str(out), "participant", "--model",
                            str(package), "--cores", str(cores), "--skip-bids-validation"],
                           env=env, capture_output=True, text=True)
     if done.returncode:

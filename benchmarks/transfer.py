@@ -17,14 +17,14 @@ One command, the experiment of docs/benchmarks.md *Transfer*:
 3. **A small cohort** (another seed, the demo's default settings) preprocessed by the same
    workflow, split into ``--outer`` folds by age rank (default 4: each participant tested once; the
    training part keeps every sixth participant by age for validation); the same splits for every
-   model: SFCN trained from scratch (``pipeline.train``'s defaults, ``model: sfcn_peng`` with the
+   model: SFCN trained from scratch (``pipeline.learning.train``'s defaults, ``model: sfcn_peng`` with the
    imported widths), the study's default ``simple_cnn`` from scratch, the imported package applied
    without training (``apply``'s predict stage), fine-tuned with ``train.init_from`` (the package's
    40 age bins kept, ``train.package_head: keep``, the study training their expected value; head
    only: ``freeze: [feature_extractor]``, whose BatchNorm layers then normalise with the package's
    statistics; all layers: ``backbone_lr_factor: 0.1``; and a new one-output head first fitted
    as a linear probe of the pre-trained features, ``package_head: new``, ``head_init: probe``),
-   and the linear baseline (``pipeline.linear``).
+   and the linear baseline (``pipeline.results.linear``).
 
 Prints the Markdown tables: test MAE per model over all participants (each participant's images
 averaged) with its 95 % bootstrap interval over participants, and every model against each model
@@ -58,7 +58,7 @@ BIN_RANGE = (20.0, 80.0, 1.5)  # the demo's ages (20-80): 40 bins of 1.5 years, 
 OUTER = 4
 SFCN = {"model": "sfcn_peng", "model_args": {"channels": WIDTHS}}
 INIT = "elsewhere/sfcn-brainage:1"
-MODELS = {  # name: training settings over pipeline.train's defaults (None: not trained here)
+MODELS = {  # name: training settings over pipeline.learning.train's defaults (None: not trained here)
     "SFCN from scratch": SFCN,
     "simple_cnn from scratch (the study default)": {},
     "imported, applied without training": None,

@@ -63,9 +63,9 @@ def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, s
     assert jobs == {"ingest": 1, "exclusions": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1,
                     "bids_validation": 1, "all": 1, "qc": 1, "predict_retest": 1,  # test-retest: qc's and the model's
                     "apply_output": 1}  # the output folder as a BIDS derivative dataset
-    ingest_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.ingest" in line)
+    ingest_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.ingest" in line)
     assert '"target": null' in ingest_command and '"task": "regression"' in ingest_command  # images only
-    grid_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.grid" in line)
+    grid_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.grid" in line)
     assert f'"package": "{(mini_study / "package" / "model").resolve()}"' in grid_command
 
 
@@ -274,7 +274,7 @@ def test_calibration_is_checked_before_any_job_and_reaches_the_plan_and_the_repo
                          text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert planned_jobs(run)["calibrate"] == 1 and "predict_maps" not in planned_jobs(run)
-    command = next(line for line in run.stdout.splitlines() if "python -m pipeline.calibrate" in line)
+    command = next(line for line in run.stdout.splitlines() if "python -m pipeline.sharing.calibrate" in line)
     assert f"--table {participants.resolve()}" in command and "--participants 01 03 04" in command
 
     # The report of a recalibrated, predictions-only run (real calibration files).

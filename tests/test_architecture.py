@@ -4,6 +4,7 @@ fact (defaults in the schema, registries behind the schema's enums, one preproce
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -36,7 +37,7 @@ def modules() -> list[str]:
 
 def layer(name: str) -> int | str:
     """A module's layer: -1 the package itself (``pipeline``: its version), 0 to 4 its room in
-    ``ROOMS``, 5 an entry point (``pipeline.<stage>``, ``pipeline.__main__``), "demo" beside them."""
+    ``ROOMS``, 5 the top (``pipeline.__main__``, ``pipeline.run``, ``pipeline.check``), "demo" beside them."""
     parts = name.split(".")
     if len(parts) == 1:
         return -1
@@ -76,9 +77,9 @@ def test_later_stages_hold_no_other_stages_command():
     """Downward imports the layers allow that would still rerun jobs for nothing: the stages that
     carry maps or labels to native space hold geometry, not the preprocessing chain (ANTs jobs'
     code), and export holds the mean training image, not the explain command."""
-    for stage in ("evaluate", "explain", "predict", "export"):
+    for stage in ("results.evaluate", "results.explain", "sharing.predict", "sharing.export"):
         assert "pipeline.intake.preprocess" not in codegraph.closure(f"pipeline.{stage}"), stage
-    assert "pipeline.results.explain" not in codegraph.closure("pipeline.export")
+    assert "pipeline.results.explain" not in codegraph.closure("pipeline.sharing.export")
 
 
 def test_the_layer_check_sees_imports_inside_functions(tmp_path):
@@ -163,24 +164,47 @@ def test_the_code_fingerprint_moves_with_code_and_not_with_docstrings_or_comment
     assert before.splitlines()[2] == path.read_text().splitlines()[2]  # stage.py itself did not change
 
 
-def test_every_rule_declares_the_code_of_its_command():
-    """A rule that runs ``python -m pipeline.X`` lists ``code("X")`` (the derived import closure)
-    among its inputs: editing anything X imports reruns it, and nothing is listed by hand."""
-    checked = 0
+def workflow_rules() -> list[tuple[str, str, str]]:
+    """(file, rule name, text) of every rule and checkpoint of ``workflow/rules/*.smk``."""
+    found = []
     for smk in sorted((WORKFLOW / "rules").glob("*.smk")):
-        rules = re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", smk.read_text())
-        for rule in rules:
-            shell = rule.split("shell:")[1] if "shell:" in rule else ""
-            commands = set(re.findall(r"python -m pipeline\.(\w+)", shell))
-            if not commands:
-                continue
-            declared = set(re.findall(r'code=code\("(\w+)"\)', rule))
-            assert declared == commands, (smk.name, rule.split(":")[0].strip(), commands, declared)
-            assert "source(" not in rule
-            for command in commands:
-                assert (PACKAGE / f"{command}.py").exists() or (PACKAGE / command / "__main__.py").exists()
-            checked += 1
+        for text in re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", smk.read_text()):
+            if (name := re.match(r"\s*(?:rule|checkpoint) (\w+):", text)):
+                found.append((smk.name, name.group(1), text))
+    return found
+
+
+def test_every_rule_runs_a_room_module_and_declares_its_code():
+    """A rule runs one command, ``python -m pipeline.<room>.<module>`` (train: through its launcher,
+    ``{params.launcher} -m …``), and lists ``code("<room>.<module>")`` (the derived import closure)
+    among its inputs: editing anything that module imports reruns it, and nothing is listed by hand."""
+    checked = 0
+    for smk, name, rule in workflow_rules():
+        if "shell:" not in rule:
+            continue
+        shell = rule.split("shell:")[1]
+        commands = re.findall(r"-m pipeline\.([\w.]+)", shell)
+        assert len(commands) == 1, (smk, name, commands)
+        room = commands[0].split(".")[0]
+        assert room in ROOMS and commands[0].count(".") == 1, (smk, name, commands[0])
+        assert re.findall(r'code=code\("([\w.]+)"\)', rule) == commands, (smk, name)
+        assert "source(" not in rule
+        assert (PACKAGE / f"{commands[0].replace('.', '/')}.py").exists()
+        checked += 1
     assert checked >= 15
+
+
+def test_no_module_only_forwards_to_another():
+    """The package's top level is its door (``__main__``: ``bids-deepstudy``) and the two commands
+    that draw on every room (``run``, ``check``); every other command is a room's module, run as
+    it is (``python -m pipeline.intake.ingest``), with no forwarding module in between."""
+    from pipeline.__main__ import COMMANDS
+
+    top = sorted(path.stem for path in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "__main__", "check", "run"]
+    for name, (module, _) in COMMANDS.items():
+        main = importlib.import_module(module).main
+        assert main.__module__ == module, (name, module, main.__module__)  # its own main, not an import
 
 
 def schema_keys(node=None, prefix=""):
@@ -253,11 +277,12 @@ def test_the_preprocessing_chain_is_one_list():
     assert not any("N4" in s or "anti-aliasing" in s for s in off)
 
 
-@pytest.mark.parametrize("command", ["ingest", "grid", "preprocess", "split", "train", "linear", "evaluate",
-                                     "explain", "export", "predict", "report", "variants"])
+@pytest.mark.parametrize("command", ["intake.ingest", "intake.grid", "intake.preprocess", "intake.split",
+                                     "learning.train", "results.linear", "results.evaluate", "results.explain",
+                                     "sharing.export", "sharing.predict", "results.report", "learning.variants"])
 def test_stages_take_their_settings_as_one_config(command):
     """Every stage that reads settings takes them as ``--config`` (no flag per key)."""
-    module = __import__(f"pipeline.{command}", fromlist=["main"])
+    module = importlib.import_module(f"pipeline.{command}")
     source = inspect.getsource(inspect.getmodule(module.main))
     assert "add_config(" in source
     for flag in ("--target", "--task", "--channels", "--settings", "--hyperparameters", "--methods"):

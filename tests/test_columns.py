@@ -150,6 +150,6 @@ def test_rewording_a_description_reruns_no_job():
     from pipeline.common import codegraph
 
     registry = codegraph.module_file("pipeline.common.columns")
-    assert registry in codegraph.code_of("pipeline.preprocess")
-    assert "common/columns.py" not in codegraph.fingerprint("pipeline.preprocess")
-    assert "common/atomic.py" in codegraph.fingerprint("pipeline.preprocess")
+    assert registry in codegraph.code_of("pipeline.intake.preprocess")
+    assert "common/columns.py" not in codegraph.fingerprint("pipeline.intake.preprocess")
+    assert "common/atomic.py" in codegraph.fingerprint("pipeline.intake.preprocess")

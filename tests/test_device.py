@@ -62,9 +62,9 @@ def test_a_process_beyond_the_jobs_gpus_is_an_error(monkeypatch):
 
 
 @pytest.mark.parametrize("module, arguments", [
-    ("pipeline.train", []),
-    ("pipeline.evaluate", ["fold", "--model", "missing.pt", "--out-dir", "out"]),
-    ("pipeline.explain", ["fold", "--model", "missing.pt", "--mask", "missing.nii.gz", "--out-dir", "out"]),
+    ("pipeline.learning.train", []),
+    ("pipeline.results.evaluate", ["fold", "--model", "missing.pt", "--out-dir", "out"]),
+    ("pipeline.results.explain", ["fold", "--model", "missing.pt", "--mask", "missing.nii.gz", "--out-dir", "out"]),
 ])
 def test_a_stage_asked_for_cuda_without_a_gpu_stops_before_reading_anything(module, arguments, no_gpu, capsys):
     import importlib
@@ -201,13 +201,13 @@ def test_train_gpus_chooses_the_launcher_and_the_gpus_requested():
 
 
 def test_config_check_refuses_gpus_on_the_cpu_and_batches_that_do_not_divide():
-    from pipeline import configcheck
+    from pipeline import check
 
     with pytest.raises(InputError) as found:
-        configcheck.check({"device": "cpu", "train": {"gpus": 3, "batch_size": 8}})
+        check.check({"device": "cpu", "train": {"gpus": 3, "batch_size": 8}})
     assert "`train.gpus` asks for 3 GPUs, but `device` is 'cpu'" in str(found.value)
     assert "`train.batch_size` (8) does not divide among `train.gpus`'s 3 processes" in str(found.value)
-    configcheck.check({"device": "auto", "train": {"gpus": 2, "batch_size": 8}})
+    check.check({"device": "auto", "train": {"gpus": 2, "batch_size": 8}})
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -229,7 +229,7 @@ def test_train_gpus_runs_training_under_torchrun_and_requests_the_gpus(tmp_path)
         run = snakemake(tmp_path, "-n", "-p", "results/train/fold-1/model.pt")
         assert run.returncode == 0, run.stderr[-3000:]
         lines = run.stdout.splitlines()
-        command = next(line for line in lines if "-m pipeline.train" in line).split("Shell command:")[-1].strip()
+        command = next(line for line in lines if "-m pipeline.learning.train" in line).split("Shell command:")[-1].strip()
         block = run.stdout.split("rule train:")[1].split("\n\n")[0]
         return command, block
 
@@ -237,10 +237,10 @@ def test_train_gpus_runs_training_under_torchrun_and_requests_the_gpus(tmp_path)
     ingest = snakemake(tmp_path, "results/manifest.tsv")
     assert ingest.returncode == 0, ingest.stderr[-3000:]
     command, block = plan()
-    assert command.startswith("python -m pipeline.train") and "--device cuda" in command
+    assert command.startswith("python -m pipeline.learning.train") and "--device cuda" in command
     assert "gpu=0" in block
     command, block = plan(gpus=2, batch_size=8)
-    assert command.startswith("python -m torch.distributed.run --standalone --nproc_per_node 2 -m pipeline.train")
+    assert command.startswith("python -m torch.distributed.run --standalone --nproc_per_node 2 -m pipeline.learning.train")
     assert "--device cuda" in command and "gpu=2" in block
 
 

@@ -114,7 +114,7 @@ def test_the_console_command_dry_runs_a_study_and_checks_configs_from_another_fo
     assert check.returncode == 0 and "no problems" in check.stdout, check.stderr
     dry = command(installed, "run", "-n", "-p", "--configfile", str(config), cwd=elsewhere)
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert "python -m pipeline.ingest" in dry.stdout and f"profile {installed}" in dry.stderr  # the packaged one
+    assert "python -m pipeline.intake.ingest" in dry.stdout and f"profile {installed}" in dry.stderr  # the packaged one
 
 
 @pytest.mark.slow  # 13 s more; the checkout test above covers the PATH prefix

@@ -192,7 +192,7 @@ def test_every_documented_command_names_real_commands_options_and_files():
 
 # --- running them ----------------------------------------------------------------------------
 
-RUN = re.compile(r"^bids-deepstudy (init|check|run)\b|^python -m pipeline(\.configcheck)? ")
+RUN = re.compile(r"^bids-deepstudy (init|check|run)\b|^python -m pipeline(\.check)? ")
 PLACES = {"/data/bids": "data/demo", "/data/out": "out", "BIDS_DIR": "data/demo", "OUTPUT_DIR": "out"}
 
 

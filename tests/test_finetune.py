@@ -261,7 +261,7 @@ def test_backbone_lr_factor_gives_the_head_and_the_backbone_their_own_learning_r
 
 
 def test_the_config_check_refuses_fine_tuning_keys_without_a_package(tmp_path):
-    from pipeline.configcheck import check
+    from pipeline.check import check
 
     base = {"bids_dir": str(tmp_path), "target": "age", "task": "regression"}
     with pytest.raises(InputError) as refused:

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import write_bids
-from pipeline import configcheck
+from pipeline import check
 from pipeline.common.locations import STUDY_CONFIG
 from pipeline.intake import initconfig
 
@@ -50,7 +50,7 @@ def test_init_fills_in_the_datasets_facts_and_keeps_the_comments(tmp_path, capsy
     template = STUDY_CONFIG.read_text()
     kept = [line for line in template.splitlines() if line.lstrip().startswith("#")]
     assert all(line in text.splitlines() for line in kept)  # every comment line of study.yaml
-    configcheck.check(config)  # the schema's checks and the checks across keys
+    check.check(config)  # the schema's checks and the checks across keys
     out = capsys.readouterr().out
     assert "split.folds: 5" in out and "bids-deepstudy check" in out and "--dry-run" in out
 
@@ -61,7 +61,7 @@ def test_init_guesses_classification_for_text_and_lowers_the_folds_for_a_small_c
     assert config["task"] == "classification" and "classes F (3), M (3)" in text
     assert config["split"]["folds"] < 5  # 6 participants cannot fill 5 folds and a test set
     assert f"folds: {config['split']['folds']}  # split.folds: {config['split']['folds']} (the split with the fewest" in text
-    configcheck.check(config)
+    check.check(config)
 
 
 def test_init_says_what_to_fix(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The linear baseline (pipeline.linear), the paired comparison (pipeline.results.compare) and the
+"""The linear baseline (pipeline.results.linear), the paired comparison (pipeline.results.compare) and the
 learning diagnostics (pipeline.learning.curves, pipeline.results.diagnostics), on real arrays written to disk."""
 
 import json

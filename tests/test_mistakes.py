@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import stage_config, write_bids
-from pipeline import configcheck
+from pipeline import check
 from pipeline import run as run_cli
 from pipeline.common import launch
 from pipeline.intake import ingest
@@ -89,7 +89,7 @@ def test_each_mistake_is_a_message_from_check_and_from_run(name, study, tmp_path
     expected = texts(expected, tmp_path)
 
     with pytest.raises(SystemExit) if severity == "error" else contextlib.nullcontext() as stopped:
-        configcheck.main([str(path)])
+        check.main([str(path)])
     out, err = capsys.readouterr()
     prefix = "ERROR: " if severity == "error" else "warning: "
     [line] = [line for line in err.splitlines() if expected[0] in line]
@@ -121,7 +121,7 @@ def test_check_of_a_missing_or_broken_file_is_a_message(tmp_path, capsys):
         if text is not None:
             path.write_text(text)
         with pytest.raises(SystemExit) as stopped:
-            configcheck.main([str(path)])
+            check.main([str(path)])
         err = capsys.readouterr().err
         assert stopped.value.code == 2 and expected in err and "Traceback" not in err
 

@@ -46,11 +46,11 @@ def study(small_study) -> Path:
 def applied(study) -> Path:
     """apply's OUTPUT_DIR (``study/applied``); its stages' files are in ``work`` (``WORK``)."""
     url = f"file://{study / 'registry'}"
-    run(study, "pipeline.registry", "register", "results/package/model.tar.gz", "--name", "lab/brainage", "--registry", url)
+    run(study, "pipeline", "register", "results/package/model.tar.gz", "--name", "lab/brainage", "--registry", url)
     splits = read_tsv(study / "results" / "splits.tsv")
     labels = sorted(splits.loc[splits["fold-1"] == "test", "participant_id"].str.removeprefix("sub-").unique())
     bids_dir = yaml.safe_load((study / "config" / "config.yaml").read_text())["bids_dir"]  # the read-only copy
-    run(study, "pipeline.apply", bids_dir, "applied", "participant", "--model", "lab/brainage", "--registry", url,
+    run(study, "pipeline", "apply", bids_dir, "applied", "participant", "--model", "lab/brainage", "--registry", url,
         "--participant-label", *labels, "--cores", "2")
     return study / "applied"
 

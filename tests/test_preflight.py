@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import write_bids
-from pipeline import configcheck
+from pipeline import check
 from pipeline import run as run_cli
 from pipeline.common import launch
 from pipeline.common.config import fill, schema
@@ -140,15 +140,15 @@ def test_check_prints_the_summary_and_exits_2_on_an_error(tmp_path, capsys):
     bids = dataset(tmp_path / "bids", 10)
     path = tmp_path / "my.yaml"
     path.write_text(yaml.safe_dump({"bids_dir": str(bids), "split": {"folds": 2}}))
-    configcheck.main([str(path)])
+    check.main([str(path)])
     out = capsys.readouterr().out
     assert "my.yaml: no problems in the config" in out and "10 participants, 10 images, 1 channel → 2 folds" in out
     path.write_text(yaml.safe_dump({"bids_dir": str(bids), "target": "agee"}))
     with pytest.raises(SystemExit) as stopped:
-        configcheck.main([str(path)])
+        check.main([str(path)])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and "Did you mean `target: age`?" in err and "1 error(s) in the data" in err
-    configcheck.main([str(path), "--config-only"])  # the config alone is fine
+    check.main([str(path), "--config-only"])  # the config alone is fine
 
 
 def test_run_prints_the_pre_flight_before_snakemake_and_stops_on_an_error(tmp_path, capsys, monkeypatch):

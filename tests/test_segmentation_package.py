@@ -206,9 +206,9 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
     assert jobs == {"exclusions": 1, "grid": 1, "preprocess": n_images, "predict_labels": 1, "predict_report": 1,
                     "bids_validation": 1, "all": 1, "qc": 1,  # qc: the preprocessing test-retest in the report
                     "apply_output": 1}  # the output folder as a BIDS derivative dataset (label maps)
-    command = next(line for line in run.stdout.splitlines() if "python -m pipeline.predict labels" in line)
+    command = next(line for line in run.stdout.splitlines() if "python -m pipeline.sharing.predict labels" in line)
     assert f"{out}/predictions.tsv" in command
-    preprocess = next(line for line in run.stdout.splitlines() if "python -m pipeline.preprocess" in line)
+    preprocess = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.preprocess" in line)
     assert ("desc-tissue_dseg" in preprocess) == bool(label_image)  # the label image goes to the grid when given
     if label_image:
         assert config["label_image"]["labels"] == ["background", "CSF", "GM", "WM"]

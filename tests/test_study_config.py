@@ -13,7 +13,7 @@ import numpy as np
 import yaml
 
 from conftest import write_bids
-from pipeline import configcheck
+from pipeline import check
 from pipeline.intake.template import brain_mask_on_grid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ STUDY = REPO / "config" / "study.yaml"
 
 def test_study_config_passes_every_check_with_real_scan_settings():
     config = yaml.safe_load(STUDY.read_text())
-    configcheck.check(config)  # the schema's checks and the stages' checks across keys
+    check.check(config)  # the schema's checks and the stages' checks across keys
     pre = config["preprocess"]
     assert pre["brain_extraction"] == "deepbet" and pre["resolution"] == 2 and pre["qc_min"] is not None
     assert config["split"]["folds"] == 5 and config["explain"]["groundtruth"] is None
@@ -65,7 +65,7 @@ def test_check_of_a_config_that_does_not_exist_is_a_message(tmp_path, capsys):
     import pytest
 
     with pytest.raises(SystemExit) as stopped:
-        configcheck.main([str(tmp_path / "nonexist.yaml")])
+        check.main([str(tmp_path / "nonexist.yaml")])
     assert stopped.value.code != 0
     error = capsys.readouterr().err
     assert "nonexist.yaml: no such config file" in error and "Traceback" not in error

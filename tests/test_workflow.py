@@ -268,7 +268,7 @@ def test_touching_or_documenting_code_reruns_nothing(study):
         for path, (atime, mtime) in zip(touched, times):
             os.utime(path, (atime, mtime))
     fingerprints = sorted(p.name for p in (study / ".snakemake" / "pipeline-code").glob("*.sha256"))
-    assert "pipeline.train.sha256" in fingerprints and "pipeline.preprocess.sha256" in fingerprints
+    assert "pipeline.learning.train.sha256" in fingerprints and "pipeline.intake.preprocess.sha256" in fingerprints
 
 
 def test_training_change_reruns_training_not_preprocessing(study):
@@ -292,7 +292,7 @@ def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):
     assert "preprocess" not in jobs
     assert jobs["train"] == 4 and jobs["select_variant"] == 2 and jobs["evaluate"] == 2
     assert "--out-dir results/train/fold-2/variant-small" in run.stdout
-    assert '"batch_size": 2' in run.stdout and "pipeline.variants results/train/fold-1 --config" in run.stdout
+    assert '"batch_size": 2' in run.stdout and "pipeline.learning.variants results/train/fold-1 --config" in run.stdout
     assert '"variants": {"lr3": {"learning_rate": 0.003}, "small": {"batch_size": 2}}' in run.stdout
 
 

@@ -1,32 +1,40 @@
-"""``bids-deepstudy`` (also ``python -m pipeline``): one command for every entry point.
+"""``bids-deepstudy`` (also ``python -m pipeline``): the one door for people; each command runs the
+``main(argv)`` of the module that does the work (``COMMANDS``).
 
     bids-deepstudy run BIDS_DIR OUTPUT_DIR participant|group [--config-file my.yaml] [--work-dir DIR]
                        [--participant-label ...] [--cores N] [--device cpu|cuda] [--dry-run]
                                                  a study as a BIDS App (run --help)
     bids-deepstudy run [SNAKEMAKE ARGS]          a study: the config and data pre-flight, then Snakemake
-                                                 on the packaged Snakefile (python -m pipeline.run;
+                                                 on the packaged Snakefile (pipeline.run;
                                                  --skip-preflight: no data pre-flight;
                                                  --cores all unless --cores/--jobs/--profile;
                                                  --profile slurm is the packaged SLURM profile;
                                                  --skip-bids-validation: no BIDS validation of the input)
     bids-deepstudy init BIDS_DIR [--target COL] [--out my.yaml]
                                                  a study config for a dataset, from config/study.yaml
-                                                 with its facts filled in (python -m pipeline.intake.initconfig)
+                                                 with its facts filled in (pipeline.intake.initconfig)
     bids-deepstudy check CONFIG                  every config problem, then the data pre-flight: the
-                                                 dataset's index and headers (python -m pipeline.configcheck)
-    bids-deepstudy demo OUT_DIR [...]            the simulated demo cohort (python -m pipeline.demo)
+                                                 dataset's index and headers (pipeline.check)
+    bids-deepstudy demo OUT_DIR [...]            the simulated demo cohort (pipeline.demo)
     bids-deepstudy apply BIDS_DIR OUTPUT_DIR participant --model M [...]
-                                                 a model package on new images (python -m pipeline.apply)
+                                                 a model package on new images (pipeline.sharing.apply)
     bids-deepstudy register PACKAGE --name N     put a package into the registry
-    bids-deepstudy fetch NAME [--out DIR]        get one (python -m pipeline.registry)
+    bids-deepstudy fetch NAME [--out DIR]        get one (pipeline.sharing.registry)
     bids-deepstudy import SOURCE --out DIR [...] a model trained elsewhere as a package
-                                                 (python -m pipeline.sharing.importer)
+                                                 (pipeline.sharing.importer)
     bids-deepstudy models list [--registry R]    the registry's packages: versions, task, input, licence
     bids-deepstudy inspect PACKAGE               what a package (folder, .tar.gz or registry name) expects
-                                                 and predicts, parity, licence (python -m pipeline.zoo)
+                                                 and predicts, parity, licence (pipeline.sharing.zoo)
+    bids-deepstudy networks                      the registered networks (config train.model), their
+                                                 dimensions and tasks (pipeline.learning.models)
+    bids-deepstudy augment ARRAY.npy --out preview.png [--augmentation JSON]
+                                                 an augmentation setting's draws on one preprocessed
+                                                 array (pipeline.learning.augment)
 
 ``COMMAND --help`` shows each one's options. Snakemake and every job run on the interpreter this
 package is installed in (its bin folder first on PATH), so the environment needs no activating.
+The workflow's rules do not come through here: each runs its stage's module itself
+(``python -m pipeline.intake.ingest``, ``python -m pipeline.results.explain`` …).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ PROG = "bids-deepstudy"
 COMMANDS = {
     "run": ("pipeline.run", []),
     "init": ("pipeline.intake.initconfig", []),
-    "check": ("pipeline.configcheck", []),
+    "check": ("pipeline.check", []),
     "demo": ("pipeline.demo.__main__", []),
     "apply": ("pipeline.sharing.apply", []),
     "register": ("pipeline.sharing.registry", ["register"]),
@@ -47,6 +55,8 @@ COMMANDS = {
     "import": ("pipeline.sharing.importer", []),
     "models": ("pipeline.sharing.zoo", []),
     "inspect": ("pipeline.sharing.zoo", ["inspect"]),
+    "networks": ("pipeline.learning.models", []),
+    "augment": ("pipeline.learning.augment", []),
 }
 
 

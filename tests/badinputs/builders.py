@@ -3,7 +3,7 @@
 Every image case starts from the same small dataset (``good_dataset``: sub-01..sub-04, tiny
 images, numeric ``age``) and breaks ``sub-04``'s image (``BAD``) one way; table cases break
 participants.tsv; fatal cases break the dataset or the config as a whole. Archive cases are
-package archives given to ``python -m pipeline.registry register``.
+package archives given to ``bids-deepstudy register``.
 """
 
 from __future__ import annotations

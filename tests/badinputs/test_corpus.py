@@ -22,7 +22,7 @@ from builders import (ARCHIVE_CASES, ARCHIVE_LIMIT, BAD, IMAGE_CASES, LIMITS, PA
 
 from atlases import write_atlas
 from conftest import stage_config
-from pipeline import configcheck as workflow_configcheck
+from pipeline import check as workflow_configcheck
 from pipeline.common import configcheck
 from pipeline.intake import exclusions
 from pipeline.intake import imagecheck
@@ -49,7 +49,7 @@ def files_under(folder: Path) -> list[Path]:
 
 
 def run_ingest(root: Path, out: Path, on_error: str, target: str = "age", filters=None) -> int:
-    """``python -m pipeline.ingest`` as the workflow runs it (no cache folder): its exit status."""
+    """``python -m pipeline.intake.ingest`` as the workflow runs it (no cache folder): its exit status."""
     keys = {"bids_dir": str(root), "target": target, "image_limits": LIMITS, "on_error": on_error,
             **({"bids_filters": filters} if filters is not None else {})}
     argv = ["--config", stage_config(**keys), "--manifest", str(out / "manifest.tsv"),

@@ -20,7 +20,7 @@ if SEGMENTATION:
             # With config label_image the maps are scored against the preprocessed and the native label images.
             labels=preprocessed("label_array") if LABEL else [],
             package=PACKAGE_INPUT,
-            code=code("predict"),
+            code=code("sharing.predict"),
         output:
             predictions=PREDICTIONS,
             labels=directory(f"{RESULTS}/labels"),
@@ -43,7 +43,7 @@ if SEGMENTATION:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.predict labels --config {params.config:q} --manifest {input.manifest:q}"
+            "python -m pipeline.sharing.predict labels --config {params.config:q} --manifest {input.manifest:q}"
             " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
             " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
 
@@ -54,7 +54,7 @@ else:
             manifest=rules.exclusions.output.samples,
             arrays=preprocessed("array"),
             package=PACKAGE_INPUT,
-            code=code("predict"),
+            code=code("sharing.predict"),
         output:
             predictions=PREDICTIONS,
             folds=expand(f"{RESULTS}/predict/{{fold}}/predictions.tsv", fold=PACKAGE_SPEC["folds"]),
@@ -75,7 +75,7 @@ else:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
+            "python -m pipeline.sharing.predict predictions --config {params.config:q} --manifest {input.manifest:q}"
             " --preproc-dir {params.preproc_dir:q} --out-dir {params.out_dir:q}"
             " --predictions {output.predictions:q} --device {params.device} > {log:q} 2>&1"
 
@@ -87,7 +87,7 @@ else:
             mask=rules.grid.output.mask,
             template=rules.grid.output.template,
             package=PACKAGE_INPUT,
-            code=code("predict"),
+            code=code("sharing.predict"),
         output:
             index=f"{RESULTS}/explain/maps.tsv",
             maps=directory(f"{RESULTS}/explain/maps"),
@@ -110,7 +110,7 @@ else:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.predict maps --config {params.config:q} --manifest {input.manifest:q}"
+            "python -m pipeline.sharing.predict maps --config {params.config:q} --manifest {input.manifest:q}"
             " --preproc-dir {params.preproc_dir:q} --mask {input.mask:q} --template {input.template:q}"
             " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} > {log:q} 2>&1"
 
@@ -121,7 +121,7 @@ if CALIBRATION:
         input:
             predictions=PREDICTIONS,
             table=CALIBRATION["table"],
-            code=code("calibrate"),
+            code=code("sharing.calibrate"),
         output:
             summary=f"{RESULTS}/calibration.json",
             predictions=f"{RESULTS}/predictions_calibrated.tsv",
@@ -139,7 +139,7 @@ if CALIBRATION:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.calibrate --predictions {input.predictions:q} --table {input.table:q}"
+            "python -m pipeline.sharing.calibrate --predictions {input.predictions:q} --table {input.table:q}"
             " --column {params.column:q} --participants {params.participants:q} --out-json {output.summary:q}"
             " --out-tsv {output.predictions:q} > {log:q} 2>&1"
 
@@ -153,7 +153,7 @@ if not SEGMENTATION:
             predictions=PREDICTIONS,
             index=rules.predict_maps.output.index if MAPS else [],
             mask=rules.grid.output.mask,
-            code=code("predict"),
+            code=code("sharing.predict"),
         output:
             f"{RESULTS}/retest_predictions.tsv",
         params:
@@ -169,7 +169,7 @@ if not SEGMENTATION:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.predict retest --predictions {input.predictions:q} {params.maps:q}"
+            "python -m pipeline.sharing.predict retest --predictions {input.predictions:q} {params.maps:q}"
             " --mask {input.mask:q} --out {output:q} > {log:q} 2>&1"
 
 
@@ -182,7 +182,7 @@ rule predict_report:
         calibration=rules.calibrate.output.summary if CALIBRATION else [],
         qc=preprocessed("qc"),
         package=PACKAGE_INPUT,
-        code=code("predict"),
+        code=code("sharing.predict"),
     output:
         report(f"{OUTPUT}/report.html", caption="../report/apply.rst", category="Predictions"),
     params:
@@ -201,7 +201,7 @@ rule predict_report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.predict report --config {params.config:q} --predictions {input.predictions:q}"
+        "python -m pipeline.sharing.predict report --config {params.config:q} --predictions {input.predictions:q}"
         " {params.explain:q} {params.calibration:q} --qc {params.qc_shown:q} --retest {input.retest:q}"
         " --out {output:q} > {log:q} 2>&1"
 
@@ -215,7 +215,7 @@ rule apply_output:
         index=rules.predict_maps.output.index if MAPS else [],
         images=preprocessed(f"image_{CHANNELS[0]}"),
         package=PACKAGE_INPUT,
-        code=code("applyout"),
+        code=code("sharing.applyout"),
     output:
         description=f"{OUTPUT}/dataset_description.json",
         participants=f"{OUTPUT}/participants.tsv",
@@ -235,6 +235,6 @@ rule apply_output:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.applyout --config {params.config:q} --manifest {input.manifest:q}"
+        "python -m pipeline.sharing.applyout --config {params.config:q} --manifest {input.manifest:q}"
         " --preproc-dir {params.preproc_dir:q} --predictions {input.predictions:q} {params.maps:q}"
         " --out-dir {params.out_dir:q} > {log:q} 2>&1"

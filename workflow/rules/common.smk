@@ -8,7 +8,7 @@ import pandas as pd
 from snakemake.utils import validate
 
 
-# Jobs run `python -m pipeline.<stage>`. Without --use-conda/--use-apptainer that is the interpreter
+# Jobs run `python -m pipeline.<room>.<module>`. Without --use-conda/--use-apptainer that is the interpreter
 # running Snakemake (its bin folder goes first on the jobs' PATH: `.venv/bin/snakemake` works without
 # activating the venv); with them, the rule's environment's python.
 # In a checkout (workflow/ beside src/) the checkout's package goes first on the jobs' import path and
@@ -22,7 +22,7 @@ if SRC.is_dir():
     JOB_PREFIX += f"export PYTHONPATH={shlex.quote(str(SRC.parent))}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; "
     sys.path.insert(0, str(SRC.parent))
 shell.prefix(JOB_PREFIX)
-from pipeline import configcheck  # the schema's checks and the stages' checks across keys
+from pipeline.check import check as check_config  # the schema's checks and the stages' checks across keys
 from pipeline.common.codegraph import fingerprint_file
 from pipeline.common.errors import InputError
 from pipeline.common.config import stage_config
@@ -39,7 +39,7 @@ from pipeline.common.package import files as package_files
 # Every config problem at once, each naming its key and what to set (then validate fills in defaults);
 # a Grad-CAM layer is checked against the configured network, built on torch's meta device.
 try:
-    configcheck.check(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
+    check_config(config, Path(workflow.basedir) / "schemas" / "config.schema.yaml")
     validate(config, schema="../schemas/config.schema.yaml")
     check_writable(Path(config["results_dir"]), create=False)
     if config["work_dir"]:
@@ -70,7 +70,7 @@ BIDS = config["bids_dir"]
 PREPROC = f"{WORK}/derivatives/pipeline"
 PUBLISHED = f"{OUTPUT}/derivatives/pipeline"
 PUBLISH = not config["apply"] and PUBLISHED != PREPROC
-# The ensemble's test predictions and their explanation maps, a BIDS derivative dataset (pipeline.bidsout).
+# The ensemble's test predictions and their explanation maps, a BIDS derivative dataset (pipeline.results.bidsout).
 PREDICTIONS_DATASET = f"{RESULTS}/derivatives/predictions"
 GRID = f"{WORK}/grid"
 CHANNELS = list(config["channels"])  # the first is the reference (registration, native space)
@@ -94,7 +94,7 @@ TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
 FOLD_MODEL, FOLD_HISTORY = (f"{WORK}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
 # With variants, a fold's model is their choice: asking for variants.tsv trains them in a finished study too.
 FOLD_CHOICE = [f"{WORK}/train/{{fold}}/variants.tsv"] if VARIANTS else []
-# Apply mode (config apply; python -m pipeline.apply): a fetched package predicts for new images.
+# Apply mode (config apply; python -m pipeline.sharing.apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 # Segmentation (task: segmentation): the label image is the target; `target` only stratifies the
 # split (as a categorical column); no explanation maps. Applying a segmentation package needs no
@@ -116,7 +116,7 @@ def package_documents(folder):
         spec, package_recipe = (json.loads((Path(folder) / name).read_text()) for name in ("spec.json", "preprocessing.json"))
     except (OSError, ValueError) as exc:
         raise ValueError(f"apply.package {folder} is not a readable model package ({exc}); fetch one with "
-                         "python -m pipeline.registry fetch, or run python -m pipeline.apply.") from exc
+                         "python -m pipeline.sharing.registry fetch, or run python -m pipeline.sharing.apply.") from exc
     refusals = recipe.unproducible(package_recipe)
     if refusals:
         raise ValueError(f"apply.package {folder} expects input this pipeline's preprocessing cannot make: "
@@ -124,7 +124,7 @@ def package_documents(folder):
     differences = recipe.mismatches(package_recipe, RECIPE)
     if differences:
         raise ValueError(f"config `preprocess`/`channels` differ from the recipe of apply.package {folder}: "
-                         f"{'; '.join(differences)}. Use the package's (python -m pipeline.apply writes them).")
+                         f"{'; '.join(differences)}. Use the package's (python -m pipeline.sharing.apply writes them).")
     return spec
 
 
@@ -141,11 +141,12 @@ wildcard_constraints:
 CODE_FINGERPRINTS = Path(".snakemake") / "pipeline-code"
 
 
-def code(command):
-    """The fingerprint of the code ``python -m pipeline.<command>`` runs: its module and every package
-    module it imports, docstrings and comments left out (pipeline.common.codegraph). Listed as an
+def code(module):
+    """The fingerprint of the code ``python -m pipeline.<module>`` runs (``module``: ``intake.ingest``):
+    that module and every package module it imports, docstrings and comments left out
+    (pipeline.common.codegraph). Listed as an
     input: editing that code reruns the jobs that run it; editing a docstring or comment does not."""
-    return str(fingerprint_file(f"pipeline.{command}", CODE_FINGERPRINTS))
+    return str(fingerprint_file(f"pipeline.{module}", CODE_FINGERPRINTS))
 
 
 def ingest_tables(wildcards):

@@ -6,7 +6,7 @@ rule evaluate:
         choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
-        code=code("evaluate"),
+        code=code("results.evaluate"),
     output:
         predictions=f"{RESULTS}/evaluate/{{fold}}/predictions.tsv",
         metrics=f"{RESULTS}/evaluate/{{fold}}/metrics.json",
@@ -29,7 +29,7 @@ rule evaluate:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate fold --config {params.config:q} --manifest {input.manifest:q}"
+        "python -m pipeline.results.evaluate fold --config {params.config:q} --manifest {input.manifest:q}"
         " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
         " --model {input.model:q} --out-dir {params.out_dir:q} --device {params.device} > {log:q} 2>&1"
 
@@ -44,7 +44,7 @@ rule evaluate_folds:
         linear=[] if SEGMENTATION else expand(rules.linear.output.metrics, fold=FOLDS),
         linear_predictions=[] if SEGMENTATION else expand(rules.linear.output.predictions, fold=FOLDS),
         diagnostics=[] if SEGMENTATION else expand(f"{WORK}/train/{{fold}}/diagnostics.json", fold=FOLDS),
-        code=code("evaluate"),
+        code=code("results.evaluate"),
     output:
         table=f"{RESULTS}/evaluate/metrics.tsv",
         predictions=f"{RESULTS}/evaluate/predictions.tsv",
@@ -69,5 +69,5 @@ rule evaluate_folds:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.evaluate summary {params.fold_dirs:q} --excluded {input.excluded:q}"
+        "python -m pipeline.results.evaluate summary {params.fold_dirs:q} --excluded {input.excluded:q}"
         " --linear {params.linear_dirs:q} --train {params.train_dirs:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -6,7 +6,7 @@ rule explain:
         choice=FOLD_CHOICE,
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=code("explain"),
+        code=code("results.explain"),
     output:
         index=f"{RESULTS}/explain/{{fold}}/maps.tsv",
         maps=directory(f"{RESULTS}/explain/{{fold}}/maps"),
@@ -29,7 +29,7 @@ rule explain:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.explain fold --config {params.config:q} --manifest {input.manifest:q}"
+        "python -m pipeline.results.explain fold --config {params.config:q} --manifest {input.manifest:q}"
         " --splits {input.splits:q} --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q}"
         " --model {input.model:q} --mask {input.mask:q} --out-dir {params.out_dir:q} --threads {threads}"
         " --device {params.device} > {log:q} 2>&1"
@@ -46,7 +46,7 @@ rule explain_folds:
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
         atlas=[config["explain"]["atlas"][k] for k in ("image", "labels")] if config["explain"]["atlas"] else [],
-        code=code("explain"),
+        code=code("results.explain"),
     output:
         group=[group_map(f"{RESULTS}/explain", m, s) for m in METHODS for s in ("mean", "sd", "t")],
         regions=f"{RESULTS}/explain/regions.tsv",
@@ -74,7 +74,7 @@ rule explain_folds:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.explain group {params.fold_dirs:q} --config {params.config:q} --manifest {input.manifest:q}"
+        "python -m pipeline.results.explain group {params.fold_dirs:q} --config {params.config:q} --manifest {input.manifest:q}"
         " --predictions {input.predictions:q} --preproc-dir {params.preproc_dir:q} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --retest {output.retest:q} > {log:q} 2>&1"
 
@@ -87,7 +87,7 @@ rule bids_outputs:
         manifest=rules.exclusions.output.samples,
         # The preprocessed images the maps' sidecars name as their sources: the published dataset.
         preprocessed=rules.publish_preprocessed.output[0] if PUBLISH else rules.ingest.output.description,
-        code=code("bidsout"),
+        code=code("results.bidsout"),
     output:
         directory(PREDICTIONS_DATASET),
     params:
@@ -105,5 +105,5 @@ rule bids_outputs:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.bidsout {params.fold_dirs:q} --config {params.config:q} --predictions {input.predictions:q}"
+        "python -m pipeline.results.bidsout {params.fold_dirs:q} --config {params.config:q} --predictions {input.predictions:q}"
         " --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q} --out-dir {output:q} > {log:q} 2>&1"

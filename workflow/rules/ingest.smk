@@ -1,7 +1,7 @@
 checkpoint ingest:
     input:
         tables=ingest_tables,
-        code=code("ingest"),
+        code=code("intake.ingest"),
     output:
         manifest=f"{RESULTS}/manifest.tsv",
         report=f"{RESULTS}/ingest_report.tsv",
@@ -35,7 +35,7 @@ checkpoint ingest:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.ingest --config {params.config:q} --cache-dir {params.cache:q}"
+        "python -m pipeline.intake.ingest --config {params.config:q} --cache-dir {params.cache:q}"
         " --manifest {output.manifest:q} --report {output.report:q} --targets {output.targets:q}"
         " --derivatives {params.derivatives:q} > {log:q} 2>&1"
 
@@ -44,7 +44,7 @@ checkpoint ingest:
 # never a stop. Its own job, not part of ingest's: turning it off or on never reruns ingest and what follows.
 rule bids_validation:
     input:
-        code=code("bidsvalidation"),
+        code=code("intake.bidsvalidation"),
     output:
         summary=f"{RESULTS}/bids_validation.json",
     params:
@@ -62,4 +62,4 @@ rule bids_validation:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.bidsvalidation --config {params.config:q} --out {output.summary:q} > {log:q} 2>&1"
+        "python -m pipeline.intake.bidsvalidation --config {params.config:q} --out {output.summary:q} > {log:q} 2>&1"

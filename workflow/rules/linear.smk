@@ -6,7 +6,7 @@ rule linear:
         targets=f"{RESULTS}/targets.json",
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=code("linear"),
+        code=code("results.linear"),
     output:
         predictions=f"{RESULTS}/linear/{{fold}}/predictions.tsv",
         metrics=f"{RESULTS}/linear/{{fold}}/metrics.json",
@@ -27,6 +27,6 @@ rule linear:
         "../envs/pipeline.yaml"
     shell:
         "OMP_NUM_THREADS={threads} OPENBLAS_NUM_THREADS={threads} MKL_NUM_THREADS={threads}"
-        " python -m pipeline.linear --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        " python -m pipeline.results.linear --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --mask {input.mask:q}"
         " --targets {input.targets:q} --out-dir {params.out_dir:q} > {log:q} 2>&1"

@@ -9,7 +9,7 @@ rule package:
         arrays=preprocessed("array"),
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=code("export"),
+        code=code("sharing.export"),
     output:
         files=[f"{RESULTS}/package/model/{name}" for name in package_files(FOLDS)],
         archive=f"{RESULTS}/package/model.tar.gz",
@@ -30,7 +30,7 @@ rule package:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.export --train-dirs {params.train_dirs:q} --evaluate-dirs {params.evaluate_dirs:q}"
+        "python -m pipeline.sharing.export --train-dirs {params.train_dirs:q} --evaluate-dirs {params.evaluate_dirs:q}"
         " --summary {input.summary:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --preproc-dir {params.preproc_dir:q} --template {input.template:q} --mask {input.mask:q}"
         " --config {params.config:q}"

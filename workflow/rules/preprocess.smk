@@ -1,6 +1,6 @@
 rule grid:
     input:
-        code=code("grid"),
+        code=code("intake.grid"),
         package=[f"{APPLY['package']}/checksums.sha256"] if APPLY else [],
     output:
         template=f"{GRID}/tpl-{SPACE}_res-{config['preprocess']['resolution']}_T1w.nii.gz",
@@ -19,7 +19,7 @@ rule grid:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.grid --config {params.config:q} --template {output.template:q} --mask {output.mask:q}"
+        "python -m pipeline.intake.grid --config {params.config:q} --template {output.template:q} --mask {output.mask:q}"
         " > {log:q} 2>&1"
 
 
@@ -30,7 +30,7 @@ rule preprocess:
         brain_mask=source_brain_mask,
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
-        code=code("preprocess"),
+        code=code("intake.preprocess"),
     output:
         **preprocessed_paths(PREPROC, "{subdir}", "{image}", CHANNELS, LABEL),
         # With on_error: continue a failed sample gets one row here (and empty files above).
@@ -43,7 +43,7 @@ rule preprocess:
         f"{RESULTS}/logs/preprocess/{{subdir}}/{{image}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess/{{subdir}}/{{image}}.tsv"
-    # One ITK thread: registration is reproducible only single-threaded (see pipeline.preprocess).
+    # One ITK thread: registration is reproducible only single-threaded (see pipeline.intake.preprocess).
     threads: 1
     resources:
         mem_mb=3000,
@@ -53,7 +53,7 @@ rule preprocess:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.preprocess {input.images:q} --config {params.config:q} --template {input.template:q}"
+        "python -m pipeline.intake.preprocess {input.images:q} --config {params.config:q} --template {input.template:q}"
         " --mask {input.mask:q} --out-dir {params.out_dir:q} --bids-dir {params.bids_dir:q} --subdir {wildcards.subdir} --image-id {wildcards.image}"
         " --label {input.label:q} --brain-mask {input.brain_mask:q} --threads {threads} --excluded {output.excluded:q}"
         " > {log:q} 2>&1"
@@ -67,7 +67,7 @@ rule exclusions:
         report=f"{RESULTS}/ingest_report.tsv",
         records=exclusion_records,
         sidecars=preprocessed(f"sidecar_{CHANNELS[0]}"),
-        code=code("exclusions"),
+        code=code("intake.exclusions"),
     output:
         excluded=f"{RESULTS}/excluded.tsv",
         samples=f"{RESULTS}/samples.tsv",
@@ -85,7 +85,7 @@ rule exclusions:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.exclusions --ingest-report {input.report:q} --records {input.records:q}"
+        "python -m pipeline.intake.exclusions --ingest-report {input.report:q} --records {input.records:q}"
         " --manifest {input.manifest:q} --out {output.excluded:q} --samples {output.samples:q}"
         " --preproc-dir {params.preproc_dir:q} --config {params.config:q} > {log:q} 2>&1"
 
@@ -98,7 +98,7 @@ rule qc:
         pngs=preprocessed("qc"),
         arrays=preprocessed("array"),
         mask=rules.grid.output.mask,
-        code=code("qc"),
+        code=code("intake.qc"),
     output:
         table=f"{RESULTS}/qc.tsv",
         retest=f"{RESULTS}/retest.tsv",
@@ -116,7 +116,7 @@ rule qc:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.qc --config {params.config:q} --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q}"
+        "python -m pipeline.intake.qc --config {params.config:q} --manifest {input.manifest:q} --preproc-dir {params.preproc_dir:q}"
         " --excluded {input.excluded:q} --out {output.table:q} --mask {input.mask:q} --retest {output.retest:q}"
         " > {log:q} 2>&1"
 
@@ -130,7 +130,7 @@ if PUBLISH:
             manifest=f"{RESULTS}/manifest.tsv",
             images=preprocessed(f"image_{CHANNELS[0]}"),
             excluded=rules.exclusions.output.excluded,  # every sample's preprocessing finished
-            code=code("publish"),
+            code=code("intake.publish"),
         output:
             directory(PUBLISHED),
         params:
@@ -147,5 +147,5 @@ if PUBLISH:
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.publish --config {params.config:q} --manifest {input.manifest:q}"
+            "python -m pipeline.intake.publish --config {params.config:q} --manifest {input.manifest:q}"
             " --preproc-dir {params.preproc_dir:q} --out-dir {output:q} > {log:q} 2>&1"

@@ -19,7 +19,7 @@ rule report:
         # Every image's registration scores, worst first; the report shows the worst rows and their QC images.
         qc=rules.qc.output.table,
         qc_pngs=preprocessed("qc"),
-        code=code("report"),
+        code=code("results.report"),
     output:
         report(
             f"{RESULTS}/report.html",
@@ -41,5 +41,5 @@ rule report:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.report --results {params.results:q} --train-dir {params.train_dir:q} --qc-table {input.qc:q}"
+        "python -m pipeline.results.report --results {params.results:q} --train-dir {params.train_dir:q} --qc-table {input.qc:q}"
         " --config {params.config:q} --out {output:q} > {log:q} 2>&1"

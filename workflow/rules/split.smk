@@ -1,7 +1,7 @@
 rule split:
     input:
         manifest=rules.exclusions.output.samples,
-        code=code("split"),
+        code=code("intake.split"),
     output:
         splits=f"{RESULTS}/splits.tsv",
         balance=f"{RESULTS}/split_balance.tsv",
@@ -18,5 +18,5 @@ rule split:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "python -m pipeline.split {input.manifest:q} --config {params.config:q} --out {output.splits:q}"
+        "python -m pipeline.intake.split {input.manifest:q} --config {params.config:q} --out {output.splits:q}"
         " --balance {output.balance:q} > {log:q} 2>&1"

@@ -7,7 +7,7 @@ rule train:
         arrays=preprocessed("array"),
         labels=preprocessed("label_array") if SEGMENTATION else [],
         init=[f"{INIT_DIR}/checksums.sha256"] if INIT else [],
-        code=code("train"),
+        code=code("learning.train"),
     output:
         model=f"{WORK}/train/{TRAIN_RUN}/model.pt",
         history=f"{WORK}/train/{TRAIN_RUN}/history.tsv",
@@ -43,7 +43,7 @@ rule train:
     conda:
         "../envs/pipeline.yaml"
     shell:
-        "{params.launcher} -m pipeline.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
+        "{params.launcher} -m pipeline.learning.train --config {params.config:q} --manifest {input.manifest:q} --splits {input.splits:q}"
         " --fold {wildcards.fold} --preproc-dir {params.preproc_dir:q} --targets {input.targets:q}"
         " --out-dir {params.out_dir:q} --threads {threads} --device {params.device} --mlflow-store {params.mlflow_store:q}"
         " --mlflow-experiment {params.mlflow_experiment:q} --mlflow-run {params.mlflow_run:q} > {log:q} 2>&1"
@@ -55,7 +55,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
         input:
             histories=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
             models=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
-            code=code("variants"),
+            code=code("learning.variants"),
         output:
             model=f"{WORK}/train/{{fold}}/model.pt",
             history=f"{WORK}/train/{{fold}}/history.tsv",
@@ -76,14 +76,14 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "python -m pipeline.variants {params.fold_dir:q} --config {params.config:q} > {log:q} 2>&1"
+            "python -m pipeline.learning.variants {params.fold_dir:q} --config {params.config:q} > {log:q} 2>&1"
 
 
 if INIT:  # config train.init_from: fetch the package to start from
 
     rule fetch_init:
         input:
-            code=code("registry"),
+            code=code("sharing.registry"),
         output:
             # The package's own manifest stands for its folder (a directory output would gain a
             # .snakemake_timestamp file, which the package's checksums rightly refuse).
@@ -103,5 +103,5 @@ if INIT:  # config train.init_from: fetch the package to start from
         conda:
             "../envs/pipeline.yaml"
         shell:
-            "rm -rf {params.folder:q} && python -m pipeline.registry fetch {params.name:q} --registry {params.registry:q}"
+            "rm -rf {params.folder:q} && python -m pipeline.sharing.registry fetch {params.name:q} --registry {params.registry:q}"
             " --out {params.folder:q} > {log:q} 2>&1"

@@ -1,6 +1,6 @@
 """The package's own import graph, read from the source (standard library only: the Snakefile uses it).
 
-Every rule lists as input the code its command runs: ``code_of("pipeline.train")`` is the
+Every rule lists as input the code its command runs: ``code_of("pipeline.learning.train")`` is the
 command's module and every ``pipeline`` module it imports, directly or through others, at module
 level or inside functions. The input is not those files but their fingerprint
 (``fingerprint_file``): one line per module with the hash of its syntax tree without docstrings
@@ -9,7 +9,7 @@ code reruns the jobs that run it; editing a docstring or a comment, or a module 
 imports, reruns nothing.
 
 >>> from pipeline.common.locations import PACKAGE
->>> files = code_of("pipeline.split")
+>>> files = code_of("pipeline.intake.split")
 >>> PACKAGE / "intake" / "split.py" in files and PACKAGE / "common" / "errors.py" in files
 True
 """

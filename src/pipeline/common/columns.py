@@ -216,7 +216,7 @@ COLUMNS: dict[str, Column] = {
     # --- comparison.tsv (deep model against the linear baseline) ---
     "metric": Column("Metric", "The test metric compared (the headline metric of the task)."),
     "deep": Column("Deep model", "The metric of the deep model on the test participants."),
-    "linear": Column("Linear baseline", "The metric of the linear baseline (pipeline.linear) on the same participants."),
+    "linear": Column("Linear baseline", "The metric of the linear baseline (pipeline.results.linear) on the same participants."),
     "difference": Column("Difference", "deep - linear."),
     "difference_ci_low": Column("Difference, 95 % interval low", "Lower bound of the 95 % paired bootstrap interval "
                                 "of deep - linear (participants resampled, both models on the same draw)."),

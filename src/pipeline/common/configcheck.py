@@ -6,7 +6,7 @@ set: an unknown key lists the valid keys at its level (with the closest one); a 
 ``enum`` lists the choices (``train.model``: the model registry); a bound names the bound and the
 key's description. Checks across keys (``cross``: functions of the config filled in with the
 schema's defaults → problem lines) run when the schema finds nothing. The workflow runs it, with the
-stages' cross-key checks (``pipeline.configcheck``), before ``validate`` (which then fills in defaults).
+stages' cross-key checks (``pipeline.check``), before ``validate`` (which then fills in defaults).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The input dataset through the official BIDS validator (``bids-validator-deno``), once per study.
 
-``python -m pipeline.bidsvalidation --config '{"bids_dir": …}' --out results/bids_validation.json``
+``python -m pipeline.intake.bidsvalidation --config '{"bids_dir": …}' --out results/bids_validation.json``
 runs ``bids-validator-deno DATASET --format json`` and writes its summary: the number of errors and
 warnings and, per issue code, its severity, count and first files. Its log lists every error code
 with its files. A dataset with errors is **not** stopped: ingest's own checks decide which images

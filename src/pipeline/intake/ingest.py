@@ -58,7 +58,7 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     Arguments are the config keys of the same names (config/README.md; ``limits`` is
     ``image_limits``); ``cache_dir`` keeps the parsed index and header checks between runs.
     ``target`` None selects images without joining a target table (applying a trained model:
-    ``pipeline.apply``). ``on_error: stop`` raises InputError at the first exclusion instead of
+    ``pipeline.sharing.apply``). ``on_error: stop`` raises InputError at the first exclusion instead of
     reporting it.
     """
     bids_dir = Path(bids_dir)

@@ -1,6 +1,6 @@
 """A study's preprocessed images from the work folder to the output folder (issue #28, item 3).
 
-``python -m pipeline.publish --manifest manifest.tsv --config '{…}' --preproc-dir WORK/derivatives/pipeline
+``python -m pipeline.intake.publish --manifest manifest.tsv --config '{…}' --preproc-dir WORK/derivatives/pipeline
 --out-dir OUTPUT_DIR/derivatives/pipeline``: with a work folder (config ``work_dir``, the BIDS-App
 command's ``--work-dir``) preprocessing writes in ``WORK/derivatives/pipeline``, its arrays (``.npy``,
 read by every later stage) beside its images; this writes the BIDS derivative dataset a person

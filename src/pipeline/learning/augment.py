@@ -9,7 +9,7 @@ are dicts of (B, ...) tensors: ``select(params, index)`` takes the draws of some
 
 ``Augmentation`` composes the transforms the config turns on, spatial first (one resampling),
 then intensity. ``preview(image, n, png)`` on any transform writes a PNG grid of ``n`` draws
-(nitrain's ``transform.sample``): ``python -m pipeline.augment ARRAY.npy --out preview.png``.
+(nitrain's ``transform.sample``): ``bids-deepstudy augment ARRAY.npy --out preview.png``.
 """
 
 from __future__ import annotations

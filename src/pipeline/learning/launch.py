@@ -2,7 +2,7 @@
 
 Standard library only: the Snakefile reads it to build the train rule's command and resources.
 With ``train.gpus: N > 1`` the rule runs ``python -m torch.distributed.run --standalone
---nproc_per_node N -m pipeline.train …`` (``torchrun``, with the job's own Python) and requests N
+--nproc_per_node N -m pipeline.learning.train …`` (``torchrun``, with the job's own Python) and requests N
 GPUs (the ``gpu`` resource a cluster profile turns into ``--gpus``); each process trains on 1/N of
 every batch (DistributedDataParallel, ``pipeline.learning.process``).
 
@@ -21,7 +21,7 @@ def processes(train: dict, variant: str | None = None) -> int:
 
 
 def launcher(n: int) -> str:
-    """What starts ``-m pipeline.train``: Python itself, or ``torchrun`` with ``n`` processes."""
+    """What starts ``-m pipeline.learning.train``: Python itself, or ``torchrun`` with ``n`` processes."""
     return "python" if n == 1 else f"python -m torch.distributed.run --standalone --nproc_per_node {n}"
 
 

@@ -3,8 +3,8 @@
 Classifiers and regressors map a (B, C, *spatial) batch to (B, outputs); segmentation networks
 map it to (B, K, *spatial). ``spatial_dims`` is 3 for whole images and patches, 2 for slices.
 ResNet, DenseNet and U-Net are MONAI's implementations; SFCN, the simple CNN, AlexNet and VGG
-(the layouts of ANTsPyNet's, which nitrain serves) are written here. ``python -m pipeline.models
---list`` prints the registry. (Trained model packages have their own registry: ``pipeline.registry``.)
+(the layouts of ANTsPyNet's, which nitrain serves) are written here. ``bids-deepstudy
+networks`` prints the registry. (Trained model packages have their own: ``pipeline.sharing.registry``.)
 """
 
 from __future__ import annotations

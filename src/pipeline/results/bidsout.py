@@ -1,6 +1,6 @@
 """The study's predictions and explanation maps as a BIDS derivative dataset (``derivatives/predictions``).
 
-``python -m pipeline.bidsout FOLD_DIR… --predictions evaluate/predictions.tsv --manifest samples.tsv
+``python -m pipeline.results.bidsout FOLD_DIR… --predictions evaluate/predictions.tsv --manifest samples.tsv
 --preproc-dir derivatives/pipeline --out-dir derivatives/predictions --config '{…}'`` writes::
 
     dataset_description.json   DatasetType derivative; GeneratedBy this package; SourceDatasets and

@@ -12,7 +12,7 @@ with 95 % bootstrap intervals; over participants) and ``metrics_images.tsv`` (th
 images), the ensemble's test ``predictions.tsv`` (one row per image: the folds' mean prediction
 or mean class probabilities) and ``metrics.json``, and ``performance.png`` (regression: predicted
 vs true, raw and corrected, and a Bland–Altman plot; classification: ROC, precision-recall and the
-confusion matrix). With the folds' linear baselines (``pipeline.linear``): ``comparison.tsv``,
+confusion matrix). With the folds' linear baselines (``pipeline.results.linear``): ``comparison.tsv``,
 deep against linear per fold and for the ensembles, paired (``pipeline.results.compare``), the linear
 ensemble in ``metrics.json``; with the folds' training folders: ``diagnostics.json``, every
 finding of ``pipeline.results.diagnostics`` with its sentence.

@@ -1,4 +1,4 @@
-"""Config ``explain`` checked before any job runs (``pipeline.configcheck``), and the layers Grad-CAM reads.
+"""Config ``explain`` checked before any job runs (``pipeline.check``), and the layers Grad-CAM reads.
 
 ``explain.gradcam_layer`` names a module of the network the user configured (``train.model``, e.g.
 ``features.2``), whatever ``train.sampler``: a slice or patch model's wrapper is resolved to its

@@ -15,7 +15,7 @@ study therefore fits, per fold, on the same preprocessed arrays and the same spl
 * the penalty: chosen on the fold's validation images only, by the deep model's own selection
   criterion (validation mean squared error, or cross-entropy); the test images play no part.
 
-Writes ``predictions.tsv`` (validation and test images, the columns of ``pipeline.evaluate``),
+Writes ``predictions.tsv`` (validation and test images, the columns of ``pipeline.results.evaluate``),
 ``metrics.json`` (test metrics with bootstrap intervals over participants, the penalty, the
 feature grid) and ``validation.tsv`` (the validation loss of every penalty). A fold whose
 validation choice is impossible (too few images of a class) writes ``metrics.json`` with

@@ -5,7 +5,7 @@ preprocessed images' own agreement is ``retest.tsv`` (``pipeline.intake.qc.retes
 the same (``pipeline.intake.qc.pairs``).
 
 In a study only the test images have predictions and maps (the explain stage's group step writes
-the table); in apply mode every image has both (``python -m pipeline.predict retest``).
+the table); in apply mode every image has both (``python -m pipeline.sharing.predict retest``).
 
 Per pair (``COLUMNS``): the two predictions (the ensemble's ``predicted``), ``prediction_difference``
 (|a - b| in the target's units; classification: the largest difference of a class's probability),

@@ -1,4 +1,4 @@
-"""Evaluation of a segmentation study (``task: segmentation``), called by ``pipeline.evaluate``.
+"""Evaluation of a segmentation study (``task: segmentation``), called by ``pipeline.results.evaluate``.
 
 Per image and label (every label but 0, the background): Dice and the 95th-percentile Hausdorff
 distance in mm (MONAI's ``compute_dice`` and ``compute_hausdorff_distance`` with the grid's voxel
@@ -201,7 +201,7 @@ def ensemble_row(folds: list[pd.DataFrame], image_id: str, names: list[str], spa
 def summarise(fold_dirs: list[Path], out_dir: Path, excluded: Path | None = None) -> dict:
     """Per-fold test metrics, their mean and sd, and the majority-vote ensemble's with intervals
     (on the template grid, and on the native grid where the folds recorded native label images);
-    ``excluded`` as in ``pipeline.evaluate.summarise``."""
+    ``excluded`` as in ``pipeline.results.evaluate.summarise``."""
     from pipeline.results.summary import excluded_by_stage, summary_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in fold_dirs]

@@ -1,6 +1,6 @@
 """Apply a model package to a BIDS dataset (BIDS-Apps convention)::
 
-    python -m pipeline.apply BIDS_DIR OUTPUT_DIR participant --model MODEL [--version V]
+    bids-deepstudy apply BIDS_DIR OUTPUT_DIR participant --model MODEL [--version V]
                              [--participant-label 01 02] [--session-label 1] [--registry R]
                              [--work-dir DIR] [--cores N] [--device cpu|cuda] [--dry-run]
                              [--maps none | --maps occlusion,gradient]

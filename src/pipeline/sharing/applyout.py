@@ -1,6 +1,6 @@
 """``apply``'s output folder as one BIDS derivative dataset (issue #29, item 4).
 
-``python -m pipeline.applyout --config '{…}' --manifest samples.tsv --preproc-dir WORK/derivatives/pipeline
+``python -m pipeline.sharing.applyout --config '{…}' --manifest samples.tsv --preproc-dir WORK/derivatives/pipeline
 --predictions WORK/predictions.tsv [--maps-index WORK/explain/maps.tsv] --out-dir OUTPUT_DIR`` writes::
 
     dataset_description.json   DatasetType derivative; GeneratedBy this package (applying the model

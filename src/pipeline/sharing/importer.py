@@ -108,8 +108,8 @@ def read_source(source: Path, kind: str, network: dict, workdir: Path) -> dict:
         elif network.get("name"):
             architecture = {"name": network["name"], "args": network.get("args") or {}}
         else:
-            raise InputError(f"{source} holds weights only: name its network with --architecture NAME (python -m "
-                             "pipeline.models --list) and --arch-args, or --factory module:function.")
+            raise InputError(f"{source} holds weights only: name its network with --architecture NAME (bids-deepstudy "
+                             "networks) and --arch-args, or --factory module:function.")
         found.update(state=state, architecture=architecture, what=f"{architecture['name']} {architecture['args']}")
     found["architecture"]["spatial_dims"] = 3
     return found
@@ -390,7 +390,7 @@ def main(argv=None) -> None:
     parser.add_argument("source", type=Path, help="the checkpoint: file, Hugging Face folder or MONAI bundle")
     parser.add_argument("--out", type=Path, required=True, help="the package folder to write (new)")
     net = parser.add_argument_group("network (weights-only sources)")
-    net.add_argument("--architecture", help="a registered network (python -m pipeline.models --list)")
+    net.add_argument("--architecture", help="a registered network (bids-deepstudy networks)")
     net.add_argument("--arch-args", type=json_argument, default={}, help="its arguments, JSON")
     net.add_argument("--factory", help="user code instead: module:function building the network")
     net.add_argument("--factory-args", type=json_argument, default={}, help="the factory's keyword arguments, JSON")

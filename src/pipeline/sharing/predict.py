@@ -1,4 +1,4 @@
-"""Apply a model package to preprocessed images (the workflow's apply mode, ``pipeline.apply``).
+"""Apply a model package to preprocessed images (the workflow's apply mode, ``bids-deepstudy apply``).
 
 ``predictions``: every fold's predictions (``fold-K/predictions.tsv``: participant_id, session,
 image_id, predicted [, predicted_corrected] [, p_<class>]) and their ensemble
@@ -47,7 +47,7 @@ from pipeline.intake.study import image_table
 def predict_folds(pkg: package.Package, table: pd.DataFrame, out_dir: Path, out: Path,
                   device: torch.device | str = "cpu") -> pd.DataFrame:
     """Write each fold's predictions (``out_dir/fold-K/predictions.tsv``) and their ensemble (``out``),
-    read back from the TSVs as ``pipeline.evaluate.summarise`` does, so the numbers equal the study's.
+    read back from the TSVs as ``pipeline.results.evaluate.summarise`` does, so the numbers equal the study's.
     The networks run on ``device``."""
     corrections = pkg.normalisation.get("bias_correction", {})
     for fold in pkg.folds:
@@ -185,7 +185,7 @@ def package_for(cfg: dict, command: str) -> package.Package:
     (``predictions``, ``maps``, ``labels``) is not for its task."""
     pkg = package.load(Path(cfg["apply"]["package"]))
     if (command == "labels") != (pkg.spec["task"] == "segmentation"):
-        raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.predict "
+        raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}: use `python -m pipeline.sharing.predict "
                          f"{'labels' if pkg.spec['task'] == 'segmentation' else 'predictions'}`, not {command}.")
     return pkg
 

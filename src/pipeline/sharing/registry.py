@@ -110,7 +110,7 @@ def resolve(fs, root: str, ref: Ref) -> Ref:
     if ref.version is None:
         if not known:
             raise InputError(f"No package {ref} in the registry {root}; register one with "
-                             "`python -m pipeline.registry register PACKAGE --name OWNER/NAME[:VERSION]`.")
+                             "`bids-deepstudy register PACKAGE --name OWNER/NAME[:VERSION]`.")
         return ref._replace(version=known[-1])
     if ref.version not in known:
         raise InputError(f"No version {ref.version!r} of {ref.owner}/{ref.name} in the registry {root}; "
@@ -230,7 +230,7 @@ def fetch(name: str, where: str, dest: Path | None = None) -> tuple[Ref, Path]:
 
 
 def main(argv=None) -> None:
-    """``python -m pipeline.registry register PACKAGE --name owner/name[:version]`` and ``fetch NAME``."""
+    """``bids-deepstudy register PACKAGE --name owner/name[:version]`` and ``fetch NAME``."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     registry_help = f"registry folder or fsspec URL (default: ${ENVIRONMENT}, else {DEFAULT})"

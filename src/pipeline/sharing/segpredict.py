@@ -1,4 +1,4 @@
-"""Apply a segmentation package to preprocessed images (``python -m pipeline.predict labels``).
+"""Apply a segmentation package to preprocessed images (``python -m pipeline.sharing.predict labels``).
 
 Each fold's network labels every image exactly as the study's evaluation does
 (``segmentation.predict_maps``: the argmax of ``SegmentationModel``'s logits on the template grid,
@@ -48,7 +48,7 @@ def predict_labels(pkg: package.Package, table: pd.DataFrame, preproc_dir: Path,
     ``out``), read back from the folds' TSVs as evaluation's summary reads them. Networks run on ``device``."""
     if pkg.spec["task"] != "segmentation":
         raise InputError(f"Package {pkg.folder} predicts {pkg.spec['task']}, not label maps; "
-                         "use `python -m pipeline.predict predictions`.")
+                         "use `python -m pipeline.sharing.predict predictions`.")
     names = pkg.spec["classes"]
     for fold in pkg.folds:
         predictions = predict_maps(package_model(pkg, fold, device), names, table, preproc_dir, channels,

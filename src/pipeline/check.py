@@ -1,4 +1,4 @@
-"""``python -m pipeline.configcheck`` (``bids-deepstudy check``): every config problem before any job
+"""``bids-deepstudy check`` (``python -m pipeline.check``): every config problem before any job
 runs: the schema's (``pipeline.common.configcheck``) and the checks across keys of the stages
 (``pipeline.results.explainconfig``; ``useratlas``: the files of ``explain.atlas`` on the study grid;
 ``pipeline.learning.launch``: ``device`` and ``train.gpus``; ``pipeline.intake.brainmask``: brain
