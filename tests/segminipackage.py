@@ -16,7 +16,7 @@ from pipeline.results.segmentation import summarise
 from pipeline.sharing.export import export
 
 FOLDS = ["fold-1", "fold-2"]
-EXPLAIN = {"methods": ["occlusion"]}  # what the package rule passes; a segmentation spec records none
+EXPLAIN = {"methods": ["occlusion"]}  # what the export rule passes; a segmentation spec records none
 LABELS = segstudy.LABEL_IMAGE["labels"]
 HYPER = {**segstudy.HYPER, "model_args": {"features": [4, 4, 8, 8, 16, 4]}, "epochs": 3, "patience": 3,
          "sampler": {"kind": "slices", "axis": 2, "per_image": 8, "batch_size": 8}}

@@ -61,8 +61,8 @@ def test_apply_mode_plans_ingest_and_the_packages_grid_not_a_study(mini_study, s
     table = run.stdout.split("Job stats:")[1].split("\n\n")[0]
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
     assert jobs == {"ingest": 1, "exclusions": 1, "grid": 1, "predict": 1, "predict_maps": 1, "predict_report": 1,
-                    "bids_validation": 1, "all": 1, "qc": 1, "predict_retest": 1,  # test-retest: qc's and the model's
-                    "apply_output": 1}  # the output folder as a BIDS derivative dataset
+                    "bidsvalidation": 1, "all": 1, "qc": 1, "predict_retest": 1,  # test-retest: qc's and the model's
+                    "applyout": 1}  # the output folder as a BIDS derivative dataset
     ingest_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.ingest" in line)
     assert '"target": null' in ingest_command and '"task": "regression"' in ingest_command  # images only
     grid_command = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.grid" in line)

@@ -194,6 +194,21 @@ def test_every_rule_runs_a_room_module_and_declares_its_code():
     assert checked >= 15
 
 
+def test_every_rule_is_named_after_what_it_runs():
+    """A rule is named after the module it runs (``rule export`` runs ``pipeline.sharing.export``),
+    or after the module and its subcommand where the module has several (``evaluate_summary`` runs
+    ``pipeline.results.evaluate summary``, ``registry_fetch`` ``pipeline.sharing.registry fetch``).
+    A rule name is what a log, a SLURM job and a dry run's table show: it leads to the code in one step."""
+    named = 0
+    for smk, name, rule in workflow_rules():
+        if "shell:" not in rule:
+            continue
+        module, after = re.search(r"-m pipeline\.\w+\.(\w+)(?: ([a-z]\w*))?", rule.split("shell:")[1]).groups()
+        assert name == module or (after and name == f"{module}_{after}"), (smk, name, module, after)
+        named += 1
+    assert named >= 20
+
+
 def test_no_module_only_forwards_to_another():
     """The package's top level is its door (``__main__``: ``bids-deepstudy``) and the two commands
     that draw on every room (``run``, ``check``); every other command is a room's module, run as

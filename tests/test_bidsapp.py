@@ -63,8 +63,8 @@ def test_participant_dry_run_is_one_line_per_job_and_writes_nothing(study):
     assert "10 participants, 10 images, 1 channel\n" in done.stderr and "folds" not in done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == "plan: 5 job(s)", done.stdout  # bids_validation is off in SMALL
-    # publish_preprocessed: the images (not the arrays) from the work folder to OUTPUT_DIR/derivatives/pipeline
-    assert sorted(lines[1:6]) == ["  exclusions", "  grid", "  ingest", "  publish_preprocessed", "  qc"]
+    # publish: the images (not the arrays) from the work folder to OUTPUT_DIR/derivatives/pipeline
+    assert sorted(lines[1:6]) == ["  exclusions", "  grid", "  ingest", "  publish", "  qc"]
     table = lines[lines.index("Job stats:"):]
     assert table[1].split() == ["job", "count"] and table[8].split() == ["total", "5"]
     assert "one `preprocess` per selected image" in done.stdout and "python -m pipeline" not in done.stdout

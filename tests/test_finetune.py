@@ -126,7 +126,7 @@ def test_freeze_keeps_batchnorm_statistics():
 
 
 def test_the_workflow_fetches_the_package_to_start_from(mini_study, small_bids, tmp_path):
-    """config train.init_from: the fetch_init rule leaves a verified package where train reads it."""
+    """config train.init_from: the registry_fetch rule leaves a verified package where train reads it."""
     import os
     import subprocess
     import sys

@@ -1,5 +1,5 @@
 """Segmentation end to end: the demo's tissue labels, their preprocessing, Dice/HD95, the trainer's
-refusals, the workflow's plan (a package job, no explanation jobs; the package itself:
+refusals, the workflow's plan (an export job, no explanation jobs; the package itself:
 test_segmentation_package.py) and, marked slow, a small unet
 trained on the demo cohort reaching Dice ≥ 0.8 for GM and WM on the test split."""
 
@@ -146,9 +146,9 @@ def test_segmentation_config_plans_a_complete_study_and_its_package_without_expl
                 if len(line.split()) == 2 and line.split()[1].isdigit())
     n_images = len(list(demo.glob("sub-*/**/*_T1w.nii*")))
     assert jobs["preprocess"] == str(n_images)
-    assert {"grid", "split", "train", "evaluate", "evaluate_folds", "report", "package", "all"} <= set(jobs)
-    assert jobs["package"] == "1"
-    assert not {"explain", "explain_folds"} & set(jobs)
+    assert {"grid", "split", "train", "evaluate", "evaluate_summary", "report", "export", "all"} <= set(jobs)
+    assert jobs["export"] == "1"
+    assert not {"explain", "explain_group"} & set(jobs)
 
 
 @pytest.mark.slow

@@ -204,8 +204,8 @@ def test_apply_mode_with_a_segmentation_package_plans_label_maps_not_explanation
     jobs = {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
     n_images = len(read_tsv(out / "manifest.tsv"))
     assert jobs == {"exclusions": 1, "grid": 1, "preprocess": n_images, "predict_labels": 1, "predict_report": 1,
-                    "bids_validation": 1, "all": 1, "qc": 1,  # qc: the preprocessing test-retest in the report
-                    "apply_output": 1}  # the output folder as a BIDS derivative dataset (label maps)
+                    "bidsvalidation": 1, "all": 1, "qc": 1,  # qc: the preprocessing test-retest in the report
+                    "applyout": 1}  # the output folder as a BIDS derivative dataset (label maps)
     command = next(line for line in run.stdout.splitlines() if "python -m pipeline.sharing.predict labels" in line)
     assert f"{out}/predictions.tsv" in command
     preprocess = next(line for line in run.stdout.splitlines() if "python -m pipeline.intake.preprocess" in line)

@@ -58,7 +58,7 @@ def test_study_config_plans_a_whole_study(tmp_path):
                 if len(line.split()) == 2 and line.split()[1].isdigit())
     assert jobs["preprocess"] == "8" and jobs["qc"] == "1" and jobs["grid"] == "1"
     assert jobs["train"] == jobs["evaluate"] == jobs["explain"] == "5"
-    assert {"exclusions", "split", "report", "package", "all"} <= set(jobs)
+    assert {"exclusions", "split", "report", "export", "all"} <= set(jobs)
 
 
 def test_check_of_a_config_that_does_not_exist_is_a_message(tmp_path, capsys):

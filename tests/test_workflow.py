@@ -164,7 +164,7 @@ def test_every_table_has_a_data_dictionary_of_its_columns(study):
 
 def test_derivatives_and_the_input_pass_the_bids_validator(study, cohort):
     """results/derivatives/pipeline is a BIDS-Derivatives dataset bids-validator-deno finds no error
-    in (issue #19); the demo input validates too, in the study's own bids_validation job."""
+    in (issue #19); the demo input validates too, in the study's own bidsvalidation job."""
     from pipeline.intake import bidsvalidation
 
     validator = bidsvalidation.find_validator()
@@ -278,8 +278,8 @@ def test_training_change_reruns_training_not_preprocessing(study):
     finally:
         write_config(study)
     assert "preprocess" not in jobs and "grid" not in jobs and "ingest" not in jobs and "split" not in jobs
-    assert jobs == {"all": 1, "train": 2, "evaluate": 2, "evaluate_folds": 1, "explain": 2, "explain_folds": 1,
-                    "bids_outputs": 1, "report": 1, "package": 1}
+    assert jobs == {"all": 1, "train": 2, "evaluate": 2, "evaluate_summary": 1, "explain": 2, "explain_group": 1,
+                    "bidsout": 1, "report": 1, "export": 1}
 
 
 def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):
@@ -290,7 +290,7 @@ def test_variants_train_as_separate_jobs_and_one_is_chosen_per_fold(study):
     finally:
         write_config(study)
     assert "preprocess" not in jobs
-    assert jobs["train"] == 4 and jobs["select_variant"] == 2 and jobs["evaluate"] == 2
+    assert jobs["train"] == 4 and jobs["variants"] == 2 and jobs["evaluate"] == 2
     assert "--out-dir results/train/fold-2/variant-small" in run.stdout
     assert '"batch_size": 2' in run.stdout and "pipeline.learning.variants results/train/fold-1 --config" in run.stdout
     assert '"variants": {"lr3": {"learning_rate": 0.003}, "small": {"batch_size": 2}}' in run.stdout
@@ -315,7 +315,7 @@ def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
         write_config(study)
     assert jobs["preprocess"] == n_images
     assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain", "linear"))
-    assert all(jobs[stage] == 1 for stage in ("evaluate_folds", "explain_folds", "report", "package"))
+    assert all(jobs[stage] == 1 for stage in ("evaluate_summary", "explain_group", "report", "export"))
 
 
 def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):
@@ -337,7 +337,7 @@ def test_classification_of_group_reuses_preprocessing(study):
         write_config(study)
     assert "preprocess" not in jobs and "grid" not in jobs
     assert all(jobs[stage] == 2 for stage in ("train", "evaluate", "explain", "linear"))
-    assert all(jobs[stage] == 1 for stage in ("ingest", "split", "report", "package"))
+    assert all(jobs[stage] == 1 for stage in ("ingest", "split", "report", "export"))
 
 
 def test_input_dataset_was_never_written(study, cohort, cohort_digest):

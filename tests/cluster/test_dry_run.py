@@ -89,6 +89,6 @@ def test_two_thousand_subjects_make_a_few_dozen_preprocessing_jobs(tmp_path):
     stats = log.split("Job stats:")[1].split("\n\n")[0]
     assert re.search(r"^preprocess\s+2000$", stats, re.M)
     folds = 5  # the schema's default
-    expected = {"grid": 1, "split": 1, "train": folds, "evaluate": folds, "evaluate_folds": 1, "explain": folds,
-                "explain_folds": 1, "report": 1}
+    expected = {"grid": 1, "split": 1, "train": folds, "evaluate": folds, "evaluate_summary": 1, "explain": folds,
+                "explain_group": 1, "report": 1}
     assert all(re.search(rf"^{rule}\s+{n}$", stats, re.M) for rule, n in expected.items()), stats

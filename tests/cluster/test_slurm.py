@@ -57,11 +57,11 @@ SLURM_ARGS = ["--cores", "2", "--group-components", f"preprocess={BATCH}",
               "--slurm-init-seconds-before-status-checks", "2"]
 FOLDS = ["fold-1", "fold-2"]
 # rule: (SLURM jobs, cpus, mem_mb) of every rule but preprocess
-RULE_JOBS = {"ingest": (1, 1, 2000), "bids_validation": (1, 1, 2000), "grid": (1, 1, 2000), "qc": (1, 1, 1000),
+RULE_JOBS = {"ingest": (1, 1, 2000), "bidsvalidation": (1, 1, 2000), "grid": (1, 1, 2000), "qc": (1, 1, 1000),
              "exclusions": (1, 1, 1000), "split": (1, 1, 1000), "train": (2, 2, 8000),
-             "evaluate": (2, 1, 4000), "evaluate_folds": (1, 1, 2000), "explain": (2, 2, 8000), "linear": (2, 1, 3000),
-             "explain_folds": (1, 1, 4000), "bids_outputs": (1, 1, 2000), "report": (1, 1, 2000),
-             "package": (1, 1, 4000)}
+             "evaluate": (2, 1, 4000), "evaluate_summary": (1, 1, 2000), "explain": (2, 2, 8000), "linear": (2, 1, 3000),
+             "explain_group": (1, 1, 4000), "bidsout": (1, 1, 2000), "report": (1, 1, 2000),
+             "export": (1, 1, 4000)}
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:

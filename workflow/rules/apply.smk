@@ -3,7 +3,7 @@
 # `apply.maps: false` (--maps none) predicts only; `apply.calibration` (--calibrate-on) recalibrates
 # a regression package's predictions to this site (pipeline.sharing.calibrate).
 # Every stage writes in the work folder (RESULTS, config work_dir); the output folder (OUTPUT, config
-# results_dir) receives one BIDS derivative dataset (rule apply_output) and the report.
+# results_dir) receives one BIDS derivative dataset (rule applyout) and the report.
 PACKAGE = APPLY["package"]
 PACKAGE_INPUT = f"{PACKAGE}/checksums.sha256"
 PREDICTIONS = f"{RESULTS}/predictions.tsv"
@@ -206,7 +206,7 @@ rule predict_report:
         " --out {output:q} > {log:q} 2>&1"
 
 
-rule apply_output:
+rule applyout:
     # The output folder as one BIDS derivative dataset (pipeline.sharing.applyout): the preprocessed
     # images, the maps or label maps with BIDS names, participants and scans tables of the predictions.
     input:
@@ -225,9 +225,9 @@ rule apply_output:
         preproc_dir=PREPROC,
         out_dir=parent_of("description"),
     log:
-        f"{RESULTS}/logs/apply_output.log",
+        f"{RESULTS}/logs/applyout.log",
     benchmark:
-        f"{RESULTS}/benchmarks/apply_output.tsv"
+        f"{RESULTS}/benchmarks/applyout.tsv"
     threads: 1
     resources:
         mem_mb=2000,

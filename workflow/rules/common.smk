@@ -59,14 +59,14 @@ OUTPUT = config["results_dir"]
 # (train/), the study grid (grid/), ingest's cache, a package fetched for fine-tuning (init/).
 WORK = config["work_dir"] or OUTPUT
 # Where the stages write. A study: the output folder. Apply mode (config apply): the work folder, every
-# stage of it; the output folder is then one BIDS derivative dataset, written last (rule apply_output),
+# stage of it; the output folder is then one BIDS derivative dataset, written last (rule applyout),
 # and the report (without work_dir, as a plain `snakemake --configfile` run, both are the same folder).
 RESULTS = WORK if config["apply"] else OUTPUT
 BIDS = config["bids_dir"]
 # Preprocessing writes in the work folder (its arrays, which every later stage reads, beside its images).
 # A study with a work folder publishes the images, sidecars, transforms and QC figures (not the arrays)
-# to the output folder's derivatives/pipeline (rule publish_preprocessed, hard links); without one the
-# two are the same folder, as is apply mode's (its output folder is a dataset of its own, apply_output).
+# to the output folder's derivatives/pipeline (rule publish, hard links); without one the
+# two are the same folder, as is apply mode's (its output folder is a dataset of its own, applyout).
 PREPROC = f"{WORK}/derivatives/pipeline"
 PUBLISHED = f"{OUTPUT}/derivatives/pipeline"
 PUBLISH = not config["apply"] and PUBLISHED != PREPROC
@@ -87,7 +87,7 @@ MAP_SETTINGS = {k: v for k, v in EXPLAIN.items() if k not in ("groundtruth", "at
 INIT = registry.parse_name(config["train"]["init_from"]) if config["train"]["init_from"] else None
 INIT_DIR = f"{WORK}/init/{INIT.owner}/{INIT.name}/{INIT.version or 'latest'}" if INIT else None
 # Hyperparameter variants (config train.variants): one training job per fold and variant, in
-# train/fold-K/variant-NAME; select_variant copies the best on validation to train/fold-K.
+# train/fold-K/variant-NAME; the variants rule copies the best on validation to train/fold-K.
 VARIANTS = config["train"]["variants"]
 variants.check(config["train"])
 TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"

@@ -34,7 +34,7 @@ rule evaluate:
         " --model {input.model:q} --out-dir {params.out_dir:q} --device {params.device} > {log:q} 2>&1"
 
 
-rule evaluate_folds:
+rule evaluate_summary:
     input:
         metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
         predictions=expand(rules.evaluate.output.predictions, fold=FOLDS),

@@ -35,13 +35,13 @@ rule explain:
         " --device {params.device} > {log:q} 2>&1"
 
 
-rule explain_folds:
+rule explain_group:
     input:
         indexes=expand(rules.explain.output.index, fold=FOLDS),
         groups=expand(rules.explain.output.group, fold=FOLDS),
         randomisation=expand(rules.explain.output.randomisation, fold=FOLDS),
         manifest=rules.exclusions.output.samples,
-        predictions=rules.evaluate_folds.output.predictions,
+        predictions=rules.evaluate_summary.output.predictions,
         arrays=preprocessed("array"),
         template=rules.grid.output.template,
         mask=rules.grid.output.mask,
@@ -80,13 +80,13 @@ rule explain_folds:
 
 
 # The ensemble's test predictions and each test image's fold-mean maps as a BIDS derivative dataset.
-rule bids_outputs:
+rule bidsout:
     input:
         indexes=expand(rules.explain.output.index, fold=FOLDS),
-        predictions=rules.evaluate_folds.output.predictions,
+        predictions=rules.evaluate_summary.output.predictions,
         manifest=rules.exclusions.output.samples,
         # The preprocessed images the maps' sidecars name as their sources: the published dataset.
-        preprocessed=rules.publish_preprocessed.output[0] if PUBLISH else rules.ingest.output.description,
+        preprocessed=rules.publish.output[0] if PUBLISH else rules.ingest.output.description,
         code=code("results.bidsout"),
     output:
         directory(PREDICTIONS_DATASET),
@@ -95,9 +95,9 @@ rule bids_outputs:
         preproc_dir=lambda wildcards, input: input.preprocessed if PUBLISH else str(Path(input.preprocessed).parent),
         config=stage_config(config, ["bids_dir", "channels", "target", "task"], explain={"methods": METHODS}),
     log:
-        f"{RESULTS}/logs/bids_outputs.log",
+        f"{RESULTS}/logs/bidsout.log",
     benchmark:
-        f"{RESULTS}/benchmarks/bids_outputs.tsv"
+        f"{RESULTS}/benchmarks/bidsout.tsv"
     threads: 1
     resources:
         mem_mb=2000,

@@ -42,7 +42,7 @@ checkpoint ingest:
 
 # The input dataset through bids-validator-deno (config bids_validation): a summary and a log,
 # never a stop. Its own job, not part of ingest's: turning it off or on never reruns ingest and what follows.
-rule bids_validation:
+rule bidsvalidation:
     input:
         code=code("intake.bidsvalidation"),
     output:
@@ -52,9 +52,9 @@ rule bids_validation:
         # Adding, removing or resizing a file of the dataset validates it again.
         files=ingest_fingerprint(),
     log:
-        f"{RESULTS}/logs/bids_validation.log",
+        f"{RESULTS}/logs/bidsvalidation.log",
     benchmark:
-        f"{RESULTS}/benchmarks/bids_validation.tsv"
+        f"{RESULTS}/benchmarks/bidsvalidation.tsv"
     threads: 1
     resources:
         mem_mb=2000,

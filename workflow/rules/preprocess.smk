@@ -123,7 +123,7 @@ rule qc:
 
 if PUBLISH:
 
-    rule publish_preprocessed:
+    rule publish:
         # Config work_dir: the preprocessed images as a BIDS derivative dataset in the output folder,
         # every file preprocessing wrote but the arrays (pipeline.intake.publish; hard links).
         input:
@@ -137,9 +137,9 @@ if PUBLISH:
             preproc_dir=PREPROC,
             config=stage_config(config, ["bids_dir", "channels", "label_image"]),
         log:
-            f"{RESULTS}/logs/publish_preprocessed.log",
+            f"{RESULTS}/logs/publish.log",
         benchmark:
-            f"{RESULTS}/benchmarks/publish_preprocessed.tsv"
+            f"{RESULTS}/benchmarks/publish.tsv"
         threads: 1
         resources:
             mem_mb=1000,

@@ -51,7 +51,7 @@ rule train:
 
 if VARIANTS:  # config train.variants: the variant with the lowest validation loss is the fold's model
 
-    rule select_variant:
+    rule variants:
         input:
             histories=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/history.tsv" for v in VARIANTS],
             models=lambda wildcards: [f"{WORK}/train/{wildcards.fold}/variant-{v}/model.pt" for v in VARIANTS],
@@ -66,9 +66,9 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
             fold_dir=parent_of("model"),
             config=stage_config(config, ["train"]),
         log:
-            f"{RESULTS}/logs/select_variant/{{fold}}.log",
+            f"{RESULTS}/logs/variants/{{fold}}.log",
         benchmark:
-            f"{RESULTS}/benchmarks/select_variant/{{fold}}.tsv"
+            f"{RESULTS}/benchmarks/variants/{{fold}}.tsv"
         threads: 1
         resources:
             mem_mb=1000,
@@ -81,7 +81,7 @@ if VARIANTS:  # config train.variants: the variant with the lowest validation lo
 
 if INIT:  # config train.init_from: fetch the package to start from
 
-    rule fetch_init:
+    rule registry_fetch:
         input:
             code=code("sharing.registry"),
         output:
@@ -93,9 +93,9 @@ if INIT:  # config train.init_from: fetch the package to start from
             name=str(INIT),
             registry=registry.location(config["registry"]),
         log:
-            f"{RESULTS}/logs/fetch_init.log",
+            f"{RESULTS}/logs/registry_fetch.log",
         benchmark:
-            f"{RESULTS}/benchmarks/fetch_init.tsv"
+            f"{RESULTS}/benchmarks/registry_fetch.tsv"
         threads: 1
         resources:
             mem_mb=1000,

@@ -73,7 +73,7 @@ def read_checksums(folder: Path) -> dict[str, str]:
     path = folder / CHECKSUMS
     if not path.is_file():
         raise InputError(f"{folder} is not a model package: it has no {CHECKSUMS}. Export one with the "
-                         "workflow's `package` rule, or fetch one with `bids-deepstudy fetch`.")
+                         "workflow's `export` rule, or fetch one with `bids-deepstudy fetch`.")
     listed = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         digest, _, name = line.partition("  ")

@@ -77,7 +77,7 @@ def top_folder(member: tarfile.TarInfo, archive: Path) -> str:
     if not parts or (member.isfile() and len(parts) == 1):
         raise InputError(f"{archive} holds a member named {member.name!r}, which names no file or folder inside "
                          "the package folder. Refusing to extract it; re-create the archive from the package "
-                         "folder (the workflow's `package` rule), or register the folder itself.")
+                         "folder (the workflow's `export` rule), or register the folder itself.")
     if not safe_relative(member.name.rstrip("/")):
         raise InputError(f"{archive} holds {member.name!r}, a path outside its folder (absolute or with '..'). "
                          "Refusing to extract it.")

@@ -1,9 +1,9 @@
-rule package:
+rule export:
     input:
         models=expand(FOLD_MODEL, fold=FOLDS),
         histories=expand(FOLD_HISTORY, fold=FOLDS),
         fold_metrics=expand(rules.evaluate.output.metrics, fold=FOLDS),
-        summary=rules.evaluate_folds.output.metrics,
+        summary=rules.evaluate_summary.output.metrics,
         manifest=rules.exclusions.output.samples,
         splits=rules.split.output.splits,
         arrays=preprocessed("array"),
@@ -20,9 +20,9 @@ rule package:
         out_dir=parent_of("files"),
         config=stage_config(config, ["package"], recipe=RECIPE, explain={"methods": METHODS, **SETTINGS}),
     log:
-        f"{RESULTS}/logs/package.log",
+        f"{RESULTS}/logs/export.log",
     benchmark:
-        f"{RESULTS}/benchmarks/package.tsv"
+        f"{RESULTS}/benchmarks/export.tsv"
     threads: 1
     resources:
         mem_mb=4000,
