@@ -1,10 +1,7 @@
-import functools
-import json
 import shlex
 import sys
 from pathlib import Path
 
-import pandas as pd
 from snakemake.utils import validate
 
 
@@ -23,15 +20,15 @@ if SRC.is_dir():
     sys.path.insert(0, str(SRC.parent))
 shell.prefix(JOB_PREFIX)
 from pipeline.check import check as check_config  # the schema's checks and the stages' checks across keys
-from pipeline.common.codegraph import fingerprint_file
 from pipeline.common.errors import InputError
 from pipeline.common.config import stage_config
-from pipeline.common.fingerprint import tree_fingerprint
 from pipeline.common.outputs import check_writable
-from pipeline.common.paths import SPACE, exclusion_record, explanation_maps, group_figure, group_map
+from pipeline.common.paths import SPACE, exclusion_record, group_figure, group_map
 from pipeline.common.paths import preprocessed as preprocessed_paths
 from pipeline.common.snakemake_compat import fix_group_components
 from pipeline.intake import recipe
+from pipeline.intake import workflowinputs
+from pipeline.intake.workflowinputs import code, parent_of, parents_of
 from pipeline.learning import launch, variants
 from pipeline.sharing import registry
 from pipeline.common.package import files as package_files
@@ -94,7 +91,7 @@ TRAIN_RUN = "{fold}/variant-{variant}" if VARIANTS else "{fold}"
 FOLD_MODEL, FOLD_HISTORY = (f"{WORK}/train/{{fold}}/{name}" for name in ("model.pt", "history.tsv"))
 # With variants, a fold's model is their choice: asking for variants.tsv trains them in a finished study too.
 FOLD_CHOICE = [f"{WORK}/train/{{fold}}/variants.tsv"] if VARIANTS else []
-# Apply mode (config apply; python -m pipeline.sharing.apply): a fetched package predicts for new images.
+# Apply mode (config apply; bids-deepstudy apply): a fetched package predicts for new images.
 APPLY = config["apply"]
 # Segmentation (task: segmentation): the label image is the target; `target` only stratifies the
 # split (as a categorical column); no explanation maps. Applying a segmentation package needs no
@@ -110,25 +107,7 @@ if SEGMENTATION and config["train"]["init_from"]:
     raise ValueError("config `task: segmentation` cannot fine-tune a package: set `train.init_from` to null.")
 
 
-def package_documents(folder):
-    """A package's spec and recipe (JSON, read at parse time); the config must use its recipe."""
-    try:
-        spec, package_recipe = (json.loads((Path(folder) / name).read_text()) for name in ("spec.json", "preprocessing.json"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"apply.package {folder} is not a readable model package ({exc}); fetch one with "
-                         "python -m pipeline.sharing.registry fetch, or run python -m pipeline.sharing.apply.") from exc
-    refusals = recipe.unproducible(package_recipe)
-    if refusals:
-        raise ValueError(f"apply.package {folder} expects input this pipeline's preprocessing cannot make: "
-                         f"{'; '.join(refusals)}.")
-    differences = recipe.mismatches(package_recipe, RECIPE)
-    if differences:
-        raise ValueError(f"config `preprocess`/`channels` differ from the recipe of apply.package {folder}: "
-                         f"{'; '.join(differences)}. Use the package's (python -m pipeline.sharing.apply writes them).")
-    return spec
-
-
-PACKAGE_SPEC = package_documents(APPLY["package"]) if APPLY else None
+PACKAGE_SPEC = workflowinputs.package_spec(APPLY["package"], RECIPE) if APPLY else None
 
 
 wildcard_constraints:
@@ -138,101 +117,53 @@ wildcard_constraints:
     variant=r"[A-Za-z0-9]+",
 
 
-CODE_FINGERPRINTS = Path(".snakemake") / "pipeline-code"
-
-
-def code(module):
-    """The fingerprint of the code ``python -m pipeline.<module>`` runs (``module``: ``intake.ingest``):
-    that module and every package module it imports, docstrings and comments left out
-    (pipeline.common.codegraph). Listed as an
-    input: editing that code reruns the jobs that run it; editing a docstring or comment does not."""
-    return str(fingerprint_file(f"pipeline.{module}", CODE_FINGERPRINTS))
+# The input functions of the rules: the study's values bound to the functions of
+# pipeline.intake.workflowinputs, which do the work.
 
 
 def ingest_tables(wildcards):
-    """The tables ingest reads (participants.tsv or the non-BIDS table; sessions.tsv files with
-    target_source: sessions): editing one reruns ingestion. Absent ones are left to ingest's error."""
-    root, non_bids = Path(BIDS), config["non_bids"]
-    if non_bids:
-        tables = [root / non_bids["table"]]  # an absolute table path replaces root
-    else:
-        tables = [root / "participants.tsv"]
-        if config["target_source"] == "sessions":
-            tables += sorted(root.glob("sub-*/sub-*_sessions.tsv"))
-    return [str(t) for t in tables if t.exists()]
+    """The tables ingest reads (participants.tsv or the non-BIDS table; sessions.tsv files)."""
+    return workflowinputs.ingest_tables(BIDS, config["non_bids"], config["target_source"])
 
 
 def ingest_fingerprint():
-    """Listing fingerprint of the dataset (and of the label image's derivatives folder)."""
-    roots = [Path(BIDS)]
-    for key in ("label_image", "brain_mask"):
-        if config[key]:
-            roots.append(Path(BIDS) / config[key]["derivatives"])
-    return ":".join(tree_fingerprint(r, mtimes=False) if r.is_dir() else "" for r in roots)
-
-
-@functools.lru_cache
-def _read_manifest(path, mtime):
-    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False).set_index("image_id", drop=False)
+    """Listing fingerprint of the dataset (and of the label images' and brain masks' folders)."""
+    derivatives = [config[key]["derivatives"] for key in ("label_image", "brain_mask") if config[key]]
+    return workflowinputs.dataset_fingerprint(BIDS, derivatives)
 
 
 def manifest():
     """The ingest checkpoint's manifest (one row per sample), indexed by image id."""
-    path = checkpoints.ingest.get().output.manifest
-    return _read_manifest(path, Path(path).stat().st_mtime_ns)
+    return workflowinputs.read_manifest(checkpoints.ingest.get().output.manifest)
 
 
 def source_images(wildcards):
-    """Native images of one sample, one per channel (reference first), looked up in the manifest."""
-    rows = manifest()
-    if wildcards.image not in rows.index:
-        raise ValueError(f"image {wildcards.image} is not in the manifest")
-    row = rows.loc[wildcards.image]
-    return [row["path"], *(row[f"path_{c}"] for c in CHANNELS[1:])]
+    """Native images of one sample, one per channel (reference first)."""
+    return workflowinputs.source_images(manifest(), wildcards.image, CHANNELS)
 
 
 def source_brain_mask(wildcards):
-    """The sample's brain mask (config brain_mask, with preprocess.brain_extraction: derivatives); none without one."""
+    """The sample's brain mask (config brain_mask, with preprocess.brain_extraction: derivatives)."""
     if config["preprocess"]["brain_extraction"] != "derivatives":
         return []
     return [manifest().loc[wildcards.image, "brain_mask"]]
 
 
 def source_label(wildcards):
-    """The sample's label image (config label_image), looked up in the manifest; none without one."""
-    if not LABEL:
-        return []
-    return [manifest().loc[wildcards.image, "label"]]
+    """The sample's label image (config label_image); none without one."""
+    return [manifest().loc[wildcards.image, "label"]] if LABEL else []
 
 
 def preprocessed(role):
     """Input function: the preprocessed ``role`` file (e.g. ``array``, ``qc``) of every sample."""
-
-    def paths(wildcards):
-        rows = manifest()
-        return [preprocessed_paths(PREPROC, s, i, CHANNELS, LABEL)[role] for s, i in zip(rows["subdir"], rows["image_id"])]
-
-    return paths
+    return lambda wildcards: workflowinputs.preprocessed(manifest(), PREPROC, role, CHANNELS, LABEL)
 
 
 def exclusion_records(wildcards):
     """Input function: preprocessing's exclusion record of every sample of the manifest."""
-    rows = manifest()
-    return [exclusion_record(PREPROC, s, i) for s, i in zip(rows["subdir"], rows["image_id"])]
+    return workflowinputs.exclusion_records(manifest(), PREPROC)
 
 
 def preproc_root(wildcards, input):
     """Param function: the derivatives root, recovered from the first preprocessed array input."""
-    first = manifest().iloc[0]
-    path = input.arrays[0]
-    return path[: path.index(f"/{first['subdir']}/anat/")]
-
-
-def parent_of(name):
-    """Param function: the folder of output ``name`` (its first file, for a list)."""
-    return lambda wildcards, output: str(Path(output[name] if isinstance(output[name], str) else output[name][0]).parent)
-
-
-def parents_of(name):
-    """Param function: the folders of the files of input ``name``, in order."""
-    return lambda wildcards, input: list(dict.fromkeys(str(Path(path).parent) for path in input[name]))
+    return workflowinputs.preproc_root(manifest(), input.arrays)
