@@ -45,8 +45,9 @@ except InputError as error:  # the message alone: no file/line prefix and no tra
     print(f"ERROR: {error}", file=sys.stderr)
     sys.exit(2)
 
-# Cluster profiles batch preprocessing with --group-components; Snakemake 9 needs a fix for that
-# in a workflow with a checkpoint (see pipeline/snakemake_compat.py).
+# Cluster profiles batch preprocessing with --group-components; in a workflow with a checkpoint
+# Snakemake 9 needs a fix for that, installed when the installed Snakemake shows the bug
+# (pipeline/common/snakemake_compat.py).
 fix_group_components()
 
 # The output folder (the BIDS-App command's OUTPUT_DIR).
