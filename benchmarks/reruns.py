@@ -2,7 +2,7 @@
 
     python benchmarks/reruns.py [--package DIR] MODULE [MODULE ...]
 
-A rule's code input is the fingerprint of its command's import closure (``code("<stage>")``,
+A rule's code input is the fingerprint of its command's import closure (``code("<room>.<module>")``,
 ``pipeline.common.codegraph``), so editing a module's code (not its docstrings or comments) reruns
 exactly the rules listed here. ``--package`` reads another copy of ``src/pipeline`` (e.g. an older
 commit's, from ``git archive REV src | tar -x -C DIR``), with this checkout's workflow rules.
@@ -24,7 +24,7 @@ def rule_commands() -> dict[str, str]:
     found = {}
     for smk in sorted((WORKFLOW / "rules").glob("*.smk")):
         for rule in re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", smk.read_text()):
-            name, code = re.search(r"(?:rule|checkpoint) (\w+):", rule), re.search(r'code=code\("(\w+)"\)', rule)
+            name, code = re.search(r"(?:rule|checkpoint) (\w+):", rule), re.search(r'code=code\("([\w.]+)"\)', rule)
             if name and code:
                 found[name.group(1)] = code.group(1)
     return found
