@@ -245,7 +245,8 @@ def test_two_process_ddp_on_cpu_matches_one_process(study, tmp_path):
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline.learning.train", "--manifest", str(manifest), "--splits", str(splits), "--preproc-dir", str(preproc),
+           "-m", "pipeline.learning.train", "--manifest", str(manifest), "--splits", str(splits),
+           "--preproc-dir", str(preproc),
            "--fold", "fold-1", "--out-dir", str(tmp_path / "ddp"), "--config",
            json.dumps({"target": "age", "task": "regression", "channels": {"T1w": {}}, "train": hyper})]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
