@@ -186,7 +186,8 @@ def main(argv=None) -> None:
         if args.study:
             try:
                 minutes = snakemake(cohort, {**config(cohort / "data", results, args.folds),
-                                             "train": {"seed": args.seeds[0], **hyper}})
+                                             "train": {"seed": args.seeds[0], **hyper},
+                                             "explain": {"groundtruth": str(cohort / "data" / "derivatives" / "groundtruth")}})
                 print(f"{site}: whole study (report and package) finished in {minutes:.1f} min", file=sys.stderr)
             except subprocess.CalledProcessError as error:
                 failures.append(f"{site}: {error}")

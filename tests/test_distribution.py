@@ -32,6 +32,7 @@ def study_config(folder: Path, bids: Path) -> Path:
     """config/config.yaml pointed at ``bids``, results in ``folder/results``."""
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config.update(bids_dir=str(bids), results_dir=str(folder / "results"))
+    config["explain"]["groundtruth"] = None  # the demo's ground truth is not this dataset's
     path = folder / "my.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -152,3 +152,4 @@ def test_the_gradcam_layer_check_reads_known_networks_from_the_cache_without_tor
     assert again == (first_problems, False)
     assert check("features.1") == ([], False)
     assert (tmp_path / "bids-deepstudy" / "layers.json").is_file()
+

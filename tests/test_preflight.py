@@ -181,3 +181,23 @@ def test_a_training_set_too_small_for_the_task_is_said_with_the_numbers_and_the_
     assert "`split.folds: 3` would train each fold on about 10" in small[0] and "train.init_from" in small[0]
     found = preflight(config(bids, target="group", task="classification", split={"folds": 4}))
     assert not any("trains on" in w for w in found.warnings)
+
+
+def test_a_ground_truth_folder_without_the_targets_mask_stops_the_run_before_it_starts(tmp_path):
+    """`explain.groundtruth` is read only by the last explain job; the demo's folder carried into
+    another study's config (no mask for its target) is said by the pre-flight, naming the file."""
+    from pipeline.common.paths import SPACE
+    from pipeline.intake.preflight import for_config
+
+    bids = dataset(tmp_path / "bids", 12, group=lambda i: "patient" if i % 2 else "control")
+    truth = tmp_path / "groundtruth"
+    truth.mkdir()
+    (truth / f"space-{SPACE}_desc-age_mask.nii.gz").write_bytes(b"")  # only its presence is checked
+    keys = {"bids_dir": str(bids), "target": "group", "task": "classification", "explain": {"groundtruth": "groundtruth"}}
+    found = for_config(keys, folder=tmp_path)  # relative to the folder the study runs from
+    assert [e for e in found.errors if "groundtruth" in e] == [
+        f"config `explain.groundtruth`: no ground-truth mask {tmp_path}/groundtruth/space-{SPACE}_desc-group_mask.nii.gz "
+        f"for target 'group'. Set it to the folder with space-{SPACE}_desc-group_mask.nii.gz (pipeline.demo writes one "
+        "for its cohorts), or to null."]
+    assert not for_config({**keys, "target": "age", "task": "regression"}, folder=tmp_path).errors
+    assert not for_config({**keys, "explain": {"groundtruth": None}}, folder=tmp_path).errors

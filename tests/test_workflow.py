@@ -320,7 +320,7 @@ def test_preprocessing_change_reruns_preprocessing_and_downstream(study):
 
 def test_missing_target_column_fails_with_a_clear_message(tmp_path, cohort):
     CONFIG["bids_dir"] = str(cohort)
-    write_config(tmp_path, target="height")
+    write_config(tmp_path, target="height", explain={"groundtruth": None})  # no ground truth for it either
     run = snakemake(tmp_path)
     assert run.returncode != 0
     log = (tmp_path / "results" / "logs" / "ingest.log").read_text()

@@ -326,18 +326,21 @@ def stride_beyond_window(c):
 
 def unknown_gradcam_layer(c):
     c["train"]["model"], c["explain"]["gradcam_layer"] = "simple_cnn", "features.9"
+    c["explain"]["methods"].append("gradcam")  # not a default: its layer is checked when chosen
     return (r"`explain\.gradcam_layer` is 'features\.9', a layer `train\.model` \(simple_cnn\) does not have\..*"
             r"choose one of: features, features\.0, features\.0\.0, .*features\.3, .*head")
 
 
 def gradcam_layer_named_inside_the_slice_wrapper(c):
     c["train"]["sampler"], c["explain"]["gradcam_layer"] = {"kind": "slices"}, "network.features.2"
+    c["explain"]["methods"].append("gradcam")  # not a default: its layer is checked when chosen
     return r"`explain\.gradcam_layer` is 'network\.features\.2'.*Did you mean `features\.2`\? Names are those of the configured network, whatever `train\.sampler`"
 
 
 def gradcam_layer_missing_in_a_variant(c):
     c["train"].update(model="simple_cnn", variants={"small": {"model_args": {"channels": [4, 8]}}})
     c["explain"]["gradcam_layer"] = "features.3"
+    c["explain"]["methods"].append("gradcam")  # not a default: its layer is checked when chosen
     return r"`explain\.gradcam_layer` is 'features\.3', a layer `train\.variants\.small` \(simple_cnn\) does not have"
 
 

@@ -77,6 +77,11 @@ def explanation_maps(root: str, subdir: str, image_id: str, method: str, referen
             "native": f"{stem}_space-{reference}_desc-{desc(method)}_saliency.nii.gz"}
 
 
+def groundtruth_mask(truth_dir, target: str) -> Path:
+    """The true effect mask of ``target`` in a simulated cohort's ground truth (config ``explain.groundtruth``)."""
+    return Path(truth_dir) / f"space-{SPACE}_desc-{target}_mask.nii.gz"
+
+
 def group_map(root: str, method: str, statistic: str = "mean") -> str:
     """A group-level map of ``method`` in template space."""
     return f"{root}/group_space-{SPACE}_desc-{desc(method)}_{statistic}.nii.gz"

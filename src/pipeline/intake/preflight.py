@@ -8,7 +8,7 @@ ingest's cache folder when one is given), never the image data. From that it rep
 - errors (the run would stop): ``bids_dir`` missing or not BIDS, a ``target`` the table lacks (with
   the closest column), a text target under ``task: regression``, a single class, no usable image,
   a cohort too small for ``split.folds`` and ``split.test``, and under ``on_error: stop`` every
-  exclusion (the first one would end ingestion);
+  exclusion (the first one would end ingestion), an ``explain.groundtruth`` without the target's mask;
 - warnings (the run goes on without them): unreadable or unusable headers, participants without
   images, images without a participants row, missing or non-numeric target values, classes with
   too few participants for the test share and the folds (with the expected number per split), a
@@ -33,6 +33,7 @@ import pandas as pd
 
 from pipeline.common.config import fill, schema
 from pipeline.common.errors import InputError
+from pipeline.common.paths import SPACE, groundtruth_mask
 from pipeline.intake import split
 from pipeline.intake.imagecheck import image_problems
 from pipeline.intake.ingest import ingest
@@ -64,7 +65,22 @@ def for_config(config: dict, folder: Path = Path("."), split: bool = True) -> Fi
     filled = fill(schema(), config)
     filled["bids_dir"] = str((Path(folder) / filled["bids_dir"]).absolute())  # messages name the folder looked at
     work = Path(folder) / (filled.get("work_dir") or filled["results_dir"])
-    return preflight(filled, work / "ingest_cache" if work.is_dir() else None, split)
+    found = preflight(filled, work / "ingest_cache" if work.is_dir() else None, split)
+    found.errors += groundtruth_problems(filled, Path(folder))
+    return found
+
+
+def groundtruth_problems(config: dict, folder: Path) -> list[str]:
+    """``explain.groundtruth`` without the target's mask (the demo's, carried into another study's
+    config): the last explain job would stop on it, so the pre-flight says it first."""
+    truth_dir, target = config["explain"]["groundtruth"], config.get("target")
+    if not truth_dir or not target or config["task"] == "segmentation" or config.get("apply"):
+        return []
+    path = groundtruth_mask(Path(folder) / truth_dir, target)
+    if path.exists():
+        return []
+    return [f"config `explain.groundtruth`: no ground-truth mask {path} for target {target!r}. Set it to the "
+            f"folder with space-{SPACE}_desc-{target}_mask.nii.gz (pipeline.demo writes one for its cohorts), or to null."]
 
 
 def named(items, shown: int = SHOWN) -> str:
