@@ -136,6 +136,15 @@ def mini_study(tmp_path_factory) -> Path:
     return root
 
 
+def ingested(bids_dir: Path, target: str | None, task: str, cache_dir: Path | None = None, **keys):
+    """``pipeline.intake.ingest.ingest`` of ``bids_dir`` with the config ``keys`` (e.g. ``bids_filters``,
+    ``participants``; the schema's defaults for the rest)."""
+    from pipeline.intake.ingest import IngestSettings, ingest
+
+    settings = IngestSettings.of({"bids_dir": str(bids_dir), "target": target, "task": task, **keys})
+    return ingest(settings, cache_dir)
+
+
 def stage_config(**keys) -> str:
     """A stage's ``--config`` as the workflow passes it: ``keys`` and the schema's defaults."""
     return json.dumps(study_config.resolved([], {"bids_dir": "unused", "target": "age", "task": "regression", **keys}))

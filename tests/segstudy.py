@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.intake import ingest
+from conftest import ingested
 from pipeline.demo.cohort import make_demo
 from pipeline.intake.grid import write_grid
 from pipeline.common.paths import derivative_paths
-from pipeline.intake.preprocess import preprocess
+from pipeline.intake.preprocess import PreprocessSettings, preprocess
 from pipeline.intake.split import design
 
 RESOLUTION, SHAPE = 6, (32, 32, 32)
@@ -31,15 +31,17 @@ def build(root: Path, n_subjects: int = 8, seed: int = 0, folds: int = 1) -> dic
     bids = make_demo(root / "bids", n_subjects, seed, sim_resolution=3.0)
     seconds["demo"] = time.perf_counter() - start
     start = time.perf_counter()
-    result = ingest.ingest(bids, "group", "classification", {"datatype": "anat", "extension": [".nii", ".nii.gz"]},
-                           label_image={k: v for k, v in LABEL_IMAGE.items() if k != "labels"})
+    result = ingested(bids, "group", "classification",
+                      bids_filters={"datatype": "anat", "extension": [".nii", ".nii.gz"]},
+                      label_image={k: v for k, v in LABEL_IMAGE.items() if k != "labels"})
     manifest = result.manifest
     template, mask = root / "grid" / "template.nii.gz", root / "grid" / "mask.nii.gz"
     write_grid(RESOLUTION, SHAPE, template, mask)
     preproc = root / "derivatives"
+    settings = PreprocessSettings.of({"n4": False, "brain_extraction": "none", "registration_resolution": None})
     for row in manifest.itertuples():
         out = derivative_paths(preproc, row.subdir, row.image_id, ["T1w"], label=True)
-        preprocess([Path(row.path)], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none", "registration_resolution": None}, label=Path(row.label))
+        preprocess([Path(row.path)], template, mask, out, ["T1w"], settings, label=Path(row.label))
     seconds["preprocess"] = time.perf_counter() - start
     # stratified: two test participants of eight (the stable default draws one here)
     splits = design(manifest, "group", "classification", 0.2, folds, 0.2, seed, method="stratified")

@@ -14,14 +14,14 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import stage_config
+from conftest import ingested, stage_config
 from pipeline.common import package
 from pipeline.sharing.apply import SNAKEFILE, apply_config
-from pipeline.intake.ingest import ingest, main as ingest_main
+from pipeline.intake.ingest import main as ingest_main
 
 
 def test_ingest_without_a_target_keeps_every_image(small_bids, tmp_path):
-    result = ingest(small_bids, None, "regression")
+    result = ingested(small_bids, None, "regression")
     assert list(result.manifest["image_id"]) == ["sub-01", "sub-02", "sub-03_ses-01", "sub-03_ses-02", "sub-04"]
     assert "age" not in result.manifest.columns  # sub-02's n/a age no longer excludes it
     assert result.targets == {"target": None, "task": "regression", "source": None, "classes": None}

@@ -4,6 +4,7 @@ fact (defaults in the schema, registries behind the schema's enums, one preproce
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import json
@@ -265,13 +266,41 @@ def test_registries_are_the_schemas_choices():
 
 def test_code_defaults_that_mirror_the_config_are_the_schemas():
     """The few keyword defaults of library functions that stand for config keys (calls without a config)."""
-    ingest_defaults = {k: p.default for k, p in inspect.signature(ingest.ingest).parameters.items()}
-    for key in ("sessions", "runs", "target_source", "check_data", "on_error"):
-        assert ingest_defaults[key] == config.defaults([key]), key
-    assert ingest.DEFAULT_FILTERS == config.defaults(["bids_filters"])
     assert inspect.signature(linear.run).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
     assert inspect.signature(linear.fit_fold).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
     assert attribution.Settings().window == config.defaults(["explain", "window"])
+
+
+SETTINGS_READERS = ("intake/ingest.py", "intake/preflight.py", "intake/preprocess.py", "intake/steps.py")
+
+
+def test_settings_are_one_object_per_section_filled_from_the_schema():
+    """Ingest and preprocessing read their config as one frozen settings object whose fields are the
+    config's keys, built by ``config.build`` (the schema's defaults filled there, an unknown key
+    refused); the modules that read them have no ``.get("<config key>", …)`` of their own."""
+    from dataclasses import FrozenInstanceError, fields
+
+    from pipeline.common.errors import InputError
+
+    assert [f.name for f in fields(steps.PreprocessSettings)] == list(config.section(["preprocess"])["properties"])
+    assert {f.name for f in fields(ingest.IngestSettings)} <= set(config.schema()["properties"])
+    assert steps.PreprocessSettings.of({}).asdict() == config.defaults(["preprocess"])
+    given = ingest.IngestSettings.of({"bids_dir": "ds", "target": None,
+                                      "participants": {"include": ["01"], "exclude": []}})
+    assert (given.bids_dir, given.target, given.participants["include"]) == ("ds", None, ["01"])
+    assert (given.sessions, given.channels) == (config.defaults(["sessions"]), config.defaults(["channels"]))
+    with pytest.raises(FrozenInstanceError):
+        given.target = "age"
+    with pytest.raises(InputError, match="n4_shrink"):
+        steps.PreprocessSettings.of({"n4_shrink": 2})
+    keys = set(config.schema()["properties"]) | set(config.section(["preprocess"])["properties"])
+    for name in SETTINGS_READERS:
+        tree = ast.parse((PACKAGE / name).read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys):
+                pytest.fail(f"{name}:{node.lineno}: .get({node.args[0].value!r}, …) of a config key: "
+                            "read the settings object")
 
 
 def test_the_preprocessing_chain_is_one_list():

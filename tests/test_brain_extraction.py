@@ -10,12 +10,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import ingested
 from pipeline.common.errors import InputError
 from pipeline.demo.cohort import make_demo
 from pipeline.demo.head import WholeHead
 from pipeline.intake import brainmask, grid, preprocess
 from pipeline.intake.brainmask import dice
-from pipeline.intake.ingest import ingest
 
 RES, SHAPE = 4.0, (40, 48, 40)
 TRUTH = Path("derivatives", "groundtruth")
@@ -49,7 +49,8 @@ def scan(root: Path, participant: str = "sub-001") -> tuple[Path, np.ndarray, np
 
 def run(image: Path, study_grid, out_dir: Path, method: str, n4: bool = False, **kwargs) -> tuple[dict, dict]:
     out = preprocess.derivative_paths(out_dir, "sub-001", "sub-001")
-    settings = {"resolution": RES, "shape": list(SHAPE), "n4": n4, "brain_extraction": method}
+    settings = preprocess.PreprocessSettings.of({"resolution": RES, "shape": list(SHAPE), "n4": n4,
+                                                 "brain_extraction": method})
     return preprocess.preprocess([image], *study_grid, out, settings=settings, threads=2, **kwargs), out
 
 
@@ -123,7 +124,7 @@ def test_a_mask_on_another_grid_or_without_a_brain_is_refused(cohorts, tmp_path)
 
 def test_brain_masks_are_matched_from_derivatives_at_ingest(cohorts):
     spec = {"derivatives": "derivatives/groundtruth", "filters": {"suffix": "mask", "desc": "brain"}}
-    manifest = ingest(cohorts[0], "age", "regression", brain_mask=spec, check_data=False).manifest
+    manifest = ingested(cohorts[0], "age", "regression", brain_mask=spec, check_data=False).manifest
     assert len(manifest) == 2
     assert all(Path(p).name == f"{i}_desc-brain_mask.nii.gz" for p, i in zip(manifest["brain_mask"], manifest["image_id"]))
 

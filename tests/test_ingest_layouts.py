@@ -8,9 +8,8 @@ participants.tsv). Images the header check must pass hold a tiny real NIfTI; the
 import re
 
 import pytest
-from conftest import tiny_nifti, tree_digest, write_tree
+from conftest import ingested, tiny_nifti, tree_digest, write_tree
 
-from pipeline.intake import ingest
 from pipeline.common.errors import InputError
 
 
@@ -85,7 +84,7 @@ def fix_header(path, old, new):
 
 def test_ds001_selects_t1w_per_participant_and_records_classes(tmp_path):
     root = ds001(tmp_path / "ds001")
-    manifest, report, targets = ingest.ingest(root, "sex", "classification")
+    manifest, report, targets = ingested(root, "sex", "classification")
     assert len(manifest) == 16 and report.empty
     assert manifest["image_id"].tolist() == [f"sub-{s:02d}" for s in range(1, 17)]
     assert all(p.endswith("_T1w.nii.gz") and p.startswith(str(root.absolute())) for p in manifest["path"])
@@ -95,7 +94,8 @@ def test_ds001_selects_t1w_per_participant_and_records_classes(tmp_path):
 
 def test_ds001_second_channel(tmp_path):
     root = ds001(tmp_path / "ds001")
-    manifest, _, _ = ingest.ingest(root, "age", "regression", channels={"T1w": {"suffix": "T1w"}, "T2": {"suffix": "inplaneT2"}})
+    manifest, _, _ = ingested(root, "age", "regression",
+                              channels={"T1w": {"suffix": "T1w"}, "T2": {"suffix": "inplaneT2"}})
     assert list(manifest.columns[:6]) == ["image_id", "participant_id", "session", "subdir", "path", "path_T2"]
     assert manifest.loc[0, "path_T2"].endswith("sub-01/anat/sub-01_inplaneT2.nii.gz")
 
@@ -105,8 +105,9 @@ def test_ds001_runs_policy_and_4d_images(tmp_path):
     for s in (1, 2):
         tiny_nifti(root / f"sub-{s:02d}/func/sub-{s:02d}_task-balloonanalogrisktask_run-01_bold.nii.gz", shape=(2, 2, 2, 3))
     tiny_nifti(root / "sub-03/func/sub-03_task-balloonanalogrisktask_run-01_bold.nii.gz")
-    manifest, report, _ = ingest.ingest(root, "age", "regression", {"datatype": "func"},
-                                        channels={"bold": {"suffix": "bold"}}, runs="first", include=["01", "02", "03"])
+    manifest, report, _ = ingested(root, "age", "regression", bids_filters={"datatype": "func"},
+                                   channels={"bold": {"suffix": "bold"}}, runs="first",
+                                   participants={"include": ["01", "02", "03"], "exclude": []})
     assert manifest["image_id"].tolist() == ["sub-03_run-01"]  # run distinguishes a participant's images
     reasons = dict(zip(report["image_id"], report["reason"]))
     assert reasons["sub-01_run-01"].startswith("4D image (shape (2, 2, 2, 3)); expected one 3D volume")
@@ -115,12 +116,12 @@ def test_ds001_runs_policy_and_4d_images(tmp_path):
 
 def test_ds114_sessions_by_label(tmp_path):
     root = ds114(tmp_path / "ds114")
-    manifest, _, targets = ingest.ingest(root, "dominant_hand", "classification")
+    manifest, _, targets = ingested(root, "dominant_hand", "classification")
     assert len(manifest) == 20 and targets["classes"] == ["left", "right"]
     assert manifest.loc[manifest["image_id"] == "sub-01_ses-test", "subdir"].item() == "sub-01/ses-test"
-    named, _, _ = ingest.ingest(root, "dominant_hand", "classification", sessions="ses-test")
+    named, _, _ = ingested(root, "dominant_hand", "classification", sessions="ses-test")
     assert set(named["session"]) == {"ses-test"} and len(named) == 10
-    first, _, _ = ingest.ingest(root, "dominant_hand", "classification", sessions="first")
+    first, _, _ = ingested(root, "dominant_hand", "classification", sessions="first")
     assert set(first["session"]) == {"ses-retest"}  # label order, not acquisition order
     assert set(first["image_id"]) == {f"sub-{s:02d}_ses-retest" for s in range(1, 11)}
 
@@ -128,16 +129,16 @@ def test_ds114_sessions_by_label(tmp_path):
 def test_ds114_missing_target_lists_columns(tmp_path):
     root = ds114(tmp_path / "ds114")
     with pytest.raises(InputError, match=r"participants\.tsv has no column 'age' .* Its columns are: dominant_hand\."):
-        ingest.ingest(root, "age", "regression")
+        ingested(root, "age", "regression")
 
 
 def test_7t_trt_quirks_fail_with_the_file_and_column(tmp_path):
     root = seven_t(tmp_path / "7t_trt")
     with pytest.raises(InputError, match=r"7t_trt/participants\.tsv has no 'participant_id' column \(columns: subject_id, sex"):
-        ingest.ingest(root, "age_at_first_scan_years", "regression")
+        ingested(root, "age_at_first_scan_years", "regression")
     fix_header(root / "participants.tsv", "subject_id", "participant_id")
     with pytest.raises(InputError, match=r"sub-01/sub-01_sessions\.tsv has no 'session_id' column \(columns: session, hours"):
-        ingest.ingest(root, "hours_of_sleep_last_night", "regression", target_source="sessions")
+        ingested(root, "hours_of_sleep_last_night", "regression", target_source="sessions")
 
 
 def test_7t_trt_sessions_acq_runs_and_channels(tmp_path):
@@ -145,15 +146,16 @@ def test_7t_trt_sessions_acq_runs_and_channels(tmp_path):
     fix_header(root / "participants.tsv", "subject_id", "participant_id")
     for sub in root.glob("sub-*"):
         fix_header(sub / f"{sub.name}_sessions.tsv", "session", "session_id")
-    manifest, report, targets = ingest.ingest(root, "hours_of_sleep_last_night", "regression", target_source="sessions",
-                                              channels={"T1w": {"suffix": "T1w"}, "T1map": {"suffix": "T1map"}}, sessions="last")
+    manifest, report, targets = ingested(root, "hours_of_sleep_last_night", "regression", target_source="sessions",
+                                         channels={"T1w": {"suffix": "T1w"}, "T1map": {"suffix": "T1map"}},
+                                         sessions="last")
     assert len(manifest) == 22 and report.empty  # the last session *with anatomy* is ses-1
     row = manifest.set_index("image_id").loc["sub-05_ses-1"]
     assert row["hours_of_sleep_last_night"] == "8" and row["sex"] == "M"  # per-session target, participant columns
     assert row["path_T1map"].endswith("sub-05_ses-1_T1map.nii.gz")
     assert targets["source"] == "sessions.tsv"
-    fmap, _, _ = ingest.ingest(root, "hours_of_sleep_last_night", "regression", {"datatype": "fmap"},
-                               channels={"mag": {"suffix": "magnitude1"}}, runs="run-2", target_source="sessions")
+    fmap, _, _ = ingested(root, "hours_of_sleep_last_night", "regression", bids_filters={"datatype": "fmap"},
+                          channels={"mag": {"suffix": "magnitude1"}}, runs="run-2", target_source="sessions")
     assert len(fmap) == 44 and fmap["image_id"].str.fullmatch(r"sub-\d\d_ses-[12]_run-2").all()
     assert fmap["path"].str.endswith("_run-2_magnitude1.nii.gz").all()
 
@@ -162,7 +164,8 @@ def test_7t_trt_acquisition_filters_report_what_exists(tmp_path):
     root = seven_t(tmp_path / "7t_trt")
     fix_header(root / "participants.tsv", "subject_id", "participant_id")
     with pytest.raises(InputError) as error:
-        ingest.ingest(root, "sex", "classification", {"datatype": "func", "acquisition": "full"}, channels={"bold": {"suffix": "bold"}})
+        ingested(root, "sex", "classification", bids_filters={"datatype": "func", "acquisition": "full"},
+                 channels={"bold": {"suffix": "bold"}})
     assert re.search(r"none has acquisition 'full'; .* with acquisition: 'fullbrain' \(88 files\), 'prefrontal' \(44 files\)",
                      str(error.value))
 
@@ -170,10 +173,10 @@ def test_7t_trt_acquisition_filters_report_what_exists(tmp_path):
 def test_synthetic_needs_participants_and_reads_uncompressed_nifti(tmp_path):
     root = synthetic(tmp_path / "synthetic")
     with pytest.raises(InputError, match=r"synthetic/participants\.tsv does not exist"):
-        ingest.ingest(root, "age", "regression")
+        ingested(root, "age", "regression")
     (root / "participants.tsv").write_text("participant_id\tage\n" + "".join(f"sub-0{s}\t{20 + s}\n" for s in range(1, 6)))
     before = tree_digest(root)
-    manifest, _, _ = ingest.ingest(root, "age", "regression", cache_dir=tmp_path / "cache")
+    manifest, _, _ = ingested(root, "age", "regression", cache_dir=tmp_path / "cache")
     assert len(manifest) == 10 and manifest["path"].str.endswith("_T1w.nii").all()
     assert tree_digest(root) == before
 
@@ -196,7 +199,7 @@ def test_multicontrast_channels_and_label_image(tmp_path):
     root = multicontrast(tmp_path / "ms")
     channels = {"T1w": {"suffix": "T1w"}, "FLAIR": {"suffix": "FLAIR"}, "T2w": {"suffix": "T2w"}}
     label = {"derivatives": "derivatives/lesions", "filters": {"suffix": "dseg", "desc": "lesion"}}
-    manifest, report, _ = ingest.ingest(root, "edss", "regression", channels=channels, label_image=label)
+    manifest, report, _ = ingested(root, "edss", "regression", channels=channels, label_image=label)
     assert list(manifest.columns) == ["image_id", "participant_id", "session", "subdir", "path",
                                       "path_FLAIR", "path_T2w", "label", "edss"]
     assert manifest["image_id"].tolist() == ["sub-04_ses-01"]

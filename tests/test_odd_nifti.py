@@ -13,11 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import ingested
 from pipeline.common.errors import InputError
 from pipeline.demo.cohort import make_demo
 from pipeline.demo.head import WholeHead
 from pipeline.intake import geometry, grid, preprocess
-from pipeline.intake.ingest import ingest
 
 RES, SHAPE = 4.0, (40, 48, 40)
 AFFINE = np.array([[0.0, 0.0, 2.0, -60.0], [-2.0, 0.0, 0.0, 70.0], [0.0, 2.0, 0.0, -50.0], [0, 0, 0, 1]])  # PIR-ish
@@ -68,7 +68,7 @@ def test_ingest_accepts_odd_headers_and_refuses_4d_and_bad_voxel_sizes(tmp_path)
     nib.save(nib.Nifti1Image(rng.normal(100, 10, (10, 12, 10, 3)).astype(np.float32), AFFINE), files["sub-04"])
     (root / "dataset_description.json").write_text(json.dumps({"Name": "odd", "BIDSVersion": "1.9.0"}))
     (root / "participants.tsv").write_text("participant_id\tage\n" + "".join(f"{p}\t{30 + i}\n" for i, p in enumerate(files)))
-    result = ingest(root, "age", "regression")
+    result = ingested(root, "age", "regression")
     assert list(result.manifest["participant_id"]) == ["sub-01", "sub-02", "sub-03"]
     reasons = {row.participant_id: (row.path, row.reason) for row in result.report.itertuples()}
     assert set(reasons) == {"sub-04", "sub-05", "sub-06"}
@@ -76,7 +76,7 @@ def test_ingest_accepts_odd_headers_and_refuses_4d_and_bad_voxel_sizes(tmp_path)
     for pid, shown in (("sub-05", "(0.0, 2.0, 2.0)"), ("sub-06", "(-2.0, 2.0, 2.0)")):
         assert reasons[pid][0] == str(files[pid]) and f"voxel sizes pixdim[1:4] = {shown}" in reasons[pid][1], reasons[pid]
     with pytest.raises(InputError, match=r"sub-04_T1w\.nii\.gz \(sub-04\): 4D image \(shape \(10, 12, 10, 3\)\)"):
-        ingest(root, "age", "regression", on_error="stop")
+        ingested(root, "age", "regression", on_error="stop")
     # Each reader gets one 3D volume, scaled as the header says, placed by its qform or sform.
     for pid in ("sub-01", "sub-02", "sub-03"):
         img = geometry.load_3d(files[pid])
@@ -106,7 +106,8 @@ def test_a_trailing_singleton_axis_preprocesses_with_brain_extraction(head, tmp_
     singleton = odd(tmp_path / "sub-001_T1w.nii.gz", data, img.affine, form="qform", singleton=True, slope=slope,
                     inter=-1.0)
     assert nib.load(singleton).shape == (*data.shape, 1)
-    settings = {"resolution": RES, "shape": list(SHAPE), "n4": False, "brain_extraction": "deepbet"}
+    settings = preprocess.PreprocessSettings.of({"resolution": RES, "shape": list(SHAPE), "n4": False,
+                                                 "brain_extraction": "deepbet"})
     out = preprocess.derivative_paths(tmp_path, "sub-001", "sub-001")
     sidecar = preprocess.preprocess([singleton], *study_grid, out, settings=settings, threads=2)
     assert sidecar["QC"]["correlation_with_template"] > 0.9, sidecar["QC"]  # the plain image scores 0.95

@@ -10,6 +10,7 @@ from scipy.spatial.transform import Rotation
 
 from pipeline.intake import grid
 from pipeline.intake import preprocess
+from pipeline.intake.preprocess import PreprocessSettings
 from pipeline.intake.geometry import to_native
 from pipeline.intake.template import BRAIN_CENTRE_MM, load_template, resample_to_grid
 
@@ -51,7 +52,7 @@ def preprocessed(tmp_path_factory, study_grid):
     d = tmp_path_factory.mktemp("pre")
     pose = posed_subject(d / "sub-01_T1w.nii", rotation_deg=(8, -6, 5), translation_mm=(7, -5, 9))
     out = preprocess.derivative_paths(d / "out", "sub-01", "sub-01")
-    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, settings=SETTINGS)
+    sidecar = preprocess.preprocess([d / "sub-01_T1w.nii"], *study_grid, out, settings=PreprocessSettings.of(SETTINGS))
     return d / "sub-01_T1w.nii", pose, out, sidecar
 
 
@@ -98,7 +99,8 @@ def test_registration_at_a_working_resolution_beats_the_coarse_grid(preprocessed
     source, pose, out, sidecar = preprocessed
     assert sidecar["Parameters"]["registration_resolution"] == 3
     on_grid = preprocess.derivative_paths(tmp_path / "grid", "sub-01", "sub-01")
-    coarse = preprocess.preprocess([source], *study_grid, on_grid, settings={**SETTINGS, "registration_resolution": None})
+    coarse = preprocess.preprocess([source], *study_grid, on_grid,
+                                   settings=PreprocessSettings.of({**SETTINGS, "registration_resolution": None}))
     fine_error, coarse_error = landmark_error_mm(out["forward"], pose), landmark_error_mm(on_grid["forward"], pose)
     print(f"landmark error {fine_error:.2f} mm at 3 mm, {coarse_error:.2f} mm on the 6 mm grid")
     assert fine_error < 1.5 and fine_error < coarse_error, (fine_error, coarse_error)
@@ -116,7 +118,7 @@ def test_oblique_and_disagreeing_headers_follow_one_rule(tmp_path, study_grid):
     img.set_qform(shifted, code=1)  # the sform (code 1 too) keeps the true placement
     nib.save(img, source)
     out = preprocess.derivative_paths(tmp_path / "out", "sub-02", "sub-02")
-    sidecar = preprocess.preprocess([source], *study_grid, out, settings=SETTINGS)
+    sidecar = preprocess.preprocess([source], *study_grid, out, settings=PreprocessSettings.of(SETTINGS))
     assert sidecar["Geometry"] == {"affine_from": "sform", "qform_sform_mm": pytest.approx(10.0, abs=0.01)}
     assert landmark_error_mm(out["forward"], pose) < 1.5
 
@@ -134,7 +136,7 @@ def test_a_sheared_sform_is_refused_naming_the_file(tmp_path, study_grid):
     assert "sheared sform" in header_problem(str(source))
     out = preprocess.derivative_paths(tmp_path / "out", "sub-03", "sub-03")
     with pytest.raises(preprocess.InputError, match=r"sub-03_T1w\.nii\.gz: its sform is sheared"):
-        preprocess.preprocess([source], *study_grid, out, settings=SETTINGS)
+        preprocess.preprocess([source], *study_grid, out, settings=PreprocessSettings.of(SETTINGS))
 
 
 def test_native_map_lands_where_the_pose_puts_it(preprocessed, study_grid):
@@ -158,7 +160,7 @@ def test_unreadable_image_names_the_file(tmp_path, study_grid):
     bad.write_bytes(b"not a nifti")
     out = preprocess.derivative_paths(tmp_path / "out", "sub-09", "sub-09")
     with pytest.raises(preprocess.InputError, match="sub-09_T1w.nii.gz"):
-        preprocess.preprocess([bad], *study_grid, out, settings=SETTINGS)
+        preprocess.preprocess([bad], *study_grid, out, settings=PreprocessSettings.of(SETTINGS))
 
 
 def t2_like(t1: np.ndarray) -> np.ndarray:
@@ -176,7 +178,8 @@ def test_second_channel_is_coregistered_through_the_reference(tmp_path, study_gr
     pose_t2 = posed_subject(tmp_path / "t2.nii.gz", (-5, 4, -7), (-6, 8, -4), voxel=3.5, axes=(1, -1, 1),
                             contrast=t2_like)
     out = preprocess.derivative_paths(tmp_path / "out", "sub-01", "sub-01", ["T1w", "T2w"])
-    preprocess.preprocess([tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], *study_grid, out, ["T1w", "T2w"], SETTINGS)
+    preprocess.preprocess([tmp_path / "t1.nii.gz", tmp_path / "t2.nii.gz"], *study_grid, out, ["T1w", "T2w"],
+                          PreprocessSettings.of(SETTINGS))
     array = np.load(out["array"])
     assert array.shape == (2, *SHAPE)
     mask = nib.load(study_grid[1]).get_fdata() > 0
@@ -198,7 +201,7 @@ def test_preprocessing_is_reproducible(preprocessed, study_grid, tmp_path):
     """Same image, same seed, one ITK thread (set in conftest): identical arrays and transforms."""
     source, _, out, _ = preprocessed
     again = preprocess.derivative_paths(tmp_path / "again", "sub-01", "sub-01")
-    preprocess.preprocess([source], *study_grid, again, settings=SETTINGS)
+    preprocess.preprocess([source], *study_grid, again, settings=PreprocessSettings.of(SETTINGS))
     np.testing.assert_array_equal(np.load(again["array"]), np.load(out["array"]))
     assert again["forward"].read_bytes() == out["forward"].read_bytes()
 
@@ -215,7 +218,7 @@ def test_a_step_added_to_the_list_runs_and_is_recorded(tmp_path, study_grid, mon
     posed_subject(source, rotation_deg=(4, -3, 2), translation_mm=(3, -2, 4))
     settings = {**SETTINGS, "registration_resolution": None, "antialias": False}
     plain = preprocess.derivative_paths(tmp_path / "plain", "sub-05", "sub-05")
-    preprocess.preprocess([source], *study_grid, plain, settings=settings)
+    preprocess.preprocess([source], *study_grid, plain, settings=PreprocessSettings.of(settings))
 
     seen = []
 
@@ -232,7 +235,7 @@ def test_a_step_added_to_the_list_runs_and_is_recorded(tmp_path, study_grid, mon
     at = [s.name for s in steps.STEPS].index("register")
     monkeypatch.setattr(steps, "STEPS", (*steps.STEPS[:at], *added, *steps.STEPS[at:]))
     out = preprocess.derivative_paths(tmp_path / "out", "sub-05", "sub-05")
-    sidecar = preprocess.preprocess([source], *study_grid, out, settings=settings)
+    sidecar = preprocess.preprocess([source], *study_grid, out, settings=PreprocessSettings.of(settings))
 
     assert len(seen) == 1 and seen[0] > 0.5  # it ran once, on the scaled image (99th percentile 1)
     assert not np.array_equal(np.load(out["array"]), np.load(plain["array"]))

@@ -65,7 +65,8 @@ def test_a_registered_image_gets_every_score_in_its_sidecar(tmp_path):
     out = preprocess.derivative_paths(tmp_path / "out", "sub-01", "sub-01")
     sidecar = preprocess.preprocess_or_exclude([tmp_path / "sub-01_T1w.nii"], out, "sub-01", "stop",
                                                tmp_path / "rec.tsv", template=tmp_path / "tpl.nii.gz",
-                                               mask=tmp_path / "mask.nii.gz", settings=POSED)
+                                               mask=tmp_path / "mask.nii.gz",
+                                               settings=preprocess.PreprocessSettings.of(POSED))
     assert sidecar["QC"]["correlation_with_template"] > 0.85
     assert sidecar["QC"]["mutual_information_with_template"] > 0.3
     assert json.loads(out["sidecar_T1w"].read_text())["QC"] == sidecar["QC"]
@@ -76,8 +77,9 @@ def test_qc_min_excludes_a_failed_registration_with_its_score_and_file(tmp_path,
     source = noise(tmp_path / "sub-07_T1w.nii.gz")
     out = preprocess.derivative_paths(tmp_path / "out", "sub-07", "sub-07")
     record = tmp_path / "out" / "sub-07_excluded.tsv"
+    settings = preprocess.PreprocessSettings.of({**SETTINGS, "qc_min": 0.5})
     assert preprocess.preprocess_or_exclude([source], out, "sub-07", "continue", record, template=coarse_grid[0],
-                                            mask=coarse_grid[1], settings={**SETTINGS, "qc_min": 0.5}) is None
+                                            mask=coarse_grid[1], settings=settings) is None
     row = exclusions.read_table(record).iloc[0]
     assert (row["image_id"], row["stage"], row["file"]) == ("sub-07", "preprocess", str(source))
     score = json.loads(out["sidecar_T1w"].read_text())["QC"]["correlation_with_template"]
@@ -93,7 +95,8 @@ def test_qc_min_with_stop_ends_the_run_naming_the_file(tmp_path, coarse_grid):
     out = preprocess.derivative_paths(tmp_path / "out", "sub-07", "sub-07")
     with pytest.raises(InputError, match="registration failed quality control") as raised:
         preprocess.preprocess_or_exclude([source], out, "sub-07", "stop", tmp_path / "out" / "x.tsv",
-                                         template=coarse_grid[0], mask=coarse_grid[1], settings=SETTINGS)
+                                         template=coarse_grid[0], mask=coarse_grid[1],
+                                         settings=preprocess.PreprocessSettings.of(SETTINGS))
     assert str(source) in str(raised.value) and "on_error: continue" in str(raised.value)  # the default qc_min
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != "x.tsv"]
 
@@ -102,7 +105,7 @@ def test_qc_min_null_lets_every_registration_through(tmp_path, coarse_grid):
     out = preprocess.derivative_paths(tmp_path / "out", "sub-07", "sub-07")
     sidecar = preprocess.preprocess_or_exclude([noise(tmp_path / "a.nii.gz")], out, "sub-07", "stop", None,
                                                template=coarse_grid[0], mask=coarse_grid[1],
-                                               settings={**SETTINGS, "qc_min": None})
+                                               settings=preprocess.PreprocessSettings.of({**SETTINGS, "qc_min": None}))
     assert sidecar["QC"]["correlation_with_template"] < 0.5
 
 

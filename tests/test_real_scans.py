@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import ingested
 from pipeline.common.config import resolved
 from pipeline.demo import realscans
 from pipeline.intake import exclusions, grid, preprocess, qc
-from pipeline.intake.ingest import ingest
 
 SCANS = Path(__file__).resolve().parents[1] / "data" / "real" / "brainbrowser"
 RES, SHAPE = 4.0, (40, 48, 40)
@@ -59,7 +59,8 @@ def preprocessed(task: tuple) -> None:
     source, out_dir, subdir, image_id, study_grid = task
     out = preprocess.derivative_paths(out_dir, subdir, image_id)
     preprocess.preprocess_or_exclude([Path(source)], out, image_id, "continue", Path(out_dir) / f"{image_id}.tsv",
-                                     template=study_grid[0], mask=study_grid[1], settings=SETTINGS, threads=1)
+                                     template=study_grid[0], mask=study_grid[1],
+                                     settings=preprocess.PreprocessSettings.of(SETTINGS), threads=1)
 
 
 @pytest.mark.skipif(not (SCANS / "structural2.mnc.raw.gz").exists(),
@@ -68,7 +69,7 @@ def test_real_scans_pass_and_every_induced_failure_is_flagged(tmp_path):
     cohort = realscans.make_cohort(SCANS, tmp_path / "cohort", n_variants=N_VARIANTS, seed=SEED, extension=".nii")
     people = pd.read_csv(cohort / "participants.tsv", sep="\t").set_index("participant_id")
     grid.write_grid(RES, SHAPE, tmp_path / "tpl.nii.gz", tmp_path / "mask.nii.gz")
-    result = ingest(cohort, "age", "regression")
+    result = ingested(cohort, "age", "regression")
     assert result.report.empty and len(result.manifest) == 2 + N_VARIANTS + len(realscans.FAILURES)
     assert nib.load(result.manifest["path"].iloc[0]).shape == (160, 224, 256)  # sub-A ses-1 as shipped
     result.report.to_csv(tmp_path / "ingest_report.tsv", sep="\t", index=False)

@@ -23,7 +23,7 @@ from pipeline.demo.cohort import make_demo
 from pipeline.common.errors import InputError
 from pipeline.intake.grid import write_grid
 from pipeline.common.paths import derivative_paths
-from pipeline.intake.preprocess import preprocess, write_label
+from pipeline.intake.preprocess import PreprocessSettings, preprocess, write_label
 from pipeline.results.segmentation import label_scores, majority
 from pipeline.intake.template import template_on_grid
 from pipeline.learning.process import Process
@@ -68,7 +68,8 @@ def test_preprocessing_carries_labels_to_the_grid_as_integers_aligned_with_the_i
     write_grid(6, shape, template, mask)
     t1w = sorted(demo.glob("sub-*/**/*_T1w.nii*"))[0]
     out = derivative_paths(tmp_path / "derivatives", "sub-001", "sub-001", ["T1w"], label=True)
-    preprocess([t1w], template, mask, out, ["T1w"], {"n4": False, "brain_extraction": "none", "registration_resolution": None}, label=tissue_path(demo, t1w))
+    settings = PreprocessSettings.of({"n4": False, "brain_extraction": "none", "registration_resolution": None})
+    preprocess([t1w], template, mask, out, ["T1w"], settings, label=tissue_path(demo, t1w))
     labels = np.load(out["label_array"])
     image = np.load(out["array"])
     assert labels.dtype == np.uint8 and labels.shape == (1, *shape) and set(np.unique(labels)) <= {0, 1, 2, 3}

@@ -4,6 +4,7 @@ or ends the run naming its file (stop); either way no partial output is left beh
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -22,8 +23,9 @@ from pipeline.common.errors import InputError
 def coarse_grid(tmp_path_factory):
     d = tmp_path_factory.mktemp("grid")
     grid.write_grid(8.0, (20, 24, 20), d / "tpl.nii.gz", d / "mask.nii.gz")
-    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": {"n4": False, "brain_extraction": "none",
-                                                                             "registration_resolution": None}}
+    settings = preprocess.PreprocessSettings.of({"n4": False, "brain_extraction": "none",
+                                                 "registration_resolution": None})
+    return {"template": d / "tpl.nii.gz", "mask": d / "mask.nii.gz", "settings": settings}
 
 
 def spike(path: Path) -> Path:
@@ -83,7 +85,7 @@ def test_a_good_sample_writes_an_empty_record(tmp_path, coarse_grid):
     out = preprocess.derivative_paths(tmp_path / "out", "sub-01", "sub-01")
     record = tmp_path / "out" / "sub-01_excluded.tsv"
     # Noise registers to nothing (r about 0): preprocess.qc_min (tests/test_qc.py) is off to see the success path.
-    settings = {**coarse_grid, "settings": {**coarse_grid["settings"], "qc_min": None}}
+    settings = {**coarse_grid, "settings": replace(coarse_grid["settings"], qc_min=None)}
     assert preprocess.preprocess_or_exclude([noise(tmp_path / "a.nii.gz")], out, "sub-01", "continue", record, **settings)
     assert exclusions.read_table(record).empty and all(p.stat().st_size > 0 for p in out.values())
 

@@ -6,6 +6,10 @@ stage receives, with ``--config``, the resolved keys it reads as one JSON object
 (``stage_config``). Code that is called without the workflow (a test, a notebook) fills its
 section from the same schema with ``resolved``, never from defaults of its own.
 
+A stage's ``main`` turns its section into one settings object, a frozen dataclass whose fields
+are the section's keys (``build``: what the config leaves out is the schema's default, filled
+here and nowhere else), and passes that down; the library functions read its attributes.
+
 >>> resolved(["train"], {"epochs": 3})["epochs"], resolved(["train"], {})["batch_size"] > 0
 (3, True)
 """
@@ -13,9 +17,11 @@ section from the same schema with ``resolved``, never from defaults of its own.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 from pathlib import Path
+from typing import Mapping, TypeVar
 
 from pipeline.common.errors import InputError
 from pipeline.common.locations import SCHEMA
@@ -75,6 +81,22 @@ def resolved(path: list[str], given: dict) -> dict:
     if unknown and node.get("additionalProperties") is False:
         raise InputError(f"Unknown setting(s) {unknown} in config `{'.'.join(path)}`; known: {sorted(known)}")
     return fill(node, given)
+
+
+T = TypeVar("T")
+
+
+def build(cls: type[T], path: list[str], given: Mapping) -> T:
+    """The settings dataclass ``cls`` of the config section at ``path`` (``[]``: the top-level
+    keys): each field the key of its name, from ``given`` or else the schema's default
+    (``resolved``, which also refuses a key the section does not know). A field without a schema
+    default (a value the workflow derives, e.g. ingest's ``target`` in apply mode) must be given."""
+    values = resolved(path, dict(given))
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    if missing:
+        where = ".".join(path) or "(top level)"
+        raise InputError(f"config `{where}` lacks {missing}, which have no default; set them.")
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
 
 
 def defaults(path: list[str]):

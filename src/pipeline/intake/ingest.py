@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,8 +36,37 @@ from pipeline.intake.selection import DERIVED_COLUMNS, MANIFEST_COLUMNS, bids_in
 from pipeline.intake.targets import join_targets
 from pipeline.intake.classes import ordered
 
-DEFAULT_FILTERS = config.defaults(["bids_filters"])  # the schema's, for calls without a config
-DEFAULT_CHANNELS = config.defaults(["channels"])
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The config keys ingest reads, by their names (config/README.md), built once by ``of``.
+    ``target`` None selects images without joining a target table (apply mode); ``task`` is
+    regression or classification (a segmentation study selects as classification: the workflow's
+    ``SPLIT_TASK``)."""
+
+    bids_dir: str
+    target: str | None
+    task: str
+    bids_filters: dict
+    channels: dict
+    sessions: str
+    runs: str
+    participants: dict  # include, exclude: participant ids, with or without sub-
+    target_source: str
+    target_fallback: str
+    positive_class: str | None
+    label_image: dict | None
+    brain_mask: dict | None
+    non_bids: dict | None
+    check_data: bool
+    image_limits: dict
+    on_error: str
+
+    @classmethod
+    def of(cls, config_keys: dict) -> "IngestSettings":
+        """The settings of a config (or of a stage's ``--config``): its keys of these names, the
+        schema's defaults for those it leaves out."""
+        return config.build(cls, [], config_keys)
 
 
 class Ingested(NamedTuple):
@@ -47,29 +77,26 @@ class Ingested(NamedTuple):
     targets: dict  # target, task, source, classes
 
 
-def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None = None, *,
-           channels: dict | None = None, sessions: str = "all", runs: str = "all",
-           include=(), exclude=(), target_source: str = "participants", label_image: dict | None = None,
-           non_bids: dict | None = None, check_data: bool = True, cache_dir: Path | None = None,
-           limits: dict | None = None, on_error: str = "continue", target_fallback: str = "none",
-           positive_class: str | None = None, brain_mask: dict | None = None) -> Ingested:
+def ingest(settings: IngestSettings, cache_dir: Path | None = None) -> Ingested:
     """Select, match, join and check (see the module docstring): manifest, report and target info.
 
-    Arguments are the config keys of the same names (config/README.md; ``limits`` is
-    ``image_limits``); ``cache_dir`` keeps the parsed index and header checks between runs.
-    ``target`` None selects images without joining a target table (applying a trained model:
-    ``pipeline.sharing.apply``). ``on_error: stop`` raises InputError at the first exclusion instead of
-    reporting it.
+    ``settings``: the config keys (``IngestSettings.of``); ``cache_dir`` keeps the parsed index and
+    header checks between runs. ``target`` None selects images without joining a target table
+    (applying a trained model: ``pipeline.sharing.apply``). ``on_error: stop`` raises InputError at
+    the first exclusion instead of reporting it.
     """
-    bids_dir = Path(bids_dir)
-    channels = channels or DEFAULT_CHANNELS
-    if non_bids:
-        samples, report = non_bids_input(bids_dir, non_bids, channels, sessions, runs, target_source, label_image)
+    s = settings
+    bids_dir, target, task = Path(s.bids_dir), s.target, s.task
+    sessions, runs = str(s.sessions), str(s.runs)
+    if s.non_bids:
+        samples, report = non_bids_input(bids_dir, s.non_bids, s.channels, sessions, runs, s.target_source,
+                                         s.label_image)
         matched = samples
     else:
-        samples, report, matched = bids_input(bids_dir, DEFAULT_FILTERS if filters is None else filters, channels,
-                                              sessions, runs, label_image, cache_dir, brain_mask)
-    include, exclude = {with_sub_prefix(p) for p in include}, {with_sub_prefix(p) for p in exclude}
+        samples, report, matched = bids_input(bids_dir, s.bids_filters, s.channels, sessions, runs, s.label_image,
+                                              cache_dir, s.brain_mask)
+    include = {with_sub_prefix(p) for p in s.participants["include"]}
+    exclude = {with_sub_prefix(p) for p in s.participants["exclude"]}
     reported = set().union(*(r["participant_id"] for r in report))
     seen = set(matched["participant_id"]) | reported  # participants with at least one selected image
     dropped = set(matched["participant_id"]) - set(samples["participant_id"]) - reported  # by sessions/runs only
@@ -78,13 +105,13 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
 
     participants, source = None, {"source": None, "fallback": frozenset()}
     if target is not None:
-        samples, table_report, participants, source = join_targets(samples, bids_dir, target, task, target_source,
-                                                                   non_bids, target_fallback)
+        samples, table_report, participants, source = join_targets(samples, bids_dir, target, task, s.target_source,
+                                                                   s.non_bids, s.target_fallback)
         report += table_report
     if participants is not None:
         report.append(unimaged(participants[chosen(participants, include, exclude)], seen, dropped, f"sessions: {sessions}, runs: {runs}"))
 
-    problems = image_problems([p for c in images for p in samples[c]], check_data, cache_dir, limits)
+    problems = image_problems([p for c in images for p in samples[c]], s.check_data, cache_dir, s.image_limits)
     for column in images:
         reasons = samples[column].map(problems).astype(str)  # text also when no sample is left
         bad = reasons != ""
@@ -93,7 +120,7 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
         samples = samples[~bad]
 
     report = pd.concat([r for r in report if len(r)] or [pd.DataFrame(columns=REPORT_COLUMNS)], ignore_index=True)
-    if on_error == "stop" and len(report):
+    if s.on_error == "stop" and len(report):
         raise stop_error(report)
     if samples.empty:
         more = f"\n(and {len(report) - 20} more)" if len(report) > 20 else ""
@@ -106,9 +133,9 @@ def ingest(bids_dir: Path, target: str | None, task: str, filters: dict | None =
     manifest = samples.sort_values("image_id", ignore_index=True)
     classes = sorted(set(manifest[target])) if task == "classification" and target else None  # as pipeline.data encodes them
     targets = {"target": target, "task": task, "source": source["source"], "classes": classes}
-    if classes and positive_class is not None:
-        ordered(classes, positive_class)  # an InputError unless it is a class
-        targets["positive_class"] = positive_class
+    if classes and s.positive_class is not None:
+        ordered(classes, s.positive_class)  # an InputError unless it is a class
+        targets["positive_class"] = s.positive_class
     if source["fallback"]:
         fell_back = manifest["participant_id"].isin(source["fallback"])
         targets["rows_from"] = {source["source"]: int((~fell_back).sum()), "participants.tsv": int(fell_back.sum())}
@@ -154,12 +181,12 @@ def table_meanings(manifest: pd.DataFrame, targets: dict, bids_dir: Path | None 
                 described.update(columns.from_sidecar(json.loads(sidecar.read_text())))
             except (ValueError, AttributeError):  # not a data dictionary: the provenance describes them
                 pass
-    source = targets.get("source") or "target table"
+    source = targets["source"] or "target table"
     meanings = {}
     for name in carried:
         entry = described.get(name, columns.Column(name, f"Column {name!r} of the input's {source}, carried unchanged "
                                                           "(see the input dataset's own description of it)."))
-        if name == targets.get("target"):
+        if name == targets["target"]:
             entry = columns.Column(entry.long_name, f"The study's target (config target), from the input's {source}. "
                                    + entry.description, entry.units, entry.levels)
         meanings[name] = entry
@@ -196,21 +223,15 @@ def main(argv=None) -> None:
     parser.add_argument("--derivatives", type=Path, help="the preprocessed images' folder: its dataset_description.json "
                         "and .bidsignore are written (pipeline.intake.derivatives)")
     args = parser.parse_args(argv)
-    cfg = args.config
     with InputError.exit_cleanly():
+        settings = IngestSettings.of(args.config)
         for folder in dict.fromkeys(p.parent for p in (args.manifest, args.report, args.targets or args.manifest)):
             check_writable(folder)  # before the work, not after it
-        result = ingest(Path(cfg["bids_dir"]), cfg["target"], cfg["task"], cfg["bids_filters"], channels=cfg["channels"],
-                        sessions=str(cfg["sessions"]), runs=str(cfg["runs"]), include=cfg["participants"]["include"],
-                        exclude=cfg["participants"]["exclude"], target_source=cfg["target_source"],
-                        label_image=cfg["label_image"], non_bids=cfg["non_bids"], check_data=cfg["check_data"],
-                        cache_dir=args.cache_dir, limits=cfg["image_limits"], on_error=cfg["on_error"],
-                        target_fallback=cfg.get("target_fallback", "none"), positive_class=cfg.get("positive_class"),
-                        brain_mask=cfg.get("brain_mask"))
+        result = ingest(settings, cache_dir=args.cache_dir)
     write_outputs(result, args.manifest, args.report, args.targets or args.manifest.parent / "targets.json",
-                  None if cfg["non_bids"] else Path(cfg["bids_dir"]))
+                  None if settings.non_bids else Path(settings.bids_dir))
     if args.derivatives:
-        derivatives.write_dataset_files(args.derivatives, cfg["bids_dir"])
+        derivatives.write_dataset_files(args.derivatives, settings.bids_dir)
     manifest, report = result.manifest, result.report
     print(f"{len(manifest)} samples of {manifest['participant_id'].nunique()} participants; "
           f"{len(report)} exclusions (see {args.report})", file=sys.stderr)

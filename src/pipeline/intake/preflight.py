@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, groundtruth_mask
 from pipeline.intake import split
 from pipeline.intake.imagecheck import image_problems
-from pipeline.intake.ingest import ingest
+from pipeline.intake.ingest import IngestSettings, ingest
 
 SHOWN = 5  # ids or files named per finding before "and N more"
 MAX_EXCLUSIONS = 20  # exclusion lines shown before the rest is counted
@@ -64,7 +64,7 @@ def for_config(config: dict, folder: Path = Path("."), split: bool = True) -> Fi
     nothing is written. ``split``: False for the BIDS-App participant level, which makes no split."""
     filled = fill(schema(), config)
     filled["bids_dir"] = str((Path(folder) / filled["bids_dir"]).absolute())  # messages name the folder looked at
-    work = Path(folder) / (filled.get("work_dir") or filled["results_dir"])
+    work = Path(folder) / (filled["work_dir"] or filled["results_dir"])
     found = preflight(filled, work / "ingest_cache" if work.is_dir() else None, split)
     found.errors += groundtruth_problems(filled, Path(folder))
     return found
@@ -73,8 +73,8 @@ def for_config(config: dict, folder: Path = Path("."), split: bool = True) -> Fi
 def groundtruth_problems(config: dict, folder: Path) -> list[str]:
     """``explain.groundtruth`` without the target's mask (the demo's, carried into another study's
     config): the last explain job would stop on it, so the pre-flight says it first."""
-    truth_dir, target = config["explain"]["groundtruth"], config.get("target")
-    if not truth_dir or not target or config["task"] == "segmentation" or config.get("apply"):
+    truth_dir, target = config["explain"]["groundtruth"], config["target"]
+    if not truth_dir or not target or config["task"] == "segmentation" or config["apply"]:
         return []
     path = groundtruth_mask(Path(folder) / truth_dir, target)
     if path.exists():
@@ -106,19 +106,16 @@ def preflight(config: dict, cache_dir: Path | None = None, split: bool = True) -
     split's checks (folds, test share, classes per split) and its summary line.
     """
     found = Findings()
-    apply = bool(config.get("apply"))
+    apply = bool(config["apply"])
     task = config["task"]
     target = None if apply else config["target"]
     split_task = "classification" if task == "segmentation" else task
     try:
         # Selected as classification so that text values stay in view: the task's own test follows.
-        result = ingest(Path(config["bids_dir"]), target, "classification", config["bids_filters"],
-                        channels=config["channels"], sessions=str(config["sessions"]), runs=str(config["runs"]),
-                        include=config["participants"]["include"], exclude=config["participants"]["exclude"],
-                        target_source=config["target_source"], label_image=config["label_image"],
-                        non_bids=config["non_bids"], check_data=False, cache_dir=cache_dir,
-                        limits=config["image_limits"], on_error="continue",
-                        target_fallback=config.get("target_fallback", "none"), brain_mask=config.get("brain_mask"))
+        # Headers only, every exclusion reported (not stopped at), the positive class checked below.
+        settings = replace(IngestSettings.of(config), target=target, task="classification", positive_class=None,
+                           check_data=False, on_error="continue")
+        result = ingest(settings, cache_dir=cache_dir)
     except InputError as exc:
         found.errors.append(str(exc))
         return found
@@ -130,7 +127,7 @@ def preflight(config: dict, cache_dir: Path | None = None, split: bool = True) -
     if target is not None and task == "regression":
         manifest = regression_values(manifest, target, result.targets["source"] or "the target table", found)
     elif target is not None and task == "classification":
-        classification_values(manifest, target, config.get("positive_class"), found)
+        classification_values(manifest, target, config["positive_class"], found)
     if manifest.empty:
         if not found.errors:
             found.errors.append(f"No usable image is left in {config['bids_dir']}: see the warnings above.")

@@ -32,7 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.common import atomic, config
+from pipeline.common import atomic
 from pipeline.common.cli import add_config, channel_names
 from pipeline.intake import brainmask, exclusions, qc
 from pipeline.intake.derivatives import bids_uri
@@ -40,39 +40,39 @@ from pipeline.intake.geometry import ants_image, load_3d
 from pipeline.common.errors import InputError
 from pipeline.common.paths import SPACE, derivative_paths
 from pipeline.intake.recipe import active, sidecar_steps
-from pipeline.intake.steps import Context, load_native
+from pipeline.intake.steps import Context, PreprocessSettings, load_native
 
 
 def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, Path], channels=("T1w",),
-               settings: dict | None = None, label: Path | None = None, brain_mask: Path | None = None,
+               settings: PreprocessSettings | None = None, label: Path | None = None, brain_mask: Path | None = None,
                threads: int = 1, raw_dir: Path | None = None) -> dict:
     """Run the chain (the steps of ``pipeline.intake.steps.STEPS`` that ``settings`` turn on) on the
     ``sources`` (one per channel, reference first) into the grid of ``template``; write all ``out``
-    files; return the reference channel's sidecar. ``settings``: config ``preprocess`` (what it leaves out: the schema's
-    defaults). ``label``: the sample's label image (same space as the reference), written to
-    ``out["label_image"]`` and ``out["label_array"]``. ``brain_mask``: the reference's mask
-    from derivatives (``brain_extraction: derivatives``); ``threads``: the extractor's. ``raw_dir``:
-    the input dataset, which the sidecars' ``Sources`` are BIDS URIs into (``bids:raw:sub-…``;
-    without it, ``file://`` URIs).
+    files; return the reference channel's sidecar. ``settings``: config ``preprocess``
+    (``PreprocessSettings.of``; None: the schema's defaults). ``label``: the sample's label image
+    (same space as the reference), written to ``out["label_image"]`` and ``out["label_array"]``.
+    ``brain_mask``: the reference's mask from derivatives (``brain_extraction: derivatives``);
+    ``threads``: the extractor's. ``raw_dir``: the input dataset, which the sidecars' ``Sources``
+    are BIDS URIs into (``bids:raw:sub-…``; without it, ``file://`` URIs).
 
     Reproducible for a given ``seed`` (≥ 1) when ITK runs one thread: ITK reads
     ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once, when ants is first imported (the CLI sets it).
     """
     import ants
 
-    settings = config.resolved(["preprocess"], settings or {})
+    settings = PreprocessSettings.of({}) if settings is None else settings
     channels = list(channels)
     if len(sources) != len(channels):
         raise InputError(f"{len(sources)} images given for channels {channels}; give one image per channel.")
-    if settings["seed"] < 1:
+    if settings.seed < 1:
         raise InputError(f"The registration seed must be a positive integer (ANTs reads 0 as 'seed from the "
-                         f"clock'), got {settings['seed']}; set `preprocess.seed` in config.")
-    ants.config.set_ants_deterministic(True, settings["seed"])  # passes --random-seed to antsRegistration
+                         f"clock'), got {settings.seed}; set `preprocess.seed` in config.")
+    ants.config.set_ants_deterministic(True, settings.seed)  # passes --random-seed to antsRegistration
     fixed = ants.image_read(str(template))
     mask_img = nib.load(str(mask))
     for path in out.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    native = brainmask.native_mask(settings["brain_extraction"], sources[0], brain_mask, threads)
+    native = brainmask.native_mask(settings.brain_extraction, sources[0], brain_mask, threads)
     c = Context(list(sources), channels, settings, out, fixed, mask_img, mask_img.get_fdata() > 0)
     native_ml = None
     if native is not None:
@@ -81,7 +81,7 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
         c.native_brain = ants.reorient_image2(ants_image(np.asarray(native.dataobj), native.affine),
                                               ants.get_orientation(fixed))
     with tempfile.TemporaryDirectory() as c.tmp:  # ANTs writes its transforms under outprefix
-        for step in active(settings):
+        for step in active(settings.asdict()):
             step.run(c)
             c.ran.append(step)
     for channel, data in zip(channels, c.array):
@@ -98,8 +98,8 @@ def preprocess(sources: list[Path], template: Path, mask: Path, out: dict[str, P
             "Channel": channel,
             "SkullStripped": True,  # 0 outside the template brain mask (normalise); BIDS requires the key
             "SpatialReference": {"space": SPACE, "grid": str(template)},
-            "Steps": sidecar_steps(c.ran, settings, channels, channel),
-            "Parameters": {k: settings[k] for k in PARAMETERS},
+            "Steps": sidecar_steps(c.ran, settings.asdict(), channels, channel),
+            "Parameters": {k: getattr(settings, k) for k in PARAMETERS},
             "Geometry": c.placements[channel],
             "QC": (qc.scores(c.array[0], fixed.numpy(), c.brain, subject, spacing_mm=float(max(fixed.spacing)),
                              native_brain_ml=native_ml, in_view=c.in_view)
@@ -119,19 +119,22 @@ PARAMETERS = ("transform", "n4", "n4_shrink_factor", "seed", "antialias", "brain
 
 
 def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: str, on_error: str = "stop",
-                          excluded: Path | None = None, **settings) -> dict | None:
+                          excluded: Path | None = None, *, settings: PreprocessSettings | None = None,
+                          **inputs) -> dict | None:
     """``preprocess`` one sample; when it fails (unreadable data, registration error, an image
     unusable in the template grid) no partial output is left behind.
 
     ``on_error: stop`` raises InputError naming the image and the failure. ``continue`` excludes
     the sample (``exclude``: one row of ``excluded``, every ``out`` file empty) and returns None; a
-    success writes ``excluded`` with its header only. ``settings`` are ``preprocess``'s. A sample
+    success writes ``excluded`` with its header only. ``settings`` (None: the schema's defaults) and
+    ``inputs`` (template, mask, channels, label, …) are ``preprocess``'s. A sample
     that ``preprocess`` finished but whose reference scores below config ``preprocess.qc_min``
     (``pipeline.intake.qc``) is refused or excluded the same way, its sidecars and QC PNG kept
     where it is excluded.
     """
+    settings = PreprocessSettings.of({}) if settings is None else settings
     try:
-        sidecar = preprocess(sources, out=out, **settings)
+        sidecar = preprocess(sources, out=out, settings=settings, **inputs)
     except MemoryError:
         raise  # the job's memory, not the sample: let Snakemake fail (and retry) it
     except Exception as exc:  # ANTs raises RuntimeError and others; every other failure excludes the sample
@@ -144,8 +147,7 @@ def preprocess_or_exclude(sources: list[Path], out: dict[str, Path], image_id: s
         if on_error == "stop" or excluded is None:
             raise InputError(f"{sources[0]} ({image_id}): {reason}" if not isinstance(exc, InputError) else reason) from exc
         return exclude(out, image_id, sources[0], reason, excluded)
-    reason = qc.failure(sidecar["QC"], config.resolved(["preprocess"], settings.get("settings") or {})["qc_min"],
-                        sources[0], out["qc"])
+    reason = qc.failure(sidecar["QC"], settings.qc_min, sources[0], out["qc"])
     if reason is None:
         if excluded is not None:
             exclusions.write(exclusions.empty(), excluded)
@@ -254,8 +256,8 @@ def main(argv=None) -> None:
     out = derivative_paths(args.out_dir, args.subdir, args.image_id, names, label is not None)
     with InputError.exit_cleanly():
         sidecar = preprocess_or_exclude(args.sources, out, args.image_id, args.config["on_error"], args.excluded,
-                                        template=args.template, mask=args.mask, channels=names,
-                                        settings=args.config["preprocess"], label=label,
+                                        settings=PreprocessSettings.of(args.config["preprocess"]),
+                                        template=args.template, mask=args.mask, channels=names, label=label,
                                         brain_mask=args.brain_mask[0] if args.brain_mask else None, threads=args.threads,
                                         raw_dir=args.bids_dir)
     if sidecar is None:

@@ -1,28 +1,63 @@
 """The preprocessing chain, as one list: ``STEPS``, each a ``Step`` that runs over a shared ``Context``.
 
 ``pipeline.intake.preprocess`` builds the context (the template grid, the sample's native brain
-mask), runs ``active(settings)`` in order and writes what they leave; the recipe's ``steps``
-(``pipeline.intake.recipe``) are the words of the same active steps, and each sidecar's ``Steps``
-the entries of the steps that ran. Adding a step is one ``Step`` here (its words, its sidecar
+mask), runs ``active(settings.asdict())`` in order and writes what they leave; the recipe's
+``steps`` (``pipeline.intake.recipe``) are the words of the same active steps, and each sidecar's
+``Steps`` the entries of the steps that ran. Adding a step is one ``Step`` here (its words, its sidecar
 entry, its ``run``) and, when a config key turns it on, that key in the schema's ``preprocess``
 section (and in ``recipe.COMPARED`` if it changes the images).
 
-Imports: the standard library and numpy at module level (the Snakefile reads the words through
-``recipe``); ANTs, nibabel and the chain's own helpers inside the functions that use them.
+The chain reads config ``preprocess`` as one ``PreprocessSettings`` (``PreprocessSettings.of``:
+the schema's defaults for what the config leaves out), built once by the caller.
+
+Imports: the standard library, numpy and ``pipeline.common.config`` at module level (the
+Snakefile reads the words through ``recipe``); ANTs, nibabel and the chain's own helpers inside
+the functions that use them.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.common import config
 from pipeline.common.errors import InputError
 
 OFF = (False, None, "none")  # a step's key with one of these values turns it off
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Config ``preprocess`` (keys and meanings: config/README.md). ``resolution``: the study grid's
+    voxel size (mm) and ``shape`` its voxels (read by the grid; the chain takes the grid from its
+    template); ``registration_resolution`` None: register on the grid itself; ``qc_min`` None:
+    no registration score excludes a sample."""
+
+    resolution: float
+    shape: list[int]
+    transform: str
+    registration_resolution: float | None
+    n4: bool
+    n4_shrink_factor: int
+    seed: int
+    antialias: bool
+    brain_extraction: str
+    qc_min: float | None
+
+    @classmethod
+    def of(cls, preprocess: dict) -> "PreprocessSettings":
+        """The settings of config ``preprocess`` (a key it leaves out: the schema's default; an
+        unknown key: an InputError naming it)."""
+        return config.build(cls, ["preprocess"], preprocess)
+
+    def asdict(self) -> dict:
+        """The settings as config ``preprocess``'s mapping (the recipe's words and sidecar entries
+        are filled from it)."""
+        return asdict(self)
 
 
 @dataclass
@@ -33,7 +68,7 @@ class Context:
 
     sources: list[Path]
     channels: list[str]
-    settings: dict
+    settings: PreprocessSettings
     out: dict[str, Path]
     fixed: Any  # the template on the study grid (ANTs)
     mask_img: Any  # the template brain mask on the study grid (nibabel)
@@ -123,7 +158,7 @@ def n4(c: Context) -> None:
         brain = c.native_brain if channel == c.reference else None
         c.images[channel] = ants.n4_bias_field_correction(
             image, mask=brain if brain is not None else ants.get_mask(image),
-            shrink_factor=c.settings["n4_shrink_factor"], convergence={"iters": [50, 50, 30], "tol": 1e-6})
+            shrink_factor=c.settings.n4_shrink_factor, convergence={"iters": [50, 50, 30], "tol": 1e-6})
 
 
 def extract(c: Context) -> None:
@@ -145,7 +180,7 @@ def scale(c: Context) -> None:
         factor = float(np.percentile(values, 99))
         if not np.isfinite(factor) or factor <= 0:
             raise InputError(f"{source}: 99 % of its voxels are 0 or less after reorientation"
-                             f"{' and N4' if c.settings['n4'] else ''} (an empty or mostly-background image), so it "
+                             f"{' and N4' if c.settings.n4 else ''} (an empty or mostly-background image), so it "
                              "cannot be scaled or registered; check the image and replace it, or leave the participant "
                              "out (participants.exclude).")
         c.images[channel] = c.images[channel] / factor
@@ -173,8 +208,8 @@ def register_reference(c: Context) -> None:
 
     from pipeline.common import atomic
 
-    forward = register(registration_template(c.fixed, c.settings["registration_resolution"]), c.images[c.reference],
-                       c.settings["transform"], f"{c.tmp}/ref_")
+    forward = register(registration_template(c.fixed, c.settings.registration_resolution), c.images[c.reference],
+                       c.settings.transform, f"{c.tmp}/ref_")
     atomic.copyfile(forward, c.out["forward"])
     with atomic.path(c.out["inverse"]) as partial:
         ants.write_transform(ants.read_transform(forward).invert(), str(partial))
@@ -234,8 +269,9 @@ STEPS = (
 
 
 def active(settings: dict) -> list[Step]:
-    """The steps that run with config ``preprocess`` ``settings``, in order (a key it leaves out: off)."""
-    return [step for step in STEPS if step.key is None or settings.get(step.key) not in OFF]
+    """The steps that run with config ``preprocess`` ``settings`` (a mapping holding every step's
+    key: ``PreprocessSettings.asdict()``, or a recipe's keys), in order."""
+    return [step for step in STEPS if step.key is None or settings[step.key] not in OFF]
 
 
 def normalise(data: np.ndarray, mask: np.ndarray, source: Path, stats: np.ndarray | None = None) -> np.ndarray:
