@@ -84,6 +84,7 @@ def study(tmp_path):
 def test_each_mistake_is_a_message_from_check_and_from_run(name, study, tmp_path, capsys, monkeypatch):
     break_it, severity, expected = MISTAKES[name]
     bids, cfg = study
+    monkeypatch.chdir(tmp_path)  # a folder of the user's own: no checkout's config/config.yaml (the demo's) under it
     path = tmp_path / "my.yaml"
     path.write_text(yaml.safe_dump(break_it(bids, cfg)))
     expected = texts(expected, tmp_path)
