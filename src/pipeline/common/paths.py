@@ -82,6 +82,15 @@ def groundtruth_mask(truth_dir, target: str) -> Path:
     return Path(truth_dir) / f"space-{SPACE}_desc-{target}_mask.nii.gz"
 
 
+def missing_groundtruth(truth_dir, target: str) -> str | None:
+    """What to do when ``truth_dir`` lacks the mask of ``target``; None when it is there."""
+    path = groundtruth_mask(truth_dir, target)
+    if path.exists():
+        return None
+    return (f"config `explain.groundtruth`: no ground-truth mask {path} for target {target!r}. Set it to the "
+            f"folder with space-{SPACE}_desc-{target}_mask.nii.gz (pipeline.demo writes one for its cohorts), or to null.")
+
+
 def group_map(root: str, method: str, statistic: str = "mean") -> str:
     """A group-level map of ``method`` in template space."""
     return f"{root}/group_space-{SPACE}_desc-{desc(method)}_{statistic}.nii.gz"

@@ -33,7 +33,7 @@ import pandas as pd
 
 from pipeline.common.config import fill, schema
 from pipeline.common.errors import InputError
-from pipeline.common.paths import SPACE, groundtruth_mask
+from pipeline.common.paths import missing_groundtruth
 from pipeline.intake import split
 from pipeline.intake.imagecheck import image_problems
 from pipeline.intake.ingest import IngestSettings, ingest
@@ -76,11 +76,8 @@ def groundtruth_problems(config: dict, folder: Path) -> list[str]:
     truth_dir, target = config["explain"]["groundtruth"], config["target"]
     if not truth_dir or not target or config["task"] == "segmentation" or config["apply"]:
         return []
-    path = groundtruth_mask(Path(folder) / truth_dir, target)
-    if path.exists():
-        return []
-    return [f"config `explain.groundtruth`: no ground-truth mask {path} for target {target!r}. Set it to the "
-            f"folder with space-{SPACE}_desc-{target}_mask.nii.gz (pipeline.demo writes one for its cohorts), or to null."]
+    problem = missing_groundtruth(Path(folder) / truth_dir, target)
+    return [problem] if problem else []
 
 
 def named(items, shown: int = SHOWN) -> str:

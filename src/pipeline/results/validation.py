@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.common.errors import InputError
-from pipeline.common.paths import SPACE, groundtruth_mask
+from pipeline.common.paths import SPACE, groundtruth_mask, missing_groundtruth
 from pipeline.intake.template import resample_to_grid
 from pipeline.results.maps import FoldMeanMaps
 
@@ -32,10 +32,9 @@ def validation_table(fold_dirs: list[Path], template_maps: dict[str, Mapping[str
     """Enrichment of each method's top 5 % in the true effect mask of ``target`` (a simulated cohort's
     ground truth): the group mean map and each subject's map (mean over subjects) on the study grid,
     and each subject's native-space map with the mask carried there by the simulated pose."""
+    if problem := missing_groundtruth(truth_dir, target):
+        raise InputError(problem)
     truth_path = groundtruth_mask(truth_dir, target)
-    if not truth_path.exists():
-        raise InputError(f"No ground-truth mask {truth_path} for target {target!r}; set `explain.groundtruth` "
-                         "to a folder with space-<space>_desc-<target>_mask.nii.gz, or to null.")
     loaded = nib.load(str(truth_path))
     truth_img = nib.Nifti1Image(np.asarray(loaded.dataobj, dtype=np.float32), loaded.affine)  # read once
     brain = np.asarray(mask.dataobj) > 0
