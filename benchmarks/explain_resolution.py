@@ -47,7 +47,7 @@ def subject_image(resolution: float) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def settings_at(resolution: float) -> Settings:
-    return Settings(window=round(WINDOW_MM / resolution), stride=round(STRIDE_MM / resolution))
+    return Settings.of({"window": round(WINDOW_MM / resolution), "stride": round(STRIDE_MM / resolution)})
 
 
 def timing(resolutions: list[float], keep: float, full_occlusion: list[float]) -> list[str]:
@@ -109,7 +109,7 @@ def main() -> None:
     print(f"{args.threads} thread(s)")
     if args.model and args.array:
         print("\n".join(agreement(args.model, args.array, args.mask, [round(args.keep / k, 3) for k in (1, 2, 3)],
-                                  Settings())))
+                                  Settings.of({}))))
     if args.grids:
         print("\n".join(timing(args.grids, args.keep, args.full_occlusion)))
 

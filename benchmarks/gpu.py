@@ -43,13 +43,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from loader import AFFINE, NOISE, batches_of, write_volumes  # noqa: E402
 
-from pipeline.common.config import resolved  # noqa: E402
 from pipeline.learning.augment import Augmentation  # noqa: E402
 from pipeline.learning.coder import TargetCoder  # noqa: E402
 from pipeline.learning.device import synchronize  # noqa: E402
 from pipeline.learning.loader import ArrayLoader  # noqa: E402
 from pipeline.learning.models import build_model  # noqa: E402
 from pipeline.learning.process import Process  # noqa: E402
+from pipeline.learning.settings import TrainSettings  # noqa: E402
 from pipeline.learning.trainer import build_trainer  # noqa: E402
 from pipeline.results.attribution import METHODS, Settings, attribute  # noqa: E402
 
@@ -139,19 +139,19 @@ def training_rows(folder: Path, grids: dict, n_images: int, batches: dict, devic
         targets = pd.Series(np.linspace(20, 80, len(npy)))
         coder = TargetCoder.fit("regression", targets)
         for amp in (False, True):
-            hyper = resolved(["train"], {"batch_size": batches[name], "amp": amp, "epochs": 2,
-                                         "augmentation": {**AFFINE, "noise": NOISE}})
+            hyper = TrainSettings.of({"batch_size": batches[name], "amp": amp, "epochs": 2,
+                                      "augmentation": {**AFFINE, "noise": NOISE}})
             torch.manual_seed(0)
             try:
                 trainer = build_trainer(hyper, 1, coder, Process(device=device))
-                loader = ArrayLoader(npy, prefetch=hyper["prefetch"], pin_memory=device.type == "cuda",
+                loader = ArrayLoader(npy, prefetch=hyper.prefetch, pin_memory=device.type == "cuda",
                                      recycle=device.type != "cuda")
                 generator = torch.Generator().manual_seed(0)
                 y = coder.encode(targets)
-                trainer.train_epoch(loader, y, hyper["batch_size"], generator)  # warm-up: cuDNN's choices
+                trainer.train_epoch(loader, y, hyper.batch_size, generator)  # warm-up: cuDNN's choices
                 synchronize(device)
                 start = time.perf_counter()
-                fit = trainer.train_epoch(loader, y, hyper["batch_size"], generator)
+                fit = trainer.train_epoch(loader, y, hyper.batch_size, generator)
                 synchronize(device)
                 seconds = time.perf_counter() - start
                 loader.close()
@@ -159,7 +159,7 @@ def training_rows(folder: Path, grids: dict, n_images: int, batches: dict, devic
             except torch.OutOfMemoryError:
                 row = {"seconds per step": float("nan"), "data wait": "out of memory"}
                 torch.cuda.empty_cache()
-            rows.append({"grid": name, "batch": hyper["batch_size"],
+            rows.append({"grid": name, "batch": hyper.batch_size,
                          "AMP": ("on" if amp else "off") + ("" if device.type == "cuda" else " (no effect on CPU)"), **row})
             print(rows[-1], file=sys.stderr, flush=True)
     return rows
@@ -173,8 +173,7 @@ def explanation_rows(folder: Path, device: torch.device, quick: bool) -> list[di
     x = torch.from_numpy(np.load(npy[0]))[None]
     torch.manual_seed(0)
     model = build_model("simple_cnn", 1, 1).to(device).eval()
-    settings = Settings(smoothgrad_samples=4 if quick else Settings.smoothgrad_samples,
-                        ig_steps=8 if quick else Settings.ig_steps, ig_baseline=0.0)
+    settings = Settings.of({"ig_baseline": 0.0, **({"smoothgrad_samples": 4, "ig_steps": 8} if quick else {})})
     low = torch.float16 if device.type == "cuda" else torch.bfloat16
     attribute(model, x, 0, ["gradient"], settings)  # warm-up
     brain = x[0, 0].numpy() != 0

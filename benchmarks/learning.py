@@ -93,6 +93,7 @@ def deep_row(results: Path, cohort: dict, hyper: dict, classes, work: Path) -> t
     from pipeline.intake.study import study_table
     from pipeline.results.evaluate import ensemble, predict
     from pipeline.learning.saved import load_model
+    from pipeline.learning.settings import TrainSettings
     from pipeline.learning.train import train
 
     folds, tests, start = [], [], time.perf_counter()
@@ -100,7 +101,7 @@ def deep_row(results: Path, cohort: dict, hyper: dict, classes, work: Path) -> t
         table = study_table(results / "samples.tsv", results / "splits.tsv", results / "derivatives" / "pipeline",
                             f"fold-{k}", ["T1w"])
         out = Path(tempfile.mkdtemp(dir=work))
-        train(table, cohort["target"], cohort["task"], hyper, out, threads=2, classes=classes)
+        train(table, cohort["target"], cohort["task"], TrainSettings.of(hyper), out, threads=2, classes=classes)
         model, coder, _ = load_model(out / "model.pt")
         test = predict(model, coder, table[table["split"] == "test"], cohort["target"]).drop(columns="split")
         folds.append(score(test, cohort["task"], classes)[0])

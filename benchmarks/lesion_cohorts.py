@@ -94,6 +94,7 @@ def deep(results: Path, folds: int, seed: int, classes, work: Path, hyper: dict)
     ensemble's, of the default recipe with training seed ``seed``."""
     from pipeline.intake.study import study_table
     from pipeline.learning.saved import load_model
+    from pipeline.learning.settings import TrainSettings
     from pipeline.learning.train import train
     from pipeline.results import diagnostics
     from pipeline.results.evaluate import ensemble, predict
@@ -104,7 +105,8 @@ def deep(results: Path, folds: int, seed: int, classes, work: Path, hyper: dict)
                             f"fold-{k}", ["T1w"])
         out = Path(tempfile.mkdtemp(dir=work))
         start = time.perf_counter()
-        best = train(table, "group", "classification", {**hyper, "seed": seed}, out, threads=CORES, classes=classes)
+        settings = TrainSettings.of({**hyper, "seed": seed})
+        best = train(table, "group", "classification", settings, out, threads=CORES, classes=classes)
         model, coder, _ = load_model(out / "model.pt")
         test = predict(model, coder, table[table["split"] == "test"], "group").drop(columns="split")
         tests.append(test)

@@ -70,6 +70,7 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
     from pipeline.results.maps import FoldMeanMaps, GroupStatistics, write_statistics
     from pipeline.results.validation import top_fraction_enrichment
     from pipeline.learning.saved import load_model
+    from pipeline.learning.settings import TrainSettings
     from pipeline.learning.train import train
 
     if stage == "import":
@@ -101,7 +102,8 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
         np.mean([top_fraction_enrichment(img.get_fdata(), top, brain) for img in maps.values()])
         return
     if stage == "train":
-        train(table, "age", "regression", {"epochs": 1, "batch_size": batch, "seed": 0}, out_dir, threads=1)
+        settings = TrainSettings.of({"epochs": 1, "batch_size": batch, "seed": 0})
+        train(table, "age", "regression", settings, out_dir, threads=1)
         return
     torch.set_num_threads(1)
     model, coder, _ = load_model(out_dir / "model.pt")
@@ -109,7 +111,7 @@ def child(stage: str, table_path: Path, out_dir: Path, batch: int, linear_mb: fl
     group = GroupStatistics(SIGNED["gradient"])
     (out_dir / "maps").mkdir(exist_ok=True)
     for row in table.itertuples(index=False):
-        maps, _ = attribute(model, load_batch([row.array]), 0, ["gradient"], Settings(), classification=False)
+        maps, _ = attribute(model, load_batch([row.array]), 0, ["gradient"], Settings.of({}), classification=False)
         atomic.nib_save(nib.Nifti1Image(maps["gradient"], np.eye(4)), out_dir / "maps" / f"{row.image_id}.nii.gz")
         group.add(maps["gradient"])
     write_statistics(group, np.eye(4), out_dir, "gradient")

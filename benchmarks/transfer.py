@@ -250,12 +250,13 @@ def study_recipe() -> dict:
 def deep(design: pd.DataFrame, hyper: dict, package: Path, out: Path, fold: int, threads: int) -> pd.DataFrame:
     """Train on the design's train/val rows (from the package when ``init_from`` is set); test predictions."""
     from pipeline.learning.saved import load_model
+    from pipeline.learning.settings import TrainSettings
     from pipeline.learning.train import train
     from pipeline.results.evaluate import predict
 
     if not (out / "model.pt").exists():
         init = {"package": package, "recipe": study_recipe(), "fold": "fold-1"} if hyper.get("init_from") else None
-        train(design, "age", "regression", hyper, out, threads=threads, channels=["T1w"], init=init)
+        train(design, "age", "regression", TrainSettings.of(hyper), out, threads=threads, channels=["T1w"], init=init)
     model, coder, _ = load_model(out / "model.pt")
     return predict(model, coder, design[design["split"] == "test"], "age").drop(columns="split")
 

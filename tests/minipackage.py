@@ -13,7 +13,9 @@ from pipeline.intake import recipe
 from pipeline.intake.study import study_table
 from pipeline.results.evaluate import evaluate_fold, summarise
 from pipeline.sharing.export import export
+from pipeline.sharing.modelcard import PackageSettings
 from pipeline.common.paths import derivative_paths
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 
 SHAPE = (16, 16, 16)
@@ -68,13 +70,13 @@ def build(root: Path) -> Path:
     folds = ["fold-1", "fold-2"]
     for fold in folds:
         table = study_table(manifest, splits, preproc, fold, ["T1w"])
-        train(table, "age", "regression", HYPER, root / "train" / fold, channels=["T1w"])
+        train(table, "age", "regression", TrainSettings.of(HYPER), root / "train" / fold, channels=["T1w"])
         evaluate_fold(table, root / "train" / fold / "model.pt", root / "evaluate" / fold)
     summarise([root / "evaluate" / f for f in folds], root / "evaluate")
     folder = root / "package" / "model"
     export([root / "train" / f for f in folds], [root / "evaluate" / f for f in folds], root / "evaluate" / "metrics.json",
-           manifest, splits, preproc, template, mask, RECIPE, EXPLAIN, {"limitations": ["A unit-test model."]},
-           folder, root / "package" / "model.tar.gz")
+           manifest, splits, preproc, template, mask, RECIPE, EXPLAIN,
+           PackageSettings.of({"limitations": ["A unit-test model."]}), folder, root / "package" / "model.tar.gz")
     return folder
 
 

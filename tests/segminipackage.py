@@ -10,10 +10,12 @@ from pathlib import Path
 import segstudy
 from pipeline.intake import recipe
 from pipeline.intake.study import study_table
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 from pipeline.results.evaluate import evaluate_fold
 from pipeline.results.segmentation import summarise
 from pipeline.sharing.export import export
+from pipeline.sharing.modelcard import PackageSettings
 
 FOLDS = ["fold-1", "fold-2"]
 EXPLAIN = {"methods": ["occlusion"]}  # what the export rule passes; a segmentation spec records none
@@ -32,7 +34,8 @@ def build(root: Path, n_subjects: int = 6) -> dict:
     start = time.perf_counter()
     for fold in FOLDS:
         table = study_table(study["manifest"], study["splits"], study["preproc"], fold, ["T1w"], label=True)
-        train(table, "label", "segmentation", HYPER, root / "train" / fold, classes=LABELS, channels=["T1w"])
+        train(table, "label", "segmentation", TrainSettings.of(HYPER), root / "train" / fold, classes=LABELS,
+              channels=["T1w"])
     study["seconds"]["train"] = time.perf_counter() - start
     start = time.perf_counter()
     for fold in FOLDS:
@@ -45,7 +48,7 @@ def build(root: Path, n_subjects: int = 6) -> dict:
                  archive=root / "package" / "model.tar.gz")
     start = time.perf_counter()
     export(study["train"], study["evaluate"], study["summary"], study["manifest"], study["splits"], study["preproc"],
-           study["template"], study["mask"], RECIPE, EXPLAIN, {"limitations": ["A unit-test model."]},
-           study["package"], study["archive"])
+           study["template"], study["mask"], RECIPE, EXPLAIN,
+           PackageSettings.of({"limitations": ["A unit-test model."]}), study["package"], study["archive"])
     study["seconds"]["export"] = time.perf_counter() - start
     return study

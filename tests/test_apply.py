@@ -88,7 +88,7 @@ def test_apply_mode_grad_cam_is_signed_for_regression_as_in_the_study(mini_study
     pkg = package.load(mini_study / "package" / "model")
     assert pkg.spec["task"] == "regression"
     x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
-    maps = fold_mean_maps(pkg, x, ["gradcam"], Settings(gradcam_layer="features.1"), None)["gradcam"]
+    maps = fold_mean_maps(pkg, x, ["gradcam"], Settings.of({"gradcam_layer": "features.1"}), None)["gradcam"]
     signed = np.mean([gradcam(package_model(pkg, fold), x, 0, "features.1", relu=False) for fold in pkg.folds], axis=0)
     np.testing.assert_allclose(maps, signed, rtol=1e-5, atol=1e-7)
     assert (maps < 0).any() and (maps > 0).any()

@@ -268,19 +268,32 @@ def test_code_defaults_that_mirror_the_config_are_the_schemas():
     """The few keyword defaults of library functions that stand for config keys (calls without a config)."""
     assert inspect.signature(linear.run).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
     assert inspect.signature(linear.fit_fold).parameters["memory_mb"].default == config.defaults(["linear", "memory_mb"])
-    assert attribution.Settings().window == config.defaults(["explain", "window"])
 
 
-SETTINGS_READERS = ("intake/ingest.py", "intake/preflight.py", "intake/preprocess.py", "intake/steps.py")
+# The modules that read settings objects or the resolved config: none `.get`s a config key with a
+# default of its own. In SETTINGS_READERS every `.get` of a config key's name counts; in
+# CONFIG_READERS, whose records share names with config keys (a model's `sampler`, a summary's
+# `positive_class`), a `.get` on the config itself (`config`, `cfg`, `args.config`, `hyper`, …).
+SETTINGS_READERS = ("intake/ingest.py", "intake/preflight.py", "intake/preprocess.py", "intake/steps.py",
+                    "learning/settings.py", "learning/train.py", "learning/trainer.py", "learning/tracking.py",
+                    "learning/checkpoints.py", "learning/variants.py", "learning/launch.py",
+                    "learning/finetuneconfig.py", "results/attribution.py", "results/explain.py",
+                    "results/explainconfig.py", "results/linear.py")
+CONFIG_READERS = ("learning/finetune.py", "results/evaluate.py", "results/report.py", "sharing/export.py",
+                  "sharing/modelcard.py")
+CONFIG_NAMES = re.compile(r"^(args\.)?(config|cfg|hyper|settings|train|explain|card)\b")
 
 
 def test_settings_are_one_object_per_section_filled_from_the_schema():
-    """Ingest and preprocessing read their config as one frozen settings object whose fields are the
-    config's keys, built by ``config.build`` (the schema's defaults filled there, an unknown key
-    refused); the modules that read them have no ``.get("<config key>", …)`` of their own."""
+    """Ingest, preprocessing, training, the explanation methods and the model card read their config
+    as one frozen settings object whose fields are the config's keys, built by ``config.build`` (the
+    schema's defaults filled there, an unknown key refused); the modules that read settings or the
+    resolved config have no ``.get("<config key>", …)`` of their own."""
     from dataclasses import FrozenInstanceError, fields
 
     from pipeline.common.errors import InputError
+    from pipeline.learning.settings import TrainSettings
+    from pipeline.sharing.modelcard import PackageSettings
 
     assert [f.name for f in fields(steps.PreprocessSettings)] == list(config.section(["preprocess"])["properties"])
     assert {f.name for f in fields(ingest.IngestSettings)} <= set(config.schema()["properties"])
@@ -293,14 +306,35 @@ def test_settings_are_one_object_per_section_filled_from_the_schema():
         given.target = "age"
     with pytest.raises(InputError, match="n4_shrink"):
         steps.PreprocessSettings.of({"n4_shrink": 2})
-    keys = set(config.schema()["properties"]) | set(config.section(["preprocess"])["properties"])
-    for name in SETTINGS_READERS:
-        tree = ast.parse((PACKAGE / name).read_text())
+    # train: one variant's settings; asdict() is the mapping hyperparameters.json and the checkpoints'
+    # fingerprint were always made of (the workflow's sorted --config), key order included
+    train_keys = [k for k in config.section(["train"])["properties"] if k != "variants"]
+    assert [f.name for f in fields(TrainSettings)] == train_keys
+    defaults = {k: v for k, v in config.defaults(["train"]).items() if k != "variants"}
+    assert list(TrainSettings.of({}).asdict().items()) == sorted(defaults.items())
+    variant = TrainSettings.of({"epochs": 3, "variants": {"long": {"epochs": 9}}})
+    assert (variant.epochs, variant.batch_size) == (3, defaults["batch_size"])
+    with pytest.raises(InputError, match="'epoch'"):
+        TrainSettings.of({"epoch": 3})
+    assert [f.name for f in fields(attribution.Settings) if f.name != "seed"] == [
+        k for k in config.section(["explain"])["properties"] if k in {f.name for f in fields(attribution.Settings)}]
+    assert attribution.Settings.of({}).window == config.defaults(["explain", "window"])
+    assert attribution.Settings.of({"methods": ["gradient"]}).seed == 0  # SmoothGrad's noise: no config key
+    with pytest.raises(InputError, match="windw"):
+        attribution.Settings.of({"windw": 3})
+    assert [f.name for f in fields(PackageSettings)] == list(config.section(["package"])["properties"])
+    assert PackageSettings.of({}).license == config.defaults(["package", "license"])
+    keys = set(config.schema()["properties"]).union(
+        *(config.section([name]).get("properties", {}) for name in config.schema()["properties"]))
+    for name in SETTINGS_READERS + CONFIG_READERS:
+        tree = ast.parse(source := (PACKAGE / name).read_text())
         for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
-                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys):
+                    and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in keys
+                    and (name in SETTINGS_READERS
+                         or CONFIG_NAMES.match(ast.get_source_segment(source, node.func.value)))):
                 pytest.fail(f"{name}:{node.lineno}: .get({node.args[0].value!r}, …) of a config key: "
-                            "read the settings object")
+                            "read the settings object or the resolved config")
 
 
 def test_the_preprocessing_chain_is_one_list():

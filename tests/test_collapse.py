@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.learning.losses import balanced_weights, loss_fn
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 from pipeline.learning import curves
 from pipeline.results import diagnostics
@@ -49,14 +50,15 @@ def unbalanced_study(root):
 
 def test_classification_trains_with_balanced_weights_by_default(tmp_path):
     table = unbalanced_study(tmp_path / "study")
-    train(table, "group", "classification", {**SMALL, "epochs": 2}, tmp_path / "balanced")
+    train(table, "group", "classification", TrainSettings.of({**SMALL, "epochs": 2}), tmp_path / "balanced")
     hyper = json.loads((tmp_path / "balanced" / "hyperparameters.json").read_text())
     assert hyper["class_weights"] == "balanced"
     assert hyper["class_weight_values"] == pytest.approx({"a": 8 / (2 * 2), "b": 8 / (2 * 6)})
     history = pd.read_csv(tmp_path / "balanced" / "history.tsv", sep="\t")
     assert {"train_balanced_accuracy", "val_balanced_accuracy"} <= set(history.columns)
     assert history["val_balanced_accuracy"].between(0, 1).all()
-    train(table, "group", "classification", {**SMALL, "epochs": 2, "class_weights": "none"}, tmp_path / "plain")
+    train(table, "group", "classification", TrainSettings.of({**SMALL, "epochs": 2, "class_weights": "none"}),
+          tmp_path / "plain")
     plain = json.loads((tmp_path / "plain" / "hyperparameters.json").read_text())
     assert plain["class_weights"] == "none" and "class_weight_values" not in plain
     # same seed, same first step? No: the weighted loss changes the gradients, so the runs differ

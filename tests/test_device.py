@@ -119,8 +119,8 @@ def test_apply_mode_on_the_device_path_reproduces_the_study(mini_study, tmp_path
         study = pd.read_csv(mini_study / "evaluate" / fold / "predictions.tsv", sep="\t").set_index("image_id")
         assert np.array_equal(ours["predicted"], study.loc[ours.index, "predicted"])
     x = load_batch([test["array"].iloc[0]])
-    settings = attribution.Settings(window=4, stride=4, smoothgrad_samples=3, ig_steps=4, ig_baseline="train_mean",
-                                    gradcam_layer="features.1")
+    settings = attribution.Settings.of({"window": 4, "stride": 4, "smoothgrad_samples": 3, "ig_steps": 4,
+                                        "ig_baseline": "train_mean", "gradcam_layer": "features.1"})
     maps = fold_mean_maps(pkg, x, list(attribution.METHODS), settings, None, device="cpu")
     for method, data in maps.items():  # each fold's map as the code before devices computed it: CPU throughout
         folds = [attribution.attribute(package_model(pkg, f), x, 0, [method], settings, pkg.train_mean(f),
@@ -142,7 +142,8 @@ def test_explanation_of_a_fold_on_the_device_path_equals_the_maps_of_the_cpu_mod
         return {m: {"template": "", "native": ""} for m in maps}
 
     monkeypatch.setattr(mapfiles, "save_image_maps", save)  # write_maps saves through it
-    settings = attribution.Settings(window=4, stride=4, smoothgrad_samples=2, ig_steps=4, gradcam_layer="features.1")
+    settings = attribution.Settings.of({"window": 4, "stride": 4, "smoothgrad_samples": 2, "ig_steps": 4,
+                                        "gradcam_layer": "features.1"})
     methods, table = list(attribution.METHODS), fold_table(mini_study)
     model_path = mini_study / "train" / "fold-1" / "model.pt"
     explain.explain_fold(table, model_path, mini_study / "grid" / "mask.nii.gz", mini_study / "derivatives", tmp_path,

@@ -107,7 +107,7 @@ def test_gradcam_equals_captum_and_names_the_layers_when_wrong():
 
 def test_unknown_method_is_an_error_listing_the_methods():
     with pytest.raises(InputError, match="occlusion"):
-        attribution.attribute(small_model(1), brain_like(1), 0, ["lime"], attribution.Settings())
+        attribution.attribute(small_model(1), brain_like(1), 0, ["lime"], attribution.Settings.of({}))
 
 
 def test_enrichment_is_relative_to_chance():

@@ -25,7 +25,8 @@ SHAPE = (8, 6, 4)
 PATCH_COVER = np.einsum("i,j,k->ijk", [1, 1, 2, 2, 2, 2, 1, 1], [1, 1, 2, 2, 1, 1], [1, 1, 1, 1]) / 6
 SAMPLERS = {"image": (Sampler(), np.ones(SHAPE)), "slices": (SliceSampler(axis=2), np.full(SHAPE, 1 / 4)),
             "patches": (PatchSampler(size=(4, 4, 4)), PATCH_COVER)}
-SETTINGS = attribution.Settings(window=2, stride=2, smoothgrad_samples=4, ig_steps=16, ig_baseline=0.0)
+SETTINGS = attribution.Settings.of({"window": 2, "stride": 2, "smoothgrad_samples": 4, "ig_steps": 16,
+                                    "ig_baseline": 0.0})
 GRADIENT_METHODS = ["occlusion", "gradient", "smoothgrad", "integrated_gradients"]
 
 
@@ -89,7 +90,7 @@ def test_maps_of_view_models_equal_those_of_the_known_linear_function(kind):
 @pytest.mark.parametrize("classification", [True, False])
 def test_gradcam_lights_up_the_planted_block_on_the_images_grid(kind, classification):
     model, x = view_model(kind), planted()
-    maps, _ = attribution.attribute(model, x, 0, ["gradcam"], attribution.Settings(), classification=classification)
+    maps, _ = attribution.attribute(model, x, 0, ["gradcam"], attribution.Settings.of({}), classification=classification)
     cam = maps["gradcam"]  # the default layer, features.2, names the network's module whatever the sampler
     assert cam.shape == SHAPE and np.isfinite(cam).all()
     assert cam[-1, -1, -1] > 0 and np.unravel_index(np.argmax(cam), SHAPE)[0] >= 5

@@ -12,6 +12,7 @@ from pipeline.intake.study import study_table
 from pipeline.common.errors import InputError
 from pipeline.learning.finetune import freeze, freeze_layers, head_keys, source_fold
 from pipeline.learning.models import build_model
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 
 HEAD = {"head.3.weight", "head.3.bias"}  # simple_cnn's Linear
@@ -21,7 +22,7 @@ def fine_tune(study, out, target="age", task="regression", fold="fold-1", recipe
     table = study_table(study / "manifest.tsv", study / "splits.tsv", study / "derivatives", fold, ["T1w"])
     init = {"package": study / "package" / "model", "recipe": recipe, "fold": fold}
     settings = {**HYPER, "epochs": 1, "init_from": "lab/brainage:1", **hyper}
-    return train(table, target, task, settings, out, channels=["T1w"], init=init)["state_dict"]
+    return train(table, target, task, TrainSettings.of(settings), out, channels=["T1w"], init=init)["state_dict"]
 
 
 def test_head_is_the_layer_whose_shape_follows_the_outputs():
@@ -68,7 +69,8 @@ def test_the_same_outputs_with_another_meaning_get_a_new_head(mini_study, tmp_pa
     table = study_table(study / "manifest.tsv", study / "splits.tsv", study / "derivatives", "fold-1", ["T1w"])
     table["height"] = table["age"]
     init = {"package": study / "package" / "model", "recipe": RECIPE, "fold": "fold-1"}
-    train(table, "height", "regression", {**HYPER, "epochs": 1, "freeze": True}, tmp_path, channels=["T1w"], init=init)
+    train(table, "height", "regression", TrainSettings.of({**HYPER, "epochs": 1, "freeze": True}), tmp_path,
+          channels=["T1w"], init=init)
     assert "the package's outputs mean regression of 'age', this study's regression of 'height'" in capsys.readouterr().err
 
 
@@ -87,8 +89,9 @@ def test_a_new_head_starts_as_the_linear_probe_of_the_pretrained_features(mini_s
     coder = TargetCoder("regression", mean=float(height.mean()), std=float(height.std()))
     y = coder.encode(height)
     hyper = {**HYPER, "model": "simple_cnn", "model_args": {"channels": [4, 8]}, "freeze": False, "head_init": "probe", "package_head": "keep"}
-    model = initialise(build_model("simple_cnn", 1, 1, channels=[4, 8]), mini_study / "package" / "model", hyper, coder,
-                       "height", ["T1w"], RECIPE, "fold-1", probe=(rows["array"].tolist(), y)).eval()
+    model = initialise(build_model("simple_cnn", 1, 1, channels=[4, 8]), mini_study / "package" / "model",
+                       TrainSettings.of(hyper), coder, "height", ["T1w"], RECIPE, "fold-1",
+                       probe=(rows["array"].tolist(), y)).eval()
     assert "new head fitted on the pre-trained features of" in capsys.readouterr().err
     x = torch.from_numpy(np.stack([np.load(a) for a in rows["array"]]).astype(np.float32))
     features = []
@@ -98,7 +101,8 @@ def test_a_new_head_starts_as_the_linear_probe_of_the_pretrained_features(mini_s
     expected = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(features[0].numpy(), y.numpy()).predict(features[0].numpy())
     np.testing.assert_allclose(out, expected, atol=1e-4)
     random_head = initialise(build_model("simple_cnn", 1, 1, channels=[4, 8]), mini_study / "package" / "model",
-                             {**hyper, "head_init": "random"}, coder, "height", ["T1w"], RECIPE, "fold-1",
+                             TrainSettings.of({**hyper, "head_init": "random"}), coder, "height", ["T1w"], RECIPE,
+                             "fold-1",
                              probe=(rows["array"].tolist(), y)).eval()
     assert not torch.equal(random_head.head[3].weight, model.head[3].weight)
 
@@ -169,7 +173,8 @@ def test_a_package_of_40_age_bins_keeps_its_head_and_predicts_their_expected_val
     table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives", "fold-1",
                         ["T1w"])
     init = {"package": binned, "recipe": RECIPE, "fold": "fold-1"}
-    tuned = train(table, "age", "regression", {**HYPER, "epochs": 2, "init_from": "lab/sfcn:1", "freeze": "features"},
+    settings = TrainSettings.of({**HYPER, "epochs": 2, "init_from": "lab/sfcn:1", "freeze": "features"})
+    tuned = train(table, "age", "regression", settings,
                   tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
     assert "new head" not in capsys.readouterr().err
     assert tuned["head.3.weight"].shape == (40, 8) and not torch.equal(tuned["head.3.weight"], start["head.3.weight"])
@@ -193,8 +198,9 @@ def test_package_head_new_replaces_40_age_bins_with_one_regression_output(mini_s
     table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives", "fold-1",
                         ["T1w"])
     init = {"package": binned, "recipe": RECIPE, "fold": "fold-1"}
-    tuned = train(table, "age", "regression", {**HYPER, "epochs": 1, "init_from": "lab/sfcn:1", "freeze": "features",
-                                               "package_head": "new"},
+    settings = TrainSettings.of({**HYPER, "epochs": 1, "init_from": "lab/sfcn:1", "freeze": "features",
+                                 "package_head": "new"})
+    tuned = train(table, "age", "regression", settings,
                   tmp_path / "out", channels=["T1w"], init=init)["state_dict"]
     log = capsys.readouterr().err
     assert "new head (head.3.bias, head.3.weight from random weights): config train.package_head is new" in log
@@ -236,17 +242,16 @@ def test_freeze_by_layer_name(mini_study, tmp_path, capsys):
 def test_backbone_lr_factor_gives_the_head_and_the_backbone_their_own_learning_rates(mini_study, tmp_path):
     from pipeline.learning.coder import TargetCoder
     from pipeline.learning.process import Process
-    from pipeline.learning.train import resolve
     from pipeline.learning.trainer import build_trainer
 
-    hyper = resolve({**HYPER, "init_from": "lab/brainage:1", "backbone_lr_factor": 0.1})
+    hyper = TrainSettings.of({**HYPER, "init_from": "lab/brainage:1", "backbone_lr_factor": 0.1})
     trainer = build_trainer(hyper, 1, TargetCoder("regression"), Process.start("cpu"), lambda network: network)
     head, backbone = trainer.optimizer.param_groups
     names = {id(p): n for n, p in trainer.network.named_parameters()}
     assert (head["name"], head["lr"], backbone["name"], backbone["lr"]) == ("head", 0.01, "backbone", 0.001)
     assert sorted(names[id(p)] for p in head["params"]) == ["head.3.bias", "head.3.weight"]
     assert len(backbone["params"]) == len(names) - 2
-    plain = build_trainer(resolve({**HYPER, "init_from": "lab/brainage:1"}), 1, TargetCoder("regression"),
+    plain = build_trainer(TrainSettings.of({**HYPER, "init_from": "lab/brainage:1"}), 1, TargetCoder("regression"),
                           Process.start("cpu"), lambda network: network)
     assert len(plain.optimizer.param_groups) == 1  # factor 1: one group, as before
 
@@ -257,7 +262,8 @@ def test_backbone_lr_factor_gives_the_head_and_the_backbone_their_own_learning_r
     with pytest.raises(InputError, match="backbone_lr_factor is 0.5, .* but train.init_from is null"):
         table = study_table(mini_study / "manifest.tsv", mini_study / "splits.tsv", mini_study / "derivatives",
                             "fold-1", ["T1w"])
-        train(table, "age", "regression", {**HYPER, "backbone_lr_factor": 0.5}, tmp_path / "scratch", channels=["T1w"])
+        train(table, "age", "regression", TrainSettings.of({**HYPER, "backbone_lr_factor": 0.5}), tmp_path / "scratch",
+              channels=["T1w"])
 
 
 def test_the_config_check_refuses_fine_tuning_keys_without_a_package(tmp_path):

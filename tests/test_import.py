@@ -137,11 +137,13 @@ def test_an_imported_package_is_registered_fetched_and_fine_tuned_from(sfcn_pack
     from pipeline.learning.coder import TargetCoder
     from pipeline.learning.finetune import initialise
     from pipeline.learning.models import build_model
+    from pipeline.learning.settings import TrainSettings
 
     pkg = package.load(folder)
     model = build_model("sfcn_peng", 1, 1, channels=WIDTHS)
     hyper = {"model": "sfcn_peng", "model_args": {"channels": WIDTHS}, "freeze": 0, "package_head": "keep"}
-    initialise(model, folder, hyper, TargetCoder("regression", mean=50.0, std=10.0), "age", ["T1w"], pkg.recipe, "fold-1")
+    initialise(model, folder, TrainSettings.of(hyper), TargetCoder("regression", mean=50.0, std=10.0), "age", ["T1w"],
+               pkg.recipe, "fold-1")
     start = pkg.state_dict("fold-1")
     assert torch.equal(model.state_dict()["feature_extractor.conv_0.0.weight"], start["feature_extractor.conv_0.0.weight"])
     assert "new head" in capsys.readouterr().err and model.eval()(x).shape == (1, 1)
@@ -172,14 +174,14 @@ def test_the_predict_stage_of_apply_writes_the_expected_age(sfcn_package, tmp_pa
     predictions = predict_folds(pkg, table, tmp_path / "predict", tmp_path / "predictions.tsv")
     assert np.isclose(predictions["predicted"][0], package_output(tmp / "package", x)[1][0], atol=1e-4)
     from pipeline.sharing.predict import build_report, fold_mean_maps
-    from pipeline.results.attribution import settings_of
+    from pipeline.results.attribution import Settings
 
     from pipeline.sharing.predict import predicting_expected_value
 
     model = predicting_expected_value(package_model(pkg, "fold-1"), package_coder(pkg, "fold-1"))
     with torch.no_grad():
         assert np.isclose(float(model(x)), predictions["predicted"][0], atol=1e-4)  # maps explain the age itself
-    maps = fold_mean_maps(pkg, x, ["gradient", "gradcam"], settings_of(pkg.spec["explain"]), None)
+    maps = fold_mean_maps(pkg, x, ["gradient", "gradcam"], Settings.of(pkg.spec["explain"]), None)
     assert maps["gradcam"].shape == tuple(GRID) and np.abs(maps["gradient"]).sum() > 0
     page = build_report(pkg, "lab/sfcn:1", tmp_path / "predictions.tsv", tmp_path, [], [], {}, tmp_path / "report.html")
     assert "imported: no test metrics of its own" in page.read_text()

@@ -87,7 +87,7 @@ def test_the_models_license_is_in_its_card_and_spec(mini_study):
     counts = modelcard.cohort(read_tsv(mini_study / "manifest.tsv"), read_tsv(mini_study / "splits.tsv"), "age",
                               "regression")
     metrics, recipe = (json.loads((folder / name).read_text()) for name in (package.METRICS, package.RECIPE))
-    chosen = study_config.resolved(["package"], {"license": "CC-BY-4.0"})
+    chosen = modelcard.PackageSettings.of({"license": "CC-BY-4.0"})
     card = modelcard.render(spec(folder), recipe, metrics, counts, chosen)
     assert "## License\n\nThis model (weights and documents of this package) is licensed under: CC-BY-4.0." in card
 

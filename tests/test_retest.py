@@ -16,7 +16,7 @@ from pipeline.common.paths import derivative_paths
 from pipeline.intake.study import study_table
 from pipeline.learning.loader import load_batch
 from pipeline.results import retest
-from pipeline.results.attribution import settings_of
+from pipeline.results.attribution import Settings
 from pipeline.results.maps import FoldMeanMaps
 from pipeline.common import package
 from pipeline.sharing import predict as predict_cli
@@ -98,7 +98,7 @@ def test_apply_writes_the_retest_of_a_participant_scanned_twice(mini_study, tmp_
     # The maps as predict_maps computes them (fold_mean_maps), in template space, indexed in maps.tsv.
     mask = mini_study / "grid" / "mask.nii.gz"
     affine, brain = nib.load(mask).affine, np.asarray(nib.load(mask).dataobj) > 0
-    settings = settings_of({"window": 4, "stride": 4, "gradcam_layer": "features.1"})
+    settings = Settings.of({"window": 4, "stride": 4, "gradcam_layer": "features.1"})
     rows, arrays = [], {}
     for row in table.itertuples(index=False):
         maps = predict_cli.fold_mean_maps(pkg, load_batch([row.array]), ["occlusion", "gradient"], settings, None)

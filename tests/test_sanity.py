@@ -33,7 +33,7 @@ def test_the_gradient_of_a_network_changes_with_its_weights_and_a_copy_of_the_im
     model = build_model("simple_cnn", 1, 1, norm="batch", dropout=0).eval()
     x = torch.randn(1, 1, 16, 20, 16)
     brain = np.ones((16, 20, 16), bool)
-    rows = pd.DataFrame(sanity.randomisation_rows(model, x, 0, ["gradient", "integrated_gradients"], Settings(),
+    rows = pd.DataFrame(sanity.randomisation_rows(model, x, 0, ["gradient", "integrated_gradients"], Settings.of({}),
                                                   torch.zeros_like(x), False, brain, "sub-1"))
     assert set(rows["blocks_randomised"]) == {1, 3, 5} and (rows["of_blocks"] == 5).all()
     assert rows["from_block"].iloc[-1] == "features.0"
@@ -81,7 +81,7 @@ def test_the_check_reaches_the_network_inside_a_slice_model():
     network = build_model("simple_cnn", 1, 1, spatial_dims=2, norm="batch", dropout=0)
     model = ImageModel(network, SliceSampler(axis=2)).eval()
     x = torch.randn(1, 1, 16, 16, 4)
-    rows = sanity.randomisation_rows(model, x, 0, ["gradient"], Settings(), None, False, np.ones((16, 16, 4), bool),
+    rows = sanity.randomisation_rows(model, x, 0, ["gradient"], Settings.of({}), None, False, np.ones((16, 16, 4), bool),
                                      "sub-1")
     assert [r["from_block"] for r in rows][0] == "head.3" and np.isfinite([r["spearman"] for r in rows]).all()
 

@@ -27,7 +27,7 @@ from pipeline.intake.preprocess import PreprocessSettings, preprocess, write_lab
 from pipeline.results.segmentation import label_scores, majority
 from pipeline.intake.template import template_on_grid
 from pipeline.learning.process import Process
-from pipeline.learning.train import resolve
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.trainer import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_majority_vote_of_label_maps():
 def test_trainer_refuses_a_network_of_the_other_kind(task, model, key):
     coder = TargetCoder(task, classes=["background", "tissue"] if task == "segmentation" else None)
     with pytest.raises(InputError, match=key.replace(".", r"\.")):
-        build_trainer(resolve({"model": model}), 1, coder, Process())
+        build_trainer(TrainSettings.of({"model": model}), 1, coder, Process())
 
 
 def test_segmentation_without_label_images_is_refused_naming_label_image(tmp_path):
@@ -164,7 +164,7 @@ def test_small_unet_segments_gm_and_wm_of_the_demo_test_split(tmp_path):
     start = time.perf_counter()
     study = segstudy.build(tmp_path)
     table = study_table(study["manifest"], study["splits"], study["preproc"], "fold-1", ["T1w"], label=True)
-    train(table, "label", "segmentation", segstudy.HYPER, tmp_path / "train", threads=2,
+    train(table, "label", "segmentation", TrainSettings.of(segstudy.HYPER), tmp_path / "train", threads=2,
           classes=segstudy.LABEL_IMAGE["labels"], channels=["T1w"])
     metrics = evaluate_fold(table, tmp_path / "train" / "model.pt", tmp_path / "evaluate", study["preproc"], ["T1w"])
     seconds = time.perf_counter() - start
@@ -299,7 +299,7 @@ def test_segmentation_trains_on_patches_and_slices_with_augmented_labels(tmp_pat
                      "label_array": str(paths["label_array"])})
     hyper = {"model": "unet", "model_args": {"features": [4, 4, 4, 4, 4, 4]}, "epochs": 2, "batch_size": 2,
              "sampler": sampler, "augmentation": {"rotation": 10, "translation": 2}}
-    best = train(pd.DataFrame(rows), "label", "segmentation", hyper, tmp_path / "train")
+    best = train(pd.DataFrame(rows), "label", "segmentation", TrainSettings.of(hyper), tmp_path / "train")
     history = pd.read_csv(tmp_path / "train" / "history.tsv", sep="\t")
     assert {"train_dice", "val_dice"} <= set(history.columns) and history["val_dice"].between(0, 1).all()
     assert best["epoch"] == int(history["val_dice"].idxmax()) + 1  # the best validation Dice is kept

@@ -20,6 +20,7 @@ from pipeline.common.paths import derivative_paths
 from pipeline.learning.sampler import ImageModel
 from pipeline.learning.process import image_batches
 from pipeline.learning.saved import load_model
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 
 SMALL = {"model": "simple_cnn", "model_args": {"channels": [4, 8], "dropout": 0.2}, "batch_size": 4,
@@ -62,13 +63,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 def test_same_config_and_seed_give_bit_identical_weights(study, tmp_path):
     table, _ = study
-    train(table, "age", "regression", SMALL, tmp_path / "a")
-    train(table, "age", "regression", SMALL, tmp_path / "b")
+    train(table, "age", "regression", TrainSettings.of(SMALL), tmp_path / "a")
+    train(table, "age", "regression", TrainSettings.of(SMALL), tmp_path / "b")
     assert_same_weights(weights(tmp_path / "a" / "model.pt"), weights(tmp_path / "b" / "model.pt"))
     history = pd.read_csv(tmp_path / "a" / "history.tsv", sep="\t")
     assert list(history["epoch"]) == [1, 2, 3] and (history["steps"] == 2).all()
     assert history["data_wait"].between(0, 1).all()
-    other = train(table, "age", "regression", {**SMALL, "seed": 4}, tmp_path / "c")["state_dict"]
+    other = train(table, "age", "regression", TrainSettings.of({**SMALL, "seed": 4}), tmp_path / "c")["state_dict"]
     assert not all(torch.equal(other[k], v) for k, v in weights(tmp_path / "a" / "model.pt").items())
 
 
@@ -86,13 +87,13 @@ def kill_after(epoch_to_die: int):
 def test_run_killed_after_an_epoch_resumes_to_the_uninterrupted_weights(study, tmp_path):
     table, _ = study
     hyper = {**SMALL, "epochs": 4}
-    train(table, "age", "regression", hyper, tmp_path / "whole")
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "whole")
     with pytest.raises(Killed):
-        train(table, "age", "regression", hyper, tmp_path / "killed", on_epoch_end=kill_after(2))
+        train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "killed", on_epoch_end=kill_after(2))
     assert not (tmp_path / "killed" / "model.pt").exists()
     torch.manual_seed(123)  # the resumed run must restore every random state itself
     np.random.seed(123)
-    train(table, "age", "regression", hyper, tmp_path / "killed")
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "killed")
     assert_same_weights(weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "killed" / "model.pt"))
     last = [torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True) for d in ("whole", "killed")]
     assert_same_weights(last[0]["model"], last[1]["model"])
@@ -105,10 +106,10 @@ def test_weight_averaging_saves_the_average_and_resumes_exactly(study, tmp_path)
     included), validated as such, and a killed run resumes to the same average."""
     table, _ = study
     hyper = {**SMALL, "epochs": 4, "ema": 0.9, "model_args": {**SMALL["model_args"], "norm": "batch"}}
-    train(table, "age", "regression", hyper, tmp_path / "whole")
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "whole")
     with pytest.raises(Killed):
-        train(table, "age", "regression", hyper, tmp_path / "killed", on_epoch_end=kill_after(2))
-    train(table, "age", "regression", hyper, tmp_path / "killed")
+        train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "killed", on_epoch_end=kill_after(2))
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "killed")
     assert_same_weights(weights(tmp_path / "whole" / "model.pt"), weights(tmp_path / "killed" / "model.pt"))
     last = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)
     averaged = {k.removeprefix("module."): v for k, v in last["averaged"].items() if k.startswith("module.")}
@@ -122,15 +123,15 @@ def test_weight_averaging_saves_the_average_and_resumes_exactly(study, tmp_path)
 
 def test_changed_settings_do_not_resume(study, tmp_path, capsys):
     table, _ = study
-    train(table, "age", "regression", {**SMALL, "epochs": 1}, tmp_path / "run")
-    train(table, "age", "regression", {**SMALL, "epochs": 1, "learning_rate": 0.02}, tmp_path / "run")
+    train(table, "age", "regression", TrainSettings.of({**SMALL, "epochs": 1}), tmp_path / "run")
+    train(table, "age", "regression", TrainSettings.of({**SMALL, "epochs": 1, "learning_rate": 0.02}), tmp_path / "run")
     assert "ignoring" in capsys.readouterr().err
 
 
 def test_slice_model_trains_on_sub_batches_and_predicts_per_image(study, tmp_path):
     table, _ = study
     hyper = {**SMALL, "epochs": 2, "sampler": {"kind": "slices", "axis": 2, "per_image": 4, "batch_size": 8}}
-    record = train(table, "age", "regression", hyper, tmp_path / "slices")
+    record = train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "slices")
     assert record["model"]["spatial_dims"] == 2 and record["sampler"]["kind"] == "slices"
     history = pd.read_csv(tmp_path / "slices" / "history.tsv", sep="\t")
     assert (history["steps"] == 8 * 4 // 8).all()  # n_images × per_image / sub-batch
@@ -148,7 +149,7 @@ def test_slice_model_trains_on_sub_batches_and_predicts_per_image(study, tmp_pat
 def test_patch_classifier(study, tmp_path):
     table, _ = study
     hyper = {**SMALL, "epochs": 1, "sampler": {"kind": "patches", "size": [4, 4, 4], "per_image": 2}}
-    train(table, "group", "classification", hyper, tmp_path / "patches")
+    train(table, "group", "classification", TrainSettings.of(hyper), tmp_path / "patches")
     model, coder, _ = load_model(tmp_path / "patches" / "model.pt")
     assert coder.classes == ["a", "b"] and model(torch.randn(2, 1, 8, 8, 8)).shape == (2, 2)
 
@@ -166,15 +167,15 @@ def test_amp_is_a_no_op_on_cpu(study, tmp_path):
         pytest.skip("compares with CPU training")
     table, _ = study
     hyper = {**SMALL, "epochs": 1}
-    train(table, "age", "regression", hyper, tmp_path / "fp32")
-    train(table, "age", "regression", {**hyper, "amp": True}, tmp_path / "amp")
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "fp32")
+    train(table, "age", "regression", TrainSettings.of({**hyper, "amp": True}), tmp_path / "amp")
     assert_same_weights(weights(tmp_path / "fp32" / "model.pt"), weights(tmp_path / "amp" / "model.pt"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_amp_on_cuda_trains(study, tmp_path):
     table, _ = study
-    record = train(table, "age", "regression", {**SMALL, "epochs": 2, "amp": True}, tmp_path / "amp")
+    record = train(table, "age", "regression", TrainSettings.of({**SMALL, "epochs": 2, "amp": True}), tmp_path / "amp")
     assert np.isfinite(record["val_loss"])
     history = pd.read_csv(tmp_path / "amp" / "history.tsv", sep="\t")
     assert np.isfinite(history["train_loss"]).all()
@@ -185,9 +186,9 @@ def test_unknown_model_is_an_input_error(study, tmp_path):
 
     table, _ = study
     with pytest.raises(InputError, match="resnet18"):
-        train(table, "age", "regression", {**SMALL, "model": "resnet1000"}, tmp_path / "x")
+        train(table, "age", "regression", TrainSettings.of({**SMALL, "model": "resnet1000"}), tmp_path / "x")
     with pytest.raises(InputError, match="segmentation"):
-        train(table, "age", "regression", {**SMALL, "model": "unet"}, tmp_path / "x")
+        train(table, "age", "regression", TrainSettings.of({**SMALL, "model": "unet"}), tmp_path / "x")
 
 
 def test_mlflow_tracking_writes_a_local_run(study, tmp_path):
@@ -197,7 +198,7 @@ def test_mlflow_tracking_writes_a_local_run(study, tmp_path):
 
     table, _ = study
     out = tmp_path / "fold-1"
-    train(table, "age", "regression", {**SMALL, "epochs": 2, "tracking": "mlflow"}, out)
+    train(table, "age", "regression", TrainSettings.of({**SMALL, "epochs": 2, "tracking": "mlflow"}), out)
     client = MlflowClient(tracking_uri=(out / "mlflow").resolve().as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("pipeline").experiment_id])
     assert run.info.run_name == "fold-1" and run.data.params["learning_rate"] == "0.01"
@@ -215,7 +216,7 @@ def test_mlflow_folds_and_variants_share_one_store_and_experiment(study, tmp_pat
     table, _ = study
     store, hyper = tmp_path / "results" / "mlflow", {**SMALL, "epochs": 1, "tracking": "mlflow"}
     for run in ("fold-1/variant-a", "fold-2/variant-b"):
-        train(table, "age", "regression", hyper, tmp_path / "results" / "train" / run,
+        train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "results" / "train" / run,
               mlflow=MlflowTarget(store, "my-study", run))
     client = MlflowClient(tracking_uri=store.resolve().as_uri())
     [experiment] = [e for e in client.search_experiments() if e.name != "Default"]
@@ -227,7 +228,7 @@ def test_mlflow_folds_and_variants_share_one_store_and_experiment(study, tmp_pat
 
     elsewhere = tmp_path / "server-store"  # $MLFLOW_TRACKING_URI wins over the study's store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere.resolve().as_uri())
-    train(table, "age", "regression", hyper, tmp_path / "results" / "train" / "fold-3",
+    train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "results" / "train" / "fold-3",
           mlflow=MlflowTarget(store, "my-study", "fold-3"))
     client = MlflowClient(tracking_uri=elsewhere.resolve().as_uri())
     [run] = client.search_runs([client.get_experiment_by_name("my-study").experiment_id])
@@ -241,7 +242,7 @@ def test_two_process_ddp_on_cpu_matches_one_process(study, tmp_path):
     which pools them, needs CUDA), so BatchNorm networks match only on GPUs."""
     table, (manifest, splits, preproc) = study
     hyper = {**SMALL, "model_args": {"channels": [4, 8], "dropout": 0.0, "norm": "instance"}, "epochs": 2}
-    single = train(table, "age", "regression", hyper, tmp_path / "single")
+    single = train(table, "age", "regression", TrainSettings.of(hyper), tmp_path / "single")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -11,6 +11,7 @@ from minipackage import HYPER, write_cohort
 from pipeline.learning import variants
 from pipeline.intake.study import study_table
 from pipeline.common.errors import InputError
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.train import train
 
 
@@ -34,7 +35,8 @@ def test_select_copies_the_variant_with_the_lowest_validation_loss(tmp_path):
     fold_dir = tmp_path / "train" / "fold-1"
     config = {**HYPER, "variants": {"frozen": {"learning_rate": 1e-9}, "learns": {"epochs": 6}}}
     for name in config["variants"]:
-        train(table, "age", "regression", variants.hyperparameters(config, name), fold_dir / f"variant-{name}")
+        settings = TrainSettings.of(variants.hyperparameters(config, name))
+        train(table, "age", "regression", settings, fold_dir / f"variant-{name}")
     chosen = variants.select(fold_dir, ["frozen", "learns"])
 
     summary = pd.read_csv(fold_dir / "variants.tsv", sep="\t").set_index("variant")

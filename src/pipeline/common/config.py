@@ -90,13 +90,17 @@ def build(cls: type[T], path: list[str], given: Mapping) -> T:
     """The settings dataclass ``cls`` of the config section at ``path`` (``[]``: the top-level
     keys): each field the key of its name, from ``given`` or else the schema's default
     (``resolved``, which also refuses a key the section does not know). A field without a schema
-    default (a value the workflow derives, e.g. ingest's ``target`` in apply mode) must be given."""
+    default (a value the workflow derives, e.g. ingest's ``target`` in apply mode) must be given.
+    A field that is no key of the section keeps the dataclass's own default (e.g. attribution's
+    ``seed``); a section key never does."""
     values = resolved(path, dict(given))
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    keys = set(section(path).get("properties", {}))
+    fields = [f for f in dataclasses.fields(cls) if f.name in keys or f.name in values]
+    missing = [f.name for f in fields if f.name not in values]
     if missing:
         where = ".".join(path) or "(top level)"
         raise InputError(f"config `{where}` lacks {missing}, which have no default; set them.")
-    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: values[f.name] for f in fields})
 
 
 def defaults(path: list[str]):

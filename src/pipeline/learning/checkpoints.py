@@ -14,15 +14,16 @@ import torch
 
 from pipeline.common import atomic
 from pipeline.common.locations import code_files
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.trainer import Trainer
 
 
-def fingerprint(hyper: dict, table: pd.DataFrame) -> str:
-    """Identifies a training run: settings, images, targets, splits and the package's code.
-    A checkpoint resumes only on a match."""
+def fingerprint(settings: TrainSettings, table: pd.DataFrame) -> str:
+    """Identifies a training run: settings (config ``train``, as the dict ``settings.asdict()``),
+    images, targets, splits and the package's code. A checkpoint resumes only on a match."""
     code = "".join(p.read_text() for p in code_files())
     columns = ["image_id", "split", "array", *(["label_array"] if "label_array" in table else [])]
-    content = json.dumps(hyper, sort_keys=True) + table[columns].to_csv() + code
+    content = json.dumps(settings.asdict(), sort_keys=True) + table[columns].to_csv() + code
     return hashlib.sha256(content.encode()).hexdigest()
 
 

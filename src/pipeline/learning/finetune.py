@@ -36,6 +36,7 @@ from pipeline.intake import recipe
 from pipeline.learning.coder import TargetCoder
 from pipeline.common.errors import InputError
 from pipeline.learning.models import build_model, recorded_args, resolved_args
+from pipeline.learning.settings import TrainSettings
 
 
 def source_fold(fold: str, folds: list[str]) -> str:
@@ -215,19 +216,21 @@ def probe_head(model: nn.Module, head: set[str], arrays: list[str], y, coder: Ta
     return f"fitted on the pre-trained features of {len(arrays)} training image(s) ({type(fit).__name__})"
 
 
-def initialise(model: nn.Module, folder: Path, hyper: dict, coder: TargetCoder, target: str, channels: list[str],
-               study_recipe: dict, fold: str, probe: tuple[list[str], object] | None = None) -> nn.Module:
-    """Load a package fold's weights into ``model`` (built from ``hyper``), following the module's rules.
+def initialise(model: nn.Module, folder: Path, settings: TrainSettings, coder: TargetCoder, target: str,
+               channels: list[str], study_recipe: dict, fold: str,
+               probe: tuple[list[str], object] | None = None) -> nn.Module:
+    """Load a package fold's weights into ``model`` (built from ``settings``, config ``train``),
+    following the module's rules.
     A new head is fitted by ``probe_head`` on ``probe`` (training arrays, encoded targets) with
     ``train.head_init: probe``."""
     pkg = package.load(folder)
-    check_architecture(pkg.spec, hyper["model"], hyper["model_args"], channels, folder)
+    check_architecture(pkg.spec, settings.model, settings.model_args, channels, folder)
     check_preprocessing(pkg.recipe, study_recipe, folder)
     start = source_fold(fold, pkg.folds)
     state = pkg.state_dict(start)
-    reason = "config train.package_head is new" if hyper["package_head"] == "new" else head_reason(pkg.spec, coder, target)
+    reason = "config train.package_head is new" if settings.package_head == "new" else head_reason(pkg.spec, coder, target)
     if reason:
-        head = head_keys(hyper["model"], hyper["model_args"], len(channels))
+        head = head_keys(settings.model, settings.model_args, len(channels))
         state = {k: v for k, v in state.items() if k not in head}
         print(f"{fold}: new head ({', '.join(sorted(head))} from random weights): {reason}", file=sys.stderr)  # a probe may follow
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -235,13 +238,13 @@ def initialise(model: nn.Module, folder: Path, hyper: dict, coder: TargetCoder, 
         raise InputError(f"{folder / package.weights_file(start)} does not fit the network: missing {missing}, "
                          f"unexpected {unexpected}.")
     print(f"{fold}: starting from {folder} {start}", file=sys.stderr)
-    if reason and probe is not None and hyper["head_init"] == "probe":
+    if reason and probe is not None and settings.head_init == "probe":
         how = probe_head(model, head, *probe, coder)
         print(f"{fold}: new head {how or 'left random (not one linear map of pooled features)'}", file=sys.stderr)
-    setting = freeze_setting(hyper["freeze"])
+    setting = freeze_setting(settings.freeze)
     if isinstance(setting, list):
         trained = freeze_layers(model, setting)
-        frozen_head = sorted(k for k in head_keys(hyper["model"], hyper["model_args"], len(channels))
+        frozen_head = sorted(k for k in head_keys(settings.model, settings.model_args, len(channels))
                              if k in dict(model.named_parameters()) and k not in trained) if reason else []
         if frozen_head:
             raise InputError(f"train.freeze {setting} freezes {', '.join(frozen_head)}, the new head, which starts from "

@@ -10,14 +10,14 @@ def problems(config: dict) -> list[str]:
     from pipeline.learning.variants import hyperparameters
 
     train, found = config["train"], []
-    for variant in [None, *train.get("variants", {})]:
+    for variant in [None, *train["variants"]]:
         hyper, where = hyperparameters(train, variant), "`train`" if variant is None else f"`train.variants.{variant}`"
-        if hyper.get("init_from"):
+        if hyper["init_from"]:
             continue
-        if hyper.get("backbone_lr_factor", 1) != 1:
+        if hyper["backbone_lr_factor"] != 1:
             found.append(f"config {where} sets backbone_lr_factor {hyper['backbone_lr_factor']}, which slows a package's "
                          "pre-trained layers, but `train.init_from` is null: set init_from, or the factor to 1.")
-        if hyper.get("freeze"):
+        if hyper["freeze"]:
             found.append(f"config {where} sets freeze {hyper['freeze']!r}, which freezes a package's pre-trained layers, "
                          "but `train.init_from` is null: set init_from, or freeze to false.")
     return found

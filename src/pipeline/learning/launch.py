@@ -17,7 +17,7 @@ from pipeline.learning.variants import hyperparameters
 
 def processes(train: dict, variant: str | None = None) -> int:
     """Processes (= GPUs) of one training job: config ``train.gpus``, a variant's own when it sets one."""
-    return int(hyperparameters(train, variant).get("gpus", 1))
+    return int(hyperparameters(train, variant)["gpus"])
 
 
 def launcher(n: int) -> str:
@@ -35,7 +35,7 @@ def gpus_requested(config: dict, variant: str | None = None) -> int:
 def problems(config: dict) -> list[str]:
     """Problems of ``device`` and ``train.gpus`` together (the config filled in with the schema's defaults)."""
     train, found = config["train"], []
-    for variant in [None, *train.get("variants", {})]:
+    for variant in [None, *train["variants"]]:
         n, where = processes(train, variant), "`train.gpus`" if variant is None else f"`train.variants.{variant}`"
         if n == 1:
             continue

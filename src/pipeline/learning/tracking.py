@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipeline.common import atomic
 from pipeline.common.errors import InputError
+from pipeline.learning.settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,16 @@ class Trackers:
     """Metrics per epoch: ``history.tsv`` and TensorBoard always, MLflow with ``tracking: mlflow``
     (``mlflow``: where the run goes; default ``MlflowTarget.alone(out_dir)``)."""
 
-    def __init__(self, out_dir: Path, hyper: dict, state: dict, enabled: bool, mlflow: MlflowTarget | None = None):
+    def __init__(self, out_dir: Path, settings: TrainSettings, state: dict, enabled: bool,
+                 mlflow: MlflowTarget | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.out_dir, self.enabled = out_dir, enabled
         self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["epoch"] + 1) if enabled else None
         self.mlflow = None
-        if enabled and hyper["tracking"] == "mlflow":
+        if enabled and settings.tracking == "mlflow":
             target = mlflow or MlflowTarget.alone(out_dir)
-            self.mlflow, state["mlflow_run"] = start_mlflow(target, hyper, state.get("mlflow_run"))
+            self.mlflow, state["mlflow_run"] = start_mlflow(target, settings, state.get("mlflow_run"))
 
     def log(self, row: dict, history: list[dict]) -> None:
         if not self.enabled:
@@ -72,7 +74,7 @@ class Trackers:
             client.set_terminated(run_id)
 
 
-def start_mlflow(target: MlflowTarget, hyper: dict, run_id: str | None):
+def start_mlflow(target: MlflowTarget, settings: TrainSettings, run_id: str | None):
     """(client, run id) of this run in ``$MLFLOW_TRACKING_URI`` or else the file store ``target.store``;
     the run of a resumed training continues."""
     try:
@@ -90,7 +92,7 @@ def start_mlflow(target: MlflowTarget, hyper: dict, run_id: str | None):
         fold, _, variant = target.run.partition("/")
         tags = {"fold": fold, **({"variant": variant.removeprefix("variant-")} if variant else {})}
         run_id = client.create_run(experiment_id, run_name=target.run, tags=tags).info.run_id
-        for key, value in flatten(hyper).items():
+        for key, value in flatten(settings.asdict()).items():
             client.log_param(run_id, key, value)
     return (client, run_id), run_id
 

@@ -48,7 +48,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.common import atomic, config
+from pipeline.common import atomic
 from pipeline.common.cli import add_config, add_device, add_fold, channel_names
 from pipeline.common.errors import InputError
 from pipeline.intake.study import study_table
@@ -59,34 +59,26 @@ from pipeline.learning.loader import ArrayLoader
 from pipeline.learning.losses import SEGMENTATION
 from pipeline.learning.models import resolved_args
 from pipeline.learning.process import Process, seed_everything
+from pipeline.learning.settings import TrainSettings
 from pipeline.learning.tracking import MlflowTarget, Trackers
 from pipeline.learning.trainer import build_trainer, sampler_config
 
-def resolve(hyper: dict) -> dict:
-    """Config ``train`` with the schema's defaults filled in (one variant's: without ``variants``);
-    unknown keys are an error naming them."""
-    resolved = config.resolved(["train"], hyper)
-    resolved.pop("variants", None)
-    if resolved["tracking"] not in ("none", "mlflow"):
-        raise InputError(f"config `train.tracking` must be 'none' or 'mlflow', not {resolved['tracking']!r}")
-    return resolved
 
-
-def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Path, threads: int = 1,
+def train(table: pd.DataFrame, target: str, task: str, settings: TrainSettings, out_dir: Path, threads: int = 1,
           classes: list[str] | None = None, channels: list[str] | None = None, init: dict | None = None,
           on_epoch_end: Callable[[int], None] | None = None, mlflow: MlflowTarget | None = None,
           device: str = "auto") -> dict:
     """Train on ``table`` (study_table rows of one fold); write the outputs into ``out_dir``; return
-    the model record. ``classes`` is the recorded class list of a classification target;
-    ``channels`` names the input channels (recorded with the model). ``init`` ({package, recipe,
-    fold}) starts from a fetched model package (config ``train.init_from``, ``pipeline.learning.finetune``).
-    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is written. ``mlflow``: where the
-    run goes with ``tracking: mlflow`` (default: a store of its own in ``out_dir/mlflow``). ``device``:
-    config ``device`` (``pipeline.learning.device.resolve``); ``hyperparameters.json`` records the one used."""
-    hyper = resolve(hyper)
+    the model record. ``settings``: config ``train`` (one variant's). ``classes`` is the recorded
+    class list of a classification target; ``channels`` names the input channels (recorded with
+    the model). ``init`` ({package, recipe, fold}) starts from a fetched model package (config
+    ``train.init_from``, ``pipeline.learning.finetune``). ``on_epoch_end(epoch)`` is called after
+    each epoch's checkpoint is written. ``mlflow``: where the run goes with ``tracking: mlflow``
+    (default: a store of its own in ``out_dir/mlflow``). ``device``: config ``device``
+    (``pipeline.learning.device.resolve``); ``hyperparameters.json`` records the one used."""
     torch.set_num_threads(threads)
     process = Process.start(device)
-    generator = seed_everything(hyper["seed"], process.device)
+    generator = seed_everything(settings.seed, process.device)
     train_rows = table[table["split"] == "train"].reset_index(drop=True)
     val_rows = table[table["split"] == "val"].reset_index(drop=True)
     if len(train_rows) < 2 or val_rows.empty:
@@ -99,52 +91,52 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
         labels = {"train": train_rows["label_array"].tolist(), "val": val_rows["label_array"].tolist()}
     else:
         bins = None
-        if init is not None and hyper["package_head"] == "keep":
+        if init is not None and settings.package_head == "keep":
             from pipeline.learning.finetune import package_bins
 
             bins = package_bins(init["package"], task, target)  # a kept soft-label bins head
         coder = TargetCoder.fit(task, train_rows[target], classes, bins)
         y_train, y_val = coder.encode(train_rows[target]), coder.encode(val_rows[target])
         labels = {"train": None, "val": None}
-    train_loader = ArrayLoader(train_rows["array"].tolist(), labels["train"], prefetch=hyper["prefetch"],
+    train_loader = ArrayLoader(train_rows["array"].tolist(), labels["train"], prefetch=settings.prefetch,
                                pin_memory=pin, recycle=True)
-    val_loader = ArrayLoader(val_rows["array"].tolist(), labels["val"], prefetch=hyper["prefetch"],
+    val_loader = ArrayLoader(val_rows["array"].tolist(), labels["val"], prefetch=settings.prefetch,
                              pin_memory=pin, recycle=True)
     shape = list(train_loader.arrays[0].shape)  # (C, X, Y, Z)
-    if hyper["init_from"] and init is None:
-        raise InputError(f"train.init_from is {hyper['init_from']!r} but no fetched package was given (--init-from).")
-    if hyper["backbone_lr_factor"] != 1 and init is None:
-        raise InputError(f"train.backbone_lr_factor is {hyper['backbone_lr_factor']}, which slows the pre-trained "
+    if settings.init_from and init is None:
+        raise InputError(f"train.init_from is {settings.init_from!r} but no fetched package was given (--init-from).")
+    if settings.backbone_lr_factor != 1 and init is None:
+        raise InputError(f"train.backbone_lr_factor is {settings.backbone_lr_factor}, which slows the pre-trained "
                          "layers of a package, but train.init_from is null: set init_from, or the factor to 1.")
     from_package = None
     if init is not None:
         from pipeline.learning.finetune import initialise
 
         def from_package(network):
-            probe = (train_rows["array"].tolist(), y_train) if hyper["sampler"]["kind"] == "image" else None
-            return initialise(network, init["package"], hyper, coder, target, list(channels or ["T1w"]),
+            probe = (train_rows["array"].tolist(), y_train) if settings.sampler["kind"] == "image" else None
+            return initialise(network, init["package"], settings, coder, target, list(channels or ["T1w"]),
                               init["recipe"], init["fold"], probe)
-    trainer = build_trainer(hyper, shape[0], coder, process, from_package, y_train)
+    trainer = build_trainer(settings, shape[0], coder, process, from_package, y_train)
 
     ckpt_dir = out_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    run_id = fingerprint(hyper, table)
+    run_id = fingerprint(settings, table)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "history": []}
     last = ckpt_dir / "last.pt"
     state = resume(trainer, last, run_id, generator, state)
-    trackers = Trackers(out_dir, hyper, state, enabled=process.main, mlflow=mlflow)
-    record = {"model": {"name": hyper["model"], "args": resolved_args(hyper["model"], hyper["model_args"]),
+    trackers = Trackers(out_dir, settings, state, enabled=process.main, mlflow=mlflow)
+    record = {"model": {"name": settings.model, "args": resolved_args(settings.model, settings.model_args),
                         "spatial_dims": trainer.sampler.spatial_dims},
               "sampler": sampler_config(trainer.sampler), "target": target, "coder": coder.state(),
               "input_shape": shape, "channels": list(channels or ["T1w"])}
     name = {"classification": "accuracy", SEGMENTATION: "dice"}.get(task, "mae")
-    bar = tqdm(range(state["epoch"] + 1, hyper["epochs"] + 1), desc="epochs", file=sys.stderr,
-               initial=state["epoch"], total=hyper["epochs"], disable=not process.main)
+    bar = tqdm(range(state["epoch"] + 1, settings.epochs + 1), desc="epochs", file=sys.stderr,
+               initial=state["epoch"], total=settings.epochs, disable=not process.main)
     for epoch in bar:
         start = time.perf_counter()
-        fit = trainer.train_epoch(train_loader, y_train, hyper["batch_size"], generator,
+        fit = trainer.train_epoch(train_loader, y_train, settings.batch_size, generator,
                                   progress=process.main and sys.stderr.isatty())
-        val = trainer.validate(val_loader, y_val, hyper["batch_size"])
+        val = trainer.validate(val_loader, y_val, settings.batch_size)
         lr = trainer.optimizer.param_groups[0]["lr"]
         trainer.scheduler.step()
         row = {"epoch": epoch, "train_loss": fit["loss"], "val_loss": val["loss"], f"train_{name}": fit["metric"],
@@ -169,8 +161,8 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
             save_atomic(checkpoint(trainer, run_id, generator, state), last)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-        if epoch - state["best_epoch"] >= hyper["patience"] and epoch >= hyper["min_epochs"]:
-            print(f"early stopping at epoch {epoch}: no validation improvement for {hyper['patience']} epochs",
+        if epoch - state["best_epoch"] >= settings.patience and epoch >= settings.min_epochs:
+            print(f"early stopping at epoch {epoch}: no validation improvement for {settings.patience} epochs",
                   file=sys.stderr)
             break
     trackers.close()
@@ -180,7 +172,7 @@ def train(table: pd.DataFrame, target: str, task: str, hyper: dict, out_dir: Pat
                 for name, rows in (("train", train_rows), ("val", val_rows))} if task == "classification" else None
     weights = {} if trainer.class_weights is None else \
         {"class_weight_values": dict(zip(coder.classes, trainer.class_weights.tolist()))}
-    return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **hyper, **weights,
+    return finish(out_dir, ckpt_dir, state, {"target": target, "task": task, **settings.asdict(), **weights,
                                              "sampler": sampler_config(trainer.sampler),
                                              "device": process.device.type, "processes": process.world},
                   process, majority, coder.outputs if task == "classification" else 2)
@@ -203,7 +195,8 @@ def segmentation_coder(train_rows: pd.DataFrame, names: list[str] | None) -> Tar
 
 def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Process,
            majority: dict | None = None, classes: int = 2) -> dict:
-    """Copy the best checkpoint to ``model.pt``; write history, resolved hyperparameters and the
+    """Copy the best checkpoint to ``model.pt``; write history, the resolved hyperparameters
+    (``hyper``: what ``hyperparameters.json`` holds, config ``train`` among it) and the
     training diagnostics (``majority``: the most frequent class's share of the training and of the
     validation images, by ``train`` and ``val``; ``classes``: how many classes)."""
     from pipeline.learning import curves
@@ -218,7 +211,7 @@ def finish(out_dir: Path, ckpt_dir: Path, state: dict, hyper: dict, process: Pro
         atomic.to_csv(pd.DataFrame(state["history"]), out_dir / "history.tsv", sep="\t", index=False)
         atomic.write_text(out_dir / "hyperparameters.json", json.dumps(hyper, indent=2))
         findings = curves.training(pd.DataFrame(state["history"]), hyper["task"], majority,
-                                        epochs=hyper.get("epochs"), classes=classes)
+                                        epochs=hyper["epochs"], classes=classes)
         atomic.write_text(out_dir / "diagnostics.json", json.dumps({"findings": findings}, indent=2))
     return best
 
@@ -251,7 +244,8 @@ def main(argv=None) -> None:
         init = {"package": Path(init["package"]), "recipe": init["recipe"], "fold": args.fold} if init else None
         target = MlflowTarget(args.mlflow_store or args.out_dir / "mlflow", args.mlflow_experiment,
                               args.mlflow_run or args.out_dir.name)
-        best = train(table, cfg["target"], cfg["task"], cfg["train"], args.out_dir, args.threads, classes, names, init,
+        settings = TrainSettings.of(cfg["train"])
+        best = train(table, cfg["target"], cfg["task"], settings, args.out_dir, args.threads, classes, names, init,
                      mlflow=target, device=args.device)
     print(f"best epoch {best['epoch']} (validation loss {best['val_loss']:.4f})", file=sys.stderr)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -22,6 +22,7 @@ from pipeline.learning.losses import (SEGMENTATION, balanced_accuracy, balanced_
 from pipeline.learning.models import REGISTRY, build_model
 from pipeline.learning.process import Process, image_batches
 from pipeline.learning.sampler import ImageModel, Sampler, SegmentationModel, build_sampler
+from pipeline.learning.settings import TrainSettings
 
 
 def train_mode(model: torch.nn.Module) -> None:
@@ -197,24 +198,25 @@ def sampler_config(sampler: Sampler) -> dict:
     return {"kind": sampler.kind, **dataclasses.asdict(sampler)}
 
 
-def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Process,
+def build_trainer(settings: TrainSettings, in_channels: int, coder: TargetCoder, process: Process,
                   initialise: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
                   train_labels: torch.Tensor | None = None) -> Trainer:
-    """Network (``initialise``d, e.g. from a model package; DDP-wrapped with several processes),
-    AdamW (fine-tuning with ``train.backbone_lr_factor`` != 1: the head's and the backbone's
-    parameter groups, ``pipeline.learning.finetune.parameter_groups``), cosine schedule, loss scaler.
+    """From ``settings`` (config ``train``): network (``initialise``d, e.g. from a model package;
+    DDP-wrapped with several processes), AdamW (fine-tuning with ``train.backbone_lr_factor`` != 1:
+    the head's and the backbone's parameter groups, ``pipeline.learning.finetune.parameter_groups``),
+    cosine schedule, loss scaler.
     Classification with ``train.class_weights: balanced``: the cross-entropy weights of the
     training class indices ``train_labels`` (``balanced_weights``)."""
-    sampler = build_sampler(hyper["sampler"])
-    if hyper["model"] in REGISTRY:
-        kind = REGISTRY[hyper["model"]].task  # "image" or "segmentation"
+    sampler = build_sampler(settings.sampler)
+    if settings.model in REGISTRY:
+        kind = REGISTRY[settings.model].task  # "image" or "segmentation"
         wanted = SEGMENTATION if coder.task == SEGMENTATION else "image"
         if kind != wanted:
             what = "a segmentation network" if kind == SEGMENTATION else "an image-level (regression/classification) network"
-            raise InputError(f"config `train.model` {hyper['model']!r} is {what}; config `task: {coder.task}` needs "
+            raise InputError(f"config `train.model` {settings.model!r} is {what}; config `task: {coder.task}` needs "
                              f"one of: {', '.join(n for n, s in sorted(REGISTRY.items()) if s.task == wanted)}")
     try:
-        network = build_model(hyper["model"], in_channels, coder.outputs, sampler.spatial_dims, **hyper["model_args"])
+        network = build_model(settings.model, in_channels, coder.outputs, sampler.spatial_dims, **settings.model_args)
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(f"config `train.model`/`train.model_args`: {exc}") from exc
     if initialise is not None:
@@ -229,25 +231,25 @@ def build_trainer(hyper: dict, in_channels: int, coder: TargetCoder, process: Pr
         model = DistributedDataParallel(network, device_ids=[process.device.index] if process.device.type == "cuda"
                                         else None)
     parameters = network.parameters()
-    if initialise is not None and hyper["backbone_lr_factor"] != 1:  # fine-tuning: a slower pre-trained backbone
+    if initialise is not None and settings.backbone_lr_factor != 1:  # fine-tuning: a slower pre-trained backbone
         from pipeline.learning.finetune import head_keys, parameter_groups
 
-        head = head_keys(hyper["model"], hyper["model_args"], in_channels)
-        parameters = parameter_groups(network, head, hyper["learning_rate"], hyper["backbone_lr_factor"])
+        head = head_keys(settings.model, settings.model_args, in_channels)
+        parameters = parameter_groups(network, head, settings.learning_rate, settings.backbone_lr_factor)
         print("learning rates: " + ", ".join(f"{g['name']} {g['lr']:g}" for g in parameters), file=sys.stderr)
-    optimizer = torch.optim.AdamW(parameters, lr=hyper["learning_rate"], weight_decay=hyper["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hyper["epochs"])
-    amp = bool(hyper["amp"]) and process.device.type == "cuda"
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    amp = bool(settings.amp) and process.device.type == "cuda"
     scaler = torch.amp.GradScaler(process.device.type, enabled=amp)
-    augmentation = Augmentation(**hyper["augmentation"])
+    augmentation = Augmentation(**settings.augmentation)
     averaged = None
-    if hyper["ema"]:
+    if settings.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        update = warm_ema(hyper["ema"]) if hyper["ema_warmup"] else get_ema_multi_avg_fn(hyper["ema"])
+        update = warm_ema(settings.ema) if settings.ema_warmup else get_ema_multi_avg_fn(settings.ema)
         averaged = AveragedModel(network, multi_avg_fn=update, use_buffers=True)
     weights = None
-    if coder.task == "classification" and hyper["class_weights"] == "balanced" and train_labels is not None:
+    if coder.task == "classification" and settings.class_weights == "balanced" and train_labels is not None:
         weights = balanced_weights(train_labels, coder.outputs)
         print("class weights: " + ", ".join(f"{c} {w:.2f}" for c, w in zip(coder.classes, weights.tolist())),
               file=sys.stderr)

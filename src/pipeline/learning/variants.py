@@ -28,9 +28,9 @@ def hyperparameters(train: dict, variant: str | None) -> dict:
     base = {k: v for k, v in train.items() if k != "variants"}
     if variant is None:
         return base
-    overrides = train.get("variants", {}).get(variant)
+    overrides = train["variants"].get(variant)
     if overrides is None:
-        raise InputError(f"train.variants has no variant {variant!r}; known: {sorted(train.get('variants', {}))}")
+        raise InputError(f"train.variants has no variant {variant!r}; known: {sorted(train['variants'])}")
     if "variants" in overrides:
         raise InputError(f"train.variants.{variant} may not itself hold `variants`")
     return {**base, **overrides}
@@ -39,7 +39,7 @@ def hyperparameters(train: dict, variant: str | None) -> dict:
 def check(train: dict) -> None:
     """Every variant changes only known settings (``train`` as the schema filled it in: all of them)."""
     known = set(train) - {"variants"}
-    for name, overrides in train.get("variants", {}).items():
+    for name, overrides in train["variants"].items():
         unknown = set(overrides) - known
         if unknown:
             raise InputError(f"config train.variants.{name} sets unknown training setting(s) {sorted(unknown)}; "

@@ -18,43 +18,41 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, fields
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam, Saliency
 
-from pipeline.common.config import defaults
+from pipeline.common import config
 from pipeline.common.errors import InputError
 from pipeline.learning.device import model_device, to_numpy
 from pipeline.learning.sampler import views_of
 from pipeline.results.explainconfig import find_layer
 
 
-def _default(key: str):
-    return defaults(["explain", key])
-
-
 @dataclass(frozen=True)
 class Settings:
-    """Settings of every method (config ``explain``; defaults: the schema's); intensities in z-score units."""
+    """Settings of every method (config ``explain``; keys and meanings: config/README.md), built by
+    ``of``; intensities in z-score units. ``seed`` (SmoothGrad's noise) is no config key."""
 
-    window: int = _default("window")
-    stride: int = _default("stride")
-    baseline: float = _default("baseline")
-    smoothgrad_samples: int = _default("smoothgrad_samples")
-    smoothgrad_noise: float = _default("smoothgrad_noise")
-    ig_steps: int = _default("ig_steps")
-    ig_baseline: str | float = _default("ig_baseline")
-    gradcam_layer: str = _default("gradcam_layer")
-    occlusion_keep: float = _default("occlusion_keep")
+    window: int
+    stride: int
+    baseline: float
+    smoothgrad_samples: int
+    smoothgrad_noise: float
+    ig_steps: int
+    ig_baseline: str | float
+    gradcam_layer: str
+    occlusion_keep: float
     seed: int = 0
 
-
-def settings_of(explain: dict) -> Settings:
-    """The attribution settings of config ``explain``."""
-    return Settings(**{f.name: explain[f.name] for f in fields(Settings) if f.name in explain})
+    @classmethod
+    def of(cls, explain: Mapping) -> "Settings":
+        """The attribution settings of config ``explain`` (or of a package's recorded ``explain``): a
+        key it leaves out is the schema's default, an unknown key an InputError naming it."""
+        return config.build(cls, ["explain"], explain)
 
 
 def window_starts(size: int, window: int, stride: int) -> range:

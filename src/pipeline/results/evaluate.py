@@ -314,7 +314,7 @@ def main(argv=None) -> None:
             names = channel_names(args.config)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
             metrics = evaluate_fold(table, args.model, args.out_dir, args.preproc_dir, names,
-                                    args.config.get("positive_class"), device)
+                                    args.config["positive_class"], device)
         else:
             metrics = summarise(args.fold_dirs, args.out_dir, args.excluded, args.linear, args.train)
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)

@@ -38,7 +38,7 @@ from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch, mean_training_image
-from pipeline.results.attribution import Settings, attribute, settings_of
+from pipeline.results.attribution import Settings, attribute
 from pipeline.results.mapfigures import plot_extremes, plot_group
 from pipeline.results.maps import FoldMeanMaps, combine_by_class, combine_folds, target_index, write_maps
 from pipeline.results import sanity
@@ -94,7 +94,7 @@ def explain_group(fold_dirs: list[Path], manifest: Path, predictions: Path, prep
     groundtruth = Path(explain["groundtruth"]) if explain["groundtruth"] else None
     grid_mask = nib.load(str(mask))
     template_maps = {m: FoldMeanMaps(fold_dirs, m, "template") for m in methods}
-    means = combine_folds(template_maps, grid_mask, out_dir, explain.get("atlas"))
+    means = combine_folds(template_maps, grid_mask, out_dir, explain["atlas"])
     plot_group(out_dir, template, methods, len(fold_dirs))
     images = read_tsv(manifest)
     predicted = read_tsv(predictions).merge(images[["image_id", "subdir"]], on="image_id")
@@ -148,10 +148,10 @@ def main(argv=None) -> None:
         if args.command == "fold":
             device = for_inference(args.device)  # `device: cuda` without a GPU fails before any work
             torch.set_num_threads(args.threads)
-            settings, channels = settings_of(explain), channel_names(args.config)
+            settings, channels = Settings.of(explain), channel_names(args.config)
             table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, channels)
             explain_fold(table, args.model, args.mask, args.preproc_dir, args.out_dir, explain["methods"], settings,
-                         channels, explain["target_class"] or args.config.get("positive_class"),
+                         channels, explain["target_class"] or args.config["positive_class"],
                          explain["sanity_images"], device)
             print(json.dumps(asdict(settings)), file=sys.stderr)
         else:

@@ -71,7 +71,7 @@ def explained_networks(config: dict) -> Iterator[tuple[str, dict, Callable[[], o
     """(owner, settings, build) of every network the explain stage sees: the package's in apply mode,
     else ``train.model`` and each of ``train.variants`` that changes the network; ``settings`` is
     what the network is built from (its key in the layer cache)."""
-    if config.get("apply"):
+    if config["apply"]:
         try:
             spec = json.loads((Path(config["apply"]["package"]) / "spec.json").read_text())
         except (OSError, ValueError):
@@ -81,7 +81,7 @@ def explained_networks(config: dict) -> Iterator[tuple[str, dict, Callable[[], o
                lambda: package_network(arch, spec["input"]["shape"][0]))
         return
     train, seen = config["train"], set()
-    for variant in [None, *train.get("variants", {})]:
+    for variant in [None, *train["variants"]]:
         hyper = {**train, **(train["variants"][variant] if variant else {})}
         owner = f"`train.variants.{variant}`" if variant else "`train.model`"
         network = (hyper["model"], json.dumps(hyper["model_args"], sort_keys=True), json.dumps(hyper["sampler"]))
@@ -103,7 +103,7 @@ def problems(config: dict) -> list[str]:
         found.append(f"config `explain.stride` ({explain['stride']}) is larger than `explain.window` "
                      f"({explain['window']}): voxels between two windows would never be occluded. "
                      "Set a valid value: a stride of at most the window.")
-    if "gradcam" not in explain["methods"] or config.get("task") == "segmentation":
+    if "gradcam" not in explain["methods"] or config["task"] == "segmentation":
         return found
     for owner, settings, build in explained_networks(config):
         layers = network_layers(settings, build)

@@ -296,7 +296,7 @@ def main(argv=None) -> None:
         classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
         mask = np.asarray(nib.load(args.mask).dataobj) > 0
         metrics = run(table, args.fold, cfg["target"], cfg["task"], mask, args.out_dir, classes,
-                      cfg["linear"]["memory_mb"], cfg.get("positive_class"))
+                      cfg["linear"]["memory_mb"], cfg["positive_class"])
     print(json.dumps(metrics, indent=2, default=float), file=sys.stderr)
 
 

@@ -228,9 +228,9 @@ def build_report(results: Path, out: Path, qc_table: Path | None, config: dict, 
         *comparison_html(results / "evaluate", summary),
     ]
     if not segmentation:
-        sections += explanation_sections(explain, methods, config["explain"].get("atlas"), summary["ensemble"].get("n"))
+        sections += explanation_sections(explain, methods, config["explain"]["atlas"], summary["ensemble"].get("n"))
         sections += retest.paragraph(results / retest.FILE, task, target)
-    sections += [*qc_sections(qc_table, config["preprocess"].get("qc_min")), "<h2>Provenance</h2>", provenance(config)]
+    sections += [*qc_sections(qc_table, config["preprocess"]["qc_min"]), "<h2>Provenance</h2>", provenance(config)]
     style = STYLE
     atomic.write_text(out, f"<!doctype html><html><head><meta charset='utf-8'><title>Study report</title><style>{style}</style>"
                    "</head><body>" + "\n".join(sections) + "</body></html>")

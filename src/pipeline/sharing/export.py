@@ -25,9 +25,9 @@ from torch import nn
 from pipeline import __version__
 from pipeline.common import atomic
 from pipeline.common.cli import add_config
-from pipeline.common.config import resolved
 from pipeline.common import package
 from pipeline.sharing import modelcard, onnxcheck, segexport, tarball
+from pipeline.sharing.modelcard import PackageSettings
 from pipeline.common.tables import read_tsv
 from pipeline.intake.study import study_table
 from pipeline.learning.coder import TargetCoder
@@ -147,10 +147,11 @@ def write_tensors(folder: Path, records: dict, tables: dict[str, pd.DataFrame]) 
 
 
 def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, manifest: Path, splits: Path,
-           preproc_dir: Path, template: Path, mask: Path, recipe: dict, explain: dict, card: dict,
+           preproc_dir: Path, template: Path, mask: Path, recipe: dict, explain: dict, card: PackageSettings,
            out_dir: Path, archive: Path) -> float:
-    """Write the package folder ``out_dir`` and ``archive``; return the ONNX max abs difference."""
-    card = resolved(["package"], card)  # the schema's defaults for keys a caller left out
+    """Write the package folder ``out_dir`` and ``archive``; return the ONNX max abs difference.
+    ``recipe``: the study's preprocessing recipe; ``explain``: the explanation methods and settings
+    the spec records; ``card``: config ``package``."""
     records = fold_records(train_dirs)
     first = next(iter(records.values()))
     channels = list(first["channels"])
@@ -163,7 +164,7 @@ def export(train_dirs: list[Path], evaluate_dirs: list[Path], summary: Path, man
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     spec = write_documents(out_dir, records, evaluations, json.loads(summary.read_text()), train_dirs, recipe, explain,
-                           models, card["license"])
+                           models, card.license)
     write_tensors(out_dir, records, tables)
     (out_dir / "grid").mkdir()
     atomic.copyfile(template, out_dir / package.GRID_TEMPLATE)
@@ -205,7 +206,7 @@ def main(argv=None) -> None:
     with InputError.exit_cleanly():
         difference = export(args.train_dirs, args.evaluate_dirs, args.summary, args.manifest, args.splits,
                             args.preproc_dir, args.template, args.mask, cfg["recipe"], cfg["explain"],
-                            cfg["package"], args.out_dir, args.archive)
+                            PackageSettings.of(cfg["package"]), args.out_dir, args.archive)
     print(f"package {args.out_dir} ({args.archive}); ONNX max abs difference {difference:.3g}", file=sys.stderr)
 
 

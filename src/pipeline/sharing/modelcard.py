@@ -3,8 +3,12 @@ preprocessing, intended use, limitations and the model's license."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Mapping
+
 import pandas as pd
 
+from pipeline.common import config
 from pipeline.intake.split import SPLITS
 
 INTENDED_USE = ("Research use: predicting `{target}` ({task}) from {channels} brain MRI of adults like those in "
@@ -20,6 +24,22 @@ LIMITATIONS = [
 ]
 
 UNSPECIFIED = "unspecified"  # config package.license's default: no license granted
+
+
+@dataclass(frozen=True)
+class PackageSettings:
+    """Config ``package`` (keys and meanings: config/README.md): the card's intended use (None: the
+    pipeline's own wording, ``INTENDED_USE``), limitations added to ``LIMITATIONS``, the model's license."""
+
+    intended_use: str | None
+    limitations: list[str]
+    license: str
+
+    @classmethod
+    def of(cls, package: Mapping) -> "PackageSettings":
+        """The settings of config ``package`` (a key it leaves out: the schema's default; an unknown
+        key: an InputError naming it)."""
+        return config.build(cls, ["package"], package)
 
 
 def license_lines(model_license: str) -> list[str]:
@@ -94,9 +114,8 @@ def comparison_lines(metrics: dict) -> list[str]:
     return lines
 
 
-def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: dict) -> str:
-    """The card's Markdown. ``card`` is config ``package``, resolved (``intended_use``, ``limitations``,
-    ``license``)."""
+def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: PackageSettings) -> str:
+    """The card's Markdown. ``card`` is config ``package``."""
     task, target, channels = spec["task"], spec["target"], spec["input"]["channels"]
     segmentation = task == "segmentation"
     if segmentation:  # the label names, index = label value
@@ -105,8 +124,8 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
     test = counts[counts["split"] == "test"].iloc[0]
     words = {"target": target, "task": task, "channels": " + ".join(channels),
              "participants": everyone["participants"], "test": test["participants"]}
-    use = card.get("intended_use") or INTENDED_USE.format(**words)
-    limits = [line.format(**words) for line in LIMITATIONS] + list(card.get("limitations") or [])
+    use = card.intended_use or INTENDED_USE.format(**words)
+    limits = [line.format(**words) for line in LIMITATIONS] + list(card.limitations)
     arch = spec["architecture"]
     validation = metrics["validation"]
     lines = [
@@ -133,7 +152,7 @@ def render(spec: dict, recipe: dict, metrics: dict, counts: pd.DataFrame, card: 
         "## Limitations", "",
         *[f"- {line}" for line in limits], "",
         "## License", "",
-        *license_lines(card["license"]), "",
+        *license_lines(card.license), "",
         "## Files", "",
         "`spec.json` (architecture, task, classes, input), `preprocessing.json` (the recipe), `normalisation.json` "
         "(target coder and bias correction per fold), `metrics.json`, `weights/*.safetensors`, "

@@ -30,7 +30,7 @@ from pipeline.common.cli import add_config, add_device, channel_names
 from pipeline.learning.saved import package_coder, package_model, predicting_expected_value
 from pipeline.common import package
 from pipeline.sharing import segpredict
-from pipeline.results.attribution import Settings, attribute, settings_of
+from pipeline.results.attribution import Settings, attribute
 from pipeline.common.tables import read_tsv
 from pipeline.learning.device import for_inference
 from pipeline.learning.loader import load_batch
@@ -252,7 +252,7 @@ def main(argv=None) -> None:
             torch.set_num_threads(args.threads)
             explain = cfg["explain"]
             write_maps(pkg, image_table(args.manifest, args.preproc_dir, channels), args.preproc_dir, channels,
-                       args.mask, args.template, explain["methods"], settings_of(explain),
+                       args.mask, args.template, explain["methods"], Settings.of(explain),
                        explain["target_class"] or pkg.spec.get("positive_class"), args.out_dir, device)
 
 if __name__ == "__main__":
