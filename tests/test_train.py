@@ -249,7 +249,8 @@ def test_two_process_ddp_on_cpu_matches_one_process(study, tmp_path):
            "-m", "pipeline.learning.train", "--manifest", str(manifest), "--splits", str(splits),
            "--preproc-dir", str(preproc),
            "--fold", "fold-1", "--out-dir", str(tmp_path / "ddp"), "--config",
-           json.dumps({"target": "age", "task": "regression", "channels": {"T1w": {}}, "train": hyper})]
+           json.dumps({"target": "age", "task": "regression", "channels": {"T1w": {}}, "train": hyper, "labels": None,
+                       "init": None})]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = weights(tmp_path / "ddp" / "model.pt")

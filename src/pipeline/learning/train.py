@@ -237,10 +237,10 @@ def main(argv=None) -> None:
         segmentation = cfg["task"] == SEGMENTATION
         table = study_table(args.manifest, args.splits, args.preproc_dir, args.fold, names, label=segmentation)
         if segmentation:
-            classes = cfg.get("labels")
+            classes = cfg["labels"]
         else:
             classes = json.loads(args.targets.read_text()).get("classes") if args.targets else None
-        init = cfg.get("init")
+        init = cfg["init"]
         init = {"package": Path(init["package"]), "recipe": init["recipe"], "fold": args.fold} if init else None
         target = MlflowTarget(args.mlflow_store or args.out_dir / "mlflow", args.mlflow_experiment,
                               args.mlflow_run or args.out_dir.name)
