@@ -6,7 +6,7 @@ DEMO := data/demo
 DEMO_SUBJECTS ?= 64
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-cluster lint install clean real-scans report-screenshot
+.PHONY: demo test test-quality test-cluster lint install clean real-scans report-screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -56,11 +56,17 @@ REPORT ?= results/report.html
 report-screenshot: $(VENV)/.installed
 	$(BIN)/python tests/browser.py $(REPORT) docs/report-1366.png
 
-# Everything but the SLURM cluster test, which needs a running cluster (test-cluster, .ci/run), on
-# TEST_WORKERS pytest-xdist workers (tests/conftest.py: one worker per module or shared study).
+# Everything but the quality studies (test-quality) and the SLURM cluster test, which needs a running
+# cluster (test-cluster); .ci/run runs all three. On TEST_WORKERS pytest-xdist workers
+# (tests/conftest.py: one worker per module or shared study).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -v -m "not cluster" --durations=20 -n $(TEST_WORKERS) --dist loadscope
+	$(BIN)/python -m pytest -v -m "not cluster and not quality" --durations=20 -n $(TEST_WORKERS) --dist loadscope
+
+# The studies that measure the method's quality goals: the focal-lesion cohort (ROC AUC, maps on the
+# lesion) and the real scans' QC (after make real-scans; skipped without them). About 6 min on 2 cores.
+test-quality: $(VENV)/.installed
+	$(BIN)/python -m pytest -v -rs -m quality --durations=10 -n $(TEST_WORKERS) --dist loadscope
 
 # As root on Debian: tests/cluster/slurm.sh up first (installs and starts a one-node SLURM).
 test-cluster: $(VENV)/.installed

@@ -25,7 +25,7 @@ from pipeline.demo.lesion import Lesion
 from pipeline.results.validation import top_fraction_enrichment
 from pipeline.intake.template import SPACE, resample_to_grid
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.quality]  # make test-quality (CI runs it)
 
 REPO = Path(__file__).resolve().parents[1]
 N_SUBJECTS = 40

@@ -63,6 +63,7 @@ def preprocessed(task: tuple) -> None:
                                      settings=preprocess.PreprocessSettings.of(SETTINGS), threads=1)
 
 
+@pytest.mark.quality  # make test-quality (CI runs it)
 @pytest.mark.skipif(not (SCANS / "structural2.mnc.raw.gz").exists(),
                     reason=f"the real scans are not fetched into {SCANS}: run `make real-scans` (.ci/run does)")
 def test_real_scans_pass_and_every_induced_failure_is_flagged(tmp_path):

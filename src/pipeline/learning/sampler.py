@@ -23,6 +23,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from pipeline.common import config as study_config
+
 
 def aggregate(outputs: torch.Tensor, index: torch.Tensor, n_images: int) -> torch.Tensor:
     """Mean of the (V, ...) view ``outputs`` per image: ``index`` (V,) names each view's image;
@@ -172,25 +174,24 @@ class PatchSampler(Sampler):
 
 
 def build_sampler(config: dict | None) -> Sampler:
-    """The sampler of config `train.sampler` (``{kind: image}`` when empty). Keys of the other
-    kinds (the schema's defaults fill them all in) are ignored; a key of no kind is an error."""
-    config = dict(config or {})
-    kind = config.pop("kind", "image")
+    """The sampler of config `train.sampler` (``{kind: image}`` when empty), what it leaves out
+    filled from the schema's defaults. Keys of the other kinds are ignored; a key of no kind is an
+    error."""
+    given = dict(config or {})
     kinds = {"image": Sampler, "slices": SliceSampler, "patches": PatchSampler}
+    known = {"kind"} | {f.name for cls in kinds.values() for f in dataclasses.fields(cls)}
+    if set(given) - known:
+        raise ValueError(f"Unknown sampler setting(s) {sorted(set(given) - known)}; known: {sorted(known)}")
+    config = study_config.resolved(["train", "sampler"], given)
+    kind = config.pop("kind")
     if kind not in kinds:
         raise ValueError(f"Unknown sampler kind {kind!r}; choose one of {sorted(kinds)}")
-    known = {f.name for cls in kinds.values() for f in dataclasses.fields(cls)}
-    if set(config) - known:
-        raise ValueError(f"Unknown sampler setting(s) {sorted(set(config) - known)}; known: {sorted(known)}")
     own = {f.name for f in dataclasses.fields(kinds[kind])}
     config = {k: v for k, v in config.items() if k in own and not (kind == "image" and k == "per_image")}
-    if kind == "slices":
-        config.setdefault("per_image", 8)
-        if config.get("axis", 2) not in (0, 1, 2):
-            raise ValueError(f"Slice axis must be 0, 1 or 2, not {config['axis']}")
+    if kind == "slices" and config["axis"] not in (0, 1, 2):
+        raise ValueError(f"Slice axis must be 0, 1 or 2, not {config['axis']}")
     if kind == "patches":
-        config.setdefault("per_image", 8)
-        config["size"] = tuple(config.get("size", (32, 32, 32)))
+        config["size"] = tuple(config["size"])
         if len(config["size"]) != 3:
             raise ValueError(f"Patch size must have 3 entries, not {list(config['size'])}")
     return kinds[kind](**config)

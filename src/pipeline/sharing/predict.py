@@ -241,7 +241,7 @@ def main(argv=None) -> None:
         device = for_inference(args.device)  # `device: cuda` without a GPU fails before any work
         pkg, channels = package_for(cfg, args.command), channel_names(cfg)
         if args.command == "labels":
-            table = segpredict.label_table(args.manifest, args.preproc_dir, channels, pkg, cfg.get("label_image"))
+            table = segpredict.label_table(args.manifest, args.preproc_dir, channels, pkg, cfg["label_image"])
             segpredict.predict_labels(pkg, table, args.preproc_dir, channels, args.out_dir, args.predictions, device)
             print(f"{len(table)} label map(s): {args.predictions}", file=sys.stderr)
         elif args.command == "predictions":
