@@ -3,10 +3,11 @@ participants, two folds, occlusion and gradient maps, the model package) run fro
 copy of each commit, and every result file compared by hash.
 
 A refactor that is meant to change no output must leave every compared file identical. Masked
-before hashing: the run's own folder (absolute paths in tables and sidecars) and ISO timestamps
-(the report, the model card, ``*.json`` records). Not compared: logs, benchmarks, Snakemake's
-state, TensorBoard and checkpoint files (they hold times and run ids), and the package archive
-(its members are compared unpacked, under ``package/model``).
+before hashing: the run's own folder (absolute paths in tables, sidecars and the report), ISO
+timestamps (the report, the model card, ``*.json`` records) and the training history's wall-time
+columns (``seconds``, ``data_wait``). Not compared: logs, benchmarks, Snakemake's state, ingest's
+cache (keyed by the dataset's file times), TensorBoard and checkpoint files (they hold times and
+run ids), and the package archive (its members are compared unpacked, under ``package/model``).
 
     python benchmarks/equivalence.py BEFORE AFTER [--work DIR]
 """
@@ -24,7 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMPARED = (".nii.gz", ".tsv", ".json", ".png", ".html", ".npy", ".md", ".onnx", ".safetensors", ".sha256", ".txt")
-SKIPPED = ("logs/", "benchmarks/", "checkpoints/", "/tensorboard/", "model.tar.gz")
+SKIPPED = ("logs/", "benchmarks/", "checkpoints/", "/tensorboard/", "ingest_cache/", "model.tar.gz")
+TIMINGS = ("seconds", "data_wait")  # history.tsv's wall-time columns
 TIMESTAMP = re.compile(rb"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}:\d{2}(\.\d+)?([+-]\d{2}:?\d{2}|Z)?")
 
 
@@ -54,10 +56,20 @@ def digests(study: Path) -> dict[str, str]:
         if not rel.endswith(COMPARED):
             continue
         data = path.read_bytes()
+        if rel.endswith("history.tsv"):
+            data = without_timings(data)
         if rel.endswith((".tsv", ".json", ".html", ".md", ".txt", ".sha256")):
+            data = data.replace(b"<wbr>", b"")  # the report's breakable paths
             data = TIMESTAMP.sub(b"<time>", data.replace(str(study.parent).encode(), b"<root>"))
         out[rel] = hashlib.sha256(data).hexdigest()
     return out
+
+
+def without_timings(table: bytes) -> bytes:
+    """A TSV without its wall-time columns."""
+    rows = [line.split(b"\t") for line in table.splitlines()]
+    keep = [i for i, name in enumerate(rows[0]) if name.decode() not in TIMINGS]
+    return b"\n".join(b"\t".join(row[i] for i in keep) for row in rows)
 
 
 def main(argv=None) -> None:
