@@ -50,8 +50,8 @@ class Settings:
 
     @classmethod
     def of(cls, explain: Mapping) -> "Settings":
-        """The attribution settings of config ``explain`` (or of a package's recorded ``explain``): a
-        key it leaves out is the schema's default, an unknown key an InputError naming it."""
+        """The attribution settings of config ``explain``: a key it leaves out is the schema's
+        default, an unknown key an InputError naming it."""
         return config.build(cls, ["explain"], explain)
 
 

@@ -80,9 +80,11 @@ def explained_networks(config: dict) -> Iterator[tuple[str, dict, Callable[[], o
         yield (f"the package's network ({arch['name']})", {"architecture": arch, "input": spec["input"]},
                lambda: package_network(arch, spec["input"]["shape"][0]))
         return
+    from pipeline.learning.variants import hyperparameters
+
     train, seen = config["train"], set()
     for variant in [None, *train["variants"]]:
-        hyper = {**train, **(train["variants"][variant] if variant else {})}
+        hyper = hyperparameters(train, variant)
         owner = f"`train.variants.{variant}`" if variant else "`train.model`"
         network = (hyper["model"], json.dumps(hyper["model_args"], sort_keys=True), json.dumps(hyper["sampler"]))
         if network in seen:
